@@ -1,0 +1,72 @@
+"""Batched, device-side preprocessing: uint8 NHWC in, normalised float NCHW out.
+
+Order: scale to [0, 1] -> random crop / flip at the stored resolution -> resize to the model's
+resolution -> normalise. Every step is one tensor op over the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def to_float(batch: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1]."""
+    return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Pad by reflection, then take one random HxW window per image (a gather, no Python loop)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * padding)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)
+    return out.gather(3, cols)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(mask[:, None, None, None], x.flip(3), x)
+
+
+def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+        return x
+    downsample = x.shape[-1] > resolution
+    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=downsample)
+
+
+@dataclass
+class Preprocess:
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resolution: int
+    crop_padding: int = 0
+    flip: bool = False
+    channels_last: bool = False
+
+    def __call__(self, batch: torch.Tensor, *, train: bool = False, generator: torch.Generator | None = None,
+                 mirror: bool = False) -> torch.Tensor:
+        x = to_float(batch)
+        if train and self.crop_padding:
+            x = random_crop(x, self.crop_padding, generator)
+        if train and self.flip:
+            x = random_flip(x, generator)
+        if mirror:
+            x = x.flip(3)
+        x = resize(x, self.resolution)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def dataset_statistics(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 (N, H, W, 3) images, scaled to [0, 1]."""
+    x = torch.as_tensor(images).reshape(-1, 3).double() / 255.0
+    return tuple(x.mean(0).tolist()), tuple(x.std(0).tolist())

@@ -1,0 +1,268 @@
+"""Typed configuration: one RunConfig per training run, one StudySpec per grid of runs.
+
+Everything a user can set lives here, once, with its type, its allowed values and its help text.
+The CLI flags, `--set key=value` overrides, TOML files and the study grid axes are all read
+through `RunConfig.from_dict`, so a typo or a bad value fails the same way everywhere: one line
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range (message is one line)."""
+
+
+def _opt(default, help: str, choices: tuple | None = None, min: float | None = None, max: float | None = None):
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("TRANSFERLAB_CACHE", str(Path.home() / ".cache" / "transferlab"))
+
+
+@dataclass
+class RunConfig:
+    # data
+    data: str = _opt("cifar10", "'cifar10' (torchvision's CIFAR-10) or the path of an ImageFolder tree <root>/<class>/<image>")
+    data_dir: str | None = _opt(None, "where CIFAR-10 is downloaded, or where a local cifar-10-batches-py folder lies (env TRANSFERLAB_DATA_DIR)")
+    download: bool = _opt(True, "download CIFAR-10 when it is not in --data-dir")
+    cache_dir: str | None = _opt(None, "cache of decoded images and frozen features (env TRANSFERLAB_CACHE, default ~/.cache/transferlab)")
+    skip_bad_images: bool = _opt(False, "skip unreadable images with a counted warning instead of stopping")
+    limit: int | None = _opt(None, "use a stratified subset of N images (quick tries)", min=10)
+    test_fraction: float = _opt(0.1, "fraction of all images held out as the test split", min=0.0, max=0.9)
+    val_fraction: float = _opt(0.1, "fraction of all images used for validation", min=0.01, max=0.9)
+    official_test: bool = _opt(False, "use the source's official test split (CIFAR-10 only) instead of carving one")
+    split_seed: int = _opt(0, "seed of the test and validation splits (kept apart from --seed so seeds share one split)")
+    # model
+    arch: str = _opt("squeezenet1_1", "backbone architecture (see `transferlab models`)")
+    weights: str = _opt("imagenet", "'imagenet' (torchvision's published weights), a local state-dict path, or 'none' (env TRANSFERLAB_WEIGHTS)")
+    head: str = _opt("paper", "classifier head: 'paper' (dropout, 1x1 conv, ReLU, average pool, as in the study) or 'linear' (average pool, dropout, linear)", choices=("paper", "linear"))
+    dropout: float = _opt(0.5, "dropout before the head's classifier layer", min=0.0, max=0.99)
+    strategy: str = _opt("frozen", "which layers train: frozen (head only), partial (last --unfreeze groups + head), full", choices=("frozen", "partial", "full"))
+    unfreeze: int = _opt(2, "number of last backbone groups (Fire modules for SqueezeNet) that train under 'partial'", min=1)
+    # input
+    resolution: int = _opt(32, "side in pixels the images are resized to before the backbone (32 reproduces the study)", min=8, max=1024)
+    normalize: str = _opt("imagenet", "input normalisation: the backbone's ImageNet mean/std, or the training split's own statistics", choices=("imagenet", "dataset"))
+    crop_padding: int = _opt(0, "random-crop augmentation: pad by this many pixels and crop back (0 = off)", min=0)
+    flip: bool = _opt(False, "random horizontal-flip augmentation")
+    tta_flip: bool = _opt(False, "evaluate on the mean of the image and its mirror (test-time augmentation)")
+    # optimisation
+    loss: str = _opt("ce", "ce (cross-entropy) or mse (mean squared error of softmax vs one-hot, the study's)", choices=("ce", "mse"))
+    label_smoothing: float = _opt(0.0, "label smoothing for the ce loss", min=0.0, max=0.5)
+    optimizer: str = _opt("adamw", "optimiser", choices=("sgd", "adam", "adamw"))
+    lr: float = _opt(1e-3, "peak learning rate", min=0.0)
+    momentum: float = _opt(0.9, "SGD momentum (Nesterov)", min=0.0, max=0.999)
+    weight_decay: float = _opt(0.01, "weight decay (decoupled for adamw)", min=0.0)
+    schedule: str = _opt("constant", "learning-rate schedule; constant and step do not depend on --epochs, so runs that differ only in epochs share one computation", choices=("constant", "step", "cosine", "onecycle"))
+    warmup_epochs: float = _opt(0.0, "linear warm-up from 0 over this many epochs", min=0.0)
+    step_every: int = _opt(30, "'step' schedule: multiply the learning rate by 0.1 every N epochs", min=1)
+    lr_group_decay: float = _opt(1.0, "discriminative learning rates: each backbone group gets this factor times the lr of the group after it (1 = off)", min=0.0, max=1.0)
+    epochs: int = _opt(10, "training epochs", min=1)
+    batch_size: int = _opt(250, "batch size", min=1)
+    # execution
+    device: str = _opt("auto", "auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    seed: int = _opt(0, "seed of initialisation, shuffling, augmentation and dropout")
+    cache_features: str = _opt("auto", "cache the frozen prefix's activations: auto (when no random augmentation precedes it), off", choices=("auto", "off"))
+    compile: bool = _opt(False, "torch.compile the trainable part")
+    amp: str = _opt("auto", "bf16 autocast: auto (on CUDA), on, off", choices=("auto", "on", "off"))
+    record_epochs: list = _opt([], "also record metrics and the best checkpoint at these epochs (shared epoch prefixes)")
+    progress: bool = _opt(True, "show a progress bar")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, base: RunConfig | None = None, where: str = "") -> RunConfig:
+        """Build a config from plain values (TOML, CLI, grid point), validating every key."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        current = dataclasses.asdict(base) if base is not None else {}
+        for raw_key, value in values.items():
+            key = raw_key.replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"{where}unknown key {raw_key!r}{_suggest(key, known)}")
+            current[key] = _coerce(key, value, known[key], where)
+        config = cls(**current)
+        config.validate(where)
+        return config
+
+    def validate(self, where: str = "") -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"{where}{f.name} = {value!r}: expected one of {', '.join(map(str, meta['choices']))}")
+            if value is None or isinstance(value, (bool, str, list)):
+                continue
+            if meta.get("min") is not None and value < meta["min"]:
+                raise ConfigError(f"{where}{f.name} = {value!r}: must be >= {meta['min']}")
+            if meta.get("max") is not None and value > meta["max"]:
+                raise ConfigError(f"{where}{f.name} = {value!r}: must be <= {meta['max']}")
+        if self.test_fraction + self.val_fraction >= 0.95:
+            raise ConfigError(f"{where}test_fraction + val_fraction = {self.test_fraction + self.val_fraction}: leaves too little to train on")
+        if any(not isinstance(e, int) or e < 1 for e in self.record_epochs):
+            raise ConfigError(f"{where}record_epochs = {self.record_epochs!r}: expected positive integers")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir or default_cache_dir()).expanduser()
+
+    @property
+    def augments(self) -> bool:
+        """True when something random happens to the input before the backbone."""
+        return self.crop_padding > 0 or self.flip
+
+    @property
+    def epochs_independent_schedule(self) -> bool:
+        return self.schedule in ("constant", "step")
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
+    """Turn strings from the command line into the field's type; reject values of the wrong type."""
+    hint = typing.get_type_hints(RunConfig)[key]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}{key} may not be empty")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is list or typing.get_origin(base) is list:
+            if isinstance(value, str):
+                value = [int(v) for v in value.replace(",", " ").split()]
+            return list(value)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError
+    except (TypeError, ValueError):
+        name = getattr(base, "__name__", str(base))
+        raise ConfigError(f"{where}{key} = {value!r}: expected {name}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key=value' -> (key, value); the value is read as TOML when it parses, else kept as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a table")
+    tree[parts[-1]] = value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+# ---------------------------------------------------------------------------- studies
+STUDY_KEYS = {
+    "name": "study name (default: the spec file's stem)",
+    "metric": "selection metric: val_accuracy (default) or val_loss",
+    "storage": "Optuna storage URL (default: SQLite file in the study directory)",
+    "run": "table of RunConfig keys shared by every trial",
+    "grid": "table of axes: RunConfig key -> list of values; every combination is one trial",
+}
+
+
+@dataclass
+class StudySpec:
+    name: str
+    base: RunConfig
+    grid: dict[str, list]
+    metric: str = "val_accuracy"
+    storage: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, tree: dict[str, Any], *, name: str = "study", where: str = "") -> StudySpec:
+        for key in tree:
+            if key not in STUDY_KEYS:
+                raise ConfigError(f"{where}unknown key {key!r}{_suggest(key, STUDY_KEYS)}")
+        base = RunConfig.from_dict(tree.get("run", {}), where=f"{where}[run] ")
+        grid = tree.get("grid", {})
+        if not isinstance(grid, dict):
+            raise ConfigError(f"{where}grid must be a table of axes")
+        checked: dict[str, list] = {}
+        for axis, values in grid.items():
+            values = values if isinstance(values, list) else [values]
+            if not values:
+                raise ConfigError(f"{where}[grid] {axis}: empty list")
+            for value in values:  # validates axis name and each value
+                RunConfig.from_dict({axis: value}, base=base, where=f"{where}[grid] ")
+            checked[axis.replace("-", "_")] = values
+        metric = tree.get("metric", "val_accuracy")
+        if metric not in ("val_accuracy", "val_loss"):
+            raise ConfigError(f"{where}metric = {metric!r}: expected val_accuracy or val_loss")
+        return cls(name=tree.get("name", name), base=base, grid=checked, metric=metric,
+                   storage=tree.get("storage"), source=tree)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> StudySpec:
+        tree = load_toml(path)
+        for text in overrides:
+            key, value = parse_override(text)
+            if "." not in key:  # a bare run key is the common case: --set data=...
+                key = key if key in STUDY_KEYS else f"run.{key}"
+            set_dotted(tree, key, value)
+        return cls.from_dict(tree, name=Path(path).stem, where=f"{path}: ")
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid axes, in a stable order."""
+        import itertools
+
+        axes = list(self.grid)
+        return [dict(zip(axes, combo)) for combo in itertools.product(*(self.grid[a] for a in axes))]
+
+    def config_for(self, point: dict[str, Any]) -> RunConfig:
+        return RunConfig.from_dict(point, base=self.base)

@@ -1,0 +1,269 @@
+"""Image sources, decoded once into uint8 arrays and cached on disk, and the stratified splits.
+
+A data set here is three arrays: images (N, H, W, 3) uint8, labels (N,) int64, class names.
+Everything after this module works on those tensors; no file is opened on the training path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import StratifiedShuffleSplit
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+CACHE_FORMAT = 1
+MAX_MIXED_SIDE = 256  # mixed-size folders are stored at most this large, so big photos fit in memory
+
+
+class DataError(RuntimeError):
+    """Input data is missing or unreadable (message is one line naming the file or folder)."""
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int64
+    classes: list[str]
+    key: str  # identifies the decoded content; keys the feature cache
+    test_images: np.ndarray | None = None  # an official test split, when the source has one
+    test_labels: np.ndarray | None = None
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# ------------------------------------------------------------------------------ decoding
+def decode_image(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One file -> (H, W, 3) uint8 RGB; grey, RGBA and palette images are converted."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if size is not None and image.size != size:
+                image = _center_crop_resize(image, size)
+            return np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"cannot decode image {path}: {error}") from None
+
+
+def _center_crop_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize(size, Image.BILINEAR)
+
+
+def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """<root>/<class>/<image> -> class names and (file, label) pairs; empty classes are errors."""
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is not a folder (expected <root>/<class>/<image>)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"data folder {root} has no class folders (expected <root>/<class>/<image>)")
+    files: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not found:
+            raise DataError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+        files.extend((p, label) for p in found)
+    return classes, files
+
+
+def _folder_fingerprint(root: Path, files: list[tuple[Path, int]], size) -> str:
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{root.resolve()}|{size}".encode())
+    for path, label in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_bad: bool, progress: bool):
+    """Decode every file (threads: Pillow releases the GIL while decoding)."""
+    from .progress import track
+
+    size = (image_size, image_size) if image_size else None
+    bad: list[str] = []
+
+    def load(item):
+        path, label = item
+        try:
+            return decode_image(path, size), label
+        except DataError as error:
+            if not skip_bad:
+                raise
+            bad.append(str(error))
+            return None, label
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        decoded = list(track(pool.map(load, files), total=len(files), description=f"decoding {root.name}", enabled=progress))
+    kept = [(img, lab) for img, lab in decoded if img is not None]
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image(s), first: {bad[0]}", stacklevel=2)
+    if not kept:
+        raise DataError(f"no readable images in {root}")
+    shapes = {img.shape for img, _ in kept}
+    if len(shapes) > 1:
+        # Mixed sizes: bring every image to the most common shorter side (centre crop, bilinear).
+        side = min(int(np.median([min(img.shape[:2]) for img, _ in kept])), MAX_MIXED_SIDE)
+        kept = [(np.asarray(_center_crop_resize(Image.fromarray(img), (side, side))), lab) if img.shape != (side, side, 3) else (img, lab)
+                for img, lab in kept]
+    images = np.stack([img for img, _ in kept])
+    labels = np.asarray([lab for _, lab in kept], dtype=np.int64)
+    return images, labels, len(bad)
+
+
+# ------------------------------------------------------------------------------ disk cache
+def _cache_load(folder: Path):
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        images = np.load(folder / "images.npy", mmap_mode=None)
+        labels = np.load(folder / "labels.npy")
+        return images, labels, meta
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _cache_save(folder: Path, images, labels, meta) -> None:
+    """Write into a temporary folder, then rename: a killed process never leaves half a cache."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    np.save(tmp / "images.npy", images)
+    np.save(tmp / "labels.npy", labels)
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def load_image_folder(root: str | Path, cache_dir: Path, *, image_size: int | None = None,
+                      skip_bad: bool = False, progress: bool = True) -> ImageSet:
+    root = Path(root).expanduser()
+    classes, files = scan_image_folder(root)
+    key = "folder-" + _folder_fingerprint(root, files, image_size)
+    cached = _cache_load(cache_dir / "decoded" / key)
+    if cached is not None:
+        images, labels, meta = cached
+        return ImageSet(images, labels, meta["classes"], key, skipped=meta.get("skipped", 0))
+    images, labels, skipped = decode_folder(root, files, classes, image_size=image_size, skip_bad=skip_bad, progress=progress)
+    if len(np.unique(labels)) < len(classes):
+        empty = [c for i, c in enumerate(classes) if i not in set(labels.tolist())]
+        raise DataError(f"class folder {root / empty[0]} has no readable images")
+    _cache_save(cache_dir / "decoded" / key, images, labels, {"classes": classes, "skipped": skipped, "root": str(root)})
+    return ImageSet(images, labels, classes, key, skipped=skipped)
+
+
+# ------------------------------------------------------------------------------ CIFAR-10
+CIFAR_FOLDER = "cifar-10-batches-py"
+
+
+def cifar10_dir(data_dir: str | None) -> Path:
+    return Path(data_dir or os.environ.get("TRANSFERLAB_DATA_DIR") or Path.home() / ".cache" / "transferlab" / "data").expanduser()
+
+
+def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True) -> ImageSet:
+    root = cifar10_dir(data_dir)
+    folder = root / CIFAR_FOLDER
+    if not (folder / "batches.meta").exists():
+        if not download:
+            raise DataError(f"CIFAR-10 is not in {folder}: point --data-dir (or TRANSFERLAB_DATA_DIR) at the folder holding {CIFAR_FOLDER}, or allow --download")
+        try:
+            from torchvision.datasets import CIFAR10
+
+            CIFAR10(str(root), train=True, download=True)
+        except Exception as error:  # noqa: BLE001 - any network failure ends in the same advice
+            raise DataError(f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}): point --data-dir (or TRANSFERLAB_DATA_DIR) at a folder holding {CIFAR_FOLDER}, or pass --data PATH to an image folder") from None
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{folder.resolve()}".encode())
+    for name in sorted(os.listdir(folder)):
+        digest.update(f"{name}|{(folder / name).stat().st_size}".encode())
+    key = "cifar10-" + digest.hexdigest()[:20]
+    cached = _cache_load(cache_dir / "decoded" / key)
+    if cached is None:
+        def read(names):
+            xs, ys = [], []
+            for name in names:
+                path = folder / name
+                try:
+                    with open(path, "rb") as handle:
+                        batch = pickle.load(handle, encoding="latin1")
+                except (OSError, pickle.UnpicklingError, EOFError) as error:
+                    raise DataError(f"cannot read CIFAR-10 batch {path}: {error}") from None
+                xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                ys.append(np.asarray(batch["labels"], dtype=np.int64))
+            return np.concatenate(xs), np.concatenate(ys)
+
+        with open(folder / "batches.meta", "rb") as handle:
+            classes = pickle.load(handle, encoding="latin1")["label_names"]
+        train_x, train_y = read([f"data_batch_{i}" for i in range(1, 6)])
+        test_x, test_y = read(["test_batch"])
+        images = np.concatenate([train_x, test_x])
+        labels = np.concatenate([train_y, test_y])
+        _cache_save(cache_dir / "decoded" / key, images, labels, {"classes": classes, "n_train": len(train_y)})
+        cached = (images, labels, {"classes": classes, "n_train": len(train_y)})
+    images, labels, meta = cached
+    n = meta["n_train"]
+    return ImageSet(images[:n], labels[:n], meta["classes"], key, test_images=images[n:], test_labels=labels[n:])
+
+
+def load_images(config) -> ImageSet:
+    """The data set a RunConfig names."""
+    cache_dir = config.resolved_cache_dir()
+    if config.data == "cifar10":
+        return load_cifar10(config.data_dir, cache_dir, download=config.download)
+    return load_image_folder(config.data, cache_dir, skip_bad=config.skip_bad_images, progress=config.progress)
+
+
+# ------------------------------------------------------------------------------ splits
+@dataclass
+class Split:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    official_test: bool = False
+
+    def to_dict(self) -> dict:
+        return {"train": self.train.tolist(), "val": self.val.tolist(), "test": self.test.tolist(), "official_test": self.official_test}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Split:
+        return cls(*(np.asarray(d[k], dtype=np.int64) for k in ("train", "val", "test")), official_test=d.get("official_test", False))
+
+
+def _stratified_take(indices: np.ndarray, labels: np.ndarray, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split `indices` in two, the second of `size` (count or fraction), class proportions kept."""
+    splitter = StratifiedShuffleSplit(n_splits=1, test_size=size, random_state=seed)
+    try:
+        keep, take = next(splitter.split(np.zeros(len(indices)), labels[indices]))
+    except ValueError as error:
+        raise DataError(f"cannot split {len(indices)} images stratified by class: {error}") from None
+    return np.sort(indices[keep]), np.sort(indices[take])
+
+
+def make_split(labels: np.ndarray, *, test_fraction: float, val_fraction: float, seed: int,
+               limit: int | None = None, official_test: bool = False) -> Split:
+    """Hold out a test fraction, then a validation fraction, both stratified and seeded.
+
+    With `official_test`, the test indices are left empty (the source's own test set is used) and
+    validation is carved from the training images. Fractions are of the images in play.
+    """
+    indices = np.arange(len(labels))
+    if limit is not None and limit < len(indices):
+        _, indices = _stratified_take(indices, labels, limit, seed)
+    n = len(indices)
+    test = np.zeros(0, dtype=np.int64)
+    if not official_test and test_fraction > 0:
+        indices, test = _stratified_take(indices, labels, max(int(round(test_fraction * n)), len(np.unique(labels))), seed)
+    train, val = _stratified_take(indices, labels, max(int(round(val_fraction * n)), len(np.unique(labels))), seed + 1)
+    return Split(train, val, test, official_test=official_test)

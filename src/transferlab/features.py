@@ -1,0 +1,85 @@
+"""The frozen-prefix activation cache.
+
+When the first groups of a network are frozen and nothing random happens to the input before
+them, their output for an image never changes: compute it once, keep it (fp16), and train only
+the rest. Keyed by everything the activations depend on; held in memory for the trials of one
+process and spilled to disk for the next process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .augment import Preprocess
+from .progress import bar
+
+
+def feature_key(*parts) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+class FeatureCache:
+    """Memory (LRU within a byte budget) in front of a folder of .npy files."""
+
+    def __init__(self, folder: Path | None, memory_budget: int = 8 << 30):
+        self.folder = folder
+        self.memory_budget = memory_budget
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.hits += 1
+            return self._memory[key]
+        path = self._path(key)
+        if path is not None and path.exists():
+            try:
+                tensor = torch.from_numpy(np.load(path))
+            except (OSError, ValueError):
+                return None
+            self._remember(key, tensor)
+            self.hits += 1
+            return tensor
+        return None
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        self.misses += 1
+        self._remember(key, tensor)
+        path = self._path(key)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+            np.save(tmp, tensor.cpu().numpy())
+            os.replace(tmp, path)
+
+    def _path(self, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{key}.npy"
+
+    def _remember(self, key: str, tensor: torch.Tensor) -> None:
+        self._memory[key] = tensor
+        while len(self._memory) > 1 and sum(t.numel() * t.element_size() for t in self._memory.values()) > self.memory_budget:
+            self._memory.popitem(last=False)
+
+
+@torch.no_grad()
+def compute_features(prefix: nn.Module, images: torch.Tensor, preprocess: Preprocess, *, batch_size: int,
+                     device: torch.device, mirror: bool = False, dtype=torch.float16, progress: bool = True,
+                     autocast: bool = False) -> torch.Tensor:
+    """Prefix output for every image (uint8 NHWC on any device) -> tensor of `dtype` on `device`."""
+    prefix.eval()
+    chunks = []
+    with bar(len(images), "caching frozen features" + (" (mirrored)" if mirror else ""), unit="img", enabled=progress) as b:
+        for start in range(0, len(images), batch_size):
+            x = preprocess(images[start:start + batch_size].to(device, non_blocking=True), mirror=mirror)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                chunks.append(prefix(x).to(dtype))
+            b.advance(len(x))
+    return torch.cat(chunks)

@@ -1,0 +1,62 @@
+"""Freezing strategies: which layer groups train, and where the frozen prefix ends.
+
+frozen   only the re-initialised head trains
+partial  the last `unfreeze` tunable groups (Fire modules for SqueezeNet) and the head train
+full     everything trains
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .models import Backbone, group_modules
+
+
+def trainable_groups(backbone: Backbone, strategy: str, unfreeze: int = 2) -> list[str]:
+    names = backbone.group_names
+    if strategy == "frozen":
+        return ["head"]
+    if strategy == "full":
+        return list(names)
+    if strategy == "partial":
+        if unfreeze > len(backbone.tunable):
+            raise ValueError(f"unfreeze = {unfreeze}: {backbone.name} has only {len(backbone.tunable)} tunable groups")
+        first = names.index(backbone.tunable[-unfreeze])
+        return names[first:]
+    raise ValueError(f"unknown strategy {strategy!r}: frozen, partial or full")
+
+
+def frozen_prefix_length(backbone: Backbone, trainable: list[str]) -> int:
+    """Number of leading groups that are all frozen (their output can be cached)."""
+    names = backbone.group_names
+    return min(names.index(n) for n in trainable)
+
+
+def apply_freezing(model: nn.Module, backbone: Backbone, trainable: list[str]) -> None:
+    """requires_grad follows the strategy; frozen groups also stay in eval mode (BatchNorm statistics)."""
+    for name, modules in group_modules(model, backbone):
+        for module in modules:
+            module.requires_grad_(name in trainable)
+
+
+def set_train_mode(model: nn.Module, backbone: Backbone, trainable: list[str]) -> None:
+    """model.train() for trainable groups only: frozen BatchNorm keeps its ImageNet statistics."""
+    model.eval()
+    for name, modules in group_modules(model, backbone):
+        if name in trainable:
+            for module in modules:
+                module.train()
+
+
+def parameter_groups(model: nn.Module, backbone: Backbone, trainable: list[str], lr: float, decay: float) -> list[dict]:
+    """One optimiser group per trainable layer group; with decay < 1 earlier groups learn more slowly.
+
+    The head gets `lr`, the group before it `lr * decay`, the one before that `lr * decay**2`, ...
+    """
+    groups = []
+    ordered = [(n, ms) for n, ms in group_modules(model, backbone) if n in trainable]
+    for depth, (name, modules) in enumerate(reversed(ordered)):
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr * decay**depth, "name": name})
+    return groups
