@@ -47,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
 def environment(device: torch.device) -> dict:
     import torchvision
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+    info = {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "numpy": np.__version__, "platform": platform.platform(), "device": str(device),
             "cpu_threads": torch.get_num_threads()}
     if device.type == "cuda":

@@ -1,0 +1,352 @@
+"""Study storage -> the paper's tables and plots -> report.md and a self-contained report.html.
+
+Every number comes from the Optuna storage (trial user attributes written by the workers).
+The report is a list of blocks (heading, text, table, figure) rendered twice, as Markdown and HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+
+PAPER_AXES = ("strategy", "batch_size", "epochs")
+
+
+@dataclass
+class Block:
+    kind: str  # "h2", "h3", "p", "table", "figure", "code"
+    text: str = ""
+    rows: list[list[str]] = field(default_factory=list)  # tables: first row is the header
+    png: bytes = b""
+
+
+# ------------------------------------------------------------------------------ reading the storage
+@dataclass
+class StudyData:
+    name: str
+    spec: dict
+    command: str
+    trials: list[dict]  # {number, kind, key, point, history, best, wall_seconds, config, input_path}
+    grid: dict[str, list]
+    test: dict | None
+    n_test_evaluations: int
+    environment: dict
+
+
+def load_study_data(directory: str | Path, storage: str | None = None) -> StudyData:
+    import optuna
+
+    from .config import StudySpec
+    from .study import grid_trials, open_storage, storage_url
+
+    directory = Path(directory)
+    url = storage_url(directory, storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    summaries = optuna.get_all_study_summaries(open_storage(url))
+    if not summaries:
+        raise RuntimeError(f"no study in {url}")
+    study = optuna.load_study(study_name=summaries[0].study_name, storage=open_storage(url))
+    spec = StudySpec.from_dict(study.user_attrs.get("spec", {}), name=study.study_name)
+    trials = []
+    for t in sorted(grid_trials(study), key=lambda t: t.number):
+        a = t.user_attrs
+        trials.append({"number": t.number, "kind": a["kind"], "key": a["key"], "point": a["point"], "history": a["history"],
+                       "best": a["best"], "wall_seconds": a.get("wall_seconds", 0.0), "config": a["config"],
+                       "input_path": a.get("input_path", ""), "run_dir": a.get("run_dir", "")})
+    evaluations = study.user_attrs.get("test_evaluations", [])
+    env = {}
+    if trials:
+        metrics = directory / trials[0]["run_dir"] / "metrics.json"
+        if metrics.is_file():
+            env = json.loads(metrics.read_text()).get("environment", {})
+    return StudyData(study.study_name, study.user_attrs.get("spec", {}), study.user_attrs.get("command", ""), trials, spec.grid,
+                     evaluations[-1] if evaluations else None, len(evaluations), env)
+
+
+# ------------------------------------------------------------------------------ tables
+def _fmt(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _final_row(trial: dict) -> dict:
+    """The figures a run of this many epochs reports: those of its last epoch (the paper's convention)."""
+    return trial["history"][-1]
+
+
+def _other_axes(data: StudyData) -> list[str]:
+    return [a for a in data.grid if a not in PAPER_AXES and a != "seed"]
+
+
+def _value(trial: dict, axis: str):
+    return trial["point"].get(axis, trial["config"].get(axis))
+
+
+def paper_tables(data: StudyData) -> list[Block]:
+    """Per regime, per batch size (and per value of any other axis): columns = epochs, rows = metrics.
+
+    Seeds of one grid point are aggregated as mean ± std.
+    """
+    blocks: list[Block] = []
+    others = _other_axes(data)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for t in data.trials:
+        groups[(_value(t, "strategy"), *(_value(t, a) for a in others), _value(t, "batch_size"))].append(t)
+    for strategy in _ordered({k[0] for k in groups}, data.grid.get("strategy")):
+        blocks.append(Block("h3", f"Regime: {strategy}"))
+        for key in sorted((k for k in groups if k[0] == strategy), key=lambda k: tuple(map(_natural, k))):
+            trials = groups[key]
+            epochs = sorted({_value(t, "epochs") for t in trials})
+            extra = ", ".join(f"{a} = {v}" for a, v in zip(others, key[1:-1]))
+            caption = f"batch size {key[-1]}" + (f", {extra}" if extra else "")
+            header = [caption] + [f"{e} epochs" for e in epochs]
+            rows = [header]
+            for label, metric in (("val loss", "val_loss"), ("val accuracy", "val_accuracy"),
+                                  ("train loss", "train_loss"), ("train accuracy", "train_accuracy"),
+                                  ("gap (train - val accuracy)", None), ("seconds per epoch", "seconds")):
+                row = [label]
+                for e in epochs:
+                    at = [t for t in trials if _value(t, "epochs") == e]
+                    if metric is None:
+                        vals = [_final_row(t)["train_accuracy"] - _final_row(t)["val_accuracy"] for t in at]
+                    elif metric == "seconds":
+                        vals = [statistics.mean(r["seconds"] for r in t["history"]) for t in at]
+                    else:
+                        vals = [_final_row(t)[metric] for t in at]
+                    row.append(_fmt(vals, 2 if metric == "seconds" else 4))
+                rows.append(row)
+            blocks.append(Block("table", rows=rows))
+    return blocks
+
+
+def _natural(value) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def _ordered(values: set, preferred: list | None) -> list:
+    preferred = [v for v in (preferred or []) if v in values]
+    return preferred + sorted(v for v in values if v not in preferred)
+
+
+def trials_table(data: StudyData) -> Block:
+    axes = list(data.grid)
+    rows = [["trial", *axes, "best epoch", "best val acc", "final val acc", "final train acc", "s/epoch", "total s", "input"]]
+    for t in data.trials:
+        h = t["history"]
+        rows.append([str(t["number"]), *(str(_value(t, a)) for a in axes), str(t["best"]["epoch"]), f"{t['best']['val_accuracy']:.4f}",
+                     f"{h[-1]['val_accuracy']:.4f}", f"{h[-1]['train_accuracy']:.4f}",
+                     f"{statistics.mean(r['seconds'] for r in h):.2f}", f"{sum(r['seconds'] for r in h):.1f}",
+                     t["input_path"] + (" (shared run)" if t["kind"] == "derived" else "")])
+    return Block("table", rows=rows)
+
+
+# ------------------------------------------------------------------------------ figures
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _longest_per_family(data: StudyData) -> list[dict]:
+    """Learning curves: one line per run actually trained (derived trials are prefixes of it)."""
+    return [t for t in data.trials if t["kind"] == "run"]
+
+
+def _label(t: dict, skip=("strategy", "epochs")) -> str:
+    return ", ".join(f"{a}={_value(t, a)}" for a in t["point"] if a not in skip) or "run"
+
+
+def learning_curves(data: StudyData) -> bytes:
+    strategies = _ordered({_value(t, "strategy") for t in data.trials}, data.grid.get("strategy"))
+    fig, axes = plt.subplots(2, len(strategies), figsize=(4.6 * len(strategies), 7), squeeze=False)
+    for col, strategy in enumerate(strategies):
+        for t in (t for t in _longest_per_family(data) if _value(t, "strategy") == strategy):
+            epochs = [r["epoch"] for r in t["history"]]
+            for row, metric in enumerate(("accuracy", "loss")):
+                line, = axes[row][col].plot(epochs, [r[f"val_{metric}"] for r in t["history"]], label=f"{_label(t)} val")
+                axes[row][col].plot(epochs, [r[f"train_{metric}"] for r in t["history"]], "--", color=line.get_color(), alpha=0.7,
+                                    label=f"{_label(t)} train")
+        axes[0][col].set_title(f"{strategy}")
+        axes[0][col].set_ylabel("accuracy")
+        axes[1][col].set_ylabel("loss")
+        axes[1][col].set_xlabel("epoch")
+        axes[0][col].legend(fontsize=7)
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.suptitle("Learning curves (solid: validation, dashed: train)")
+    return _png(fig)
+
+
+def accuracy_vs_epochs(data: StudyData) -> bytes:
+    batch_sizes = sorted({_value(t, "batch_size") for t in data.trials})
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5 * len(batch_sizes), 3.8), squeeze=False, sharey=True)
+    for col, bs in enumerate(batch_sizes):
+        ax = axes[0][col]
+        lines: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for t in (t for t in data.trials if _value(t, "batch_size") == bs):
+            lines[_label(t, skip=("batch_size", "epochs", "seed"))][_value(t, "epochs")].append(_final_row(t)["val_accuracy"])
+        for name, by_epoch in sorted(lines.items()):
+            xs = sorted(by_epoch)
+            ax.plot(xs, [statistics.mean(by_epoch[x]) for x in xs], "o-", label=name)
+        ax.set_title(f"batch size {bs}")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epochs")
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def timing_plot(data: StudyData) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for t in data.trials:
+        groups[(_value(t, "strategy"), _value(t, "batch_size"))] += [r["seconds"] for r in t["history"]]
+    strategies = _ordered({k[0] for k in groups}, data.grid.get("strategy"))
+    batch_sizes = sorted({k[1] for k in groups})
+    width = 0.8 / max(len(batch_sizes), 1)
+    for i, bs in enumerate(batch_sizes):
+        ax.bar([s + i * width for s in range(len(strategies))],
+               [statistics.mean(groups[(st, bs)]) if groups[(st, bs)] else 0 for st in strategies], width, label=f"batch {bs}")
+    ax.set_xticks([s + width * (len(batch_sizes) - 1) / 2 for s in range(len(strategies))], strategies)
+    ax.set_ylabel("seconds per epoch")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def confusion_plot(test: dict) -> bytes:
+    matrix, classes = test["confusion_matrix"], test["classes"]
+    fig, ax = plt.subplots(figsize=(1 + 0.55 * len(classes), 0.8 + 0.5 * len(classes)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max(max(r) for r in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > peak / 2 else "black")
+    return _png(fig)
+
+
+# ------------------------------------------------------------------------------ assembling
+def build_blocks(data: StudyData) -> list[Block]:
+    blocks = [Block("h2", f"Study {data.name}")]
+    blocks.append(Block("p", f"{len(data.trials)} grid points ({sum(t['kind'] == 'run' for t in data.trials)} runs trained; "
+                             "the rest are epoch prefixes of a longer run with the same settings). "
+                             "Tables show each grid point's last epoch, as the study reported them."))
+    if data.test:
+        t = data.test
+        blocks.append(Block("h2", "Selected trial and test evaluation"))
+        blocks.append(Block("table", rows=[["", "value"], ["trial", f"{t['trial']} ({t['key']})"],
+                                           ["selection metric", t["metric"]],
+                                           ["validation accuracy (best epoch)", f"{t['val_accuracy']:.4f}"],
+                                           ["validation loss (best epoch)", f"{t['val_loss']:.4f}"],
+                                           ["test accuracy", f"{t['test_accuracy']:.4f}"], ["test loss", f"{t['test_loss']:.4f}"],
+                                           ["drop from validation", f"{t['val_accuracy'] - t['test_accuracy']:+.4f}"],
+                                           ["test images", str(t["n_test"])],
+                                           ["test evaluations recorded", str(data.n_test_evaluations)]]))
+        blocks.append(Block("table", rows=[["class", "test accuracy"]] + [[c, "" if v is None else f"{v:.4f}"] for c, v in t["per_class_accuracy"].items()]))
+        blocks.append(Block("figure", "Confusion matrix of the selected trial on the test split", png=confusion_plot(t)))
+    blocks.append(Block("h2", "Results per regime"))
+    blocks += paper_tables(data)
+    blocks.append(Block("figure", "Learning curves per regime", png=learning_curves(data)))
+    blocks.append(Block("figure", "Validation accuracy vs epochs, per batch size", png=accuracy_vs_epochs(data)))
+    blocks.append(Block("h2", "Time"))
+    blocks.append(Block("figure", "Seconds per epoch by regime and batch size", png=timing_plot(data)))
+    blocks.append(Block("h2", "All trials"))
+    blocks.append(trials_table(data))
+    blocks.append(Block("h2", "Reproduce"))
+    blocks.append(Block("code", data.command or "(command not recorded)"))
+    blocks.append(Block("code", json.dumps(data.spec, indent=1)))
+    if data.environment:
+        blocks.append(Block("table", rows=[["environment", ""]] + [[k, str(v)] for k, v in data.environment.items()]))
+    return blocks
+
+
+def render_markdown(blocks: list[Block], figure_dir: Path) -> str:
+    out, n = [], 0
+    for b in blocks:
+        if b.kind in ("h2", "h3"):
+            out.append(("## " if b.kind == "h2" else "### ") + b.text)
+        elif b.kind == "p":
+            out.append(b.text)
+        elif b.kind == "code":
+            out.append("```\n" + b.text + "\n```")
+        elif b.kind == "table":
+            out.append("\n".join(["| " + " | ".join(b.rows[0]) + " |", "|" + "---|" * len(b.rows[0])]
+                                 + ["| " + " | ".join(r) + " |" for r in b.rows[1:]]))
+        elif b.kind == "figure":
+            n += 1
+            name = f"figure{n}.png"
+            (figure_dir / name).write_bytes(b.png)
+            out.append(f"![{b.text}]({figure_dir.name}/{name})\n\n*{b.text}*")
+    return "\n\n".join(out) + "\n"
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+           "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+           "td:first-child,th:first-child{text-align:left}pre{background:#f5f5f5;padding:1em;overflow:auto}"
+           "img{max-width:100%}</style></head><body>"]
+    for b in blocks:
+        if b.kind in ("h2", "h3"):
+            out.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            out.append(f"<p>{html.escape(b.text)}</p>")
+        elif b.kind == "code":
+            out.append(f"<pre>{html.escape(b.text)}</pre>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in b.rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows[1:])
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif b.kind == "figure":
+            data = base64.b64encode(b.png).decode()
+            out.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b.text)}'>"
+                       f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report(directory: str | Path, storage: str | None = None) -> list[Path]:
+    directory = Path(directory)
+    data = load_study_data(directory, storage)
+    blocks = build_blocks(data)
+    figure_dir = directory / "report_files"
+    figure_dir.mkdir(exist_ok=True)
+    md, page = directory / "report.md", directory / "report.html"
+    md.write_text(f"# transferlab report: {data.name}\n\n" + render_markdown(blocks, figure_dir))
+    page.write_text(render_html([Block("h2", f"transferlab report: {data.name}")] + blocks, data.name))
+    return [md, page]
+
+
+def print_evaluation(result: dict) -> None:
+    """A rich table for `transferlab evaluate` without --json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"accuracy {result['accuracy']:.4f}   loss {result['loss']:.4f}   n {result['n']}")
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, value in result["per_class_accuracy"].items():
+        table.add_row(name, "-" if value is None else f"{value:.4f}")
+    Console().print(table)
