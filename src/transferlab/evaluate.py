@@ -60,8 +60,8 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
     dev = resolve_device(device)
     model, _ = build_model(ckpt["arch"], len(ckpt["classes"]), weights="none", head=ckpt["head"], dropout=ckpt["dropout"])
     model.load_state_dict(ckpt["model"])
-    model.to(dev).eval()
-    preprocess = Preprocess(tuple(ckpt["mean"]), tuple(ckpt["std"]), ckpt["resolution"])
+    model.to(dev, memory_format=torch.channels_last).eval()
+    preprocess = Preprocess(tuple(ckpt["mean"]), tuple(ckpt["std"]), ckpt["resolution"], channels_last=True)
     info = {k: ckpt[k] for k in ("arch", "epoch", "val_accuracy", "resolution", "weights", "config")}
     return LoadedModel(model, preprocess, ckpt["classes"], ckpt["loss"], ckpt.get("tta_flip", False), dev, info)
 

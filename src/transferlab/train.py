@@ -143,13 +143,14 @@ class Trainer:
         self.trainable = trainable_groups(self.backbone, config.strategy, config.unfreeze)
         apply_freezing(self.model, self.backbone, self.trainable)
         on_cuda = device.type == "cuda"
-        self.model.to(device, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
+        # channels_last: faster convolutions on CUDA and, measured here, on CPU too (oneDNN)
+        self.model.to(device, memory_format=torch.channels_last)
         self.autocast = config.amp == "on" or (config.amp == "auto" and on_cuda)
         if config.normalize == "dataset":
             mean, std = dataset_statistics(self.images.images[self.split.train])
         else:
             mean, std = self.backbone.mean, self.backbone.std
-        self.preprocess = Preprocess(mean, std, config.resolution, config.crop_padding, config.flip, channels_last=on_cuda)
+        self.preprocess = Preprocess(mean, std, config.resolution, config.crop_padding, config.flip, channels_last=True)
         self.cut = frozen_prefix_length(self.backbone, self.trainable)
         self.prefix = as_sequential(self.model, self.backbone, 0, self.cut)
         self.suffix = as_sequential(self.model, self.backbone, self.cut)
