@@ -49,7 +49,7 @@ class RunConfig:
     # model
     arch: str = _opt("squeezenet1_1", "backbone architecture (see `transferlab models`)")
     weights: str = _opt("imagenet", "'imagenet' (torchvision's published weights), a local state-dict path, or 'none' (env TRANSFERLAB_WEIGHTS)")
-    head: str = _opt("paper", "classifier head: 'paper' (dropout, 1x1 conv, ReLU, average pool, as in the study) or 'linear' (average pool, dropout, linear)", choices=("paper", "linear"))
+    head: str = _opt("paper", "classifier head: 'paper' (dropout, 1x1 conv, ReLU, average pool, as in the study), 'linear' (average pool, dropout, linear) or 'mlp' (1x1 conv, BatchNorm, ReLU, average pool, dropout, linear)", choices=("paper", "linear", "mlp"))
     dropout: float = _opt(0.5, "dropout before the head's classifier layer", min=0.0, max=0.99)
     strategy: str = _opt("frozen", "which layers train: frozen (head only), partial (last --unfreeze groups + head), full", choices=("frozen", "partial", "full"))
     unfreeze: int = _opt(2, "number of last backbone groups (Fire modules for SqueezeNet) that train under 'partial'", min=1)
@@ -212,6 +212,7 @@ STUDY_KEYS = {
     "storage": "Optuna storage URL (default: SQLite file in the study directory)",
     "run": "table of RunConfig keys shared by every trial",
     "grid": "table of axes: RunConfig key -> list of values; every combination is one trial",
+    "variants": "named bundles of RunConfig keys; the grid axis `variant` picks one (ablations: one change at a time)",
 }
 
 
@@ -223,6 +224,7 @@ class StudySpec:
     metric: str = "val_accuracy"
     storage: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, tree: dict[str, Any], *, name: str = "study", where: str = "") -> StudySpec:
@@ -230,22 +232,33 @@ class StudySpec:
             if key not in STUDY_KEYS:
                 raise ConfigError(f"{where}unknown key {key!r}{_suggest(key, STUDY_KEYS)}")
         base = RunConfig.from_dict(tree.get("run", {}), where=f"{where}[run] ")
+        variants = tree.get("variants", {})
+        for vname, values in variants.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{where}[variants] {vname}: expected a table of run keys")
+            RunConfig.from_dict(values, base=base, where=f"{where}[variants.{vname}] ")
         grid = tree.get("grid", {})
         if not isinstance(grid, dict):
             raise ConfigError(f"{where}grid must be a table of axes")
+        if variants and "variant" not in grid:
+            raise ConfigError(f"{where}[variants] given but [grid] has no 'variant' axis")
         checked: dict[str, list] = {}
         for axis, values in grid.items():
             values = values if isinstance(values, list) else [values]
             if not values:
                 raise ConfigError(f"{where}[grid] {axis}: empty list")
             for value in values:  # validates axis name and each value
+                if axis == "variant":
+                    if value not in variants:
+                        raise ConfigError(f"{where}[grid] variant {value!r} is not defined under [variants]{_suggest(str(value), variants)}")
+                    continue
                 RunConfig.from_dict({axis: value}, base=base, where=f"{where}[grid] ")
             checked[axis.replace("-", "_")] = values
         metric = tree.get("metric", "val_accuracy")
         if metric not in ("val_accuracy", "val_loss"):
             raise ConfigError(f"{where}metric = {metric!r}: expected val_accuracy or val_loss")
         return cls(name=tree.get("name", name), base=base, grid=checked, metric=metric,
-                   storage=tree.get("storage"), source=tree)
+                   storage=tree.get("storage"), source=tree, variants=variants)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> StudySpec:
@@ -265,4 +278,6 @@ class StudySpec:
         return [dict(zip(axes, combo)) for combo in itertools.product(*(self.grid[a] for a in axes))]
 
     def config_for(self, point: dict[str, Any]) -> RunConfig:
-        return RunConfig.from_dict(point, base=self.base)
+        point = dict(point)
+        variant = self.variants.get(point.pop("variant", None), {})
+        return RunConfig.from_dict({**variant, **point}, base=self.base)

@@ -61,8 +61,11 @@ def _squeezenet_head(model: nn.Module, num_classes: int, kind: str, dropout: flo
         nn.init.normal_(conv.weight, mean=0.0, std=0.01)
         nn.init.zeros_(conv.bias)
         model.classifier = nn.Sequential(nn.Dropout(dropout), conv, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    else:  # pool first, then a linear classifier: logits can be negative, which cross-entropy prefers
+    elif kind == "linear":  # pool first, then a linear classifier: logits can be negative, which cross-entropy prefers
         model.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(512, num_classes))
+    else:  # mlp: a trainable 1x1 conv + BatchNorm before pooling, so frozen features are recombined per location
+        model.classifier = nn.Sequential(nn.Conv2d(512, 512, kernel_size=1, bias=False), nn.BatchNorm2d(512), nn.ReLU(inplace=True),
+                                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(512, num_classes))
 
 
 def _resnet_head(model: nn.Module, num_classes: int, kind: str, dropout: float) -> None:

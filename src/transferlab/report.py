@@ -143,6 +143,19 @@ def _ordered(values: set, preferred: list | None) -> list:
     return preferred + sorted(v for v in values if v not in preferred)
 
 
+def variant_table(data: StudyData) -> Block:
+    """Ablations: rows = variants (one change each), columns = regimes, cells = best validation accuracy."""
+    strategies = _ordered({_value(t, "strategy") for t in data.trials}, data.grid.get("strategy"))
+    rows = [["variant", *strategies]]
+    for variant in data.grid["variant"]:
+        row = [str(variant)]
+        for strategy in strategies:
+            vals = [t["best"]["val_accuracy"] for t in data.trials if _value(t, "variant") == variant and _value(t, "strategy") == strategy]
+            row.append(_fmt(vals))
+        rows.append(row)
+    return Block("table", rows=rows)
+
+
 def trials_table(data: StudyData) -> Block:
     axes = list(data.grid)
     rows = [["trial", *axes, "best epoch", "best val acc", "final val acc", "final train acc", "s/epoch", "total s", "input"]]
@@ -266,6 +279,9 @@ def build_blocks(data: StudyData) -> list[Block]:
                                            ["test evaluations recorded", str(data.n_test_evaluations)]]))
         blocks.append(Block("table", rows=[["class", "test accuracy"]] + [[c, "" if v is None else f"{v:.4f}"] for c, v in t["per_class_accuracy"].items()]))
         blocks.append(Block("figure", "Confusion matrix of the selected trial on the test split", png=confusion_plot(t)))
+    if "variant" in data.grid:
+        blocks.append(Block("h2", "Variants: best validation accuracy per regime"))
+        blocks.append(variant_table(data))
     blocks.append(Block("h2", "Results per regime"))
     blocks += paper_tables(data)
     blocks.append(Block("figure", "Learning curves per regime", png=learning_curves(data)))

@@ -144,7 +144,7 @@ class Worker:
         if attrs.get("kind") != "run":  # the queue emptied between our look and our claim: not a grid point
             raise optuna.TrialPruned("no waiting grid point was left to claim")
         job = Job(attrs["point"], attrs["record"])
-        config = RunConfig.from_dict({**job.point, "record_epochs": job.record[:-1], "progress": self.spec.base.progress}, base=self.spec.base)
+        config = RunConfig.from_dict({"record_epochs": job.record[:-1]}, base=self.spec.config_for(job.point))
         if self.feature_cache is None:
             self.feature_cache = FeatureCache(config.resolved_cache_dir() / "features")
         run_dir = self.directory / "trials" / slug(job.key)
