@@ -1,0 +1,195 @@
+"""The study report: every number in report.md's tables is the one stored in the Optuna storage.
+
+The paper tables (one per regime and batch size, a column per epoch count) show each grid point's
+last epoch; seeds of one grid point are aggregated as mean ± sample standard deviation.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
+from transferlab.config import StudySpec
+from transferlab.study import grid_trials, run_study
+
+ROWS = {"val loss": "val_loss", "val accuracy": "val_accuracy", "train loss": "train_loss",
+        "train accuracy": "train_accuracy", "gap (train - val accuracy)": "gap", "seconds per epoch": "seconds"}
+
+
+# ---------------------------------------------------------------------------- reading report.md back
+def parse_table(lines: list[str]) -> list[list[str]]:
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    assert set(rows[1]) == {"---"}, rows[1]  # the separator under the header
+    return [rows[0]] + rows[2:]
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else None]
+
+
+def tables_in(text: str) -> list[tuple[str, list[list[str]]]]:
+    """(the ### heading above it, rows) for every table of a markdown text."""
+    found, heading, block = [], "", []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(line)
+            continue
+        if block:
+            found.append((heading, parse_table(block)))
+            block = []
+        if line.startswith("### "):
+            heading = line[4:]
+    return found
+
+
+def paper_tables(report: Path) -> dict[tuple, list[list[str]]]:
+    """(strategy, caption) -> rows, from the 'Results per regime' section."""
+    out = {}
+    for heading, rows in tables_in(section(report.read_text(), "Results per regime")):
+        assert heading.startswith("Regime: ")
+        out[(heading.removeprefix("Regime: "), rows[0][0])] = rows
+    return out
+
+
+# ---------------------------------------------------------------------------- the expected cells, from the storage
+def stored_trials(directory: Path) -> list[dict]:
+    return [{"point": t.user_attrs["point"], "history": t.user_attrs["history"], "config": t.user_attrs["config"],
+             "number": t.number, "kind": t.user_attrs["kind"]} for t in grid_trials(load(directory))]
+
+
+def cell_values(trials: list[dict], metric: str) -> list[float]:
+    if metric == "seconds":
+        return [statistics.mean(r["seconds"] for r in t["history"]) for t in trials]
+    if metric == "gap":
+        return [t["history"][-1]["train_accuracy"] - t["history"][-1]["val_accuracy"] for t in trials]
+    return [t["history"][-1][metric] for t in trials]
+
+
+def expected_cell(values: list[float], metric: str) -> str:
+    digits = 2 if metric == "seconds" else 4
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def check_paper_tables(directory: Path, spec: StudySpec, other_axes: tuple[str, ...] = ()) -> int:
+    """Compare every cell of every paper table with the storage; returns the number of cells checked."""
+    tables = paper_tables(directory / "report.md")
+    trials = stored_trials(directory)
+
+    def value(t, axis):
+        return t["point"].get(axis, t["config"][axis])
+
+    groups = {}
+    for t in trials:
+        extra = ", ".join(f"{a} = {value(t, a)}" for a in other_axes)
+        caption = f"batch size {value(t, 'batch_size')}" + (f", {extra}" if extra else "")
+        groups.setdefault((value(t, "strategy"), caption), []).append(t)
+    assert set(tables) == set(groups)
+    checked = 0
+    for key, rows in tables.items():
+        members = groups[key]
+        epochs = sorted({value(t, "epochs") for t in members})
+        assert rows[0][1:] == [f"{e} epochs" for e in epochs]
+        assert [r[0] for r in rows[1:]] == list(ROWS)
+        for row in rows[1:]:
+            metric = ROWS[row[0]]
+            for e, cell in zip(epochs, row[1:], strict=True):
+                at = [t for t in members if value(t, "epochs") == e]
+                assert cell == expected_cell(cell_values(at, metric), metric), (key, row[0], e)
+                checked += 1
+    return checked
+
+
+# ---------------------------------------------------------------------------- studies
+@pytest.fixture(scope="module")
+def seeds_study(tmp_path_factory):
+    """Two seeds per grid point: cells are mean ± std."""
+    root = tmp_path_factory.mktemp("seeds")
+    spec_path = write_spec(root / "seeds.toml", make_tree(root / "images"), root / "cache",
+                           {"strategy": ["frozen"], "batch_size": [8, 16], "epochs": [1, 2], "seed": [0, 1]},
+                           name="seeds", head="linear", lr=0.01)
+    return StudySpec.load(spec_path), run_study(spec_path, study_dir=root / "out", report=True)
+
+
+@pytest.fixture(scope="module")
+def axis_study(tmp_path_factory):
+    """One seed, two regimes, and an axis the paper did not have (lr): one table per lr value."""
+    root = tmp_path_factory.mktemp("axis")
+    spec_path = write_spec(root / "axis.toml", make_tree(root / "images"), root / "cache",
+                           {"strategy": ["full", "frozen"], "batch_size": [16], "epochs": [1, 2], "lr": [0.001, 0.01]},
+                           name="axis")
+    return StudySpec.load(spec_path), run_study(spec_path, study_dir=root / "out", report=True)
+
+
+def test_seed_cells_are_mean_and_sample_std_of_the_stored_trials(seeds_study):
+    spec, directory = seeds_study
+    assert check_paper_tables(directory, spec) == 2 * 2 * len(ROWS)  # 2 batch sizes x 2 epoch columns x rows
+    tables = paper_tables(directory / "report.md")
+    cells = [c for rows in tables.values() for r in rows[1:] for c in r[1:]]
+    assert all(" ± " in c for c in cells)
+    # the seeds differ somewhere, so the ± is not vacuous
+    assert any(not c.endswith(" ± 0.0000") and not c.endswith(" ± 0.00") for c in cells)
+
+
+def test_one_seed_cells_are_the_stored_last_epoch_values(axis_study):
+    spec, directory = axis_study
+    assert check_paper_tables(directory, spec, other_axes=("lr",)) == 2 * 2 * 2 * len(ROWS)
+    cells = [c for rows in paper_tables(directory / "report.md").values() for r in rows[1:] for c in r[1:]]
+    assert cells and not any("±" in c for c in cells)
+    text = (directory / "report.md").read_text()
+    assert text.index("### Regime: full") < text.index("### Regime: frozen")  # the grid's order of regimes
+
+
+def test_derived_and_run_trials_share_the_first_epoch(seeds_study):
+    """A table's 1-epoch column comes from the derived trials: the 2-epoch run's first epoch."""
+    _, directory = seeds_study
+    trials = stored_trials(directory)
+    for t in (t for t in trials if t["kind"] == "derived"):
+        source = next(s for s in trials if s["kind"] == "run" and {**s["point"], "epochs": 1} == t["point"])
+        assert t["history"] == source["history"][:1]
+
+
+def test_selected_trial_and_all_trials_tables(seeds_study):
+    _, directory = seeds_study
+    study = load(directory)
+    text = (directory / "report.md").read_text()
+    (record,) = study.user_attrs["test_evaluations"]
+    (_, selected), (_, per_class) = tables_in(section(text, "Selected trial and test evaluation"))[:2]
+    values = dict(selected[1:])
+    assert values["trial"] == f"{record['trial']} ({record['key']})"
+    assert values["validation accuracy (best epoch)"] == f"{record['val_accuracy']:.4f}"
+    assert values["test accuracy"] == f"{record['test_accuracy']:.4f}"
+    assert values["test images"] == str(record["n_test"]) and values["test evaluations recorded"] == "1"
+    assert dict(per_class[1:]) == {c: "" if v is None else f"{v:.4f}" for c, v in record["per_class_accuracy"].items()}
+    ((_, rows),) = tables_in(section(text, "All trials"))
+    header, body = rows[0], rows[1:]
+    trials = {t.number: t for t in grid_trials(study)}
+    assert sorted(int(r[0]) for r in body) == sorted(trials)
+    for r in body:
+        row = dict(zip(header, r))
+        t = trials[int(row["trial"])]
+        h = t.user_attrs["history"]
+        assert row["best val acc"] == f"{t.user_attrs['best']['val_accuracy']:.4f}"
+        assert row["final val acc"] == f"{h[-1]['val_accuracy']:.4f}" and row["final train acc"] == f"{h[-1]['train_accuracy']:.4f}"
+        assert row["best epoch"] == str(t.user_attrs["best"]["epoch"])
+        assert (row["input"].endswith("(shared run)")) == (t.user_attrs["kind"] == "derived")
+        assert all(row[a] == str(t.user_attrs["point"][a]) for a in ("strategy", "batch_size", "epochs", "seed"))
+
+
+def test_report_rewritten_from_storage_alone(seeds_study, tmp_path):
+    """`study report DIR` regenerates the same tables from the storage (figures aside)."""
+    from transferlab.cli import main
+
+    _, directory = seeds_study
+    before = (directory / "report.md").read_text()
+    assert main(["study", "report", str(directory)]) == 0
+    after = (directory / "report.md").read_text()
+    strip = lambda text: re.sub(r"```.*?```", "", text, flags=re.S)  # noqa: E731 (the recorded command differs)
+    assert strip(after) == strip(before)

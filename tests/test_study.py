@@ -1,0 +1,397 @@
+"""Study: the whole grid in one resumable command.
+
+The specification, as tests on synthetic data (3 classes x 12 coloured-noise PNGs of 16 px):
+  * a study spec is validated like a run config: a typo or a bad value is one line naming the key;
+  * grid points that differ only in epochs, under a schedule that ignores the epoch count, are one job;
+  * `run_study` leaves exactly one COMPLETE trial per grid point, records per-epoch intermediate values,
+    evaluates the selected trial on the test split exactly once and writes report.md and a
+    self-contained report.html;
+  * running it again trains nothing; a derived (shared-prefix) trial equals a separate shorter run;
+  * a killed study resumes without re-running a finished trial and without losing one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from helpers import history_without_time, make_image_tree, quiet
+from transferlab import study as study_module
+from transferlab.config import ConfigError, StudySpec
+from transferlab.study import grid_trials, plan_jobs, point_key, run_study, slug
+
+GRID = {"strategy": ["frozen", "full"], "batch_size": [8, 16], "epochs": [1, 2]}
+
+
+# ---------------------------------------------------------------------------- helpers (imported by the other study tests)
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def write_spec(path: Path, data: Path, cache: Path, grid: dict, *, name: str = "synthetic", top: dict | None = None,
+               **run) -> Path:
+    """A study spec on the synthetic tree: no pretrained weights, 32 px, CPU, no progress bars, a private cache."""
+    values = {"data": str(data), "weights": "none", "resolution": 32, "progress": False, "cache_dir": str(cache),
+              "device": "cpu", "test_fraction": 0.2, "val_fraction": 0.2, **run}
+    lines = [f"name = {toml_value(name)}"] + [f"{k} = {toml_value(v)}" for k, v in (top or {}).items()]
+    lines += ["", "[run]"] + [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    lines += ["", "[grid]"] + [f"{k} = {toml_value(v)}" for k, v in grid.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_tree(root: Path) -> Path:
+    return make_image_tree(root, per_class=12, size=16)
+
+
+def load(directory: Path, url: str | None = None) -> optuna.Study:
+    """The (only) study in a study directory's storage, or in `url`."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = url or (directory / "storage.txt").read_text().strip()
+    (name,) = optuna.get_all_study_names(url)
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def complete_by_key(study: optuna.Study) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    out: dict[str, list] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("kind") in ("run", "derived"):
+            out.setdefault(t.user_attrs["key"], []).append(t)
+    return out
+
+
+def snapshot(study: optuna.Study) -> dict[int, tuple]:
+    """number -> (state, key, datetime_complete) of every trial."""
+    return {t.number: (t.state, t.user_attrs.get("key"), t.datetime_complete) for t in study.get_trials(deepcopy=False)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two shared cores: one intra-op thread is many times faster than oversubscribing them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "1000", "PYTHONUNBUFFERED": "1"}
+
+
+# ---------------------------------------------------------------------------- the spec
+@pytest.fixture
+def spec_file(tmp_path) -> Path:
+    return write_spec(tmp_path / "study.toml", tmp_path / "images", tmp_path / "cache", GRID)
+
+
+def one_line(error) -> str:
+    text = str(error.value)
+    assert "\n" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("table, key", [("run", "batch_sise"), ("grid", "epochz"), (None, "metrc")])
+def test_unknown_spec_key_is_one_line_naming_it(tmp_path, table, key):
+    spec = write_spec(tmp_path / "s.toml", tmp_path, tmp_path, GRID)
+    text = spec.read_text()
+    if table is None:
+        text = f"{key} = 1\n" + text
+    else:
+        text = text.replace(f"[{table}]\n", f"[{table}]\n{key} = {'[1]' if table == 'grid' else '1'}\n")
+    spec.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        StudySpec.load(spec)
+    message = one_line(error)
+    assert repr(key) in message and str(spec) in message
+    if table == "run":
+        assert "[run]" in message and "batch_size" in message  # the suggestion
+    if table == "grid":
+        assert "[grid]" in message and "epochs" in message
+
+
+@pytest.mark.parametrize("axis, values, named", [("strategy", ["frozen", "partly"], "strategy"),
+                                                 ("batch_size", [8, 0], "batch_size"),
+                                                 ("epochs", ["two"], "epochs"),
+                                                 ("lr", [], "lr")])
+def test_bad_grid_value_is_one_line_naming_the_axis(tmp_path, axis, values, named):
+    spec = write_spec(tmp_path / "s.toml", tmp_path, tmp_path, {**GRID, axis: values})
+    with pytest.raises(ConfigError) as error:
+        StudySpec.load(spec)
+    message = one_line(error)
+    assert named in message and "[grid]" in message
+
+
+def test_bad_metric_is_rejected(tmp_path):
+    spec = write_spec(tmp_path / "s.toml", tmp_path, tmp_path, GRID, top={"metric": "test_accuracy"})
+    with pytest.raises(ConfigError) as error:
+        StudySpec.load(spec)
+    assert "metric" in one_line(error)
+
+
+def test_set_overrides_run_and_grid_keys(spec_file):
+    spec = StudySpec.load(spec_file, ["data=/x", "grid.epochs=[1]", "run.lr=0.5", "name=other"])
+    assert spec.base.data == "/x" and spec.base.lr == 0.5 and spec.name == "other"
+    assert spec.grid["epochs"] == [1] and spec.grid["strategy"] == ["frozen", "full"]
+    assert len(spec.points()) == 4
+    with pytest.raises(ConfigError) as error:
+        StudySpec.load(spec_file, ["grid.batch_size=[0]"])
+    assert "batch_size" in one_line(error)
+    with pytest.raises(ConfigError) as error:
+        StudySpec.load(spec_file, ["epochz=3"])
+    assert "'epochz'" in one_line(error)
+
+
+# ---------------------------------------------------------------------------- jobs
+def test_constant_schedule_shares_epochs_one_job_per_family(spec_file):
+    spec = StudySpec.load(spec_file)
+    jobs = plan_jobs(spec)
+    assert len(spec.points()) == 8 and len(jobs) == 4
+    assert all(job.record == [1, 2] and job.point["epochs"] == 2 for job in jobs)
+    families = {(j.point["strategy"], j.point["batch_size"]) for j in jobs}
+    assert families == {(s, b) for s in GRID["strategy"] for b in GRID["batch_size"]}
+    assert len({j.key for j in jobs}) == 4
+
+
+@pytest.mark.parametrize("schedule, shared", [("step", True), ("cosine", False), ("onecycle", False)])
+def test_epoch_dependent_schedules_get_separate_jobs(spec_file, schedule, shared):
+    spec = StudySpec.load(spec_file, [f"schedule={json.dumps(schedule)}"])
+    jobs = plan_jobs(spec)
+    if shared:
+        assert len(jobs) == 4 and all(j.record == [1, 2] for j in jobs)
+    else:
+        assert len(jobs) == 8 and all(j.record == [j.point["epochs"]] for j in jobs)
+        assert {j.key for j in jobs} == {point_key(p) for p in spec.points()}
+
+
+def test_epochs_as_a_schedule_axis_value_splits_families(tmp_path):
+    """schedule on the grid: the constant half shares epochs, the cosine half does not."""
+    spec = StudySpec.load(write_spec(tmp_path / "s.toml", tmp_path, tmp_path,
+                                     {"schedule": ["constant", "cosine"], "epochs": [1, 2, 3]}))
+    jobs = plan_jobs(spec)
+    records = sorted((j.point["schedule"], tuple(j.record)) for j in jobs)
+    assert records == [("constant", (1, 2, 3)), ("cosine", (1,)), ("cosine", (2,)), ("cosine", (3,))]
+
+
+# ---------------------------------------------------------------------------- the whole study, once for the module
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    tree = make_tree(root / "images")
+    spec_path = write_spec(root / "study.toml", tree, root / "cache", GRID)
+    directory = run_study(spec_path, study_dir=root / "out", report=True)
+    return spec_path, directory
+
+
+def test_every_grid_point_has_exactly_one_complete_trial(finished):
+    spec_path, directory = finished
+    spec, study = StudySpec.load(spec_path), load(directory)
+    by_key = complete_by_key(study)
+    assert set(by_key) == {point_key(p) for p in spec.points()}
+    assert all(len(trials) == 1 for trials in by_key.values()), {k: [t.number for t in v] for k, v in by_key.items()}
+    kinds = sorted(t[0].user_attrs["kind"] for t in by_key.values())
+    assert kinds == ["derived"] * 4 + ["run"] * 4
+    states = {t.state for t in study.get_trials(deepcopy=False)}
+    assert states == {optuna.trial.TrialState.COMPLETE}
+    assert len(grid_trials(study)) == 8
+    for (trial,) in by_key.values():
+        a = trial.user_attrs
+        assert a["point"]["epochs"] == len(a["history"]) and [r["epoch"] for r in a["history"]] == list(range(1, len(a["history"]) + 1))
+        assert trial.value == a["best"]["val_accuracy"] == max(r["val_accuracy"] for r in a["history"])
+        assert (directory / a["checkpoint"]).is_file() and (directory / a["run_dir"] / "metrics.json").is_file()
+
+
+def test_derived_trials_are_prefixes_of_their_source_run(finished):
+    _, directory = finished
+    study = load(directory)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    derived = [t for t in trials.values() if t.user_attrs["kind"] == "derived"]
+    assert len(derived) == 4
+    for t in derived:
+        source = trials[t.user_attrs["source_trial"]]
+        assert source.user_attrs["kind"] == "run"
+        assert {**t.user_attrs["point"], "epochs": source.user_attrs["point"]["epochs"]} == source.user_attrs["point"]
+        n = t.user_attrs["point"]["epochs"]
+        assert t.user_attrs["history"] == source.user_attrs["history"][:n]
+        assert t.user_attrs["run_dir"] == source.user_attrs["run_dir"]
+        assert t.user_attrs["checkpoint"] != source.user_attrs["checkpoint"]
+
+
+def test_intermediate_values_are_the_per_epoch_metric(finished):
+    _, directory = finished
+    for t in load(directory).get_trials(deepcopy=False):
+        expected = {r["epoch"]: r["val_accuracy"] for r in t.user_attrs["history"]}
+        assert t.intermediate_values == expected and len(expected) == t.user_attrs["point"]["epochs"]
+
+
+def test_one_test_evaluation_of_the_best_trial_by_val_accuracy(finished):
+    _, directory = finished
+    study = load(directory)
+    evaluations = study.user_attrs["test_evaluations"]
+    assert len(evaluations) == 1
+    (record,) = evaluations
+    trials = grid_trials(study)
+    best_value = max(t.value for t in trials)
+    chosen = next(t for t in trials if t.number == record["trial"])
+    assert chosen.value == best_value and record["key"] == chosen.user_attrs["key"]
+    assert record["val_accuracy"] == chosen.user_attrs["best"]["val_accuracy"]
+    # ties go to the lowest trial number
+    assert record["trial"] == min(t.number for t in trials if t.value == best_value)
+    assert record["n_test"] == sum(map(sum, record["confusion_matrix"]))
+    assert record["n_test"] > 0 and 0.0 <= record["test_accuracy"] <= 1.0
+    assert record["classes"] == ["blue", "green", "red"]
+    assert study.user_attrs["spec"]["grid"] == GRID
+
+
+def test_report_md_and_self_contained_html(finished):
+    _, directory = finished
+    md, page = directory / "report.md", directory / "report.html"
+    assert md.is_file() and page.is_file()
+    text = md.read_text()
+    for heading in ("## Selected trial and test evaluation", "## Results per regime", "### Regime: frozen",
+                    "### Regime: full", "## All trials", "## Reproduce"):
+        assert heading in text
+    for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (directory / target).is_file(), target
+    html = page.read_text()
+    assert "data:image/png;base64," in html
+    sources = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", html, flags=re.I)
+    assert sources and all(s.startswith("data:") for s in sources), [s for s in sources if not s.startswith("data:")]
+    assert "<script" not in html.lower() and "@import" not in html
+
+
+# ---------------------------------------------------------------------------- resuming a finished study
+def copy_study(directory: Path, target: Path) -> Path:
+    """A private copy of a study directory (its SQLite storage URL rewritten to the copy)."""
+    shutil.copytree(directory, target)
+    (target / "storage.txt").unlink()
+    return target
+
+
+def test_running_again_trains_nothing_and_tests_once(finished, tmp_path, monkeypatch):
+    spec_path, directory = finished
+    copy = copy_study(directory, tmp_path / "again")
+    before = snapshot(load(copy, url=f"sqlite:///{copy / 'study.db'}"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished study trained again")
+
+    from transferlab.train import Trainer  # (transferlab.train is also the name of the train() function)
+
+    monkeypatch.setattr(Trainer, "__init__", no_training)
+    monkeypatch.setattr(Trainer, "fit", no_training)
+    monkeypatch.setattr(study_module, "load_images", no_training)  # nor evaluated on the test split again
+    run_study(spec_path, study_dir=copy, report=True)
+    study = load(copy)
+    assert (copy / "storage.txt").read_text().strip() == f"sqlite:///{copy.resolve() / 'study.db'}"
+    assert snapshot(study) == before
+    assert len(study.user_attrs["test_evaluations"]) == 1
+    assert "test evaluations recorded | 1 |" in (copy / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------- shared epochs == a separate shorter run
+@pytest.mark.parametrize("strategy, batch_size", [("frozen", 8), ("full", 16)])
+def test_derived_trial_equals_a_separate_shorter_run(finished, tmp_path, strategy, batch_size):
+    from transferlab.train import Trainer
+
+    spec_path, directory = finished
+    spec = StudySpec.load(spec_path)
+    point = {"strategy": strategy, "batch_size": batch_size, "epochs": 1}
+    (derived,) = complete_by_key(load(directory))[point_key(point)]
+    assert derived.user_attrs["kind"] == "derived"
+    config = spec.config_for(point)
+    assert config.schedule == "constant" and config.seed == 0
+    result = Trainer(config, tmp_path / "alone", log=quiet).fit()
+    assert history_without_time(result.history) == history_without_time(derived.user_attrs["history"])
+    # and the checkpoint recorded at epoch 1 is the separate run's best checkpoint
+    alone = torch.load(tmp_path / "alone" / "best.pt", map_location="cpu", weights_only=True)
+    shared = torch.load(directory / derived.user_attrs["checkpoint"], map_location="cpu", weights_only=True)
+    assert alone["epoch"] == shared["epoch"] == 1
+    assert all(torch.equal(alone["model"][k], shared["model"][k]) for k in alone["model"])
+
+
+# ---------------------------------------------------------------------------- a killed study resumes
+def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended (status {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def check_resumed(study: optuna.Study, spec: StudySpec, before: dict[int, tuple], killed_key: str) -> None:
+    """Every grid point complete once; every trial finished before the kill untouched and still the only one of its key."""
+    COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+    by_key = complete_by_key(study)
+    assert set(by_key) == {point_key(p) for p in spec.points()}, "a grid point was lost"
+    assert all(len(v) == 1 for v in by_key.values()), {k: [t.number for t in v] for k, v in by_key.items()}
+    after = snapshot(study)
+    finished_before = {n: v for n, v in before.items() if v[0] == COMPLETE}
+    assert finished_before, "nothing had finished before the kill"
+    for number, (state, key, completed) in finished_before.items():
+        assert after[number] == (state, key, completed), f"trial {number} changed"
+        assert [t.number for t in by_key[key]] == [number], f"{key} was run again"
+    killed = [n for n, v in before.items() if v[0] == optuna.trial.TrialState.RUNNING]
+    assert len(killed) == 1 and before[killed[0]][1] == killed_key
+    assert after[killed[0]][0] == FAIL  # failed by the heartbeat check ...
+    (retry,) = by_key[killed_key]  # ... and queued again, once
+    assert study.trials[retry.number].system_attrs["failed_trial"] == killed[0]
+
+
+def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monkeypatch, capfd):
+    tree = make_tree(tmp_path / "images")
+    # frozen finishes in a moment; the full run's 12 epochs are long enough to be killed in the middle
+    spec_path = write_spec(tmp_path / "study.toml", tree, tmp_path / "cache", {"strategy": ["frozen", "full"], "epochs": [1, 12]},
+                           batch_size=16)
+    spec = StudySpec.load(spec_path)
+    directory = tmp_path / "out"
+    long_full = point_key({"strategy": "full", "epochs": 12})
+    state_file = directory / "trials" / slug(long_full) / "state.pt"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "study", "run", str(spec_path), "--dir", str(directory),
+                                 "--no-report"], stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
+        try:
+            wait_for(state_file.exists, 120, proc, "the full run's first epoch")
+        finally:
+            kill(proc)
+    killed_log = (tmp_path / "killed.log").read_text()
+    assert "training" in killed_log and "selected trial" not in killed_log
+    before = snapshot(load(directory))
+    assert sum(1 for v in before.values() if v[0] == optuna.trial.TrialState.COMPLETE) == 2  # frozen: run + derived
+    capfd.readouterr()
+
+    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(study_module, "GRACE_SECONDS", 2)
+    run_study(spec_path, study_dir=directory, report=False)
+    err = capfd.readouterr().err
+    assert re.search(r"resuming from epoch [1-9]", err), err  # the retry continued from state.pt
+    study = load(directory)
+    check_resumed(study, spec, before, long_full)
+    (full_run,) = complete_by_key(study)[long_full]
+    assert [r["epoch"] for r in full_run.user_attrs["history"]] == list(range(1, 13))
+    assert not state_file.exists()
+    assert len(study.user_attrs["test_evaluations"]) == 1
