@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny synthetic ImageFolder trees, synthetic backbone weights, ../shared access.
+
+Everything here is small on purpose (a few dozen 16-32 px images, squeezenet at 32 px, 1-3 epochs):
+the whole core suite runs in a couple of minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import SHARED, SHARED_CIFAR, SHARED_WEIGHTS, make_image_tree, quiet, tiny_config
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch, tmp_path_factory):
+    """No test reads the developer's env overrides or writes into ~/.cache/transferlab."""
+    for name in ("TRANSFERLAB_WEIGHTS", "TRANSFERLAB_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path_factory.getbasetemp() / "default-cache"))
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory) -> Path:
+    """Read-only tree shared by the session: 3 classes x 15 PNGs of 24 px. Do not modify it in a test."""
+    return make_image_tree(tmp_path_factory.mktemp("tree") / "images", per_class=15, size=24)
+
+
+@pytest.fixture
+def make_tree(tmp_path):
+    """Factory for a private tree a test may modify: make_tree(name, **make_image_tree kwargs)."""
+
+    def make(name: str = "images", **kwargs) -> Path:
+        return make_image_tree(tmp_path / name, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def features_weights(tmp_path_factory) -> Path:
+    """A features-only squeezenet1_1 state dict (random initialisation), like ../shared's file."""
+    from torchvision.models import squeezenet1_1
+
+    torch.manual_seed(1234)
+    state = {k: v for k, v in squeezenet1_1().state_dict().items() if k.startswith("features.")}
+    path = tmp_path_factory.mktemp("weights") / "squeezenet1_1-features.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(image_tree, tmp_path_factory):
+    """One finished 2-epoch run on `image_tree` (linear head, so it actually learns); read-only."""
+    from transferlab import train
+
+    root = tmp_path_factory.mktemp("trained")
+    config = tiny_config(image_tree, root / "cache", head="linear", lr=1e-2, epochs=2)
+    result = train(config, root / "run", log=quiet)
+    return result
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the repository root (it may be absent: tests using it skip)."""
+    return SHARED
+
+
+def require_shared(*paths: Path) -> None:
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        pytest.skip(f"shared data not available: {missing[0]} is absent (tests marked 'shared' need ../shared)")
+
+
+@pytest.fixture(scope="session")
+def shared_cifar(shared_dir) -> Path:
+    require_shared(SHARED_CIFAR)
+    return SHARED_CIFAR
+
+
+@pytest.fixture(scope="session")
+def shared_weights(shared_dir) -> Path:
+    require_shared(SHARED_WEIGHTS)
+    return SHARED_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory) -> Path:
+    """One decode cache for every shared-data test of the session (decoding the folder takes ~20 s)."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+

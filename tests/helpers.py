@@ -1,0 +1,51 @@
+"""Helpers shared by the test modules (imported as `helpers`; conftest.py holds the fixtures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+SHARED_CIFAR = SHARED / "datasets" / "cifar10-train-jpeg"
+SHARED_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"
+
+# Class-dependent mean colour: a colour-noise image whose class a linear head can learn.
+CLASS_COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200), "grey": (128, 128, 128)}
+
+
+def noise_image(colour, size: int | tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) uint8 noise around `colour`."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return np.clip(rng.normal(colour, 40.0, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def make_image_tree(root: Path, classes=("red", "green", "blue"), per_class: int = 12, size: int = 24,
+                    ext: str = "png", seed: int = 0) -> Path:
+    """<root>/<class>/<i>.<ext>, `per_class` coloured-noise images per class."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(noise_image(CLASS_COLOURS[name], size, rng)).save(root / name / f"{i:03d}.{ext}")
+    return root
+
+
+def tiny_config(data: Path | str, cache_dir: Path | str, **overrides):
+    """A RunConfig that trains in well under a second on a CPU."""
+    from transferlab import RunConfig
+
+    values = dict(data=str(data), cache_dir=str(cache_dir), weights="none", resolution=32, epochs=1, batch_size=8,
+                  test_fraction=0.2, val_fraction=0.2, device="cpu", progress=False)
+    values.update(overrides)
+    return RunConfig.from_dict(values)
+
+
+def history_without_time(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def quiet(_text: str) -> None:
+    """Trainer log sink for tests."""
