@@ -35,6 +35,8 @@ class LoadedModel:
     def probabilities(self, images: np.ndarray | torch.Tensor, batch_size: int = 500, tta_flip: bool | None = None) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> (N, K) class probabilities (on the CPU)."""
         tta = self.tta_flip if tta_flip is None else tta_flip
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # Pillow's arrays are read-only; torch warns about those
         images = torch.as_tensor(images)
         out = []
         for start in range(0, len(images), batch_size):

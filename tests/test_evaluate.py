@@ -1,0 +1,99 @@
+"""Checkpoints in use: evaluate on any ImageFolder tree (classes matched by name), predict files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import CLASS_COLOURS, noise_image
+from transferlab.data import DataError, load_image_folder
+from transferlab.evaluate import CheckpointError, evaluate_checkpoint, load_checkpoint, predict_files
+
+
+@pytest.fixture
+def best(trained_run):
+    return trained_run.out_dir / "best.pt"
+
+
+def test_checkpoint_reproduces_the_validation_metrics(trained_run, best, image_tree, cache_dir):
+    data = load_image_folder(image_tree, cache_dir, progress=False)
+    split = json.loads((trained_run.out_dir / "split.json").read_text())
+    result = evaluate_checkpoint(best, data, indices=np.asarray(split["val"]), device="cpu")
+    row = trained_run.history[trained_run.best_epoch - 1]
+    assert result["n"] == len(split["val"])
+    assert result["accuracy"] == pytest.approx(row["val_accuracy"])
+    assert result["loss"] == pytest.approx(row["val_loss"], rel=1e-4)
+
+
+def test_unseen_tree_with_a_subset_of_classes(best, make_tree, cache_dir):
+    # Only two of the three classes, so folder index != checkpoint index: labels are matched by name.
+    root = make_tree("unseen", classes=("red", "blue"), per_class=7, size=20, seed=99)
+    data = load_image_folder(root, cache_dir, progress=False)
+    assert data.classes == ["blue", "red"]
+    result = evaluate_checkpoint(best, data, device="cpu")
+    assert result["n"] == 14 and result["classes"] == ["blue", "green", "red"]
+    confusion = np.asarray(result["confusion_matrix"])
+    assert confusion.shape == (3, 3) and confusion.sum(1).tolist() == [7, 0, 7]
+    assert result["per_class_accuracy"]["green"] is None
+    assert result["accuracy"] == pytest.approx((confusion[0, 0] + confusion[2, 2]) / 14)
+    # the same figure computed by hand from the probabilities
+    loaded = load_checkpoint(best, "cpu")
+    predicted = [loaded.classes[i] for i in loaded.probabilities(data.images).argmax(1).tolist()]
+    truth = [data.classes[i] for i in data.labels]
+    assert result["accuracy"] == pytest.approx(np.mean([p == t for p, t in zip(predicted, truth)]))
+
+
+def test_unknown_class_folder(best, make_tree, cache_dir):
+    root = make_tree("other", classes=("red", "grey"), per_class=3, size=16)
+    data = load_image_folder(root, cache_dir, progress=False)
+    with pytest.raises(DataError, match="'grey' is not one of the checkpoint's classes"):
+        evaluate_checkpoint(best, data, device="cpu")
+
+
+def test_predict_files(best, tmp_path):
+    rng = np.random.default_rng(5)
+    files = []
+    for name, size in (("red", (24, 24)), ("blue", (30, 20))):  # the second is not square
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(noise_image(CLASS_COLOURS[name], size, rng)).save(path)
+        files.append(path)
+    results = predict_files(best, files, top=2, device="cpu")
+    assert [r["file"] for r in results] == [str(f) for f in files]
+    for r in results:
+        assert len(r["top"]) == 2
+        probabilities = [t["probability"] for t in r["top"]]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert all(0 <= p <= 1 for p in probabilities) and sum(probabilities) <= 1 + 1e-6
+        assert {t["class"] for t in r["top"]} <= {"blue", "green", "red"}
+    everything = predict_files(best, files[:1], top=10, device="cpu")[0]["top"]
+    assert len(everything) == 3 and sum(t["probability"] for t in everything) == pytest.approx(1, abs=1e-5)
+
+
+def test_predict_unreadable_file(best, tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    with pytest.raises(DataError, match="bad.jpg"):
+        predict_files(best, [tmp_path / "bad.jpg"], device="cpu")
+
+
+def test_load_checkpoint(best):
+    loaded = load_checkpoint(best, "cpu")
+    assert loaded.classes == ["blue", "green", "red"] and loaded.loss == "ce" and not loaded.model.training
+    assert loaded.info["arch"] == "squeezenet1_1" and loaded.info["resolution"] == 32
+    probs = loaded.probabilities(np.zeros((2, 32, 32, 3), np.uint8))
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(1), torch.ones(2))
+    assert loaded.probabilities(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0, 3)
+
+
+def test_not_a_checkpoint(tmp_path, features_weights):
+    with pytest.raises(CheckpointError, match="not a transferlab checkpoint"):
+        load_checkpoint(features_weights, "cpu")  # a state dict of tensors, but not ours
+    (tmp_path / "notes.pt").write_text("hello\n")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint") as error:
+        load_checkpoint(tmp_path / "notes.pt", "cpu")
+    assert "\n" not in str(error.value)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "absent.pt", "cpu")
