@@ -193,3 +193,20 @@ def test_report_rewritten_from_storage_alone(seeds_study, tmp_path):
     after = (directory / "report.md").read_text()
     strip = lambda text: re.sub(r"```.*?```", "", text, flags=re.S)  # noqa: E731 (the recorded command differs)
     assert strip(after) == strip(before)
+
+
+def test_report_reads_its_own_study_from_a_shared_storage(tmp_path):
+    """Two studies in one storage (as on a shared PostgreSQL server): each directory's report is its own study's."""
+    tree, cache = make_tree(tmp_path / "images"), tmp_path / "cache"
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    grid = {"strategy": ["frozen"], "batch_size": [8], "epochs": [1]}
+    first = run_study(write_spec(tmp_path / "first.toml", tree, cache, grid, name="first"), study_dir=tmp_path / "first",
+                      storage=shared, report=False)
+    second = run_study(write_spec(tmp_path / "second.toml", tree, cache, {**grid, "batch_size": [16]}, name="second"),
+                       study_dir=tmp_path / "second", storage=shared, report=True)
+    assert "# transferlab report: second" in (second / "report.md").read_text()
+    from transferlab.cli import main
+
+    assert main(["study", "report", str(first)]) == 0
+    text = (first / "report.md").read_text()
+    assert "# transferlab report: first" in text and "batch size 8" in text and "batch size 16" not in text

@@ -45,7 +45,7 @@ class StudyData:
     environment: dict
 
 
-def load_study_data(directory: str | Path, storage: str | None = None) -> StudyData:
+def load_study_data(directory: str | Path, storage: str | None = None, study_name: str | None = None) -> StudyData:
     import optuna
 
     from .config import StudySpec
@@ -54,10 +54,17 @@ def load_study_data(directory: str | Path, storage: str | None = None) -> StudyD
     directory = Path(directory)
     url = storage_url(directory, storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    summaries = optuna.get_all_study_summaries(open_storage(url))
-    if not summaries:
-        raise RuntimeError(f"no study in {url}")
-    study = optuna.load_study(study_name=summaries[0].study_name, storage=open_storage(url))
+    names = optuna.get_all_study_names(open_storage(url))
+    saved = directory / "study.txt"  # written by run_study: a storage may hold several studies
+    name = study_name or (saved.read_text().strip() if saved.is_file() else None)
+    if name is None:
+        if len(names) != 1:
+            raise RuntimeError(f"{url} holds {len(names)} studies ({', '.join(names) or 'none'}); "
+                               f"{directory} does not say which one (no study.txt)")
+        name = names[0]
+    elif name not in names:
+        raise RuntimeError(f"no study {name!r} in {url}")
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
     spec = StudySpec.from_dict(study.user_attrs.get("spec", {}), name=study.study_name)
     trials = []
     for t in sorted(grid_trials(study), key=lambda t: t.number):
@@ -343,9 +350,9 @@ def render_html(blocks: list[Block], title: str) -> str:
     return "\n".join(out)
 
 
-def write_report(directory: str | Path, storage: str | None = None) -> list[Path]:
+def write_report(directory: str | Path, storage: str | None = None, study_name: str | None = None) -> list[Path]:
     directory = Path(directory)
-    data = load_study_data(directory, storage)
+    data = load_study_data(directory, storage, study_name)
     blocks = build_blocks(data)
     figure_dir = directory / "report_files"
     figure_dir.mkdir(exist_ok=True)

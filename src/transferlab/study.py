@@ -215,6 +215,7 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
     """Create or resume the study, run everything still to do, select, test once, report."""
     spec, directory, url = _prepare(spec_path, study_dir, storage, overrides)
     (directory / "storage.txt").write_text(url)
+    (directory / "study.txt").write_text(spec.name)  # which study of a shared storage this directory reports
     study = open_study(spec, directory, url)
     if "spec" not in study.user_attrs or study.user_attrs["spec"] != spec.source:
         study.set_user_attr("spec", spec.source)
@@ -247,7 +248,7 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
     if report:
         from .report import write_report
 
-        for path in write_report(directory, storage=url):
+        for path in write_report(directory, storage=url, study_name=spec.name):
             log(f"wrote {path}")
     return directory
 
