@@ -362,6 +362,7 @@ def check_resumed(study: optuna.Study, spec: StudySpec, before: dict[int, tuple]
     assert study.trials[retry.number].system_attrs["failed_trial"] == killed[0]
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monkeypatch, capfd):
     tree = make_tree(tmp_path / "images")
     # frozen finishes in a moment; the full run's 12 epochs are long enough to be killed in the middle

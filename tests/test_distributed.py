@@ -1,0 +1,146 @@
+"""Workers on several processes share one study through a PostgreSQL storage.
+
+Needs a server: TRANSFERLAB_TEST_POSTGRES_URL=postgresql+psycopg2://USER@HOST:PORT/DB (`bash .ci/postgres.sh`
+starts a throwaway one and prints it). Each test works in a database of its own, created on that
+server and dropped afterwards.
+  * two `study worker` processes empty one queue: every job trains exactly once, none fails;
+  * a worker killed with SIGKILL in the middle of a trial: `study run` finishes the study without
+    re-running a finished trial and without losing one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from test_study import (_one_thread, check_resumed, complete_by_key, kill, load, make_tree, snapshot,  # noqa: F401
+                        subprocess_env, wait_for, write_spec)
+from transferlab import study as study_module
+from transferlab.config import StudySpec
+from transferlab.study import enqueue_missing, open_study, plan_jobs, point_key, slug
+
+URL = os.environ.get("TRANSFERLAB_TEST_POSTGRES_URL", "")
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.slow,
+    pytest.mark.skipif(not URL, reason="needs a PostgreSQL server: set TRANSFERLAB_TEST_POSTGRES_URL "
+                                       "(e.g. export TRANSFERLAB_TEST_POSTGRES_URL=$(bash .ci/postgres.sh | tail -1))"),
+]
+
+
+@pytest.fixture
+def database() -> str:
+    """A fresh database on the test server; its URL. Dropped (connections and all) after the test."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    server = make_url(URL)
+    name = f"transferlab_{uuid.uuid4().hex[:12]}"
+    connect = dict(host=server.host, port=server.port, user=server.username, password=server.password,
+                   dbname=server.database or "postgres")
+    admin = psycopg2.connect(**{k: v for k, v in connect.items() if v is not None})
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        yield server.set(database=name).render_as_string(hide_password=False)
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.close()
+
+
+def create_queued_study(spec_path: Path, directory: Path, url: str) -> tuple[StudySpec, list]:
+    """What `study run` does before it starts working: the study, and one waiting trial per job."""
+    spec = StudySpec.load(spec_path)
+    directory.mkdir(parents=True, exist_ok=True)
+    study = open_study(spec, directory, url)
+    jobs = plan_jobs(spec)
+    assert enqueue_missing(study, spec, jobs) == len(jobs)
+    return spec, jobs
+
+
+def worker(spec_path: Path, directory: Path, url: str, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "transferlab.cli", "study", "worker", str(spec_path), "--dir", str(directory),
+                                 "--storage", url], stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
+
+
+def trainings(log_text: str) -> list[str]:
+    """The job key of every training a worker started (its log: 'trial N: KEY ...' then 'training ...')."""
+    keys, current = [], None
+    for line in log_text.splitlines():
+        if m := re.search(r"\btrial \d+: (\S+)", line):
+            current = m.group(1)
+        elif re.search(r"\d\d:\d\d:\d\d training ", line):
+            keys.append(current)
+    return keys
+
+
+def test_two_workers_train_every_job_exactly_once(tmp_path, database):
+    tree = make_tree(tmp_path / "images")
+    # 6 jobs of 8 epochs each (frozen: cached features, a second or two per job); both workers start together
+    spec_path = write_spec(tmp_path / "study.toml", tree, tmp_path / "cache",
+                           {"strategy": ["frozen"], "batch_size": [4, 8], "seed": [0, 1, 2], "epochs": [2, 8]}, name="shared")
+    directory = tmp_path / "out"
+    spec, jobs = create_queued_study(spec_path, directory, database)
+    assert len(jobs) == 6 and len(spec.points()) == 12
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    procs = [worker(spec_path, directory, database, log) for log in logs]
+    for p in procs:
+        p.wait(timeout=240)
+    texts = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], texts
+
+    study = load(directory, url=database)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert optuna.trial.TrialState.FAIL not in states and optuna.trial.TrialState.RUNNING not in states
+    assert optuna.trial.TrialState.WAITING not in states
+    runs = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.user_attrs["kind"] == "run"]
+    assert sorted(t.user_attrs["key"] for t in runs) == sorted(j.key for j in jobs)  # each job's trial completed once
+    by_key = complete_by_key(study)
+    assert set(by_key) == {point_key(p) for p in spec.points()} and all(len(v) == 1 for v in by_key.values())
+    # each job trained once, by one worker (a second training of a key would show in a log)
+    trained = [key for text in texts for key in trainings(text)]
+    assert sorted(trained) == sorted(j.key for j in jobs), texts
+    assert not any("resuming from epoch" in text for text in texts)
+    print("jobs per worker:", [len(trainings(t)) for t in texts])
+
+
+def test_killed_worker_resumes_without_rerunning_or_losing_trials(tmp_path, database, monkeypatch, capfd):
+    from transferlab.cli import main
+
+    tree = make_tree(tmp_path / "images")
+    spec_path = write_spec(tmp_path / "study.toml", tree, tmp_path / "cache", {"strategy": ["frozen", "full"], "epochs": [1, 12]},
+                           name="killed", batch_size=16)
+    directory = tmp_path / "out"
+    spec, jobs = create_queued_study(spec_path, directory, database)
+    long_full = point_key({"strategy": "full", "epochs": 12})
+    state_file = directory / "trials" / slug(long_full) / "state.pt"
+    proc = worker(spec_path, directory, database, tmp_path / "worker.log")
+    try:
+        # the frozen job (trial 0) is complete once the full job (trial 1) has started; kill it mid-run
+        wait_for(state_file.exists, 120, proc, "the full run's first epoch")
+    finally:
+        kill(proc)
+    before = snapshot(load(directory, url=database))
+    assert sum(1 for v in before.values() if v[0] == optuna.trial.TrialState.COMPLETE) == 2  # frozen: run + derived
+    capfd.readouterr()
+
+    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(study_module, "GRACE_SECONDS", 2)
+    assert main(["study", "run", str(spec_path), "--dir", str(directory), "--storage", database, "--no-report"]) == 0
+    err = capfd.readouterr().err
+    assert re.search(r"resuming from epoch [1-9]", err), err
+    study = load(directory, url=database)
+    check_resumed(study, spec, before, long_full)
+    assert len(study.user_attrs["test_evaluations"]) == 1
+    assert (directory / "storage.txt").read_text().strip() == database
