@@ -142,5 +142,8 @@ def test_killed_worker_resumes_without_rerunning_or_losing_trials(tmp_path, data
     assert re.search(r"resuming from epoch [1-9]", err), err
     study = load(directory, url=database)
     check_resumed(study, spec, before, long_full)
+    (full_run,) = complete_by_key(study)[long_full]
+    assert full_run.intermediate_values == {r["epoch"]: r["val_accuracy"] for r in full_run.user_attrs["history"]}
+    assert len(full_run.user_attrs["history"]) == 12
     assert len(study.user_attrs["test_evaluations"]) == 1
     assert (directory / "storage.txt").read_text().strip() == database

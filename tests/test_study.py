@@ -394,5 +394,7 @@ def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monke
     check_resumed(study, spec, before, long_full)
     (full_run,) = complete_by_key(study)[long_full]
     assert [r["epoch"] for r in full_run.user_attrs["history"]] == list(range(1, 13))
+    # epochs restored from state.pt are reported to Optuna too, not only those trained after the resume
+    assert full_run.intermediate_values == {r["epoch"]: r["val_accuracy"] for r in full_run.user_attrs["history"]}
     assert not state_file.exists()
     assert len(study.user_attrs["test_evaluations"]) == 1

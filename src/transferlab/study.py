@@ -153,10 +153,16 @@ class Worker:
         trainer = Trainer(config, run_dir, images=self.images_for(config), feature_cache=self.feature_cache, log=log)
         metric = self.spec.metric
 
+        reported: set[int] = set()
+
         def on_epoch(row: dict) -> None:
             trial.report(row[metric], row["epoch"])
+            reported.add(row["epoch"])
 
         result = trainer.fit(on_epoch=on_epoch)
+        for row in result.history:  # a retry resumed from state.pt: the killed attempt reported the first epochs, not this trial
+            if row["epoch"] not in reported:
+                trial.report(row[metric], row["epoch"])
         elapsed = time.time() - started
         base_attrs = {"config": config.to_dict(), "input_path": result.feature_path, "run_dir": str(run_dir.relative_to(self.directory))}
         for epochs in job.record[:-1]:
