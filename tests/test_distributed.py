@@ -141,7 +141,7 @@ def test_killed_worker_resumes_without_rerunning_or_losing_trials(tmp_path, data
     err = capfd.readouterr().err
     assert re.search(r"resuming from epoch [1-9]", err), err
     study = load(directory, url=database)
-    check_resumed(study, spec, before, long_full)
+    check_resumed(study, spec, before, long_full, directory)
     (full_run,) = complete_by_key(study)[long_full]
     assert full_run.intermediate_values == {r["epoch"]: r["val_accuracy"] for r in full_run.user_attrs["history"]}
     assert len(full_run.user_attrs["history"]) == 12

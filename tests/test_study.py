@@ -343,12 +343,14 @@ def kill(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def check_resumed(study: optuna.Study, spec: StudySpec, before: dict[int, tuple], killed_key: str) -> None:
-    """Every grid point complete once; every trial finished before the kill untouched and still the only one of its key."""
+def check_resumed(study: optuna.Study, spec: StudySpec, before: dict[int, tuple], killed_key: str, directory: Path) -> None:
+    """Every grid point complete once, with its checkpoint; every trial finished before the kill untouched and still
+    the only one of its key; the killed trial failed and was retried once."""
     COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
     by_key = complete_by_key(study)
     assert set(by_key) == {point_key(p) for p in spec.points()}, "a grid point was lost"
     assert all(len(v) == 1 for v in by_key.values()), {k: [t.number for t in v] for k, v in by_key.items()}
+    assert all((directory / t.user_attrs["checkpoint"]).is_file() for (t,) in by_key.values())
     after = snapshot(study)
     finished_before = {n: v for n, v in before.items() if v[0] == COMPLETE}
     assert finished_before, "nothing had finished before the kill"
@@ -391,7 +393,7 @@ def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monke
     err = capfd.readouterr().err
     assert re.search(r"resuming from epoch [1-9]", err), err  # the retry continued from state.pt
     study = load(directory)
-    check_resumed(study, spec, before, long_full)
+    check_resumed(study, spec, before, long_full, directory)
     (full_run,) = complete_by_key(study)[long_full]
     assert [r["epoch"] for r in full_run.user_attrs["history"]] == list(range(1, 13))
     # epochs restored from state.pt are reported to Optuna too, not only those trained after the resume
