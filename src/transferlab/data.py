@@ -145,7 +145,10 @@ def _cache_save(folder: Path, images, labels, meta) -> None:
     np.save(tmp / "labels.npy", labels)
     (tmp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process wrote the same cache first: theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_image_folder(root: str | Path, cache_dir: Path, *, image_size: int | None = None,
