@@ -81,14 +81,16 @@ def require_shared(*paths: Path) -> None:
 
 @pytest.fixture(scope="session")
 def shared_cifar(shared_dir) -> Path:
-    require_shared(SHARED_CIFAR)
-    return SHARED_CIFAR
+    path = shared_dir / SHARED_CIFAR.relative_to(SHARED)
+    require_shared(path)
+    return path
 
 
 @pytest.fixture(scope="session")
 def shared_weights(shared_dir) -> Path:
-    require_shared(SHARED_WEIGHTS)
-    return SHARED_WEIGHTS
+    path = shared_dir / SHARED_WEIGHTS.relative_to(SHARED)
+    require_shared(path)
+    return path
 
 
 @pytest.fixture(scope="session")
