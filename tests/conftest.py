@@ -14,6 +14,13 @@ import torch
 from helpers import SHARED, SHARED_CIFAR, SHARED_WEIGHTS, make_image_tree, quiet, tiny_config
 
 
+def pytest_configure(config):
+    # One intra-op thread: on two shared cores it is several times faster than two contending threads, and it
+    # keeps float rounding fixed (MKL's dynamic threading may otherwise change it under load), so the
+    # bit-for-bit determinism tests hold.
+    torch.set_num_threads(1)
+
+
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch, tmp_path_factory):

@@ -177,7 +177,7 @@ def test_interrupt_exits_130(monkeypatch, image_tree, tmp_path, capsys):
 def test_console_script(trained_run, image_files, tmp_path):
     script = Path(sys.executable).with_name("transferlab")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "transferlab.cli"]
-    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    env = {**os.environ, "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "1"}
 
     done = subprocess.run([*command, "predict", str(trained_run.out_dir / "best.pt"), *image_files, "--json", "--device", "cpu"],
                           capture_output=True, text=True, env=env, timeout=120)
