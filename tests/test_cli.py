@@ -189,3 +189,30 @@ def test_console_script(trained_run, image_files, tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == ["transferlab: error: unknown key 'epochz' (did you mean 'epochs'?)"]
+
+
+# ---------------------------------------------------------------------------- CIFAR-10 checkpoints
+@pytest.fixture
+def cifar_run(tmp_path):
+    """A run on a fake local CIFAR-10 (official test split) whose data_dir is only in the checkpoint."""
+    from test_data import write_fake_cifar
+    from transferlab import RunConfig, train
+
+    write_fake_cifar(tmp_path / "data", per_batch=10, test=20)
+    config = RunConfig.from_dict({"data": "cifar10", "data_dir": str(tmp_path / "data"), "download": False, "official_test": True,
+                                  "weights": "none", "epochs": 1, "batch_size": 25, "val_fraction": 0.2, "device": "cpu",
+                                  "cache_dir": str(tmp_path / "cache"), "progress": False})
+    train(config, tmp_path / "run", log=lambda text: None)
+    return tmp_path / "run" / "best.pt"
+
+
+def test_evaluate_cifar10_uses_the_runs_data_dir(cifar_run, capsys):
+    assert main(["evaluate", str(cifar_run), "--data", "cifar10", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 50  # the training images
+
+
+def test_evaluate_official_test_split(cifar_run, capsys):
+    assert main(["evaluate", str(cifar_run), "--data", "cifar10", "--split", "test", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 20  # the official test batch, not an empty carved split
+    assert main(["evaluate", str(cifar_run), "--data", "cifar10", "--split", "val", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 10

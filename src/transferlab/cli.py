@@ -59,8 +59,10 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_checkpoint, load_checkpoint
 
     ckpt_config = load_checkpoint(args.checkpoint, "cpu").info["config"]
-    config = RunConfig.from_dict({"data": args.data, "data_dir": args.data_dir, "progress": not args.json, "skip_bad_images": args.skip_bad_images},
-                                 base=RunConfig.from_dict(ckpt_config))
+    values = {"data": args.data, "progress": not args.json, "skip_bad_images": args.skip_bad_images}
+    if args.data_dir:  # else the run's own --data-dir
+        values["data_dir"] = args.data_dir
+    config = RunConfig.from_dict(values, base=RunConfig.from_dict(ckpt_config))
     data = load_images(config)
     indices = None
     if args.split != "all":
@@ -69,8 +71,12 @@ def cmd_evaluate(args) -> int:
         split = _checkpoint_split(args.checkpoint) if args.data == ckpt_config["data"] else None
         if split is None:
             split = make_split(data.labels, test_fraction=config.test_fraction, val_fraction=config.val_fraction,
-                               seed=config.split_seed, limit=config.limit)
+                               seed=config.split_seed, limit=config.limit, official_test=config.official_test)
         indices = getattr(split, args.split)
+        if args.split == "test" and split.official_test and data.test_images is not None:  # the source's own test set
+            from .data import ImageSet
+
+            data, indices = ImageSet(data.test_images, data.test_labels, data.classes, data.key), None
     result = evaluate_checkpoint(args.checkpoint, data, indices=indices, device=args.device)
     if args.json:
         print(json.dumps(result))
