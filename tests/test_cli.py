@@ -216,3 +216,19 @@ def test_evaluate_official_test_split(cifar_run, capsys):
     assert json.loads(capsys.readouterr().out)["n"] == 20  # the official test batch, not an empty carved split
     assert main(["evaluate", str(cifar_run), "--data", "cifar10", "--split", "val", "--json", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 10
+
+
+def test_imagenet_weights_offline(image_tree, tmp_path, monkeypatch, capsys):
+    import torch
+    from urllib.error import URLError
+
+    def no_network(*args, **kwargs):
+        raise URLError("network is unreachable (test)")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    args = train_args(image_tree, tmp_path / "run", tmp_path / "cache")
+    args[args.index("--weights") + 1] = "imagenet"
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr(), "--weights PATH", "TRANSFERLAB_WEIGHTS")
