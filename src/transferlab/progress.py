@@ -8,7 +8,10 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+import sys
+
+# Logs redirected to a file keep whole lines (rich would wrap them at 80 columns).
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _columns():
