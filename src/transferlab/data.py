@@ -44,7 +44,7 @@ class ImageSet:
 
 
 # ------------------------------------------------------------------------------ decoding
-def decode_image(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+def decode_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """One file -> (H, W, 3) uint8 RGB; grey, RGBA and palette images are converted."""
     try:
         with Image.open(path) as image:
@@ -63,8 +63,22 @@ def _center_crop_resize(image: Image.Image, size: tuple[int, int]) -> Image.Imag
     return image.crop((left, top, left + side, top + side)).resize(size, Image.BILINEAR)
 
 
-def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """<root>/<class>/<image> -> class names and (file, label) pairs; empty classes are errors."""
+def _image_entries(folder: Path) -> list[os.DirEntry]:
+    """Image files below `folder`, any depth (os.scandir: one stat per file, no pathlib overhead)."""
+    found, pending = [], [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir() and not entry.name.startswith("."):
+                    pending.append(Path(entry.path))
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                    found.append(entry)
+    return sorted(found, key=lambda e: e.path)
+
+
+def scan_image_folder(root: Path, image_size: int | None = None) -> tuple[list[str], list[tuple[str, int]], str]:
+    """<root>/<class>/<image> -> class names, (file, label) pairs, and a fingerprint of names, sizes and
+    modification times (a changed folder gets a new decode cache). Empty classes are errors."""
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
@@ -72,21 +86,17 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"data folder {root} has no class folders (expected <root>/<class>/<image>)")
-    files: list[tuple[Path, int]] = []
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{root.resolve()}|{image_size}".encode())
+    files: list[tuple[str, int]] = []  # plain strings: 50,000 Path objects alone cost a second
     for label, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not found:
+        entries = _image_entries(root / name)
+        if not entries:
             raise DataError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
-        files.extend((p, label) for p in found)
-    return classes, files
-
-
-def _folder_fingerprint(root: Path, files: list[tuple[Path, int]], size) -> str:
-    digest = hashlib.sha256(f"{CACHE_FORMAT}|{root.resolve()}|{size}".encode())
-    for path, label in files:
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:20]
+        for entry in entries:
+            stat = entry.stat()
+            digest.update(f"{entry.path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            files.append((entry.path, label))
+    return classes, files, digest.hexdigest()[:20]
 
 
 def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_bad: bool, progress: bool):
@@ -154,8 +164,8 @@ def _cache_save(folder: Path, images, labels, meta) -> None:
 def load_image_folder(root: str | Path, cache_dir: Path, *, image_size: int | None = None,
                       skip_bad: bool = False, progress: bool = True) -> ImageSet:
     root = Path(root).expanduser()
-    classes, files = scan_image_folder(root)
-    key = "folder-" + _folder_fingerprint(root, files, image_size)
+    classes, files, fingerprint = scan_image_folder(root, image_size)
+    key = "folder-" + fingerprint
     cached = _cache_load(cache_dir / "decoded" / key)
     if cached is not None:
         images, labels, meta = cached
