@@ -270,8 +270,10 @@ def confusion_plot(test: dict) -> bytes:
 # ------------------------------------------------------------------------------ assembling
 def build_blocks(data: StudyData) -> list[Block]:
     blocks = [Block("h2", f"Study {data.name}")]
-    blocks.append(Block("p", f"{len(data.trials)} grid points ({sum(t['kind'] == 'run' for t in data.trials)} runs trained; "
-                             "the rest are epoch prefixes of a longer run with the same settings). "
+    trained = sum(t["kind"] == "run" for t in data.trials)
+    shared = f"{trained} runs trained; the others are epoch prefixes of a longer run with the same settings" if trained < len(data.trials) \
+        else "each trained separately"
+    blocks.append(Block("p", f"{len(data.trials)} grid points ({shared}). "
                              "Tables show each grid point's last epoch, as the study reported them."))
     if data.test:
         t = data.test

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -226,7 +227,7 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
     if "spec" not in study.user_attrs or study.user_attrs["spec"] != spec.source:
         study.set_user_attr("spec", spec.source)
         study.set_user_attr("spec_path", str(spec_path))
-    study.set_user_attr("command", " ".join(["transferlab", *sys.argv[1:]]) if sys.argv and "transferlab" in sys.argv[0] else f"run_study({spec_path!r})")
+    study.set_user_attr("command", shlex.join(["transferlab", *sys.argv[1:]]) if sys.argv and "transferlab" in sys.argv[0] else f"run_study({spec_path!r})")
     jobs = plan_jobs(spec)
     added = enqueue_missing(study, spec, jobs)
     n_points = len(spec.points())
