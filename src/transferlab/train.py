@@ -192,12 +192,11 @@ class Trainer:
                           p.resolution, p.mean, p.std, mirror, self.autocast, hashlib.sha256(used.tobytes()).hexdigest())
         cached = self.feature_cache.get(key)
         if cached is None:
-            cached = compute_features(self.prefix, self.pixels[torch.from_numpy(used).to(self.device)], p,
-                                      batch_size=max(self.config.batch_size, 500), device=self.device, mirror=mirror,
-                                      progress=self.config.progress, autocast=self.autocast)
+            pixels = self.pixels[torch.from_numpy(used).to(self.device)]
+            options = dict(batch_size=max(self.config.batch_size, 500), device=self.device, mirror=mirror, autocast=self.autocast)
+            cached = compute_features(self.prefix, pixels, p, progress=self.config.progress, **options)
             if not torch.isfinite(cached).all():  # fp16 overflow: keep full precision instead
-                cached = compute_features(self.prefix, self.pixels[torch.from_numpy(used).to(self.device)], p, batch_size=500,
-                                          device=self.device, mirror=mirror, dtype=torch.float32, progress=False)
+                cached = compute_features(self.prefix, pixels, p, dtype=torch.float32, progress=False, **options)
             self.feature_cache.put(key, cached)
         return cached.to(self.device)
 
