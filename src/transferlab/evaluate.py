@@ -84,8 +84,9 @@ def evaluate_arrays(loaded: LoadedModel, images: np.ndarray, labels: np.ndarray,
     y = torch.as_tensor(labels)
     if loaded.loss == "mse":
         loss = F.mse_loss(probs, F.one_hot(y, k).float()).item()
-    else:
-        loss = F.nll_loss(probs.clamp_min(1e-12).log(), y).item()
+    else:  # the run's own criterion, so a test loss compares with its validation loss
+        smoothing = loaded.info["config"].get("label_smoothing", 0.0)
+        loss = F.cross_entropy(probs.clamp_min(1e-12).log(), y, label_smoothing=smoothing).item()
     pred = probs.argmax(1)
     confusion = torch.zeros(k, k, dtype=torch.long)
     confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
