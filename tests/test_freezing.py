@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from helpers import quiet, tiny_config
-from transferlab.freezing import apply_freezing, frozen_prefix_length, parameter_groups, set_train_mode, trainable_groups
+from transferlab.freezing import (active_groups, apply_freezing, frozen_prefix_length, parameter_groups, set_train_mode,
+                                  trainable_groups)
 from transferlab.models import build_model, get_backbone
 from transferlab.train import Trainer
 
@@ -72,3 +73,30 @@ def test_training_moves_only_trainable_parameters(image_tree, tmp_path, strategy
     assert all(k.startswith(prefixes) for k in changed), sorted(changed)
     # every trainable weight tensor moved
     assert all(k in changed for k in before if k.startswith(prefixes) and k.endswith("weight"))
+
+
+def test_active_groups_unfreeze_one_more_group_every_n_epochs():
+    trainable = ["fire8", "fire9", "head"]
+    assert [active_groups(trainable, e, 2) for e in (1, 2, 3, 5, 9)] == [
+        ["head"], ["head"], ["fire9", "head"], ["fire8", "fire9", "head"], ["fire8", "fire9", "head"]]
+    assert active_groups(trainable, 1, 0) == trainable  # off
+
+
+@pytest.mark.parametrize("epochs, moved", [(1, {"classifier"}), (2, {"features.12", "classifier"}),
+                                           (3, {"features.11", "features.12", "classifier"})])
+def test_gradual_unfreezing_moves_deeper_groups_only_once_unfrozen(image_tree, tmp_path, epochs, moved):
+    """partial + gradual_unfreeze=1: epoch 1 trains the head, epoch 2 adds fire9, epoch 3 fire8."""
+    config = tiny_config(image_tree, tmp_path / "cache", strategy="partial", epochs=epochs, lr=1e-2,
+                         weight_decay=0.1, gradual_unfreeze=1)
+
+    class Recording(Trainer):
+        def _setup(self):
+            super()._setup()
+            self.before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    trainer = Recording(config, tmp_path / "run", log=quiet)
+    trainer.fit()
+    after = trainer.model.state_dict()
+    changed = {".".join(k.split(".")[:2]) if k.startswith("features") else "classifier"  # features.12.squeeze.weight -> features.12
+               for k in trainer.before if not torch.equal(trainer.before[k], after[k])}
+    assert changed == moved

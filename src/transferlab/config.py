@@ -69,6 +69,7 @@ class RunConfig:
     schedule: str = _opt("constant", "learning-rate schedule; constant and step do not depend on --epochs, so runs that differ only in epochs share one computation", choices=("constant", "step", "cosine", "onecycle"))
     warmup_epochs: float = _opt(0.0, "linear warm-up from 0 over this many epochs", min=0.0)
     step_every: int = _opt(30, "'step' schedule: multiply the learning rate by 0.1 every N epochs", min=1)
+    gradual_unfreeze: int = _opt(0, "fastai-style gradual unfreezing: train the head alone, then unfreeze one more of the strategy's groups (backwards) every N epochs (0 = off)", min=0)
     lr_group_decay: float = _opt(1.0, "discriminative learning rates: each backbone group gets this factor times the lr of the group after it (1 = off)", min=0.0, max=1.0)
     epochs: int = _opt(10, "training epochs", min=1)
     batch_size: int = _opt(250, "batch size", min=1)

@@ -60,3 +60,14 @@ def parameter_groups(model: nn.Module, backbone: Backbone, trainable: list[str],
         if params:
             groups.append({"params": params, "lr": lr * decay**depth, "name": name})
     return groups
+
+
+def active_groups(trainable: list[str], epoch: int, every: int) -> list[str]:
+    """Gradual unfreezing: the groups that train in `epoch` (1-based) when one more unfreezes every `every` epochs.
+
+    The head trains from the start; the strategy's deeper groups join one at a time, last group first.
+    """
+    if every <= 0:
+        return trainable
+    count = min(len(trainable), 1 + (epoch - 1) // every)
+    return trainable[len(trainable) - count:]

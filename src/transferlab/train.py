@@ -28,7 +28,7 @@ from .augment import Preprocess, dataset_statistics
 from .config import RunConfig
 from .data import ImageSet, Split, load_images, make_split
 from .features import FeatureCache, compute_features, feature_key
-from .freezing import apply_freezing, frozen_prefix_length, parameter_groups, set_train_mode, trainable_groups
+from .freezing import active_groups, apply_freezing, frozen_prefix_length, parameter_groups, set_train_mode, trainable_groups
 from .models import as_sequential, build_model, get_backbone
 from .progress import bar, console
 
@@ -254,7 +254,11 @@ class Trainer:
             progress.advance((start_epoch) * len(train_idx))
             for epoch in range(start_epoch + 1, config.epochs + 1):
                 started = time.perf_counter()
-                set_train_mode(self.model, self.backbone, self.trainable)
+                # The prefix cut and the optimiser follow the strategy's full set of groups; gradual unfreezing only
+                # withholds gradients from the deeper ones (the optimiser skips parameters without a gradient).
+                active = active_groups(self.trainable, epoch, config.gradual_unfreeze)
+                apply_freezing(self.model, self.backbone, active)
+                set_train_mode(self.model, self.backbone, active)
                 order = train_idx[torch.randperm(len(train_idx), device=self.device, generator=self.generator)]
                 loss_sum = torch.zeros((), device=self.device)
                 correct = torch.zeros((), device=self.device, dtype=torch.long)
