@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def test_checkpoint_evaluates_on_a_copied_tree(shared_run, shared_cifar, shared_
         label = shared_images.classes.index(name)
         picks = [i for i in test_idx if shared_images.labels[i] == label][:5]
         for i in picks:
-            path, file_label = files[i]
+            path, file_label = Path(files[i][0]), files[i][1]
             assert file_label == label and path.parent.name == name
             (tmp_path / "tree" / name).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, tmp_path / "tree" / name / path.name)
