@@ -206,7 +206,8 @@ class Trainer:
             rows = self.view_index[idx]
             if train and self.config.flip:
                 flip = torch.rand(len(idx), device=self.device, generator=self.generator) < 0.5
-                x = torch.where(flip[:, None, None, None], self.views[1][rows], self.views[0][rows])
+                x = self.views[0][rows]
+                x[flip] = self.views[1][rows[flip]]  # gather the mirrored rows only where the coin says so
             else:
                 x = self.views[1 if mirror else 0][rows]
             return x.float()
