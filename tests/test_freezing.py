@@ -54,18 +54,26 @@ def test_discriminative_learning_rates():
     assert [(g["name"], g["lr"]) for g in groups] == [("head", 1.0), ("fire9", 0.5), ("fire8", 0.25)]
 
 
+class RecordingTrainer(Trainer):
+    """Keeps the weights as they were before the first step (`before`)."""
+
+    def _setup(self):
+        super()._setup()
+        self.before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def train_recording(config, out) -> RecordingTrainer:
+    trainer = RecordingTrainer(config, out, log=quiet)
+    trainer.fit()
+    return trainer
+
+
 @pytest.mark.parametrize("strategy, moved", [("frozen", {"classifier"}), ("partial", {"features.11", "features.12", "classifier"})])
 def test_training_moves_only_trainable_parameters(image_tree, tmp_path, strategy, moved):
     """A real optimiser step (AdamW with weight decay): frozen tensors stay bit-identical."""
     config = tiny_config(image_tree, tmp_path / "cache", strategy=strategy, epochs=1, lr=1e-2, weight_decay=0.1)
 
-    class Recording(Trainer):
-        def _setup(self):
-            super()._setup()
-            self.before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-    trainer = Recording(config, tmp_path / "run", log=quiet)
-    trainer.fit()
+    trainer = train_recording(config, tmp_path / "run")
     before, after = trainer.before, trainer.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     prefixes = tuple(p + "." for p in moved)
@@ -89,13 +97,7 @@ def test_gradual_unfreezing_moves_deeper_groups_only_once_unfrozen(image_tree, t
     config = tiny_config(image_tree, tmp_path / "cache", strategy="partial", epochs=epochs, lr=1e-2,
                          weight_decay=0.1, gradual_unfreeze=1)
 
-    class Recording(Trainer):
-        def _setup(self):
-            super()._setup()
-            self.before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-    trainer = Recording(config, tmp_path / "run", log=quiet)
-    trainer.fit()
+    trainer = train_recording(config, tmp_path / "run")
     after = trainer.model.state_dict()
     changed = {".".join(k.split(".")[:2]) if k.startswith("features") else "classifier"  # features.12.squeeze.weight -> features.12
                for k in trainer.before if not torch.equal(trainer.before[k], after[k])}
