@@ -121,11 +121,6 @@ class RunConfig:
         return Path(self.cache_dir or default_cache_dir()).expanduser()
 
     @property
-    def augments(self) -> bool:
-        """True when something random happens to the input before the backbone."""
-        return self.crop_padding > 0 or self.flip
-
-    @property
     def epochs_independent_schedule(self) -> bool:
         return self.schedule in ("constant", "step")
 

@@ -138,7 +138,7 @@ def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_ba
 def _cache_load(folder: Path):
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        images = np.load(folder / "images.npy", mmap_mode=None)
+        images = np.load(folder / "images.npy")
         labels = np.load(folder / "labels.npy")
         return images, labels, meta
     except (OSError, ValueError, KeyError):
@@ -172,7 +172,8 @@ def load_image_folder(root: str | Path, cache_dir: Path, *, image_size: int | No
         return ImageSet(images, labels, meta["classes"], key, skipped=meta.get("skipped", 0))
     images, labels, skipped = decode_folder(root, files, classes, image_size=image_size, skip_bad=skip_bad, progress=progress)
     if len(np.unique(labels)) < len(classes):
-        empty = [c for i, c in enumerate(classes) if i not in set(labels.tolist())]
+        present = set(labels.tolist())
+        empty = [c for i, c in enumerate(classes) if i not in present]
         raise DataError(f"class folder {root / empty[0]} has no readable images")
     _cache_save(cache_dir / "decoded" / key, images, labels, {"classes": classes, "skipped": skipped, "root": str(root)})
     return ImageSet(images, labels, classes, key, skipped=skipped)
