@@ -75,11 +75,14 @@ def compute_features(prefix: nn.Module, images: torch.Tensor, preprocess: Prepro
                      autocast: bool = False) -> torch.Tensor:
     """Prefix output for every image (uint8 NHWC on any device) -> tensor of `dtype` on `device`."""
     prefix.eval()
-    chunks = []
+    out = None
     with bar(len(images), "caching frozen features" + (" (mirrored)" if mirror else ""), unit="img", enabled=progress) as b:
         for start in range(0, len(images), batch_size):
             x = preprocess(images[start:start + batch_size].to(device, non_blocking=True), mirror=mirror)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                chunks.append(prefix(x).to(dtype))
+                y = prefix(x)
+            if out is None:  # filled in place: a torch.cat of chunks would need twice the memory at the end
+                out = torch.empty((len(images), *y.shape[1:]), dtype=dtype, device=device)
+            out[start:start + len(y)] = y
             b.advance(len(x))
-    return torch.cat(chunks)
+    return out

@@ -195,7 +195,7 @@ class Trainer:
             pixels = self.pixels[torch.from_numpy(used).to(self.device)]
             options = dict(batch_size=max(self.config.batch_size, 500), device=self.device, mirror=mirror, autocast=self.autocast)
             cached = compute_features(self.prefix, pixels, p, progress=self.config.progress, **options)
-            if not torch.isfinite(cached).all():  # fp16 overflow: keep full precision instead
+            if not all(torch.isfinite(part).all() for part in cached.split(4096)):  # fp16 overflow: keep full precision instead
                 cached = compute_features(self.prefix, pixels, p, dtype=torch.float32, progress=False, **options)
             self.feature_cache.put(key, cached)
         return cached.to(self.device)

@@ -1,0 +1,41 @@
+"""The frozen-prefix cache: batched feature passes equal one big pass; the cache survives a new process."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from transferlab.augment import Preprocess
+from transferlab.features import FeatureCache, compute_features
+
+PREPROCESS = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resolution=12)
+
+
+def prefix() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU())
+
+
+def test_batched_features_equal_one_pass_with_a_ragged_last_batch():
+    images = torch.randint(0, 256, (10, 8, 8, 3), dtype=torch.uint8)
+    net = prefix()
+    for mirror in (False, True):
+        features = compute_features(net, images, PREPROCESS, batch_size=4, device=torch.device("cpu"),
+                                    mirror=mirror, dtype=torch.float32, progress=False)
+        with torch.no_grad():
+            expected = net(PREPROCESS(images, mirror=mirror))
+        assert features.shape == expected.shape == (10, 4, 5, 5)
+        torch.testing.assert_close(features, expected)
+    half = compute_features(net, images, PREPROCESS, batch_size=4, device=torch.device("cpu"), mirror=True,
+                            progress=False)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), features, atol=1e-2, rtol=1e-2)
+
+
+def test_cache_spills_to_disk_for_the_next_process(tmp_path):
+    tensor = torch.arange(12, dtype=torch.float16).reshape(3, 4)
+    FeatureCache(tmp_path).put("key", tensor)
+    fresh = FeatureCache(tmp_path)  # what the next process sees
+    torch.testing.assert_close(fresh.get("key"), tensor)
+    assert fresh.get("other") is None and fresh.hits == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["key.npy"]
