@@ -161,3 +161,9 @@ def test_study_unknown_top_level_key_and_bad_run_key():
 def test_study_metric_is_checked():
     with pytest.raises(ConfigError, match="metric"):
         StudySpec.from_dict({"metric": "accuracy"})
+
+
+def test_feature_shift_needs_frozen_groups():
+    assert RunConfig.from_dict({"strategy": "partial", "feature_shift": 1}).feature_shift == 1
+    with pytest.raises(ConfigError, match="feature_shift = 1: strategy 'full' freezes nothing"):
+        RunConfig.from_dict({"strategy": "full", "feature_shift": 1})

@@ -1,4 +1,4 @@
-"""The frozen-prefix cache: batched feature passes equal one big pass; the cache survives a new process."""
+"""The frozen-prefix feature pass: batched passes equal one big pass."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from transferlab.augment import Preprocess
-from transferlab.features import FeatureCache, compute_features
+from transferlab.features import compute_features
 
 PREPROCESS = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resolution=12)
 
@@ -31,11 +31,3 @@ def test_batched_features_equal_one_pass_with_a_ragged_last_batch():
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), features, atol=1e-2, rtol=1e-2)
 
-
-def test_cache_spills_to_disk_for_the_next_process(tmp_path):
-    tensor = torch.arange(12, dtype=torch.float16).reshape(3, 4)
-    FeatureCache(tmp_path).put("key", tensor)
-    fresh = FeatureCache(tmp_path)  # what the next process sees
-    torch.testing.assert_close(fresh.get("key"), tensor)
-    assert fresh.get("other") is None and fresh.hits == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["key.npy"]

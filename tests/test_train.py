@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import history_without_time, quiet, tiny_config
 from transferlab import RunConfig, train
@@ -91,6 +92,22 @@ def test_cached_features_match_the_uncached_path(image_tree, tmp_path, strategy,
                                              ({"cache_features": "off"}, "images"), ({"tta_flip": True}, "cached")])
 def test_input_path_choice(image_tree, tmp_path, overrides, path):
     assert run(tiny_config(image_tree, tmp_path / "cache", **overrides), tmp_path / "run").feature_path == path
+
+
+@pytest.mark.parametrize("cache_features", ["auto", "off"])
+def test_feature_shift_moves_training_inputs_by_whole_cells(image_tree, tmp_path, cache_features):
+    config = tiny_config(image_tree, tmp_path / "cache", resolution=64, feature_shift=1, cache_features=cache_features)
+    trainer = Trainer(config, tmp_path / "run", log=quiet)
+    trainer._setup()
+    idx = torch.arange(8)
+    plain, shifted = trainer._inputs(idx, train=False), trainer._inputs(idx, train=True)
+    assert shifted.shape == plain.shape
+    assert not torch.equal(shifted, plain)  # 8 images, 9 offsets each: all nine at (0, 0) would be a broken shift
+    padded = F.pad(plain, (1, 1, 1, 1))
+    h, w = plain.shape[-2:]
+    for i in range(len(idx)):  # each training input is its evaluation input moved by at most one cell
+        assert any(torch.allclose(shifted[i], padded[i, :, dy:dy + h, dx:dx + w], atol=1e-3)
+                   for dy in range(3) for dx in range(3)), i
 
 
 def test_feature_cache_is_reused_in_memory_and_on_disk(image_tree, tmp_path):

@@ -17,10 +17,10 @@ def to_float(batch: torch.Tensor) -> torch.Tensor:
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Pad by reflection, then take one random HxW window per image (a gather, no Python loop)."""
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator, mode: str = "reflect") -> torch.Tensor:
+    """Pad (by reflection unless told), then take one random HxW window per image (a gather, no Python loop)."""
     n, c, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4, mode="reflect")
+    padded = F.pad(x, (padding,) * 4, mode=mode)
     dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * padding)

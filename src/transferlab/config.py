@@ -57,6 +57,7 @@ class RunConfig:
     resolution: int = _opt(32, "side in pixels the images are resized to before the backbone (32 reproduces the study)", min=8, max=1024)
     normalize: str = _opt("imagenet", "input normalisation: the backbone's ImageNet mean/std, or the training split's own statistics", choices=("imagenet", "dataset"))
     crop_padding: int = _opt(0, "random-crop augmentation: pad by this many pixels and crop back (0 = off)", min=0)
+    feature_shift: int = _opt(0, "shift the frozen groups' output by up to N cells at random in training (zero-padded): a random crop that keeps the feature cache valid (0 = off)", min=0)
     flip: bool = _opt(False, "random horizontal-flip augmentation")
     tta_flip: bool = _opt(False, "evaluate on the mean of the image and its mirror (test-time augmentation)")
     # optimisation
@@ -113,6 +114,9 @@ class RunConfig:
             raise ConfigError(f"{where}test_fraction + val_fraction = {self.test_fraction + self.val_fraction}: leaves too little to train on")
         if any(not isinstance(e, int) or e < 1 for e in self.record_epochs):
             raise ConfigError(f"{where}record_epochs = {self.record_epochs!r}: expected positive integers")
+        if self.feature_shift and self.strategy == "full":
+            raise ConfigError(f"{where}feature_shift = {self.feature_shift}: strategy 'full' freezes nothing whose output could be "
+                              "shifted (use crop_padding)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

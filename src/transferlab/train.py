@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import Preprocess, dataset_statistics
+from .augment import Preprocess, dataset_statistics, random_crop
 from .config import RunConfig
 from .data import ImageSet, Split, load_images, make_split
 from .features import FeatureCache, compute_features, feature_key
@@ -210,11 +210,15 @@ class Trainer:
                 x[flip] = self.views[1][rows[flip]]  # gather the mirrored rows only where the coin says so
             else:
                 x = self.views[1 if mirror else 0][rows]
-            return x.float()
-        x = self.preprocess(self.pixels[idx], train=train, generator=self.generator, mirror=mirror)
-        if self.cut:
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                x = self.prefix(x)
+            x = x.float()
+        else:
+            x = self.preprocess(self.pixels[idx], train=train, generator=self.generator, mirror=mirror)
+            if self.cut:
+                with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    x = self.prefix(x)
+        if train and self.config.feature_shift:
+            # zeros, not reflection: a ReLU map is zero where nothing fires, and a 1x1 map has nothing to reflect
+            x = random_crop(x, self.config.feature_shift, self.generator, mode="constant")
         return x
 
     def _logits(self, idx: torch.Tensor, *, train: bool, mirror: bool = False) -> torch.Tensor:
