@@ -23,6 +23,8 @@ study: $(VENV)/.installed
 	$(VENV)/bin/transferlab study run $(SPEC) --set data=$(DATA) --set weights=$(WEIGHTS)
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check --quiet src tests benchmarks
 	$(VENV)/bin/pytest -q -ra
 
 clean:

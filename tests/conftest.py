@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import SHARED, SHARED_CIFAR, SHARED_WEIGHTS, make_image_tree, quiet, tiny_config
 
 
@@ -104,5 +103,3 @@ def shared_weights(shared_dir) -> Path:
 def shared_cache_dir(tmp_path_factory) -> Path:
     """One decode cache for every shared-data test of the session (decoding the folder takes ~20 s)."""
     return tmp_path_factory.mktemp("shared-cache")
-
-

@@ -22,8 +22,9 @@ def noise_image(colour, size: int | tuple[int, int], rng: np.random.Generator) -
     return np.clip(rng.normal(colour, 40.0, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def make_image_tree(root: Path, classes=("red", "green", "blue"), per_class: int = 12, size: int = 24,
-                    ext: str = "png", seed: int = 0) -> Path:
+def make_image_tree(
+    root: Path, classes=("red", "green", "blue"), per_class: int = 12, size: int = 24, ext: str = "png", seed: int = 0
+) -> Path:
     """<root>/<class>/<i>.<ext>, `per_class` coloured-noise images per class."""
     rng = np.random.default_rng(seed)
     for name in classes:
@@ -37,8 +38,18 @@ def tiny_config(data: Path | str, cache_dir: Path | str, **overrides):
     """A RunConfig that trains in well under a second on a CPU."""
     from transferlab import RunConfig
 
-    values = dict(data=str(data), cache_dir=str(cache_dir), weights="none", resolution=32, epochs=1, batch_size=8,
-                  test_fraction=0.2, val_fraction=0.2, device="cpu", progress=False)
+    values = dict(
+        data=str(data),
+        cache_dir=str(cache_dir),
+        weights="none",
+        resolution=32,
+        epochs=1,
+        batch_size=8,
+        test_fraction=0.2,
+        val_fraction=0.2,
+        device="cpu",
+        progress=False,
+    )
     values.update(overrides)
     return RunConfig.from_dict(values)
 

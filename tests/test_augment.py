@@ -17,7 +17,7 @@ def reference_crop_windows(image: np.ndarray, padding: int) -> list[np.ndarray]:
     """Slow reference: every HxW window of the reflection-padded (C, H, W) image."""
     c, h, w = image.shape
     padded = np.pad(image, ((0, 0), (padding, padding), (padding, padding)), mode="reflect")
-    return [padded[:, dy:dy + h, dx:dx + w] for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
+    return [padded[:, dy : dy + h, dx : dx + w] for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
 
 
 def test_to_float_layout_and_scale():
@@ -78,7 +78,9 @@ def test_normalisation_uses_mean_and_std():
     x = torch.full((2, 4, 4, 3), 102, dtype=torch.uint8)  # 0.4 after scaling
     out = pre(x)
     assert out.shape == (2, 3, 4, 4)
-    expected = torch.tensor([(0.4 - 0.1) / 0.5, (0.4 - 0.2) / 0.25, (0.4 - 0.3) / 2.0]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    expected = (
+        torch.tensor([(0.4 - 0.1) / 0.5, (0.4 - 0.2) / 0.25, (0.4 - 0.3) / 2.0]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    )
     torch.testing.assert_close(out, expected)
 
 
@@ -103,4 +105,8 @@ def test_dataset_statistics():
     images[0, ..., 1] = 255
     mean, std = dataset_statistics(images)
     assert mean == pytest.approx((1.0, 0.5, 0.0))
-    assert std[0] == pytest.approx(0.0) and std[2] == pytest.approx(0.0) and std[1] == pytest.approx(np.std([1] * 4 + [0] * 4, ddof=1))
+    assert (
+        std[0] == pytest.approx(0.0)
+        and std[2] == pytest.approx(0.0)
+        and std[1] == pytest.approx(np.std([1] * 4 + [0] * 4, ddof=1))
+    )

@@ -10,17 +10,48 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CLASS_COLOURS, noise_image
 from PIL import Image
 
-from helpers import CLASS_COLOURS, noise_image
 from transferlab.cli import main
 
-SUBCOMMANDS = [[], ["train"], ["evaluate"], ["predict"], ["models"], ["study"], ["study", "run"], ["study", "worker"], ["study", "report"]]
+SUBCOMMANDS = [
+    [],
+    ["train"],
+    ["evaluate"],
+    ["predict"],
+    ["models"],
+    ["study"],
+    ["study", "run"],
+    ["study", "worker"],
+    ["study", "report"],
+]
 
 
 def train_args(data, out, cache, *extra):
-    return ["train", "--data", str(data), "--out", str(out), "--cache-dir", str(cache), "--weights", "none", "--epochs", "1",
-            "--batch-size", "8", "--device", "cpu", "--test-fraction", "0.2", "--val-fraction", "0.2", "--no-progress", *extra]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--test-fraction",
+        "0.2",
+        "--val-fraction",
+        "0.2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def assert_one_line_error(captured, *fragments):
@@ -77,7 +108,11 @@ def test_train_writes_the_run_directory(image_tree, tmp_path, capsys):
     assert "best epoch 1" in stdout and str(out / "best.pt") in stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 1 and (out / "best.pt").is_file()
-    assert metrics["config"]["lr"] == 0.01 and metrics["config"]["strategy"] == "partial" and metrics["config"]["progress"] is False
+    assert (
+        metrics["config"]["lr"] == 0.01
+        and metrics["config"]["strategy"] == "partial"
+        and metrics["config"]["progress"] is False
+    )
 
 
 def test_train_reads_a_toml_config_and_flags_override_it(image_tree, tmp_path):
@@ -91,7 +126,9 @@ def test_train_reads_a_toml_config_and_flags_override_it(image_tree, tmp_path):
 
 def test_evaluate_json_on_an_unseen_tree(trained_run, make_tree, capsys):
     root = make_tree("unseen", classes=("green", "red"), per_class=4, size=16, seed=3)
-    assert main(["evaluate", str(trained_run.out_dir / "best.pt"), "--data", str(root), "--json", "--device", "cpu"]) == 0
+    assert (
+        main(["evaluate", str(trained_run.out_dir / "best.pt"), "--data", str(root), "--json", "--device", "cpu"]) == 0
+    )
     out = capsys.readouterr().out.strip()
     assert len(out.splitlines()) == 1
     result = json.loads(out)
@@ -142,7 +179,9 @@ def test_missing_weights_file(image_tree, tmp_path, capsys):
 
 
 def test_missing_config_file(image_tree, tmp_path, capsys):
-    assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--config", str(tmp_path / "none.toml"))) == 2
+    assert (
+        main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--config", str(tmp_path / "none.toml"))) == 2
+    )
     assert_one_line_error(capsys.readouterr(), "none.toml")
 
 
@@ -179,14 +218,24 @@ def test_console_script(trained_run, image_files, tmp_path):
     command = [str(script)] if script.exists() else [sys.executable, "-m", "transferlab.cli"]
     env = {**os.environ, "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "1"}
 
-    done = subprocess.run([*command, "predict", str(trained_run.out_dir / "best.pt"), *image_files, "--json", "--device", "cpu"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [*command, "predict", str(trained_run.out_dir / "best.pt"), *image_files, "--json", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no warnings, no progress noise
     assert [r["file"] for r in json.loads(done.stdout)] == image_files
 
-    done = subprocess.run([*command, "train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--set", "epochz=3"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [*command, "train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--set", "epochz=3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == ["transferlab: error: unknown key 'epochz' (did you mean 'epochs'?)"]
 
@@ -196,12 +245,25 @@ def test_console_script(trained_run, image_files, tmp_path):
 def cifar_run(tmp_path):
     """A run on a fake local CIFAR-10 (official test split) whose data_dir is only in the checkpoint."""
     from test_data import write_fake_cifar
+
     from transferlab import RunConfig, train
 
     write_fake_cifar(tmp_path / "data", per_batch=10, test=20)
-    config = RunConfig.from_dict({"data": "cifar10", "data_dir": str(tmp_path / "data"), "download": False, "official_test": True,
-                                  "weights": "none", "epochs": 1, "batch_size": 25, "val_fraction": 0.2, "device": "cpu",
-                                  "cache_dir": str(tmp_path / "cache"), "progress": False})
+    config = RunConfig.from_dict(
+        {
+            "data": "cifar10",
+            "data_dir": str(tmp_path / "data"),
+            "download": False,
+            "official_test": True,
+            "weights": "none",
+            "epochs": 1,
+            "batch_size": 25,
+            "val_fraction": 0.2,
+            "device": "cpu",
+            "cache_dir": str(tmp_path / "cache"),
+            "progress": False,
+        }
+    )
     train(config, tmp_path / "run", log=lambda text: None)
     return tmp_path / "run" / "best.pt"
 
@@ -219,8 +281,9 @@ def test_evaluate_official_test_split(cifar_run, capsys):
 
 
 def test_imagenet_weights_offline(image_tree, tmp_path, monkeypatch, capsys):
-    import torch
     from urllib.error import URLError
+
+    import torch
 
     def no_network(*args, **kwargs):
         raise URLError("network is unreachable (test)")

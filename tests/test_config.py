@@ -43,8 +43,17 @@ def test_bad_choice_lists_the_choices():
     assert "strategy" in text and "frozen" in text and "partial" in text and "full" in text
 
 
-@pytest.mark.parametrize("key, value, bound", [("epochs", 0, ">= 1"), ("resolution", 4, ">= 8"), ("resolution", 4096, "<= 1024"),
-                                               ("dropout", 1.0, "<= 0.99"), ("lr", -1.0, ">= 0.0"), ("limit", 5, ">= 10")])
+@pytest.mark.parametrize(
+    "key, value, bound",
+    [
+        ("epochs", 0, ">= 1"),
+        ("resolution", 4, ">= 8"),
+        ("resolution", 4096, "<= 1024"),
+        ("dropout", 1.0, "<= 0.99"),
+        ("lr", -1.0, ">= 0.0"),
+        ("limit", 5, ">= 10"),
+    ],
+)
 def test_out_of_range(key, value, bound):
     with pytest.raises(ConfigError) as error:
         RunConfig.from_dict({key: value})
@@ -57,7 +66,9 @@ def test_fractions_that_leave_nothing_to_train_on():
         RunConfig.from_dict({"test_fraction": 0.5, "val_fraction": 0.5})
 
 
-@pytest.mark.parametrize("key, value", [("epochs", "three"), ("epochs", 2.5), ("epochs", True), ("lr", "fast"), ("flip", "maybe")])
+@pytest.mark.parametrize(
+    "key, value", [("epochs", "three"), ("epochs", 2.5), ("epochs", True), ("lr", "fast"), ("flip", "maybe")]
+)
 def test_wrong_type(key, value):
     with pytest.raises(ConfigError) as error:
         RunConfig.from_dict({key: value})
@@ -87,18 +98,21 @@ def test_where_prefixes_the_message():
         RunConfig.from_dict({"nope": 1}, where="spec.toml: ")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("epochs=3", ("epochs", 3)),
-    ("lr=1e-3", ("lr", 0.001)),
-    ("lr=0.5", ("lr", 0.5)),
-    ("flip=true", ("flip", True)),
-    ("flip=false", ("flip", False)),
-    ("strategy=partial", ("strategy", "partial")),  # not TOML: kept as a string
-    ('strategy="full"', ("strategy", "full")),
-    ("data=/tmp/a b=c", ("data", "/tmp/a b=c")),  # split on the first '='
-    ("record_epochs=[1, 2]", ("record_epochs", [1, 2])),
-    (" epochs =4", ("epochs", 4)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("epochs=3", ("epochs", 3)),
+        ("lr=1e-3", ("lr", 0.001)),
+        ("lr=0.5", ("lr", 0.5)),
+        ("flip=true", ("flip", True)),
+        ("flip=false", ("flip", False)),
+        ("strategy=partial", ("strategy", "partial")),  # not TOML: kept as a string
+        ('strategy="full"', ("strategy", "full")),
+        ("data=/tmp/a b=c", ("data", "/tmp/a b=c")),  # split on the first '='
+        ("record_epochs=[1, 2]", ("record_epochs", [1, 2])),
+        (" epochs =4", ("epochs", 4)),
+    ],
+)
 def test_parse_override(text, expected):
     assert parse_override(text) == expected
 
@@ -115,7 +129,9 @@ def test_override_values_feed_from_dict():
 
 # ---------------------------------------------------------------------------- studies
 def test_study_spec_from_dict():
-    spec = StudySpec.from_dict({"name": "s", "run": {"epochs": 2}, "grid": {"strategy": ["frozen", "full"], "lr": [0.1, 0.01]}})
+    spec = StudySpec.from_dict(
+        {"name": "s", "run": {"epochs": 2}, "grid": {"strategy": ["frozen", "full"], "lr": [0.1, 0.01]}}
+    )
     assert spec.base.epochs == 2 and spec.metric == "val_accuracy"
     points = spec.points()
     assert len(points) == 4 and {"strategy": "frozen", "lr": 0.1} in points

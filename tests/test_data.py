@@ -8,9 +8,9 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import CLASS_COLOURS, noise_image, tiny_config
 from PIL import Image
 
-from helpers import CLASS_COLOURS, noise_image, tiny_config
 from transferlab import data as data_module
 from transferlab.data import DataError, decode_image, load_cifar10, load_image_folder, load_images
 
@@ -46,7 +46,9 @@ def test_mixed_modes_in_one_folder(tmp_path, cache_dir):
     rng = np.random.default_rng(1)
     for cls, mode, ext in (("a", "L", "png"), ("a", "RGBA", "png"), ("b", "P", "gif"), ("b", "RGB", "jpg")):
         (tmp_path / "t" / cls).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(noise_image((100, 100, 100), 20, rng)).convert(mode).save(tmp_path / "t" / cls / f"{mode}.{ext}")
+        Image.fromarray(noise_image((100, 100, 100), 20, rng)).convert(mode).save(
+            tmp_path / "t" / cls / f"{mode}.{ext}"
+        )
     images = load(tmp_path / "t", cache_dir)
     assert images.images.shape == (4, 20, 20, 3)
 
@@ -186,8 +188,12 @@ def write_fake_cifar(root, per_batch: int = 20, test: int = 30, seed: int = 0):
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump({"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}, handle)
     for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test)]:
-        batch = {"batch_label": name, "labels": [int(v) for v in np.arange(n) % 10],
-                 "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "filenames": [f"{name}_{i}.png" for i in range(n)]}
+        batch = {
+            "batch_label": name,
+            "labels": [int(v) for v in np.arange(n) % 10],
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "filenames": [f"{name}_{i}.png" for i in range(n)],
+        }
         with open(folder / name, "wb") as handle:
             pickle.dump(batch, handle)
     return folder
@@ -210,7 +216,20 @@ def test_cifar10_local_batches(tmp_path, cache_dir):
     folder = write_fake_cifar(tmp_path / "data")
     images = load_cifar10(str(tmp_path / "data"), cache_dir, download=False)
     assert images.classes[0] == "airplane" and len(images.classes) == 10
-    assert images.images.shape == (100, 32, 32, 3) and images.labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert images.images.shape == (100, 32, 32, 3) and images.labels.tolist()[:12] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+        0,
+        1,
+    ]
     assert images.test_images.shape == (30, 32, 32, 3) and len(images.test_labels) == 30
     # rows are CHW planes: pixel (0, 0) of image 0 is (R[0], G[0], B[0])
     with open(folder / "data_batch_1", "rb") as handle:
@@ -226,9 +245,21 @@ def test_cifar10_official_test_split_in_a_run(tmp_path):
     from transferlab import RunConfig, train
 
     write_fake_cifar(tmp_path / "data", per_batch=10, test=20)
-    config = RunConfig.from_dict({"data": "cifar10", "data_dir": str(tmp_path / "data"), "download": False, "official_test": True,
-                                  "weights": "none", "epochs": 1, "batch_size": 25, "val_fraction": 0.2, "device": "cpu",
-                                  "cache_dir": str(tmp_path / "cache"), "progress": False})
+    config = RunConfig.from_dict(
+        {
+            "data": "cifar10",
+            "data_dir": str(tmp_path / "data"),
+            "download": False,
+            "official_test": True,
+            "weights": "none",
+            "epochs": 1,
+            "batch_size": 25,
+            "val_fraction": 0.2,
+            "device": "cpu",
+            "cache_dir": str(tmp_path / "cache"),
+            "progress": False,
+        }
+    )
     result = train(config, tmp_path / "run", log=lambda text: None)
     import json
 

@@ -19,9 +19,18 @@ from pathlib import Path
 
 import optuna
 import pytest
+from test_study import (
+    check_resumed,
+    complete_by_key,
+    kill,
+    load,
+    make_tree,
+    snapshot,  # noqa: F401
+    subprocess_env,
+    wait_for,
+    write_spec,
+)
 
-from test_study import (_one_thread, check_resumed, complete_by_key, kill, load, make_tree, snapshot,  # noqa: F401
-                        subprocess_env, wait_for, write_spec)
 from transferlab import study as study_module
 from transferlab.config import StudySpec
 from transferlab.study import enqueue_missing, open_study, plan_jobs, point_key, slug
@@ -31,8 +40,11 @@ URL = os.environ.get("TRANSFERLAB_TEST_POSTGRES_URL", "")
 pytestmark = [
     pytest.mark.postgres,
     pytest.mark.slow,
-    pytest.mark.skipif(not URL, reason="needs a PostgreSQL server: set TRANSFERLAB_TEST_POSTGRES_URL "
-                                       "(e.g. export TRANSFERLAB_TEST_POSTGRES_URL=$(bash .ci/postgres.sh | tail -1))"),
+    pytest.mark.skipif(
+        not URL,
+        reason="needs a PostgreSQL server: set TRANSFERLAB_TEST_POSTGRES_URL "
+        "(e.g. export TRANSFERLAB_TEST_POSTGRES_URL=$(bash .ci/postgres.sh | tail -1))",
+    ),
 ]
 
 
@@ -44,8 +56,13 @@ def database() -> str:
 
     server = make_url(URL)
     name = f"transferlab_{uuid.uuid4().hex[:12]}"
-    connect = dict(host=server.host, port=server.port, user=server.username, password=server.password,
-                   dbname=server.database or "postgres")
+    connect = dict(
+        host=server.host,
+        port=server.port,
+        user=server.username,
+        password=server.password,
+        dbname=server.database or "postgres",
+    )
     admin = psycopg2.connect(**{k: v for k, v in connect.items() if v is not None})
     admin.autocommit = True
     try:
@@ -70,8 +87,23 @@ def create_queued_study(spec_path: Path, directory: Path, url: str) -> tuple[Stu
 
 def worker(spec_path: Path, directory: Path, url: str, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "transferlab.cli", "study", "worker", str(spec_path), "--dir", str(directory),
-                                 "--storage", url], stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "transferlab.cli",
+                "study",
+                "worker",
+                str(spec_path),
+                "--dir",
+                str(directory),
+                "--storage",
+                url,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+        )
 
 
 def trainings(log_text: str) -> list[str]:
@@ -88,8 +120,13 @@ def trainings(log_text: str) -> list[str]:
 def test_two_workers_train_every_job_exactly_once(tmp_path, database):
     tree = make_tree(tmp_path / "images")
     # 6 jobs of 8 epochs each (frozen: cached features, a second or two per job); both workers start together
-    spec_path = write_spec(tmp_path / "study.toml", tree, tmp_path / "cache",
-                           {"strategy": ["frozen"], "batch_size": [4, 8], "seed": [0, 1, 2], "epochs": [2, 8]}, name="shared")
+    spec_path = write_spec(
+        tmp_path / "study.toml",
+        tree,
+        tmp_path / "cache",
+        {"strategy": ["frozen"], "batch_size": [4, 8], "seed": [0, 1, 2], "epochs": [2, 8]},
+        name="shared",
+    )
     directory = tmp_path / "out"
     spec, jobs = create_queued_study(spec_path, directory, database)
     assert len(jobs) == 6 and len(spec.points()) == 12
@@ -104,7 +141,11 @@ def test_two_workers_train_every_job_exactly_once(tmp_path, database):
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert optuna.trial.TrialState.FAIL not in states and optuna.trial.TrialState.RUNNING not in states
     assert optuna.trial.TrialState.WAITING not in states
-    runs = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.user_attrs["kind"] == "run"]
+    runs = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if t.user_attrs["kind"] == "run"
+    ]
     assert sorted(t.user_attrs["key"] for t in runs) == sorted(j.key for j in jobs)  # each job's trial completed once
     by_key = complete_by_key(study)
     assert set(by_key) == {point_key(p) for p in spec.points()} and all(len(v) == 1 for v in by_key.values())
@@ -119,8 +160,14 @@ def test_killed_worker_resumes_without_rerunning_or_losing_trials(tmp_path, data
     from transferlab.cli import main
 
     tree = make_tree(tmp_path / "images")
-    spec_path = write_spec(tmp_path / "study.toml", tree, tmp_path / "cache", {"strategy": ["frozen", "full"], "epochs": [1, 12]},
-                           name="killed", batch_size=16)
+    spec_path = write_spec(
+        tmp_path / "study.toml",
+        tree,
+        tmp_path / "cache",
+        {"strategy": ["frozen", "full"], "epochs": [1, 12]},
+        name="killed",
+        batch_size=16,
+    )
     directory = tmp_path / "out"
     spec, jobs = create_queued_study(spec_path, directory, database)
     long_full = point_key({"strategy": "full", "epochs": 12})

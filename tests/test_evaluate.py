@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import CLASS_COLOURS, noise_image
 from PIL import Image
 
-from helpers import CLASS_COLOURS, noise_image
 from transferlab.data import DataError, load_image_folder
 from transferlab.evaluate import CheckpointError, evaluate_checkpoint, load_checkpoint, predict_files
 
@@ -99,15 +99,29 @@ def test_not_a_checkpoint(tmp_path, features_weights):
         load_checkpoint(tmp_path / "absent.pt", "cpu")
 
 
-@pytest.mark.parametrize("overrides", [{"tta_flip": True}, {"normalize": "dataset"}, {"loss": "mse"}, {"strategy": "partial", "flip": True},
-                                       {"strategy": "full", "crop_padding": 2}, {"resolution": 48}],
-                         ids=["tta", "dataset-norm", "mse", "partial-flip", "full-crop", "upsampled"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"tta_flip": True},
+        {"normalize": "dataset"},
+        {"loss": "mse"},
+        {"strategy": "partial", "flip": True},
+        {"strategy": "full", "crop_padding": 2},
+        {"resolution": 48},
+    ],
+    ids=["tta", "dataset-norm", "mse", "partial-flip", "full-crop", "upsampled"],
+)
 def test_checkpoint_evaluation_matches_training_validation(overrides, image_tree, tmp_path):
     """Whatever the run's options, its best.pt scores its validation split as the trainer did."""
     from helpers import quiet, tiny_config
+
     from transferlab import train
 
-    result = train(tiny_config(image_tree, tmp_path / "cache", head="linear", lr=1e-2, epochs=2, **overrides), tmp_path / "run", log=quiet)
+    result = train(
+        tiny_config(image_tree, tmp_path / "cache", head="linear", lr=1e-2, epochs=2, **overrides),
+        tmp_path / "run",
+        log=quiet,
+    )
     data = load_image_folder(image_tree, tmp_path / "cache", progress=False)
     val = np.asarray(json.loads((tmp_path / "run" / "split.json").read_text())["val"])
     evaluated = evaluate_checkpoint(tmp_path / "run" / "best.pt", data, indices=val, device="cpu")

@@ -20,14 +20,22 @@ def test_batched_features_equal_one_pass_with_a_ragged_last_batch():
     images = torch.randint(0, 256, (10, 8, 8, 3), dtype=torch.uint8)
     net = prefix()
     for mirror in (False, True):
-        features = compute_features(net, images, PREPROCESS, batch_size=4, device=torch.device("cpu"),
-                                    mirror=mirror, dtype=torch.float32, progress=False)
+        features = compute_features(
+            net,
+            images,
+            PREPROCESS,
+            batch_size=4,
+            device=torch.device("cpu"),
+            mirror=mirror,
+            dtype=torch.float32,
+            progress=False,
+        )
         with torch.no_grad():
             expected = net(PREPROCESS(images, mirror=mirror))
         assert features.shape == expected.shape == (10, 4, 5, 5)
         torch.testing.assert_close(features, expected)
-    half = compute_features(net, images, PREPROCESS, batch_size=4, device=torch.device("cpu"), mirror=True,
-                            progress=False)
+    half = compute_features(
+        net, images, PREPROCESS, batch_size=4, device=torch.device("cpu"), mirror=True, progress=False
+    )
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), features, atol=1e-2, rtol=1e-2)
-

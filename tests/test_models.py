@@ -39,8 +39,15 @@ def test_linear_head_and_dropout():
 
 def test_mlp_head():
     model, _ = build_model("squeezenet1_1", 5, weights="none", head="mlp", dropout=0.1)
-    assert [type(m) for m in model.classifier] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Flatten,
-                                                    nn.Dropout, nn.Linear]
+    assert [type(m) for m in model.classifier] == [
+        nn.Conv2d,
+        nn.BatchNorm2d,
+        nn.ReLU,
+        nn.AdaptiveAvgPool2d,
+        nn.Flatten,
+        nn.Dropout,
+        nn.Linear,
+    ]
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
@@ -48,7 +55,18 @@ def test_mlp_head():
 
 def test_registry_groups_cover_the_forward_pass():
     backbone = get_backbone("squeezenet1_1")
-    assert backbone.group_names == ["stem", "fire2", "fire3", "fire4", "fire5", "fire6", "fire7", "fire8", "fire9", "head"]
+    assert backbone.group_names == [
+        "stem",
+        "fire2",
+        "fire3",
+        "fire4",
+        "fire5",
+        "fire6",
+        "fire7",
+        "fire8",
+        "fire9",
+        "head",
+    ]
     model, _ = build_model("squeezenet1_1", 3, weights="none")
     model.eval()
     x = torch.randn(2, 3, 32, 32)

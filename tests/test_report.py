@@ -11,13 +11,19 @@ import statistics
 from pathlib import Path
 
 import pytest
-
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
+
 from transferlab.config import StudySpec
 from transferlab.study import grid_trials, run_study
 
-ROWS = {"val loss": "val_loss", "val accuracy": "val_accuracy", "train loss": "train_loss",
-        "train accuracy": "train_accuracy", "gap (train - val accuracy)": "gap", "seconds per epoch": "seconds"}
+ROWS = {
+    "val loss": "val_loss",
+    "val accuracy": "val_accuracy",
+    "train loss": "train_loss",
+    "train accuracy": "train_accuracy",
+    "gap (train - val accuracy)": "gap",
+    "seconds per epoch": "seconds",
+}
 
 
 # ---------------------------------------------------------------------------- reading report.md back
@@ -30,7 +36,7 @@ def parse_table(lines: list[str]) -> list[list[str]]:
 def section(text: str, heading: str) -> str:
     start = text.index(f"## {heading}\n")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end >= 0 else None]
+    return text[start : end if end >= 0 else None]
 
 
 def tables_in(text: str) -> list[tuple[str, list[list[str]]]]:
@@ -59,8 +65,16 @@ def paper_tables(report: Path) -> dict[tuple, list[list[str]]]:
 
 # ---------------------------------------------------------------------------- the expected cells, from the storage
 def stored_trials(directory: Path) -> list[dict]:
-    return [{"point": t.user_attrs["point"], "history": t.user_attrs["history"], "config": t.user_attrs["config"],
-             "number": t.number, "kind": t.user_attrs["kind"]} for t in grid_trials(load(directory))]
+    return [
+        {
+            "point": t.user_attrs["point"],
+            "history": t.user_attrs["history"],
+            "config": t.user_attrs["config"],
+            "number": t.number,
+            "kind": t.user_attrs["kind"],
+        }
+        for t in grid_trials(load(directory))
+    ]
 
 
 def cell_values(trials: list[dict], metric: str) -> list[float]:
@@ -112,9 +126,15 @@ def check_paper_tables(directory: Path, spec: StudySpec, other_axes: tuple[str, 
 def seeds_study(tmp_path_factory):
     """Two seeds per grid point: cells are mean ± std."""
     root = tmp_path_factory.mktemp("seeds")
-    spec_path = write_spec(root / "seeds.toml", make_tree(root / "images"), root / "cache",
-                           {"strategy": ["frozen"], "batch_size": [8, 16], "epochs": [1, 2], "seed": [0, 1]},
-                           name="seeds", head="linear", lr=0.01)
+    spec_path = write_spec(
+        root / "seeds.toml",
+        make_tree(root / "images"),
+        root / "cache",
+        {"strategy": ["frozen"], "batch_size": [8, 16], "epochs": [1, 2], "seed": [0, 1]},
+        name="seeds",
+        head="linear",
+        lr=0.01,
+    )
     return StudySpec.load(spec_path), run_study(spec_path, study_dir=root / "out", report=True)
 
 
@@ -122,9 +142,13 @@ def seeds_study(tmp_path_factory):
 def axis_study(tmp_path_factory):
     """One seed, two regimes, and an axis the paper did not have (lr): one table per lr value."""
     root = tmp_path_factory.mktemp("axis")
-    spec_path = write_spec(root / "axis.toml", make_tree(root / "images"), root / "cache",
-                           {"strategy": ["full", "frozen"], "batch_size": [16], "epochs": [1, 2], "lr": [0.001, 0.01]},
-                           name="axis")
+    spec_path = write_spec(
+        root / "axis.toml",
+        make_tree(root / "images"),
+        root / "cache",
+        {"strategy": ["full", "frozen"], "batch_size": [16], "epochs": [1, 2], "lr": [0.001, 0.01]},
+        name="axis",
+    )
     return StudySpec.load(spec_path), run_study(spec_path, study_dir=root / "out", report=True)
 
 
@@ -177,7 +201,10 @@ def test_selected_trial_and_all_trials_tables(seeds_study):
         t = trials[int(row["trial"])]
         h = t.user_attrs["history"]
         assert row["best val acc"] == f"{t.user_attrs['best']['val_accuracy']:.4f}"
-        assert row["final val acc"] == f"{h[-1]['val_accuracy']:.4f}" and row["final train acc"] == f"{h[-1]['train_accuracy']:.4f}"
+        assert (
+            row["final val acc"] == f"{h[-1]['val_accuracy']:.4f}"
+            and row["final train acc"] == f"{h[-1]['train_accuracy']:.4f}"
+        )
         assert row["best epoch"] == str(t.user_attrs["best"]["epoch"])
         assert (row["input"].endswith("(shared run)")) == (t.user_attrs["kind"] == "derived")
         assert all(row[a] == str(t.user_attrs["point"][a]) for a in ("strategy", "batch_size", "epochs", "seed"))
@@ -200,10 +227,18 @@ def test_report_reads_its_own_study_from_a_shared_storage(tmp_path):
     tree, cache = make_tree(tmp_path / "images"), tmp_path / "cache"
     shared = f"sqlite:///{tmp_path / 'shared.db'}"
     grid = {"strategy": ["frozen"], "batch_size": [8], "epochs": [1]}
-    first = run_study(write_spec(tmp_path / "first.toml", tree, cache, grid, name="first"), study_dir=tmp_path / "first",
-                      storage=shared, report=False)
-    second = run_study(write_spec(tmp_path / "second.toml", tree, cache, {**grid, "batch_size": [16]}, name="second"),
-                       study_dir=tmp_path / "second", storage=shared, report=True)
+    first = run_study(
+        write_spec(tmp_path / "first.toml", tree, cache, grid, name="first"),
+        study_dir=tmp_path / "first",
+        storage=shared,
+        report=False,
+    )
+    second = run_study(
+        write_spec(tmp_path / "second.toml", tree, cache, {**grid, "batch_size": [16]}, name="second"),
+        study_dir=tmp_path / "second",
+        storage=shared,
+        report=True,
+    )
     assert "# transferlab report: second" in (second / "report.md").read_text()
     from transferlab.cli import main
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import quiet
+
 from transferlab import RunConfig, train
 from transferlab.cli import main
 from transferlab.data import load_images, scan_image_folder
@@ -23,11 +23,23 @@ pytestmark = [pytest.mark.shared, pytest.mark.slow]
 
 @pytest.fixture(scope="session")
 def shared_config(shared_cifar, shared_weights, shared_cache_dir) -> RunConfig:
-    return RunConfig.from_dict({
-        "data": str(shared_cifar), "weights": str(shared_weights), "cache_dir": str(shared_cache_dir),
-        "strategy": "frozen", "resolution": 32, "limit": 2000, "epochs": 3,
-        "head": "linear", "dropout": 0.0, "lr": 1e-2, "batch_size": 64, "device": "cpu", "progress": False,
-    })
+    return RunConfig.from_dict(
+        {
+            "data": str(shared_cifar),
+            "weights": str(shared_weights),
+            "cache_dir": str(shared_cache_dir),
+            "strategy": "frozen",
+            "resolution": 32,
+            "limit": 2000,
+            "epochs": 3,
+            "head": "linear",
+            "dropout": 0.0,
+            "lr": 1e-2,
+            "batch_size": 64,
+            "device": "cpu",
+            "progress": False,
+        }
+    )
 
 
 @pytest.fixture(scope="session")

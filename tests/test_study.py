@@ -25,8 +25,8 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-
 from helpers import history_without_time, make_image_tree, quiet
+
 from transferlab import study as study_module
 from transferlab.config import ConfigError, StudySpec
 from transferlab.study import grid_trials, plan_jobs, point_key, run_study, slug
@@ -34,7 +34,7 @@ from transferlab.study import grid_trials, plan_jobs, point_key, run_study, slug
 GRID = {"strategy": ["frozen", "full"], "batch_size": [8, 16], "epochs": [1, 2]}
 
 
-# ---------------------------------------------------------------------------- helpers (imported by the other study tests)
+# ------------------------------------------------------------------ helpers (imported by the other study tests)
 def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -45,11 +45,21 @@ def toml_value(value) -> str:
     return json.dumps(str(value))  # a TOML basic string
 
 
-def write_spec(path: Path, data: Path, cache: Path, grid: dict, *, name: str = "synthetic", top: dict | None = None,
-               **run) -> Path:
+def write_spec(
+    path: Path, data: Path, cache: Path, grid: dict, *, name: str = "synthetic", top: dict | None = None, **run
+) -> Path:
     """A study spec on the synthetic tree: no pretrained weights, 32 px, CPU, no progress bars, a private cache."""
-    values = {"data": str(data), "weights": "none", "resolution": 32, "progress": False, "cache_dir": str(cache),
-              "device": "cpu", "test_fraction": 0.2, "val_fraction": 0.2, **run}
+    values = {
+        "data": str(data),
+        "weights": "none",
+        "resolution": 32,
+        "progress": False,
+        "cache_dir": str(cache),
+        "device": "cpu",
+        "test_fraction": 0.2,
+        "val_fraction": 0.2,
+        **run,
+    }
     lines = [f"name = {toml_value(name)}"] + [f"{k} = {toml_value(v)}" for k, v in (top or {}).items()]
     lines += ["", "[run]"] + [f"{k} = {toml_value(v)}" for k, v in values.items()]
     lines += ["", "[grid]"] + [f"{k} = {toml_value(v)}" for k, v in grid.items()]
@@ -126,10 +136,15 @@ def test_unknown_spec_key_is_one_line_naming_it(tmp_path, table, key):
         assert "[grid]" in message and "epochs" in message
 
 
-@pytest.mark.parametrize("axis, values, named", [("strategy", ["frozen", "partly"], "strategy"),
-                                                 ("batch_size", [8, 0], "batch_size"),
-                                                 ("epochs", ["two"], "epochs"),
-                                                 ("lr", [], "lr")])
+@pytest.mark.parametrize(
+    "axis, values, named",
+    [
+        ("strategy", ["frozen", "partly"], "strategy"),
+        ("batch_size", [8, 0], "batch_size"),
+        ("epochs", ["two"], "epochs"),
+        ("lr", [], "lr"),
+    ],
+)
 def test_bad_grid_value_is_one_line_naming_the_axis(tmp_path, axis, values, named):
     spec = write_spec(tmp_path / "s.toml", tmp_path, tmp_path, {**GRID, axis: values})
     with pytest.raises(ConfigError) as error:
@@ -182,8 +197,9 @@ def test_epoch_dependent_schedules_get_separate_jobs(spec_file, schedule, shared
 
 def test_epochs_as_a_schedule_axis_value_splits_families(tmp_path):
     """schedule on the grid: the constant half shares epochs, the cosine half does not."""
-    spec = StudySpec.load(write_spec(tmp_path / "s.toml", tmp_path, tmp_path,
-                                     {"schedule": ["constant", "cosine"], "epochs": [1, 2, 3]}))
+    spec = StudySpec.load(
+        write_spec(tmp_path / "s.toml", tmp_path, tmp_path, {"schedule": ["constant", "cosine"], "epochs": [1, 2, 3]})
+    )
     jobs = plan_jobs(spec)
     records = sorted((j.point["schedule"], tuple(j.record)) for j in jobs)
     assert records == [("constant", (1, 2, 3)), ("cosine", (1,)), ("cosine", (2,)), ("cosine", (3,))]
@@ -212,7 +228,9 @@ def test_every_grid_point_has_exactly_one_complete_trial(finished):
     assert len(grid_trials(study)) == 8
     for (trial,) in by_key.values():
         a = trial.user_attrs
-        assert a["point"]["epochs"] == len(a["history"]) and [r["epoch"] for r in a["history"]] == list(range(1, len(a["history"]) + 1))
+        assert a["point"]["epochs"] == len(a["history"]) and [r["epoch"] for r in a["history"]] == list(
+            range(1, len(a["history"]) + 1)
+        )
         assert trial.value == a["best"]["val_accuracy"] == max(r["val_accuracy"] for r in a["history"])
         assert (directory / a["checkpoint"]).is_file() and (directory / a["run_dir"] / "metrics.json").is_file()
 
@@ -264,8 +282,14 @@ def test_report_md_and_self_contained_html(finished):
     md, page = directory / "report.md", directory / "report.html"
     assert md.is_file() and page.is_file()
     text = md.read_text()
-    for heading in ("## Selected trial and test evaluation", "## Results per regime", "### Regime: frozen",
-                    "### Regime: full", "## All trials", "## Reproduce"):
+    for heading in (
+        "## Selected trial and test evaluation",
+        "## Results per regime",
+        "### Regime: frozen",
+        "### Regime: full",
+        "## All trials",
+        "## Reproduce",
+    ):
         assert heading in text
     for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (directory / target).is_file(), target
@@ -343,7 +367,9 @@ def kill(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def check_resumed(study: optuna.Study, spec: StudySpec, before: dict[int, tuple], killed_key: str, directory: Path) -> None:
+def check_resumed(
+    study: optuna.Study, spec: StudySpec, before: dict[int, tuple], killed_key: str, directory: Path
+) -> None:
     """Every grid point complete once, with its checkpoint; every trial finished before the kill untouched and still
     the only one of its key; the killed trial failed and was retried once."""
     COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
@@ -368,15 +394,34 @@ def check_resumed(study: optuna.Study, spec: StudySpec, before: dict[int, tuple]
 def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monkeypatch, capfd):
     tree = make_tree(tmp_path / "images")
     # frozen finishes in a moment; the full run's 12 epochs are long enough to be killed in the middle
-    spec_path = write_spec(tmp_path / "study.toml", tree, tmp_path / "cache", {"strategy": ["frozen", "full"], "epochs": [1, 12]},
-                           batch_size=16)
+    spec_path = write_spec(
+        tmp_path / "study.toml",
+        tree,
+        tmp_path / "cache",
+        {"strategy": ["frozen", "full"], "epochs": [1, 12]},
+        batch_size=16,
+    )
     spec = StudySpec.load(spec_path)
     directory = tmp_path / "out"
     long_full = point_key({"strategy": "full", "epochs": 12})
     state_file = directory / "trials" / slug(long_full) / "state.pt"
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "study", "run", str(spec_path), "--dir", str(directory),
-                                 "--no-report"], stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "transferlab.cli",
+                "study",
+                "run",
+                str(spec_path),
+                "--dir",
+                str(directory),
+                "--no-report",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+        )
         try:
             wait_for(state_file.exists, 120, proc, "the full run's first epoch")
         finally:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import history_without_time, quiet, tiny_config
+
 from transferlab import RunConfig, train
 from transferlab.data import load_images
 from transferlab.features import FeatureCache
@@ -74,7 +74,9 @@ def test_same_config_same_history(image_tree, tmp_path):
     first = run(config, tmp_path / "a")
     second = run(config, tmp_path / "b")
     assert history_without_time(first.history) == history_without_time(second.history)
-    different = run(tiny_config(image_tree, tmp_path / "cache", strategy="partial", epochs=2, flip=True, seed=1), tmp_path / "c")
+    different = run(
+        tiny_config(image_tree, tmp_path / "cache", strategy="partial", epochs=2, flip=True, seed=1), tmp_path / "c"
+    )
     assert history_without_time(different.history) != history_without_time(first.history)
 
 
@@ -88,8 +90,15 @@ def test_cached_features_match_the_uncached_path(image_tree, tmp_path, strategy,
     assert_histories_close(cached.history, plain.history, loss_tol=1e-2, n_val=9)
 
 
-@pytest.mark.parametrize("overrides, path", [({"strategy": "full"}, "images"), ({"crop_padding": 2}, "images"),
-                                             ({"cache_features": "off"}, "images"), ({"tta_flip": True}, "cached")])
+@pytest.mark.parametrize(
+    "overrides, path",
+    [
+        ({"strategy": "full"}, "images"),
+        ({"crop_padding": 2}, "images"),
+        ({"cache_features": "off"}, "images"),
+        ({"tta_flip": True}, "cached"),
+    ],
+)
 def test_input_path_choice(image_tree, tmp_path, overrides, path):
     assert run(tiny_config(image_tree, tmp_path / "cache", **overrides), tmp_path / "run").feature_path == path
 
@@ -106,8 +115,11 @@ def test_feature_shift_moves_training_inputs_by_whole_cells(image_tree, tmp_path
     padded = F.pad(plain, (1, 1, 1, 1))
     h, w = plain.shape[-2:]
     for i in range(len(idx)):  # each training input is its evaluation input moved by at most one cell
-        assert any(torch.allclose(shifted[i], padded[i, :, dy:dy + h, dx:dx + w], atol=1e-3)
-                   for dy in range(3) for dx in range(3)), i
+        assert any(
+            torch.allclose(shifted[i], padded[i, :, dy : dy + h, dx : dx + w], atol=1e-3)
+            for dy in range(3)
+            for dx in range(3)
+        ), i
 
 
 def test_feature_cache_is_reused_in_memory_and_on_disk(image_tree, tmp_path):
@@ -121,14 +133,20 @@ def test_feature_cache_is_reused_in_memory_and_on_disk(image_tree, tmp_path):
     fresh = FeatureCache(tmp_path / "features")  # another process: read back from disk
     third = run(config, tmp_path / "c", images=images, feature_cache=fresh)
     assert (fresh.misses, fresh.hits) == (0, 1)
-    assert history_without_time(first.history) == history_without_time(second.history) == history_without_time(third.history)
+    assert (
+        history_without_time(first.history)
+        == history_without_time(second.history)
+        == history_without_time(third.history)
+    )
 
 
 def test_feature_cache_key_follows_the_weights_file(image_tree, tmp_path, features_weights):
     config = tiny_config(image_tree, tmp_path / "cache")
     cache = FeatureCache(None)
     run(config, tmp_path / "a", feature_cache=cache)
-    result = run(RunConfig.from_dict({"weights": str(features_weights)}, base=config), tmp_path / "b", feature_cache=cache)
+    result = run(
+        RunConfig.from_dict({"weights": str(features_weights)}, base=config), tmp_path / "b", feature_cache=cache
+    )
     assert cache.misses == 2 and result.feature_path == "cached"
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["weights"] == str(features_weights)
 
@@ -154,12 +172,15 @@ def test_limit_uses_a_subset(image_tree, tmp_path):
     assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == 30
 
 
-@pytest.mark.parametrize("schedule, checks", [
-    ("constant", [(0, 1.0), (99, 1.0)]),
-    ("step", [(0, 1.0), (29, 1.0), (30, 0.1), (60, pytest.approx(0.01))]),
-    ("cosine", [(0, 1.0), (5, pytest.approx(0.5)), (10, pytest.approx(0.0, abs=1e-12))]),
-    ("onecycle", [(0, pytest.approx(1 / 3)), (2, 1.0), (3, 1.0), (4, pytest.approx(1 - 1 / 7)), (10, 0.0)]),
-])
+@pytest.mark.parametrize(
+    "schedule, checks",
+    [
+        ("constant", [(0, 1.0), (99, 1.0)]),
+        ("step", [(0, 1.0), (29, 1.0), (30, 0.1), (60, pytest.approx(0.01))]),
+        ("cosine", [(0, 1.0), (5, pytest.approx(0.5)), (10, pytest.approx(0.0, abs=1e-12))]),
+        ("onecycle", [(0, pytest.approx(1 / 3)), (2, 1.0), (3, 1.0), (4, pytest.approx(1 - 1 / 7)), (10, 0.0)]),
+    ],
+)
 def test_learning_rate_schedules(schedule, checks):
     config = RunConfig.from_dict({"schedule": schedule, "epochs": 10, "step_every": 30})
     for epoch, expected in checks:  # one step per epoch
@@ -173,7 +194,10 @@ def test_warmup_is_linear():
 
 # ---------------------------------------------------------------------------- recorded epochs
 def test_record_epochs_share_one_computation(image_tree, tmp_path):
-    long = run(tiny_config(image_tree, tmp_path / "cache", epochs=3, record_epochs=[1, 2], head="linear", lr=1e-2), tmp_path / "long")
+    long = run(
+        tiny_config(image_tree, tmp_path / "cache", epochs=3, record_epochs=[1, 2], head="linear", lr=1e-2),
+        tmp_path / "long",
+    )
     short = run(tiny_config(image_tree, tmp_path / "cache", epochs=2, head="linear", lr=1e-2), tmp_path / "short")
     assert history_without_time(long.history[:2]) == history_without_time(short.history)
     assert set(long.checkpoints) == {1, 2, 3}
@@ -188,7 +212,9 @@ def test_record_epochs_share_one_computation(image_tree, tmp_path):
 
 # ---------------------------------------------------------------------------- resuming
 def test_interrupted_run_resumes_to_the_same_history(image_tree, tmp_path):
-    config = tiny_config(image_tree, tmp_path / "cache", strategy="partial", epochs=3, flip=True, head="linear", lr=1e-2)
+    config = tiny_config(
+        image_tree, tmp_path / "cache", strategy="partial", epochs=3, flip=True, head="linear", lr=1e-2
+    )
     reference = run(config, tmp_path / "reference")
 
     def kill_after_epoch_2(row):
@@ -213,7 +239,9 @@ def test_interrupted_run_resumes_to_the_same_history(image_tree, tmp_path):
 def test_state_of_another_config_is_not_resumed(image_tree, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_config(image_tree, tmp_path / "cache", epochs=3), out, log=quiet).fit(on_epoch=lambda row: (_ for _ in ()).throw(KeyboardInterrupt()))
+        Trainer(tiny_config(image_tree, tmp_path / "cache", epochs=3), out, log=quiet).fit(
+            on_epoch=lambda row: (_ for _ in ()).throw(KeyboardInterrupt())
+        )
     messages = []
     result = Trainer(tiny_config(image_tree, tmp_path / "cache", epochs=3, lr=0.5), out, log=messages.append).fit()
     assert not any("resuming" in m for m in messages) and len(result.history) == 3

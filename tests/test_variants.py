@@ -1,8 +1,8 @@
 """Study variants: named bundles of run options, picked by the grid axis `variant` (ablations, per-regime recipes).
 
-  * every variant is validated like [run]; an undefined variant named in the grid is one line naming it;
-  * a grid point's config is [run], then its variant, then its other axes;
-  * the report of a study with variants has a table: variants x regimes, best validation accuracy.
+* every variant is validated like [run]; an undefined variant named in the grid is one line naming it;
+* a grid point's config is [run], then its variant, then its other axes;
+* the report of a study with variants has a table: variants x regimes, best validation accuracy.
 """
 
 from __future__ import annotations
@@ -10,19 +10,25 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
+
 from transferlab.config import ConfigError, StudySpec
 from transferlab.report import load_study_data
 from transferlab.study import grid_trials, run_study
 
-VARIANTS = '\n[variants]\nplain = {}\nflipped = { flip = true, lr = 0.01 }\n'
+VARIANTS = "\n[variants]\nplain = {}\nflipped = { flip = true, lr = 0.01 }\n"
 
 
 def spec_with_variants(tmp_path, variants=VARIANTS, grid=None):
     tree = make_tree(tmp_path / "data")
-    path = write_spec(tmp_path / "spec.toml", tree, tmp_path / "cache",
-                      grid or {"strategy": ["frozen", "full"], "variant": ["plain", "flipped"]}, epochs=1, batch_size=8)
+    path = write_spec(
+        tmp_path / "spec.toml",
+        tree,
+        tmp_path / "cache",
+        grid or {"strategy": ["frozen", "full"], "variant": ["plain", "flipped"]},
+        epochs=1,
+        batch_size=8,
+    )
     path.write_text(path.read_text() + variants)
     return path
 
@@ -44,7 +50,7 @@ def test_undefined_variant_is_one_line_naming_it(tmp_path):
 
 
 def test_bad_key_inside_a_variant_is_one_line_naming_it(tmp_path):
-    path = spec_with_variants(tmp_path, variants='\n[variants]\nplain = {}\nflipped = { flipp = true }\n')
+    path = spec_with_variants(tmp_path, variants="\n[variants]\nplain = {}\nflipped = { flipp = true }\n")
     with pytest.raises(ConfigError, match=r"\[variants.flipped\] unknown key 'flipp'"):
         StudySpec.load(path)
 
@@ -60,14 +66,18 @@ def test_study_with_variants_runs_and_reports_the_variant_table(tmp_path):
     study = load(directory)
     trials = grid_trials(study)
     assert sorted(t.user_attrs["key"] for t in trials) == sorted(
-        f"strategy={s},variant={v}" for s in ("frozen", "full") for v in ("plain", "flipped"))
+        f"strategy={s},variant={v}" for s in ("frozen", "full") for v in ("plain", "flipped")
+    )
     for t in trials:  # the variant's options reached the trained run
         assert t.user_attrs["config"]["flip"] is (t.user_attrs["point"]["variant"] == "flipped")
     data = load_study_data(directory)
     report = (directory / "report.md").read_text()
     table = report.split("## Variants: best validation accuracy per regime")[1].split("##")[0]
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| variant")
+    }
     for t in data.trials:
         column = ["frozen", "full"].index(t["point"]["strategy"])
         assert rows[t["point"]["variant"]][column] == f"{t['best']['val_accuracy']:.4f}"

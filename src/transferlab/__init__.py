@@ -12,9 +12,25 @@ from .evaluate import evaluate_checkpoint, load_checkpoint, predict_files
 from .models import REGISTRY, WeightsError, build_model
 from .train import RunResult, Trainer, train
 
-__all__ = ["ConfigError", "DataError", "ImageSet", "REGISTRY", "RunConfig", "RunResult", "StudySpec", "Trainer",
-           "WeightsError", "build_model", "evaluate_checkpoint", "load_checkpoint", "load_images", "make_split",
-           "predict_files", "run_study", "train"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "ImageSet",
+    "REGISTRY",
+    "RunConfig",
+    "RunResult",
+    "StudySpec",
+    "Trainer",
+    "WeightsError",
+    "build_model",
+    "evaluate_checkpoint",
+    "load_checkpoint",
+    "load_images",
+    "make_split",
+    "predict_files",
+    "run_study",
+    "train",
+]
 
 
 def run_study(*args, **kwargs):

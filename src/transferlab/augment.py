@@ -50,8 +50,14 @@ class Preprocess:
     flip: bool = False
     channels_last: bool = False
 
-    def __call__(self, batch: torch.Tensor, *, train: bool = False, generator: torch.Generator | None = None,
-                 mirror: bool = False) -> torch.Tensor:
+    def __call__(
+        self,
+        batch: torch.Tensor,
+        *,
+        train: bool = False,
+        generator: torch.Generator | None = None,
+        mirror: bool = False,
+    ) -> torch.Tensor:
         x = to_float(batch)
         if train and self.crop_padding:
             x = random_crop(x, self.crop_padding, generator)

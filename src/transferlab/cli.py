@@ -11,8 +11,10 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_toml, parse_override
 
-EPILOG_OFFLINE = ("offline: --data PATH (an ImageFolder tree) or --data-dir DIR holding cifar-10-batches-py; "
-                  "--weights PATH (a state dict) or TRANSFERLAB_WEIGHTS")
+EPILOG_OFFLINE = (
+    "offline: --data PATH (an ImageFolder tree) or --data-dir DIR holding cifar-10-batches-py; "
+    "--weights PATH (a state dict) or TRANSFERLAB_WEIGHTS"
+)
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +27,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             choices = f.metadata.get("choices")
-            parser.add_argument(flag, default=None, choices=choices, metavar=None if choices else f.name.upper(), help=help_text)
+            parser.add_argument(
+                flag, default=None, choices=choices, metavar=None if choices else f.name.upper(), help=help_text
+            )
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
@@ -49,8 +53,10 @@ def cmd_train(args) -> int:
     config = _run_config(args)
     result = train(config, args.out)
     best = result.history[result.best_epoch - 1]
-    print(f"best epoch {result.best_epoch}: val accuracy {best['val_accuracy']:.4f}, val loss {best['val_loss']:.4f} "
-          f"-> {Path(args.out) / 'best.pt'}")
+    print(
+        f"best epoch {result.best_epoch}: val accuracy {best['val_accuracy']:.4f}, val loss {best['val_loss']:.4f} "
+        f"-> {Path(args.out) / 'best.pt'}"
+    )
     return 0
 
 
@@ -70,8 +76,14 @@ def cmd_evaluate(args) -> int:
 
         split = _checkpoint_split(args.checkpoint) if args.data == ckpt_config["data"] else None
         if split is None:
-            split = make_split(data.labels, test_fraction=config.test_fraction, val_fraction=config.val_fraction,
-                               seed=config.split_seed, limit=config.limit, official_test=config.official_test)
+            split = make_split(
+                data.labels,
+                test_fraction=config.test_fraction,
+                val_fraction=config.val_fraction,
+                seed=config.split_seed,
+                limit=config.limit,
+                official_test=config.official_test,
+            )
         indices = getattr(split, args.split)
         if args.split == "test" and split.official_test and data.test_images is not None:  # the source's own test set
             from .data import ImageSet
@@ -117,8 +129,14 @@ def cmd_models(args) -> int:
 def cmd_study_run(args) -> int:
     from .study import run_study
 
-    run_study(args.spec, study_dir=args.dir, storage=args.storage, workers=args.workers, overrides=args.set or [],
-              report=not args.no_report)
+    run_study(
+        args.spec,
+        study_dir=args.dir,
+        storage=args.storage,
+        workers=args.workers,
+        overrides=args.set or [],
+        report=not args.no_report,
+    )
     return 0
 
 
@@ -139,7 +157,9 @@ def cmd_study_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transferlab", description="Transfer-learning studies on image classifiers.", epilog=EPILOG_OFFLINE)
+    parser = argparse.ArgumentParser(
+        prog="transferlab", description="Transfer-learning studies on image classifiers.", epilog=EPILOG_OFFLINE
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a pretrained backbone: one run", epilog=EPILOG_OFFLINE)
@@ -153,11 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a best.pt written by train")
     p.add_argument("--data", required=True, help="'cifar10' or an ImageFolder tree; class folders are matched by name")
     p.add_argument("--data-dir", help="where a local cifar-10-batches-py lies (for --data cifar10)")
-    p.add_argument("--split", default="all", choices=("all", "train", "val", "test"),
-                   help="evaluate every image (default), or one split (the run's own split.json when --data is the training data)")
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=("all", "train", "val", "test"),
+        help="evaluate every image (default), or one split (the run's own split.json when --data is the training data)",
+    )
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a counted warning")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, loss, n, per-class accuracy, confusion matrix)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (accuracy, loss, n, per-class accuracy, confusion matrix)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="top classes of image files")
@@ -173,13 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser("study", help="grids of runs stored in Optuna: run, worker, report")
     ssub = study.add_subparsers(dest="study_command", required=True)
-    for name, func, text in (("run", cmd_study_run, "run every trial still to do, then write the report"),
-                             ("worker", cmd_study_worker, "join a study created by `study run` and take waiting trials")):
+    for name, func, text in (
+        ("run", cmd_study_run, "run every trial still to do, then write the report"),
+        ("worker", cmd_study_worker, "join a study created by `study run` and take waiting trials"),
+    ):
         p = ssub.add_parser(name, help=text)
         p.add_argument("spec", help="study spec (TOML), e.g. studies/quick.toml")
         p.add_argument("--dir", help="study directory (default: studies-out/<name>)")
-        p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<dir>/study.db); postgresql://... to share across machines")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key, e.g. data=PATH or grid.epochs=[1,2] (repeatable)")
+        p.add_argument(
+            "--storage",
+            help="Optuna storage URL (default: sqlite:///<dir>/study.db); postgresql://... to share across machines",
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a spec key, e.g. data=PATH or grid.epochs=[1,2] (repeatable)",
+        )
         if name == "run":
             p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
             p.add_argument("--no-report", action="store_true", help="skip writing the report")
@@ -203,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transferlab: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("transferlab: interrupted (finished epochs and trials are saved; run the same command to resume)", file=sys.stderr)
+        print(
+            "transferlab: interrupted (finished epochs and trials are saved; run the same command to resume)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -36,51 +36,109 @@ def default_cache_dir() -> str:
 @dataclass
 class RunConfig:
     # data
-    data: str = _opt("cifar10", "'cifar10' (torchvision's CIFAR-10) or the path of an ImageFolder tree <root>/<class>/<image>")
-    data_dir: str | None = _opt(None, "where CIFAR-10 is downloaded, or where a local cifar-10-batches-py folder lies (env TRANSFERLAB_DATA_DIR)")
+    data: str = _opt(
+        "cifar10", "'cifar10' (torchvision's CIFAR-10) or the path of an ImageFolder tree <root>/<class>/<image>"
+    )
+    data_dir: str | None = _opt(
+        None,
+        "where CIFAR-10 is downloaded, or where a local cifar-10-batches-py folder lies (env TRANSFERLAB_DATA_DIR)",
+    )
     download: bool = _opt(True, "download CIFAR-10 when it is not in --data-dir")
-    cache_dir: str | None = _opt(None, "cache of decoded images and frozen features (env TRANSFERLAB_CACHE, default ~/.cache/transferlab)")
+    cache_dir: str | None = _opt(
+        None, "cache of decoded images and frozen features (env TRANSFERLAB_CACHE, default ~/.cache/transferlab)"
+    )
     skip_bad_images: bool = _opt(False, "skip unreadable images with a counted warning instead of stopping")
     limit: int | None = _opt(None, "use a stratified subset of N images (quick tries)", min=10)
     test_fraction: float = _opt(0.1, "fraction of all images held out as the test split", min=0.0, max=0.9)
     val_fraction: float = _opt(0.1, "fraction of all images used for validation", min=0.01, max=0.9)
     official_test: bool = _opt(False, "use the source's official test split (CIFAR-10 only) instead of carving one")
-    split_seed: int = _opt(0, "seed of the test and validation splits (kept apart from --seed so seeds share one split)")
+    split_seed: int = _opt(
+        0, "seed of the test and validation splits (kept apart from --seed so seeds share one split)"
+    )
     # model
     arch: str = _opt("squeezenet1_1", "backbone architecture (see `transferlab models`)")
-    weights: str = _opt("imagenet", "'imagenet' (torchvision's published weights), a local state-dict path, or 'none' (env TRANSFERLAB_WEIGHTS)")
-    head: str = _opt("paper", "classifier head: 'paper' (dropout, 1x1 conv, ReLU, average pool, as in the study), 'linear' (average pool, dropout, linear) or 'mlp' (1x1 conv, BatchNorm, ReLU, average pool, dropout, linear)", choices=("paper", "linear", "mlp"))
+    weights: str = _opt(
+        "imagenet",
+        "'imagenet' (torchvision's published weights), a local state-dict path, or 'none' (env TRANSFERLAB_WEIGHTS)",
+    )
+    head: str = _opt(
+        "paper",
+        "classifier head: 'paper' (dropout, 1x1 conv, ReLU, average pool, as in the study), "
+        "'linear' (average pool, dropout, linear) or 'mlp' (1x1 conv, BatchNorm, ReLU, average pool, dropout, linear)",
+        choices=("paper", "linear", "mlp"),
+    )
     dropout: float = _opt(0.5, "dropout before the head's classifier layer", min=0.0, max=0.99)
-    strategy: str = _opt("frozen", "which layers train: frozen (head only), partial (last --unfreeze groups + head), full", choices=("frozen", "partial", "full"))
-    unfreeze: int = _opt(2, "number of last backbone groups (Fire modules for SqueezeNet) that train under 'partial'", min=1)
+    strategy: str = _opt(
+        "frozen",
+        "which layers train: frozen (head only), partial (last --unfreeze groups + head), full",
+        choices=("frozen", "partial", "full"),
+    )
+    unfreeze: int = _opt(
+        2, "number of last backbone groups (Fire modules for SqueezeNet) that train under 'partial'", min=1
+    )
     # input
-    resolution: int = _opt(32, "side in pixels the images are resized to before the backbone (32 reproduces the study)", min=8, max=1024)
-    normalize: str = _opt("imagenet", "input normalisation: the backbone's ImageNet mean/std, or the training split's own statistics", choices=("imagenet", "dataset"))
+    resolution: int = _opt(
+        32, "side in pixels the images are resized to before the backbone (32 reproduces the study)", min=8, max=1024
+    )
+    normalize: str = _opt(
+        "imagenet",
+        "input normalisation: the backbone's ImageNet mean/std, or the training split's own statistics",
+        choices=("imagenet", "dataset"),
+    )
     crop_padding: int = _opt(0, "random-crop augmentation: pad by this many pixels and crop back (0 = off)", min=0)
-    feature_shift: int = _opt(0, "shift the frozen groups' output by up to N cells at random in training (zero-padded): a random crop that keeps the feature cache valid (0 = off)", min=0)
+    feature_shift: int = _opt(
+        0,
+        "shift the frozen groups' output by up to N cells at random in training (zero-padded): "
+        "a random crop that keeps the feature cache valid (0 = off)",
+        min=0,
+    )
     flip: bool = _opt(False, "random horizontal-flip augmentation")
     tta_flip: bool = _opt(False, "evaluate on the mean of the image and its mirror (test-time augmentation)")
     # optimisation
-    loss: str = _opt("ce", "ce (cross-entropy) or mse (mean squared error of softmax vs one-hot, the study's)", choices=("ce", "mse"))
+    loss: str = _opt(
+        "ce", "ce (cross-entropy) or mse (mean squared error of softmax vs one-hot, the study's)", choices=("ce", "mse")
+    )
     label_smoothing: float = _opt(0.0, "label smoothing for the ce loss", min=0.0, max=0.5)
     optimizer: str = _opt("adamw", "optimiser", choices=("sgd", "adam", "adamw"))
     lr: float = _opt(1e-3, "peak learning rate", min=0.0)
     momentum: float = _opt(0.9, "SGD momentum (Nesterov)", min=0.0, max=0.999)
     weight_decay: float = _opt(0.01, "weight decay (decoupled for adamw)", min=0.0)
-    schedule: str = _opt("constant", "learning-rate schedule; constant and step do not depend on --epochs, so runs that differ only in epochs share one computation", choices=("constant", "step", "cosine", "onecycle"))
+    schedule: str = _opt(
+        "constant",
+        "learning-rate schedule; constant and step do not depend on --epochs, "
+        "so runs that differ only in epochs share one computation",
+        choices=("constant", "step", "cosine", "onecycle"),
+    )
     warmup_epochs: float = _opt(0.0, "linear warm-up from 0 over this many epochs", min=0.0)
     step_every: int = _opt(30, "'step' schedule: multiply the learning rate by 0.1 every N epochs", min=1)
-    gradual_unfreeze: int = _opt(0, "fastai-style gradual unfreezing: train the head alone, then unfreeze one more of the strategy's groups (backwards) every N epochs (0 = off)", min=0)
-    lr_group_decay: float = _opt(1.0, "discriminative learning rates: each backbone group gets this factor times the lr of the group after it (1 = off)", min=0.0, max=1.0)
+    gradual_unfreeze: int = _opt(
+        0,
+        "fastai-style gradual unfreezing: train the head alone, "
+        "then unfreeze one more of the strategy's groups (backwards) every N epochs (0 = off)",
+        min=0,
+    )
+    lr_group_decay: float = _opt(
+        1.0,
+        "discriminative learning rates: each backbone group gets this factor times the lr "
+        "of the group after it (1 = off)",
+        min=0.0,
+        max=1.0,
+    )
     epochs: int = _opt(10, "training epochs", min=1)
     batch_size: int = _opt(250, "batch size", min=1)
     # execution
     device: str = _opt("auto", "auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
     seed: int = _opt(0, "seed of initialisation, shuffling, augmentation and dropout")
-    cache_features: str = _opt("auto", "cache the frozen prefix's activations: auto (when no random augmentation precedes it), off", choices=("auto", "off"))
+    cache_features: str = _opt(
+        "auto",
+        "cache the frozen prefix's activations: auto (when no random augmentation precedes it), off",
+        choices=("auto", "off"),
+    )
     compile: bool = _opt(False, "torch.compile the trainable part")
     amp: str = _opt("auto", "bf16 autocast: auto (on CUDA), on, off", choices=("auto", "on", "off"))
-    record_epochs: list = _opt([], "also record metrics and the best checkpoint at these epochs (shared epoch prefixes)")
+    record_epochs: list = _opt(
+        [], "also record metrics and the best checkpoint at these epochs (shared epoch prefixes)"
+    )
     progress: bool = _opt(True, "show a progress bar")
 
     # ------------------------------------------------------------------ loading
@@ -103,7 +161,9 @@ class RunConfig:
             value = getattr(self, f.name)
             meta = f.metadata
             if meta.get("choices") and value not in meta["choices"]:
-                raise ConfigError(f"{where}{f.name} = {value!r}: expected one of {', '.join(map(str, meta['choices']))}")
+                raise ConfigError(
+                    f"{where}{f.name} = {value!r}: expected one of {', '.join(map(str, meta['choices']))}"
+                )
             if value is None or isinstance(value, (bool, str, list)):
                 continue
             if meta.get("min") is not None and value < meta["min"]:
@@ -111,12 +171,17 @@ class RunConfig:
             if meta.get("max") is not None and value > meta["max"]:
                 raise ConfigError(f"{where}{f.name} = {value!r}: must be <= {meta['max']}")
         if self.test_fraction + self.val_fraction >= 0.95:
-            raise ConfigError(f"{where}test_fraction + val_fraction = {self.test_fraction + self.val_fraction}: leaves too little to train on")
+            raise ConfigError(
+                f"{where}test_fraction + val_fraction = {self.test_fraction + self.val_fraction}: "
+                "leaves too little to train on"
+            )
         if any(not isinstance(e, int) or e < 1 for e in self.record_epochs):
             raise ConfigError(f"{where}record_epochs = {self.record_epochs!r}: expected positive integers")
         if self.feature_shift and self.strategy == "full":
-            raise ConfigError(f"{where}feature_shift = {self.feature_shift}: strategy 'full' freezes nothing whose output could be "
-                              "shifted (use crop_padding)")
+            raise ConfigError(
+                f"{where}feature_shift = {self.feature_shift}: strategy 'full' freezes nothing whose output could be "
+                "shifted (use crop_padding)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -250,15 +315,25 @@ class StudySpec:
             for value in values:  # validates axis name and each value
                 if axis == "variant":
                     if value not in variants:
-                        raise ConfigError(f"{where}[grid] variant {value!r} is not defined under [variants]{_suggest(str(value), variants)}")
+                        raise ConfigError(
+                            f"{where}[grid] variant {value!r} is not defined under [variants]"
+                            f"{_suggest(str(value), variants)}"
+                        )
                     continue
                 RunConfig.from_dict({axis: value}, base=base, where=f"{where}[grid] ")
             checked[axis.replace("-", "_")] = values
         metric = tree.get("metric", "val_accuracy")
         if metric not in ("val_accuracy", "val_loss"):
             raise ConfigError(f"{where}metric = {metric!r}: expected val_accuracy or val_loss")
-        return cls(name=tree.get("name", name), base=base, grid=checked, metric=metric,
-                   storage=tree.get("storage"), source=tree, variants=variants)
+        return cls(
+            name=tree.get("name", name),
+            base=base,
+            grid=checked,
+            metric=metric,
+            storage=tree.get("storage"),
+            source=tree,
+            variants=variants,
+        )
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> StudySpec:

@@ -117,7 +117,9 @@ def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_ba
             return None, label
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        decoded = list(track(pool.map(load, files), total=len(files), description=f"decoding {root.name}", enabled=progress))
+        decoded = list(
+            track(pool.map(load, files), total=len(files), description=f"decoding {root.name}", enabled=progress)
+        )
     kept = [(img, lab) for img, lab in decoded if img is not None]
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s), first: {bad[0]}", stacklevel=2)
@@ -127,8 +129,12 @@ def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_ba
     if len(shapes) > 1:
         # Mixed sizes: bring every image to the most common shorter side (centre crop, bilinear).
         side = min(int(np.median([min(img.shape[:2]) for img, _ in kept])), MAX_MIXED_SIDE)
-        kept = [(np.asarray(_center_crop_resize(Image.fromarray(img), (side, side))), lab) if img.shape != (side, side, 3) else (img, lab)
-                for img, lab in kept]
+        kept = [
+            (np.asarray(_center_crop_resize(Image.fromarray(img), (side, side))), lab)
+            if img.shape != (side, side, 3)
+            else (img, lab)
+            for img, lab in kept
+        ]
     images = np.stack([img for img, _ in kept])
     labels = np.asarray([lab for _, lab in kept], dtype=np.int64)
     return images, labels, len(bad)
@@ -161,8 +167,9 @@ def _cache_save(folder: Path, images, labels, meta) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_image_folder(root: str | Path, cache_dir: Path, *, image_size: int | None = None,
-                      skip_bad: bool = False, progress: bool = True) -> ImageSet:
+def load_image_folder(
+    root: str | Path, cache_dir: Path, *, image_size: int | None = None, skip_bad: bool = False, progress: bool = True
+) -> ImageSet:
     root = Path(root).expanduser()
     classes, files, fingerprint = scan_image_folder(root, image_size)
     key = "folder-" + fingerprint
@@ -170,12 +177,16 @@ def load_image_folder(root: str | Path, cache_dir: Path, *, image_size: int | No
     if cached is not None:
         images, labels, meta = cached
         return ImageSet(images, labels, meta["classes"], key, skipped=meta.get("skipped", 0))
-    images, labels, skipped = decode_folder(root, files, classes, image_size=image_size, skip_bad=skip_bad, progress=progress)
+    images, labels, skipped = decode_folder(
+        root, files, classes, image_size=image_size, skip_bad=skip_bad, progress=progress
+    )
     if len(np.unique(labels)) < len(classes):
         present = set(labels.tolist())
         empty = [c for i, c in enumerate(classes) if i not in present]
         raise DataError(f"class folder {root / empty[0]} has no readable images")
-    _cache_save(cache_dir / "decoded" / key, images, labels, {"classes": classes, "skipped": skipped, "root": str(root)})
+    _cache_save(
+        cache_dir / "decoded" / key, images, labels, {"classes": classes, "skipped": skipped, "root": str(root)}
+    )
     return ImageSet(images, labels, classes, key, skipped=skipped)
 
 
@@ -184,7 +195,9 @@ CIFAR_FOLDER = "cifar-10-batches-py"
 
 
 def cifar10_dir(data_dir: str | None) -> Path:
-    return Path(data_dir or os.environ.get("TRANSFERLAB_DATA_DIR") or Path.home() / ".cache" / "transferlab" / "data").expanduser()
+    return Path(
+        data_dir or os.environ.get("TRANSFERLAB_DATA_DIR") or Path.home() / ".cache" / "transferlab" / "data"
+    ).expanduser()
 
 
 def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True) -> ImageSet:
@@ -192,19 +205,26 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
     folder = root / CIFAR_FOLDER
     if not (folder / "batches.meta").exists():
         if not download:
-            raise DataError(f"CIFAR-10 is not in {folder}: point --data-dir (or TRANSFERLAB_DATA_DIR) at the folder holding {CIFAR_FOLDER}, or allow --download")
+            raise DataError(
+                f"CIFAR-10 is not in {folder}: point --data-dir (or TRANSFERLAB_DATA_DIR) at the folder holding "
+                f"{CIFAR_FOLDER}, or allow --download"
+            )
         try:
             from torchvision.datasets import CIFAR10
 
             CIFAR10(str(root), train=True, download=True)
         except Exception as error:  # noqa: BLE001 - any network failure ends in the same advice
-            raise DataError(f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}): point --data-dir (or TRANSFERLAB_DATA_DIR) at a folder holding {CIFAR_FOLDER}, or pass --data PATH to an image folder") from None
+            raise DataError(
+                f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}): point --data-dir "
+                f"(or TRANSFERLAB_DATA_DIR) at a folder holding {CIFAR_FOLDER}, or pass --data PATH to an image folder"
+            ) from None
     digest = hashlib.sha256(f"{CACHE_FORMAT}|{folder.resolve()}".encode())
     for name in sorted(os.listdir(folder)):
         digest.update(f"{name}|{(folder / name).stat().st_size}".encode())
     key = "cifar10-" + digest.hexdigest()[:20]
     cached = _cache_load(cache_dir / "decoded" / key)
     if cached is None:
+
         def read(names):
             xs, ys = [], []
             for name in names:
@@ -248,14 +268,24 @@ class Split:
     official_test: bool = False
 
     def to_dict(self) -> dict:
-        return {"train": self.train.tolist(), "val": self.val.tolist(), "test": self.test.tolist(), "official_test": self.official_test}
+        return {
+            "train": self.train.tolist(),
+            "val": self.val.tolist(),
+            "test": self.test.tolist(),
+            "official_test": self.official_test,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Split:
-        return cls(*(np.asarray(d[k], dtype=np.int64) for k in ("train", "val", "test")), official_test=d.get("official_test", False))
+        return cls(
+            *(np.asarray(d[k], dtype=np.int64) for k in ("train", "val", "test")),
+            official_test=d.get("official_test", False),
+        )
 
 
-def _stratified_take(indices: np.ndarray, labels: np.ndarray, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_take(
+    indices: np.ndarray, labels: np.ndarray, size: int | float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Split `indices` in two, the second of `size` (count or fraction), class proportions kept."""
     splitter = StratifiedShuffleSplit(n_splits=1, test_size=size, random_state=seed)
     try:
@@ -265,8 +295,15 @@ def _stratified_take(indices: np.ndarray, labels: np.ndarray, size: int | float,
     return np.sort(indices[keep]), np.sort(indices[take])
 
 
-def make_split(labels: np.ndarray, *, test_fraction: float, val_fraction: float, seed: int,
-               limit: int | None = None, official_test: bool = False) -> Split:
+def make_split(
+    labels: np.ndarray,
+    *,
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+    limit: int | None = None,
+    official_test: bool = False,
+) -> Split:
     """Hold out a test fraction, then a validation fraction, both stratified and seeded.
 
     With `official_test`, the test indices are left empty (the source's own test set is used) and
@@ -278,6 +315,8 @@ def make_split(labels: np.ndarray, *, test_fraction: float, val_fraction: float,
     n = len(indices)
     test = np.zeros(0, dtype=np.int64)
     if not official_test and test_fraction > 0:
-        indices, test = _stratified_take(indices, labels, max(int(round(test_fraction * n)), len(np.unique(labels))), seed)
+        indices, test = _stratified_take(
+            indices, labels, max(int(round(test_fraction * n)), len(np.unique(labels))), seed
+        )
     train, val = _stratified_take(indices, labels, max(int(round(val_fraction * n)), len(np.unique(labels))), seed + 1)
     return Split(train, val, test, official_test=official_test)

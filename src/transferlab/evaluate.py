@@ -32,7 +32,9 @@ class LoadedModel:
     info: dict
 
     @torch.no_grad()
-    def probabilities(self, images: np.ndarray | torch.Tensor, batch_size: int = 500, tta_flip: bool | None = None) -> torch.Tensor:
+    def probabilities(
+        self, images: np.ndarray | torch.Tensor, batch_size: int = 500, tta_flip: bool | None = None
+    ) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> (N, K) class probabilities (on the CPU)."""
         tta = self.tta_flip if tta_flip is None else tta_flip
         if isinstance(images, np.ndarray) and not images.flags.writeable:
@@ -40,7 +42,7 @@ class LoadedModel:
         images = torch.as_tensor(images)
         out = []
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(self.device)
+            batch = images[start : start + batch_size].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 p = self.model(self.preprocess(batch)).float().softmax(1)
                 if tta:
@@ -60,7 +62,9 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a transferlab checkpoint (expected format {CHECKPOINT_FORMAT})")
     dev = resolve_device(device)
-    model, _ = build_model(ckpt["arch"], len(ckpt["classes"]), weights="none", head=ckpt["head"], dropout=ckpt["dropout"])
+    model, _ = build_model(
+        ckpt["arch"], len(ckpt["classes"]), weights="none", head=ckpt["head"], dropout=ckpt["dropout"]
+    )
     model.load_state_dict(ckpt["model"])
     model.to(dev, memory_format=torch.channels_last).eval()
     preprocess = Preprocess(tuple(ckpt["mean"]), tuple(ckpt["std"]), ckpt["resolution"], channels_last=True)
@@ -72,7 +76,9 @@ def align_labels(loaded: LoadedModel, data: ImageSet) -> np.ndarray:
     """Map the data set's class indices onto the checkpoint's by name."""
     unknown = [c for c in data.classes if c not in loaded.classes]
     if unknown:
-        raise DataError(f"class folder {unknown[0]!r} is not one of the checkpoint's classes ({', '.join(loaded.classes)})")
+        raise DataError(
+            f"class folder {unknown[0]!r} is not one of the checkpoint's classes ({', '.join(loaded.classes)})"
+        )
     mapping = np.asarray([loaded.classes.index(c) for c in data.classes], dtype=np.int64)
     return mapping[data.labels]
 
@@ -90,14 +96,28 @@ def evaluate_arrays(loaded: LoadedModel, images: np.ndarray, labels: np.ndarray,
     pred = probs.argmax(1)
     confusion = torch.zeros(k, k, dtype=torch.long)
     confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
-    per_class = {c: (confusion[i, i].item() / confusion[i].sum().item()) if confusion[i].sum() else None
-                 for i, c in enumerate(loaded.classes)}
-    return {"accuracy": (pred == y).float().mean().item() if len(y) else 0.0, "loss": loss, "n": len(y),
-            "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist(), "classes": loaded.classes}
+    per_class = {
+        c: (confusion[i, i].item() / confusion[i].sum().item()) if confusion[i].sum() else None
+        for i, c in enumerate(loaded.classes)
+    }
+    return {
+        "accuracy": (pred == y).float().mean().item() if len(y) else 0.0,
+        "loss": loss,
+        "n": len(y),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "classes": loaded.classes,
+    }
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: ImageSet, *, indices: np.ndarray | None = None,
-                        device: str = "auto", batch_size: int = 500) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: ImageSet,
+    *,
+    indices: np.ndarray | None = None,
+    device: str = "auto",
+    batch_size: int = 500,
+) -> dict:
     loaded = load_checkpoint(checkpoint, device)
     labels = align_labels(loaded, data)
     images = data.images
@@ -116,5 +136,12 @@ def predict_files(checkpoint: str | Path, files: list[str | Path], *, top: int =
             image = decode_image(Path(path), (side, side))
         probs = loaded.probabilities(image[None])[0]
         values, order = probs.topk(min(top, len(loaded.classes)))
-        results.append({"file": str(path), "top": [{"class": loaded.classes[i], "probability": v} for v, i in zip(values.tolist(), order.tolist())]})
+        results.append(
+            {
+                "file": str(path),
+                "top": [
+                    {"class": loaded.classes[i], "probability": v} for v, i in zip(values.tolist(), order.tolist())
+                ],
+            }
+        )
     return results

@@ -65,24 +65,38 @@ class FeatureCache:
 
     def _remember(self, key: str, tensor: torch.Tensor) -> None:
         self._memory[key] = tensor
-        while len(self._memory) > 1 and sum(t.numel() * t.element_size() for t in self._memory.values()) > self.memory_budget:
+        while (
+            len(self._memory) > 1
+            and sum(t.numel() * t.element_size() for t in self._memory.values()) > self.memory_budget
+        ):
             self._memory.popitem(last=False)
 
 
 @torch.no_grad()
-def compute_features(prefix: nn.Module, images: torch.Tensor, preprocess: Preprocess, *, batch_size: int,
-                     device: torch.device, mirror: bool = False, dtype=torch.float16, progress: bool = True,
-                     autocast: bool = False) -> torch.Tensor:
+def compute_features(
+    prefix: nn.Module,
+    images: torch.Tensor,
+    preprocess: Preprocess,
+    *,
+    batch_size: int,
+    device: torch.device,
+    mirror: bool = False,
+    dtype=torch.float16,
+    progress: bool = True,
+    autocast: bool = False,
+) -> torch.Tensor:
     """Prefix output for every image (uint8 NHWC on any device) -> tensor of `dtype` on `device`."""
     prefix.eval()
     out = None
-    with bar(len(images), "caching frozen features" + (" (mirrored)" if mirror else ""), unit="img", enabled=progress) as b:
+    with bar(
+        len(images), "caching frozen features" + (" (mirrored)" if mirror else ""), unit="img", enabled=progress
+    ) as b:
         for start in range(0, len(images), batch_size):
-            x = preprocess(images[start:start + batch_size].to(device, non_blocking=True), mirror=mirror)
+            x = preprocess(images[start : start + batch_size].to(device, non_blocking=True), mirror=mirror)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 y = prefix(x)
             if out is None:  # filled in place: a torch.cat of chunks would need twice the memory at the end
                 out = torch.empty((len(images), *y.shape[1:]), dtype=dtype, device=device)
-            out[start:start + len(y)] = y
+            out[start : start + len(y)] = y
             b.advance(len(x))
     return out

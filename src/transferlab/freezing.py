@@ -70,4 +70,4 @@ def active_groups(trainable: list[str], epoch: int, every: int) -> list[str]:
     if every <= 0:
         return trainable
     count = min(len(trainable), 1 + (epoch - 1) // every)
-    return trainable[len(trainable) - count:]
+    return trainable[len(trainable) - count :]

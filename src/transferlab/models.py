@@ -30,7 +30,9 @@ class Backbone:
     build: Callable[[], nn.Module]  # torchvision constructor, no weights
     torchvision_weights: str  # name of the torchvision weights enum member, e.g. "SqueezeNet1_1_Weights.IMAGENET1K_V1"
     groups: tuple[tuple[str, tuple[str, ...]], ...]  # forward order; the last group is "head"
-    make_head: Callable[[nn.Module, int, str, float], None]  # (model, classes, head kind, dropout) -> replaces the head in place
+    make_head: Callable[
+        [nn.Module, int, str, float], None
+    ]  # (model, classes, head kind, dropout) -> replaces the head in place
     tunable: tuple[str, ...] = field(default=())  # groups that `partial` counts back from (Fire modules, ResNet stages)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -60,12 +62,23 @@ def _squeezenet_head(model: nn.Module, num_classes: int, kind: str, dropout: flo
         conv = nn.Conv2d(512, num_classes, kernel_size=1)
         nn.init.normal_(conv.weight, mean=0.0, std=0.01)
         nn.init.zeros_(conv.bias)
-        model.classifier = nn.Sequential(nn.Dropout(dropout), conv, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        model.classifier = nn.Sequential(
+            nn.Dropout(dropout), conv, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
     elif kind == "linear":  # pool first, then a linear classifier: logits can be negative, which cross-entropy prefers
-        model.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(512, num_classes))
+        model.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(512, num_classes)
+        )
     else:  # mlp: a trainable 1x1 conv + BatchNorm before pooling, so frozen features are recombined per location
-        model.classifier = nn.Sequential(nn.Conv2d(512, 512, kernel_size=1, bias=False), nn.BatchNorm2d(512), nn.ReLU(inplace=True),
-                                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(512, num_classes))
+        model.classifier = nn.Sequential(
+            nn.Conv2d(512, 512, kernel_size=1, bias=False),
+            nn.BatchNorm2d(512),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(512, num_classes),
+        )
 
 
 def _resnet_head(model: nn.Module, num_classes: int, kind: str, dropout: float) -> None:
@@ -88,10 +101,38 @@ def _squeezenet(version: str, layout: list[tuple[str, list[int]]]) -> Backbone:
 
 
 # Fire modules keep the paper's numbering (fire2..fire9); a max-pool joins the group before it.
-register(_squeezenet("1_0", [("stem", [0, 1, 2]), ("fire2", [3]), ("fire3", [4]), ("fire4", [5, 6]), ("fire5", [7]),
-                              ("fire6", [8]), ("fire7", [9]), ("fire8", [10, 11]), ("fire9", [12])]))
-register(_squeezenet("1_1", [("stem", [0, 1, 2]), ("fire2", [3]), ("fire3", [4, 5]), ("fire4", [6]), ("fire5", [7, 8]),
-                              ("fire6", [9]), ("fire7", [10]), ("fire8", [11]), ("fire9", [12])]))
+register(
+    _squeezenet(
+        "1_0",
+        [
+            ("stem", [0, 1, 2]),
+            ("fire2", [3]),
+            ("fire3", [4]),
+            ("fire4", [5, 6]),
+            ("fire5", [7]),
+            ("fire6", [8]),
+            ("fire7", [9]),
+            ("fire8", [10, 11]),
+            ("fire9", [12]),
+        ],
+    )
+)
+register(
+    _squeezenet(
+        "1_1",
+        [
+            ("stem", [0, 1, 2]),
+            ("fire2", [3]),
+            ("fire3", [4, 5]),
+            ("fire4", [6]),
+            ("fire5", [7, 8]),
+            ("fire6", [9]),
+            ("fire7", [10]),
+            ("fire8", [11]),
+            ("fire9", [12]),
+        ],
+    )
+)
 
 
 def _resnet(depth: int) -> Backbone:
@@ -101,8 +142,14 @@ def _resnet(depth: int) -> Backbone:
         name=f"resnet{depth}",
         build=getattr(tvm, f"resnet{depth}"),
         torchvision_weights=f"ResNet{depth}_Weights.IMAGENET1K_V1",
-        groups=(("stem", ("conv1", "bn1", "relu", "maxpool")), ("layer1", ("layer1",)), ("layer2", ("layer2",)),
-                ("layer3", ("layer3",)), ("layer4", ("layer4",)), ("head", ("avgpool", "fc"))),
+        groups=(
+            ("stem", ("conv1", "bn1", "relu", "maxpool")),
+            ("layer1", ("layer1",)),
+            ("layer2", ("layer2",)),
+            ("layer3", ("layer3",)),
+            ("layer4", ("layer4",)),
+            ("head", ("avgpool", "fc")),
+        ),
         make_head=_resnet_head,
         tunable=("layer1", "layer2", "layer3", "layer4"),
     )
@@ -123,7 +170,8 @@ def _torchvision_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as error:  # noqa: BLE001 - offline, proxy, corrupt download: one piece of advice
         raise WeightsError(
-            f"ImageNet weights for {backbone.name} are not in {hub} and could not be downloaded ({type(error).__name__}): "
+            f"ImageNet weights for {backbone.name} are not in {hub} and could not be downloaded "
+            f"({type(error).__name__}): "
             f"pass --weights PATH to a local state dict (or set TRANSFERLAB_WEIGHTS), or --weights none"
         ) from None
 
@@ -159,15 +207,23 @@ def load_backbone_weights(model: nn.Module, backbone: Backbone, weights: str) ->
     unexpected = sorted(set(body) - wanted)
     if missing or unexpected:
         detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise WeightsError(f"weights {weights} do not fit {backbone.name}: {len(missing)} missing, {len(unexpected)} unexpected keys ({detail})")
+        raise WeightsError(
+            f"weights {weights} do not fit {backbone.name}: {len(missing)} missing, {len(unexpected)} unexpected keys "
+            f"({detail})"
+        )
     for key, value in body.items():
         if own[key].shape != value.shape:
-            raise WeightsError(f"weights {weights} do not fit {backbone.name}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+            raise WeightsError(
+                f"weights {weights} do not fit {backbone.name}: {key} has shape {tuple(value.shape)}, "
+                f"expected {tuple(own[key].shape)}"
+            )
     model.load_state_dict(body, strict=False)
     return source
 
 
-def build_model(arch: str, num_classes: int, *, weights: str = "none", head: str = "paper", dropout: float = 0.5) -> tuple[nn.Module, str]:
+def build_model(
+    arch: str, num_classes: int, *, weights: str = "none", head: str = "paper", dropout: float = 0.5
+) -> tuple[nn.Module, str]:
     """torchvision architecture + pretrained body + a re-initialised head for `num_classes`."""
     backbone = get_backbone(arch)
     model = backbone.build()

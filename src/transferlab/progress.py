@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-import sys
 
 # Logs redirected to a file keep whole lines (rich would wrap them at 80 columns).
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)

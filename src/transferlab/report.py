@@ -18,8 +18,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 PAPER_AXES = ("strategy", "batch_size", "epochs")
 
@@ -59,8 +59,10 @@ def load_study_data(directory: str | Path, storage: str | None = None, study_nam
     name = study_name or (saved.read_text().strip() if saved.is_file() else None)
     if name is None:
         if len(names) != 1:
-            raise RuntimeError(f"{url} holds {len(names)} studies ({', '.join(names) or 'none'}); "
-                               f"{directory} does not say which one (no study.txt)")
+            raise RuntimeError(
+                f"{url} holds {len(names)} studies ({', '.join(names) or 'none'}); "
+                f"{directory} does not say which one (no study.txt)"
+            )
         name = names[0]
     elif name not in names:
         raise RuntimeError(f"no study {name!r} in {url}")
@@ -69,17 +71,36 @@ def load_study_data(directory: str | Path, storage: str | None = None, study_nam
     trials = []
     for t in sorted(grid_trials(study), key=lambda t: t.number):
         a = t.user_attrs
-        trials.append({"number": t.number, "kind": a["kind"], "key": a["key"], "point": a["point"], "history": a["history"],
-                       "best": a["best"], "wall_seconds": a.get("wall_seconds", 0.0), "config": a["config"],
-                       "input_path": a.get("input_path", ""), "run_dir": a.get("run_dir", "")})
+        trials.append(
+            {
+                "number": t.number,
+                "kind": a["kind"],
+                "key": a["key"],
+                "point": a["point"],
+                "history": a["history"],
+                "best": a["best"],
+                "wall_seconds": a.get("wall_seconds", 0.0),
+                "config": a["config"],
+                "input_path": a.get("input_path", ""),
+                "run_dir": a.get("run_dir", ""),
+            }
+        )
     evaluations = study.user_attrs.get("test_evaluations", [])
     env = {}
     if trials:
         metrics = directory / trials[0]["run_dir"] / "metrics.json"
         if metrics.is_file():
             env = json.loads(metrics.read_text()).get("environment", {})
-    return StudyData(study.study_name, study.user_attrs.get("spec", {}), study.user_attrs.get("command", ""), trials, spec.grid,
-                     evaluations[-1] if evaluations else None, len(evaluations), env)
+    return StudyData(
+        study.study_name,
+        study.user_attrs.get("spec", {}),
+        study.user_attrs.get("command", ""),
+        trials,
+        spec.grid,
+        evaluations[-1] if evaluations else None,
+        len(evaluations),
+        env,
+    )
 
 
 # ------------------------------------------------------------------------------ tables
@@ -123,9 +144,14 @@ def paper_tables(data: StudyData) -> list[Block]:
             caption = f"batch size {key[-1]}" + (f", {extra}" if extra else "")
             header = [caption] + [f"{e} epochs" for e in epochs]
             rows = [header]
-            for label, metric in (("val loss", "val_loss"), ("val accuracy", "val_accuracy"),
-                                  ("train loss", "train_loss"), ("train accuracy", "train_accuracy"),
-                                  ("gap (train - val accuracy)", None), ("seconds per epoch", "seconds")):
+            for label, metric in (
+                ("val loss", "val_loss"),
+                ("val accuracy", "val_accuracy"),
+                ("train loss", "train_loss"),
+                ("train accuracy", "train_accuracy"),
+                ("gap (train - val accuracy)", None),
+                ("seconds per epoch", "seconds"),
+            ):
                 row = [label]
                 for e in epochs:
                     at = [t for t in trials if _value(t, "epochs") == e]
@@ -157,7 +183,11 @@ def variant_table(data: StudyData) -> Block:
     for variant in data.grid["variant"]:
         row = [str(variant)]
         for strategy in strategies:
-            vals = [t["best"]["val_accuracy"] for t in data.trials if _value(t, "variant") == variant and _value(t, "strategy") == strategy]
+            vals = [
+                t["best"]["val_accuracy"]
+                for t in data.trials
+                if _value(t, "variant") == variant and _value(t, "strategy") == strategy
+            ]
             row.append(_fmt(vals))
         rows.append(row)
     return Block("table", rows=rows)
@@ -165,13 +195,34 @@ def variant_table(data: StudyData) -> Block:
 
 def trials_table(data: StudyData) -> Block:
     axes = list(data.grid)
-    rows = [["trial", *axes, "best epoch", "best val acc", "final val acc", "final train acc", "s/epoch", "total s", "input"]]
+    rows = [
+        [
+            "trial",
+            *axes,
+            "best epoch",
+            "best val acc",
+            "final val acc",
+            "final train acc",
+            "s/epoch",
+            "total s",
+            "input",
+        ]
+    ]
     for t in data.trials:
         h = t["history"]
-        rows.append([str(t["number"]), *(str(_value(t, a)) for a in axes), str(t["best"]["epoch"]), f"{t['best']['val_accuracy']:.4f}",
-                     f"{h[-1]['val_accuracy']:.4f}", f"{h[-1]['train_accuracy']:.4f}",
-                     f"{statistics.mean(r['seconds'] for r in h):.2f}", f"{sum(r['seconds'] for r in h):.1f}",
-                     t["input_path"] + (" (shared run)" if t["kind"] == "derived" else "")])
+        rows.append(
+            [
+                str(t["number"]),
+                *(str(_value(t, a)) for a in axes),
+                str(t["best"]["epoch"]),
+                f"{t['best']['val_accuracy']:.4f}",
+                f"{h[-1]['val_accuracy']:.4f}",
+                f"{h[-1]['train_accuracy']:.4f}",
+                f"{statistics.mean(r['seconds'] for r in h):.2f}",
+                f"{sum(r['seconds'] for r in h):.1f}",
+                t["input_path"] + (" (shared run)" if t["kind"] == "derived" else ""),
+            ]
+        )
     return Block("table", rows=rows)
 
 
@@ -199,9 +250,17 @@ def learning_curves(data: StudyData) -> bytes:
         for t in (t for t in _longest_per_family(data) if _value(t, "strategy") == strategy):
             epochs = [r["epoch"] for r in t["history"]]
             for row, metric in enumerate(("accuracy", "loss")):
-                line, = axes[row][col].plot(epochs, [r[f"val_{metric}"] for r in t["history"]], label=f"{_label(t)} val")
-                axes[row][col].plot(epochs, [r[f"train_{metric}"] for r in t["history"]], "--", color=line.get_color(), alpha=0.7,
-                                    label=f"{_label(t)} train")
+                (line,) = axes[row][col].plot(
+                    epochs, [r[f"val_{metric}"] for r in t["history"]], label=f"{_label(t)} val"
+                )
+                axes[row][col].plot(
+                    epochs,
+                    [r[f"train_{metric}"] for r in t["history"]],
+                    "--",
+                    color=line.get_color(),
+                    alpha=0.7,
+                    label=f"{_label(t)} train",
+                )
         axes[0][col].set_title(f"{strategy}")
         axes[0][col].set_ylabel("accuracy")
         axes[1][col].set_ylabel("loss")
@@ -221,7 +280,9 @@ def accuracy_vs_epochs(data: StudyData) -> bytes:
         ax = axes[0][col]
         lines: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for t in (t for t in data.trials if _value(t, "batch_size") == bs):
-            lines[_label(t, skip=("batch_size", "epochs", "seed"))][_value(t, "epochs")].append(_final_row(t)["val_accuracy"])
+            lines[_label(t, skip=("batch_size", "epochs", "seed"))][_value(t, "epochs")].append(
+                _final_row(t)["val_accuracy"]
+            )
         for name, by_epoch in sorted(lines.items()):
             xs = sorted(by_epoch)
             ax.plot(xs, [statistics.mean(by_epoch[x]) for x in xs], "o-", label=name)
@@ -243,8 +304,12 @@ def timing_plot(data: StudyData) -> bytes:
     batch_sizes = sorted({k[1] for k in groups})
     width = 0.8 / max(len(batch_sizes), 1)
     for i, bs in enumerate(batch_sizes):
-        ax.bar([s + i * width for s in range(len(strategies))],
-               [statistics.mean(groups[(st, bs)]) if groups[(st, bs)] else 0 for st in strategies], width, label=f"batch {bs}")
+        ax.bar(
+            [s + i * width for s in range(len(strategies))],
+            [statistics.mean(groups[(st, bs)]) if groups[(st, bs)] else 0 for st in strategies],
+            width,
+            label=f"batch {bs}",
+        )
     ax.set_xticks([s + width * (len(batch_sizes) - 1) / 2 for s in range(len(strategies))], strategies)
     ax.set_ylabel("seconds per epoch")
     ax.legend()
@@ -271,23 +336,48 @@ def confusion_plot(test: dict) -> bytes:
 def build_blocks(data: StudyData) -> list[Block]:
     blocks = [Block("h2", f"Study {data.name}")]
     trained = sum(t["kind"] == "run" for t in data.trials)
-    shared = f"{trained} runs trained; the others are epoch prefixes of a longer run with the same settings" if trained < len(data.trials) \
+    shared = (
+        f"{trained} runs trained; the others are epoch prefixes of a longer run with the same settings"
+        if trained < len(data.trials)
         else "each trained separately"
-    blocks.append(Block("p", f"{len(data.trials)} grid points ({shared}). "
-                             "Tables show each grid point's last epoch, as the study reported them."))
+    )
+    blocks.append(
+        Block(
+            "p",
+            f"{len(data.trials)} grid points ({shared}). "
+            "Tables show each grid point's last epoch, as the study reported them.",
+        )
+    )
     if data.test:
         t = data.test
         blocks.append(Block("h2", "Selected trial and test evaluation"))
-        blocks.append(Block("table", rows=[["", "value"], ["trial", f"{t['trial']} ({t['key']})"],
-                                           ["selection metric", t["metric"]],
-                                           ["validation accuracy (best epoch)", f"{t['val_accuracy']:.4f}"],
-                                           ["validation loss (best epoch)", f"{t['val_loss']:.4f}"],
-                                           ["test accuracy", f"{t['test_accuracy']:.4f}"], ["test loss", f"{t['test_loss']:.4f}"],
-                                           ["drop from validation", f"{t['val_accuracy'] - t['test_accuracy']:+.4f}"],
-                                           ["test images", str(t["n_test"])],
-                                           ["test evaluations recorded", str(data.n_test_evaluations)]]))
-        blocks.append(Block("table", rows=[["class", "test accuracy"]] + [[c, "" if v is None else f"{v:.4f}"] for c, v in t["per_class_accuracy"].items()]))
-        blocks.append(Block("figure", "Confusion matrix of the selected trial on the test split", png=confusion_plot(t)))
+        blocks.append(
+            Block(
+                "table",
+                rows=[
+                    ["", "value"],
+                    ["trial", f"{t['trial']} ({t['key']})"],
+                    ["selection metric", t["metric"]],
+                    ["validation accuracy (best epoch)", f"{t['val_accuracy']:.4f}"],
+                    ["validation loss (best epoch)", f"{t['val_loss']:.4f}"],
+                    ["test accuracy", f"{t['test_accuracy']:.4f}"],
+                    ["test loss", f"{t['test_loss']:.4f}"],
+                    ["drop from validation", f"{t['val_accuracy'] - t['test_accuracy']:+.4f}"],
+                    ["test images", str(t["n_test"])],
+                    ["test evaluations recorded", str(data.n_test_evaluations)],
+                ],
+            )
+        )
+        blocks.append(
+            Block(
+                "table",
+                rows=[["class", "test accuracy"]]
+                + [[c, "" if v is None else f"{v:.4f}"] for c, v in t["per_class_accuracy"].items()],
+            )
+        )
+        blocks.append(
+            Block("figure", "Confusion matrix of the selected trial on the test split", png=confusion_plot(t))
+        )
     if "variant" in data.grid:
         blocks.append(Block("h2", "Variants: best validation accuracy per regime"))
         blocks.append(variant_table(data))
@@ -317,8 +407,12 @@ def render_markdown(blocks: list[Block], figure_dir: Path) -> str:
         elif b.kind == "code":
             out.append("```\n" + b.text + "\n```")
         elif b.kind == "table":
-            out.append("\n".join(["| " + " | ".join(b.rows[0]) + " |", "|" + "---|" * len(b.rows[0])]
-                                 + ["| " + " | ".join(r) + " |" for r in b.rows[1:]]))
+            out.append(
+                "\n".join(
+                    ["| " + " | ".join(b.rows[0]) + " |", "|" + "---|" * len(b.rows[0])]
+                    + ["| " + " | ".join(r) + " |" for r in b.rows[1:]]
+                )
+            )
         elif b.kind == "figure":
             n += 1
             name = f"figure{n}.png"
@@ -328,11 +422,13 @@ def render_markdown(blocks: list[Block], figure_dir: Path) -> str:
 
 
 def render_html(blocks: list[Block], title: str) -> str:
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-           "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-           "td:first-child,th:first-child{text-align:left}pre{background:#f5f5f5;padding:1em;overflow:auto}"
-           "img{max-width:100%}</style></head><body>"]
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}pre{background:#f5f5f5;padding:1em;overflow:auto}"
+        "img{max-width:100%}</style></head><body>"
+    ]
     for b in blocks:
         if b.kind in ("h2", "h3"):
             out.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
@@ -346,8 +442,10 @@ def render_html(blocks: list[Block], title: str) -> str:
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif b.kind == "figure":
             data = base64.b64encode(b.png).decode()
-            out.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b.text)}'>"
-                       f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
+            out.append(
+                f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b.text)}'>"
+                f"<figcaption>{html.escape(b.text)}</figcaption></figure>"
+            )
     out.append("</body></html>")
     return "\n".join(out)
 

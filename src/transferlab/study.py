@@ -87,10 +87,17 @@ def study_directory(spec: StudySpec, study_dir: str | Path | None) -> Path:
 
 
 def open_storage(url: str) -> RDBStorage:
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are the documented way
+    warnings.filterwarnings(
+        "ignore", category=optuna.exceptions.ExperimentalWarning
+    )  # heartbeats are the documented way
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=HEARTBEAT_SECONDS,
+        grace_period=GRACE_SECONDS,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+    )
 
 
 def storage_url(directory: Path, storage: str | None, spec: StudySpec | None = None) -> str:
@@ -107,18 +114,26 @@ def storage_url(directory: Path, storage: str | None, spec: StudySpec | None = N
 def open_study(spec: StudySpec, directory: Path, url: str) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     direction = "maximize" if spec.metric == "val_accuracy" else "minimize"
-    return optuna.create_study(study_name=spec.name, storage=open_storage(url), direction=direction, load_if_exists=True)
+    return optuna.create_study(
+        study_name=spec.name, storage=open_storage(url), direction=direction, load_if_exists=True
+    )
 
 
 def enqueue_missing(study: optuna.Study, spec: StudySpec, jobs: list[Job]) -> int:
     """Queue each job that has no trial waiting, running or complete (failed ones are queued again)."""
-    present = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False, states=(WAITING, RUNNING, COMPLETE))
-               if t.user_attrs.get("kind") == "run"}
+    present = {
+        t.user_attrs.get("key")
+        for t in study.get_trials(deepcopy=False, states=(WAITING, RUNNING, COMPLETE))
+        if t.user_attrs.get("kind") == "run"
+    }
     added = 0
     for job in jobs:
         if job.key not in present:
-            study.enqueue_trial(params={}, user_attrs={"kind": "run", "key": job.key, "point": job.point, "record": job.record},
-                                skip_if_exists=False)
+            study.enqueue_trial(
+                params={},
+                user_attrs={"kind": "run", "key": job.key, "point": job.point, "record": job.record},
+                skip_if_exists=False,
+            )
             added += 1
     return added
 
@@ -161,16 +176,28 @@ class Worker:
             reported.add(row["epoch"])
 
         result = trainer.fit(on_epoch=on_epoch)
-        for row in result.history:  # a retry resumed from state.pt: the killed attempt reported the first epochs, not this trial
+        for row in (
+            result.history
+        ):  # a retry resumed from state.pt: the killed attempt reported the first epochs, not this trial
             if row["epoch"] not in reported:
                 trial.report(row[metric], row["epoch"])
         elapsed = time.time() - started
-        base_attrs = {"config": config.to_dict(), "input_path": result.feature_path, "run_dir": str(run_dir.relative_to(self.directory))}
+        base_attrs = {
+            "config": config.to_dict(),
+            "input_path": result.feature_path,
+            "run_dir": str(run_dir.relative_to(self.directory)),
+        }
         for epochs in job.record[:-1]:
             self._add_derived(trial, job, epochs, result, base_attrs)
         summary = result.at_epoch(job.record[-1])
-        for name, value in {**base_attrs, "history": summary["history"], "best": summary["best"], "best_epoch": summary["best_epoch"],
-                            "checkpoint": str((run_dir / "best.pt").relative_to(self.directory)), "wall_seconds": elapsed}.items():
+        for name, value in {
+            **base_attrs,
+            "history": summary["history"],
+            "best": summary["best"],
+            "best_epoch": summary["best_epoch"],
+            "checkpoint": str((run_dir / "best.pt").relative_to(self.directory)),
+            "wall_seconds": elapsed,
+        }.items():
             trial.set_user_attr(name, value)
         return summary["best"][metric]
 
@@ -182,13 +209,25 @@ class Worker:
             return
         summary = result.at_epoch(epochs)
         metric = self.spec.metric
-        self.study.add_trial(optuna.trial.create_trial(
-            state=COMPLETE, value=summary["best"][metric],
-            intermediate_values={r["epoch"]: r[metric] for r in summary["history"]},
-            user_attrs={**base_attrs, "kind": "derived", "key": key, "point": point, "source_trial": trial.number,
-                        "history": summary["history"], "best": summary["best"], "best_epoch": summary["best_epoch"],
-                        "checkpoint": str(result.checkpoints[epochs].relative_to(self.directory)),
-                        "wall_seconds": sum(r["seconds"] for r in summary["history"])}))
+        self.study.add_trial(
+            optuna.trial.create_trial(
+                state=COMPLETE,
+                value=summary["best"][metric],
+                intermediate_values={r["epoch"]: r[metric] for r in summary["history"]},
+                user_attrs={
+                    **base_attrs,
+                    "kind": "derived",
+                    "key": key,
+                    "point": point,
+                    "source_trial": trial.number,
+                    "history": summary["history"],
+                    "best": summary["best"],
+                    "best_epoch": summary["best_epoch"],
+                    "checkpoint": str(result.checkpoints[epochs].relative_to(self.directory)),
+                    "wall_seconds": sum(r["seconds"] for r in summary["history"]),
+                },
+            )
+        )
 
     def run(self, wait_for_others: bool) -> None:
         while True:
@@ -227,7 +266,12 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
     if "spec" not in study.user_attrs or study.user_attrs["spec"] != spec.source:
         study.set_user_attr("spec", spec.source)
         study.set_user_attr("spec_path", str(spec_path))
-    study.set_user_attr("command", shlex.join(["transferlab", *sys.argv[1:]]) if sys.argv and "transferlab" in sys.argv[0] else f"run_study({spec_path!r})")
+    study.set_user_attr(
+        "command",
+        shlex.join(["transferlab", *sys.argv[1:]])
+        if sys.argv and "transferlab" in sys.argv[0]
+        else f"run_study({spec_path!r})",
+    )
     jobs = plan_jobs(spec)
     added = enqueue_missing(study, spec, jobs)
     n_points = len(spec.points())
@@ -236,7 +280,18 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
     if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        cmd = [sys.executable, "-m", "transferlab.cli", "study", "worker", str(spec_path), "--dir", str(directory), "--storage", url]
+        cmd = [
+            sys.executable,
+            "-m",
+            "transferlab.cli",
+            "study",
+            "worker",
+            str(spec_path),
+            "--dir",
+            str(directory),
+            "--storage",
+            url,
+        ]
         for text in overrides:
             cmd += ["--set", text]
         procs = [subprocess.Popen(cmd, env=env) for _ in range(workers - 1)]
@@ -260,7 +315,7 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
     return directory
 
 
-# ------------------------------------------------------------------------------ selection and the single test evaluation
+# ---------------------------------------------------------------------- selection and the single test evaluation
 def grid_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """One complete trial per grid point (the newest, should a point have been completed twice)."""
     latest: dict[str, optuna.trial.FrozenTrial] = {}
@@ -273,11 +328,13 @@ def grid_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path) -> dict:
     """Best trial by the study's metric; its checkpoint is evaluated once on the test split."""
     from .data import Split, make_split
-    from .evaluate import evaluate_arrays, load_checkpoint, align_labels
+    from .evaluate import align_labels, evaluate_arrays, load_checkpoint
 
     trials = grid_trials(study)
     if len(trials) < len(spec.points()):
-        raise RuntimeError(f"{len(spec.points()) - len(trials)} grid points are not complete; run the study again to finish them")
+        raise RuntimeError(
+            f"{len(spec.points()) - len(trials)} grid points are not complete; run the study again to finish them"
+        )
     sign = 1 if spec.metric == "val_accuracy" else -1
     best = max(trials, key=lambda t: (sign * t.value, -t.number))
     previous = study.user_attrs.get("test_evaluations", [])
@@ -286,21 +343,42 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path) -> di
     config = RunConfig.from_dict(best.user_attrs["config"])
     images = load_images(config)
     split_file = directory / best.user_attrs["run_dir"] / "split.json"
-    split = Split.from_dict(json.loads(split_file.read_text())) if split_file.exists() else make_split(
-        images.labels, test_fraction=config.test_fraction, val_fraction=config.val_fraction, seed=config.split_seed,
-        limit=config.limit, official_test=config.official_test)
+    split = (
+        Split.from_dict(json.loads(split_file.read_text()))
+        if split_file.exists()
+        else make_split(
+            images.labels,
+            test_fraction=config.test_fraction,
+            val_fraction=config.val_fraction,
+            seed=config.split_seed,
+            limit=config.limit,
+            official_test=config.official_test,
+        )
+    )
     loaded = load_checkpoint(directory / best.user_attrs["checkpoint"], config.device)
     if split.official_test:
         test_x, test_y = images.test_images, images.test_labels
     else:
         test_x, test_y = images.images[split.test], images.labels[split.test]
     result = evaluate_arrays(loaded, test_x, align_labels(loaded, ImageSet(test_x, test_y, images.classes, images.key)))
-    record = {"trial": best.number, "key": best.user_attrs["key"], "point": best.user_attrs["point"],
-              "val_accuracy": best.user_attrs["best"]["val_accuracy"], "val_loss": best.user_attrs["best"]["val_loss"],
-              "test_accuracy": result["accuracy"], "test_loss": result["loss"], "n_test": result["n"],
-              "per_class_accuracy": result["per_class_accuracy"], "confusion_matrix": result["confusion_matrix"],
-              "classes": result["classes"], "metric": spec.metric, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record = {
+        "trial": best.number,
+        "key": best.user_attrs["key"],
+        "point": best.user_attrs["point"],
+        "val_accuracy": best.user_attrs["best"]["val_accuracy"],
+        "val_loss": best.user_attrs["best"]["val_loss"],
+        "test_accuracy": result["accuracy"],
+        "test_loss": result["loss"],
+        "n_test": result["n"],
+        "per_class_accuracy": result["per_class_accuracy"],
+        "confusion_matrix": result["confusion_matrix"],
+        "classes": result["classes"],
+        "metric": spec.metric,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     study.set_user_attr("test_evaluations", previous + [record])
-    log(f"selected trial {best.number} ({record['key']}): val accuracy {record['val_accuracy']:.4f}, "
-        f"test accuracy {record['test_accuracy']:.4f} on {record['n_test']} images (test split used once)")
+    log(
+        f"selected trial {best.number} ({record['key']}): val accuracy {record['val_accuracy']:.4f}, "
+        f"test accuracy {record['test_accuracy']:.4f} on {record['n_test']} images (test split used once)"
+    )
     return record

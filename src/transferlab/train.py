@@ -22,13 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .augment import Preprocess, dataset_statistics, random_crop
 from .config import RunConfig
-from .data import ImageSet, Split, load_images, make_split
+from .data import ImageSet, load_images, make_split
 from .features import FeatureCache, compute_features, feature_key
-from .freezing import active_groups, apply_freezing, frozen_prefix_length, parameter_groups, set_train_mode, trainable_groups
+from .freezing import (
+    active_groups,
+    apply_freezing,
+    frozen_prefix_length,
+    parameter_groups,
+    set_train_mode,
+    trainable_groups,
+)
 from .models import as_sequential, build_model, get_backbone
 from .progress import bar, console
 
@@ -47,9 +53,15 @@ def resolve_device(name: str) -> torch.device:
 def environment(device: torch.device) -> dict:
     import torchvision
 
-    info = {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "numpy": np.__version__, "platform": platform.platform(), "device": str(device),
-            "cpu_threads": torch.get_num_threads()}
+    info = {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -76,7 +88,13 @@ def loss_function(config: RunConfig, num_classes: int) -> Callable[[torch.Tensor
 
 def make_optimizer(config: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            groups,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -119,17 +137,32 @@ class RunResult:
 class Trainer:
     """Holds the model, data and caches for one run; `fit()` runs it. Build with `Trainer(config)`."""
 
-    def __init__(self, config: RunConfig, out_dir: str | Path, *, images: ImageSet | None = None,
-                 feature_cache: FeatureCache | None = None, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        out_dir: str | Path,
+        *,
+        images: ImageSet | None = None,
+        feature_cache: FeatureCache | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         self.config = config
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log = log or (lambda text: console.print(text, highlight=False))
         self.device = resolve_device(config.device)
         self.images = images if images is not None else load_images(config)
-        self.feature_cache = feature_cache if feature_cache is not None else FeatureCache(config.resolved_cache_dir() / "features")
-        self.split = make_split(self.images.labels, test_fraction=config.test_fraction, val_fraction=config.val_fraction,
-                                seed=config.split_seed, limit=config.limit, official_test=config.official_test)
+        self.feature_cache = (
+            feature_cache if feature_cache is not None else FeatureCache(config.resolved_cache_dir() / "features")
+        )
+        self.split = make_split(
+            self.images.labels,
+            test_fraction=config.test_fraction,
+            val_fraction=config.val_fraction,
+            seed=config.split_seed,
+            limit=config.limit,
+            official_test=config.official_test,
+        )
         self.backbone = get_backbone(config.arch)
         self.num_classes = len(self.images.classes)
 
@@ -138,8 +171,9 @@ class Trainer:
         config, device = self.config, self.device
         torch.manual_seed(config.seed)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
-        self.model, self.weights_source = build_model(config.arch, self.num_classes, weights=config.weights,
-                                                      head=config.head, dropout=config.dropout)
+        self.model, self.weights_source = build_model(
+            config.arch, self.num_classes, weights=config.weights, head=config.head, dropout=config.dropout
+        )
         self.trainable = trainable_groups(self.backbone, config.strategy, config.unfreeze)
         apply_freezing(self.model, self.backbone, self.trainable)
         on_cuda = device.type == "cuda"
@@ -171,9 +205,15 @@ class Trainer:
         elif config.cache_features == "off":
             self.feature_path, reason = "images", "cache_features = off"
         elif config.crop_padding:
-            self.feature_path, reason = "images", f"random crop (crop_padding = {config.crop_padding}) changes the frozen prefix's input every epoch"
+            self.feature_path, reason = (
+                "images",
+                f"random crop (crop_padding = {config.crop_padding}) changes the frozen prefix's input every epoch",
+            )
         else:
-            self.feature_path, reason = "cached", f"groups {', '.join(self.backbone.group_names[:self.cut])} are frozen and see no random crop"
+            self.feature_path, reason = (
+                "cached",
+                f"groups {', '.join(self.backbone.group_names[: self.cut])} are frozen and see no random crop",
+            )
             if config.flip or config.tta_flip:
                 reason += "; mirrored views cached too, so flips stay exact"
         self.log(f"input path: {self.feature_path} ({reason})")
@@ -188,14 +228,28 @@ class Trainer:
 
     def _cached_view(self, used: np.ndarray, mirror: bool) -> torch.Tensor:
         p = self.preprocess
-        key = feature_key(self.images.key, self.config.arch, _weights_identity(self.config.weights), self.cut,
-                          p.resolution, p.mean, p.std, mirror, self.autocast, hashlib.sha256(used.tobytes()).hexdigest())
+        key = feature_key(
+            self.images.key,
+            self.config.arch,
+            _weights_identity(self.config.weights),
+            self.cut,
+            p.resolution,
+            p.mean,
+            p.std,
+            mirror,
+            self.autocast,
+            hashlib.sha256(used.tobytes()).hexdigest(),
+        )
         cached = self.feature_cache.get(key)
         if cached is None:
             pixels = self.pixels[torch.from_numpy(used).to(self.device)]
-            options = dict(batch_size=max(self.config.batch_size, 500), device=self.device, mirror=mirror, autocast=self.autocast)
+            options = dict(
+                batch_size=max(self.config.batch_size, 500), device=self.device, mirror=mirror, autocast=self.autocast
+            )
             cached = compute_features(self.prefix, pixels, p, progress=self.config.progress, **options)
-            if not all(torch.isfinite(part).all() for part in cached.split(4096)):  # fp16 overflow: keep full precision instead
+            if not all(
+                torch.isfinite(part).all() for part in cached.split(4096)
+            ):  # fp16 overflow: keep full precision instead
                 cached = compute_features(self.prefix, pixels, p, dtype=torch.float32, progress=False, **options)
             self.feature_cache.put(key, cached)
         return cached.to(self.device)
@@ -232,7 +286,7 @@ class Trainer:
         total_loss, correct, n = 0.0, 0, 0
         batch = max(self.config.batch_size, 500)
         for start in range(0, len(indices), batch):
-            idx = torch.from_numpy(indices[start:start + batch]).to(self.device)
+            idx = torch.from_numpy(indices[start : start + batch]).to(self.device)
             logits = self._logits(idx, train=False).float()
             if self.config.tta_flip:
                 logits = (logits.softmax(1) + self._logits(idx, train=False, mirror=True).float().softmax(1)).log()
@@ -253,9 +307,17 @@ class Trainer:
         record = sorted(set(config.record_epochs) | {config.epochs})
         history, best, best_state, start_epoch, checkpoints = self._resume(record)
         env = environment(self.device)
-        self.log(f"training {config.arch} ({config.strategy}: {', '.join(self.trainable)}) on {len(self.split.train)} images, "
-                 f"validating on {len(self.split.val)}, {config.epochs} epochs at {config.resolution}px, device {self.device}")
-        with bar(config.epochs * len(train_idx), f"{config.strategy} {config.resolution}px", unit="img", enabled=config.progress) as progress:
+        self.log(
+            f"training {config.arch} ({config.strategy}: {', '.join(self.trainable)}) "
+            f"on {len(self.split.train)} images, validating on {len(self.split.val)}, "
+            f"{config.epochs} epochs at {config.resolution}px, device {self.device}"
+        )
+        with bar(
+            config.epochs * len(train_idx),
+            f"{config.strategy} {config.resolution}px",
+            unit="img",
+            enabled=config.progress,
+        ) as progress:
             progress.advance((start_epoch) * len(train_idx))
             for epoch in range(start_epoch + 1, config.epochs + 1):
                 started = time.perf_counter()
@@ -271,7 +333,7 @@ class Trainer:
                     factor = lr_factor(config, (epoch - 1) * steps_per_epoch + step, steps_per_epoch)
                     for group in self.optimizer.param_groups:
                         group["lr"] = group["initial_lr"] * factor
-                    idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+                    idx = order[step * config.batch_size : (step + 1) * config.batch_size]
                     logits = self._logits(idx, train=True)
                     y = self.labels[idx]
                     loss = self.loss_fn(logits, y)
@@ -282,9 +344,15 @@ class Trainer:
                     correct += (logits.detach().argmax(1) == y).sum()
                     progress.advance(len(idx))
                 val = self.evaluate_indices(self.split.val)
-                row = {"epoch": epoch, "train_loss": loss_sum.item() / len(train_idx), "train_accuracy": correct.item() / len(train_idx),
-                       "val_loss": val["loss"], "val_accuracy": val["accuracy"], "seconds": time.perf_counter() - started,
-                       "lr": self.optimizer.param_groups[0]["lr"]}
+                row = {
+                    "epoch": epoch,
+                    "train_loss": loss_sum.item() / len(train_idx),
+                    "train_accuracy": correct.item() / len(train_idx),
+                    "val_loss": val["loss"],
+                    "val_accuracy": val["accuracy"],
+                    "seconds": time.perf_counter() - started,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                }
                 history.append(row)
                 if best is None or row["val_accuracy"] > best["val_accuracy"]:
                     best = row
@@ -294,8 +362,10 @@ class Trainer:
                     path = self.out_dir / f"best-epoch{epoch}.pt"
                     atomic_save(self._checkpoint(best_state, best, env), path)
                     checkpoints[epoch] = path
-                progress.info(f"epoch {epoch}/{config.epochs} loss {row['train_loss']:.3f} acc {row['train_accuracy']:.3f} "
-                              f"val {row['val_accuracy']:.3f}")
+                progress.info(
+                    f"epoch {epoch}/{config.epochs} loss {row['train_loss']:.3f} acc {row['train_accuracy']:.3f} "
+                    f"val {row['val_accuracy']:.3f}"
+                )
                 self._write_metrics(history, best, env)
                 self._save_state(epoch, history, best, best_state, checkpoints)
                 if on_epoch is not None:
@@ -305,26 +375,60 @@ class Trainer:
         return RunResult(self.out_dir, history, best["epoch"], best["val_accuracy"], self.feature_path, checkpoints)
 
     def _write_metrics(self, history, best, env) -> None:
-        atomic_write_json({"config": self.config.to_dict(), "classes": self.images.classes, "history": history,
-                           "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"], "input_path": self.feature_path,
-                           "weights": self.weights_source, "n_train": len(self.split.train), "n_val": len(self.split.val),
-                           "n_test": len(self.split.test), "environment": env, "command": " ".join(sys.argv)},
-                          self.out_dir / "metrics.json")
+        atomic_write_json(
+            {
+                "config": self.config.to_dict(),
+                "classes": self.images.classes,
+                "history": history,
+                "best_epoch": best["epoch"],
+                "best_val_accuracy": best["val_accuracy"],
+                "input_path": self.feature_path,
+                "weights": self.weights_source,
+                "n_train": len(self.split.train),
+                "n_val": len(self.split.val),
+                "n_test": len(self.split.test),
+                "environment": env,
+                "command": " ".join(sys.argv),
+            },
+            self.out_dir / "metrics.json",
+        )
 
     def _checkpoint(self, state, best, env) -> dict:
         c = self.config
-        return {"format": CHECKPOINT_FORMAT, "arch": c.arch, "classes": list(self.images.classes), "head": c.head,
-                "dropout": c.dropout, "resolution": c.resolution, "mean": list(self.preprocess.mean), "std": list(self.preprocess.std),
-                "loss": c.loss, "tta_flip": c.tta_flip, "model": state, "epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
-                "config": c.to_dict(), "weights": self.weights_source, "environment": env}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "arch": c.arch,
+            "classes": list(self.images.classes),
+            "head": c.head,
+            "dropout": c.dropout,
+            "resolution": c.resolution,
+            "mean": list(self.preprocess.mean),
+            "std": list(self.preprocess.std),
+            "loss": c.loss,
+            "tta_flip": c.tta_flip,
+            "model": state,
+            "epoch": best["epoch"],
+            "val_accuracy": best["val_accuracy"],
+            "config": c.to_dict(),
+            "weights": self.weights_source,
+            "environment": env,
+        }
 
     # -------------------------------------------------------------- resuming a killed run
     def _save_state(self, epoch, history, best, best_state, checkpoints) -> None:
-        state = {"epoch": epoch, "history": history, "best": best, "best_state": best_state,
-                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "generator": self.generator.get_state(),
-                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                 "checkpoints": {e: str(p) for e, p in checkpoints.items()}, "config": self.config.to_dict()}
+        state = {
+            "epoch": epoch,
+            "history": history,
+            "best": best,
+            "best_state": best_state,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "generator": self.generator.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "checkpoints": {e: str(p) for e, p in checkpoints.items()},
+            "config": self.config.to_dict(),
+        }
         atomic_save(state, self.out_dir / "state.pt")
 
     def _resume(self, record):
@@ -344,7 +448,13 @@ class Trainer:
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.log(f"resuming from epoch {state['epoch']} ({path})")
-        return state["history"], state["best"], state["best_state"], state["epoch"], {int(e): Path(p) for e, p in state["checkpoints"].items()}
+        return (
+            state["history"],
+            state["best"],
+            state["best_state"],
+            state["epoch"],
+            {int(e): Path(p) for e, p in state["checkpoints"].items()},
+        )
 
 
 def _weights_identity(weights: str) -> str:
