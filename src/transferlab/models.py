@@ -8,6 +8,8 @@ cache all read the same table (see `freezing.py`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,9 +192,39 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def resolve_weights(weights: str) -> str:
+    """'imagenet' means TRANSFERLAB_WEIGHTS when that is set (a local stand-in for offline machines)."""
+    return os.environ.get("TRANSFERLAB_WEIGHTS", weights) if weights == "imagenet" else weights
+
+
+def weights_identity(arch: str, weights: str) -> str:
+    """What the pretrained parameters are, for cache keys and trial identities: the torchvision weights' name,
+    or a file's resolved path with the sha256 of its content ('none' stays 'none')."""
+    weights = resolve_weights(weights)
+    if weights == "none":
+        return "none"
+    if weights == "imagenet":
+        return f"torchvision:{get_backbone(arch).torchvision_weights}"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist: pass --weights imagenet|none|PATH")
+    stat = path.stat()
+    return f"file:{path.resolve()}|{_file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, computed once per (path, size, mtime) in a process."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_backbone_weights(model: nn.Module, backbone: Backbone, weights: str) -> str:
     """Load pretrained weights into everything but the head. Returns a description for the run record."""
-    weights = os.environ.get("TRANSFERLAB_WEIGHTS", weights) if weights == "imagenet" else weights
+    weights = resolve_weights(weights)
     if weights == "none":
         return "none (random initialisation)"
     if weights == "imagenet":
