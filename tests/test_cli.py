@@ -269,8 +269,13 @@ def cifar_run(tmp_path):
 
 
 def test_evaluate_cifar10_uses_the_runs_data_dir(cifar_run, capsys):
+    # the run's own data: the default is its test split (here the official test batch), never the training images
     assert main(["evaluate", str(cifar_run), "--data", "cifar10", "--json", "--device", "cpu"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 50  # the training images
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 20 and result["split"] == "test"
+    assert main(["evaluate", str(cifar_run), "--data", "cifar10", "--split", "all", "--json", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == 50 and "trained on" in captured.err
 
 
 def test_evaluate_official_test_split(cifar_run, capsys):

@@ -73,10 +73,12 @@ def test_predict_files(best, tmp_path):
     assert len(everything) == 3 and sum(t["probability"] for t in everything) == pytest.approx(1, abs=1e-5)
 
 
-def test_predict_unreadable_file(best, tmp_path):
+def test_predict_unreadable_file_is_reported_and_the_others_still_predicted(best, tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"nope")
-    with pytest.raises(DataError, match="bad.jpg"):
-        predict_files(best, [tmp_path / "bad.jpg"], device="cpu")
+    Image.fromarray(noise_image(CLASS_COLOURS["red"], 24, np.random.default_rng(0))).save(tmp_path / "good.png")
+    bad, good = predict_files(best, [tmp_path / "bad.jpg", tmp_path / "good.png"], device="cpu")
+    assert "bad.jpg" in bad["error"] and "top" not in bad
+    assert good["file"].endswith("good.png") and len(good["top"]) == 3
 
 
 def test_load_checkpoint(best):

@@ -37,7 +37,7 @@ def test_trainable_groups_and_frozen_prefix(strategy, unfreeze, expected, prefix
 
 
 def test_partial_cannot_unfreeze_more_than_there_is():
-    with pytest.raises(ValueError, match="only 8 tunable groups"):
+    with pytest.raises(ValueError, match="only 8 groups to unfreeze"):
         trainable_groups(SQUEEZE, "partial", 9)
 
 

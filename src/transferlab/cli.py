@@ -52,70 +52,77 @@ def cmd_train(args) -> int:
 
     config = _run_config(args)
     result = train(config, args.out)
-    best = result.history[result.best_epoch - 1]
+    best = result.best
     print(
-        f"best epoch {result.best_epoch}: val accuracy {best['val_accuracy']:.4f}, val loss {best['val_loss']:.4f} "
-        f"-> {Path(args.out) / 'best.pt'}"
+        f"best epoch {result.best_epoch} (by {config.metric}): val accuracy {best['val_accuracy']:.4f}, "
+        f"val loss {best['val_loss']:.4f} -> {Path(args.out) / 'best.pt'}"
     )
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .data import load_images
-    from .evaluate import evaluate_checkpoint, load_checkpoint
+    """On the run's own data the default is its test split: `--split all` would count the training images."""
+    from .data import ImageSet, Split, load_images, split_arrays, split_for
+    from .evaluate import align_labels, evaluate_arrays, load_checkpoint
 
-    ckpt_config = load_checkpoint(args.checkpoint, "cpu").info["config"]
+    loaded = load_checkpoint(args.checkpoint, args.device)
+    run_config = loaded.info["config"]
     values = {"data": args.data, "progress": not args.json, "skip_bad_images": args.skip_bad_images}
     if args.data_dir:  # else the run's own --data-dir
         values["data_dir"] = args.data_dir
-    config = RunConfig.from_dict(values, base=RunConfig.from_dict(ckpt_config))
+    config = RunConfig.from_dict(values, base=RunConfig.from_dict(run_config))
     data = load_images(config)
-    indices = None
-    if args.split != "all":
-        from .data import make_split
-
-        split = _checkpoint_split(args.checkpoint) if args.data == ckpt_config["data"] else None
-        if split is None:
-            split = make_split(
-                data.labels,
-                test_fraction=config.test_fraction,
-                val_fraction=config.val_fraction,
-                seed=config.split_seed,
-                limit=config.limit,
-                official_test=config.official_test,
+    own = data.key == loaded.info["data"] if loaded.info.get("data") else args.data == run_config["data"]
+    name = args.split or ("test" if own else "all")
+    if name == "all":
+        images, labels = data.images, data.labels
+        if own:
+            print(
+                "transferlab: note: --split all on the run's own data includes the images it was trained on",
+                file=sys.stderr,
             )
-        indices = getattr(split, args.split)
-        if args.split == "test" and split.official_test and data.test_images is not None:  # the source's own test set
-            from .data import ImageSet
-
-            data, indices = ImageSet(data.test_images, data.test_labels, data.classes, data.key), None
-    result = evaluate_checkpoint(args.checkpoint, data, indices=indices, device=args.device)
+    else:
+        saved = Path(args.checkpoint).parent / "split.json"
+        split = Split.from_dict(json.loads(saved.read_text())) if own and saved.is_file() else split_for(data, config)
+        images, labels = split_arrays(data, split, name)
+    result = evaluate_arrays(loaded, images, align_labels(loaded, ImageSet(images, labels, data.classes, data.key)))
+    result["split"] = name
     if args.json:
         print(json.dumps(result))
     else:
-        from .report import print_evaluation
-
         print_evaluation(result)
     return 0
 
 
-def _checkpoint_split(checkpoint: str):
-    from .data import Split
+def print_evaluation(result: dict) -> None:
+    """A rich table of per-class accuracy under the overall figures."""
+    from rich.console import Console
+    from rich.table import Table
 
-    path = Path(checkpoint).parent / "split.json"
-    return Split.from_dict(json.loads(path.read_text())) if path.exists() else None
+    title = f"{result['split']} split: accuracy {result['accuracy']:.4f}   loss {result['loss']:.4f}   n {result['n']}"
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, value in result["per_class_accuracy"].items():
+        table.add_row(name, "-" if value is None else f"{value:.4f}")
+    Console().print(table)
 
 
 def cmd_predict(args) -> int:
+    """Prints the good files' classes; a file that cannot be read is one error line, and the exit status is 1."""
     from .evaluate import predict_files
 
     results = predict_files(args.checkpoint, args.images, top=args.top, device=args.device)
+    failed = [r for r in results if "error" in r]
     if args.json:
         print(json.dumps(results))
-        return 0
-    for r in results:
-        print(r["file"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
-    return 0
+    else:
+        for r in results:
+            if "top" in r:
+                print(r["file"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+    for r in failed:
+        print(f"transferlab: error: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_models(args) -> int:
@@ -175,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where a local cifar-10-batches-py lies (for --data cifar10)")
     p.add_argument(
         "--split",
-        default="all",
+        default=None,
         choices=("all", "train", "val", "test"),
-        help="evaluate every image (default), or one split (the run's own split.json when --data is the training data)",
+        help="which images: the run's own data defaults to its test split (from the run's split.json); "
+        "other data defaults to all of it",
     )
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a counted warning")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
@@ -233,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .evaluate import CheckpointError
     from .models import WeightsError
+    from .train import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
@@ -240,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, WeightsError, CheckpointError) as error:
         print(f"transferlab: error: {error}", file=sys.stderr)
         return 2
+    except TrainingError as error:
+        print(f"transferlab: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "transferlab: interrupted (finished epochs and trials are saved; run the same command to resume)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 import typing
@@ -139,6 +140,11 @@ class RunConfig:
     record_epochs: list = _opt(
         [], "also record metrics and the best checkpoint at these epochs (shared epoch prefixes)"
     )
+    metric: str = _opt(
+        "val_accuracy",
+        "what picks the best epoch and its checkpoint (a study sets it from its own `metric`)",
+        choices=("val_accuracy", "val_loss"),
+    )
     progress: bool = _opt(True, "show a progress bar")
 
     # ------------------------------------------------------------------ loading
@@ -166,6 +172,8 @@ class RunConfig:
                 )
             if value is None or isinstance(value, (bool, str, list)):
                 continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{where}{f.name} = {value!r}: must be a finite number")
             if meta.get("min") is not None and value < meta["min"]:
                 raise ConfigError(f"{where}{f.name} = {value!r}: must be >= {meta['min']}")
             if meta.get("max") is not None and value > meta["max"]:
@@ -177,6 +185,15 @@ class RunConfig:
             )
         if any(not isinstance(e, int) or e < 1 for e in self.record_epochs):
             raise ConfigError(f"{where}record_epochs = {self.record_epochs!r}: expected positive integers")
+        if any(e > self.epochs for e in self.record_epochs):
+            raise ConfigError(
+                f"{where}record_epochs = {self.record_epochs!r}: beyond epochs = {self.epochs}, never reached"
+            )
+        if self.official_test and self.data != "cifar10":
+            raise ConfigError(
+                f"{where}official_test: only the cifar10 source has an official test split; "
+                f"for {self.data} use test_fraction"
+            )
         if self.feature_shift and self.strategy == "full":
             raise ConfigError(
                 f"{where}feature_shift = {self.feature_shift}: strategy 'full' freezes nothing whose output could be "
@@ -185,6 +202,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def training_dict(self) -> dict[str, Any]:
+        """The settings that decide a run's numbers: all but where caches live and whether a bar is drawn."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("progress", "cache_dir")}
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir or default_cache_dir()).expanduser()
@@ -355,4 +376,4 @@ class StudySpec:
     def config_for(self, point: dict[str, Any]) -> RunConfig:
         point = dict(point)
         variant = self.variants.get(point.pop("variant", None), {})
-        return RunConfig.from_dict({**variant, **point}, base=self.base)
+        return RunConfig.from_dict({**variant, **point, "metric": self.metric}, base=self.base)

@@ -320,3 +320,39 @@ def make_split(
         )
     train, val = _stratified_take(indices, labels, max(int(round(val_fraction * n)), len(np.unique(labels))), seed + 1)
     return Split(train, val, test, official_test=official_test)
+
+
+def split_for(images: ImageSet, config) -> Split:
+    """The one way a run's data is divided: validated, seeded, stratified (see make_split)."""
+    if len(images.classes) < 2:
+        raise DataError(
+            f"{config.data} has {len(images.classes)} class ({', '.join(images.classes)}): "
+            "a classifier needs at least 2"
+        )
+    if config.official_test and images.test_images is None:
+        raise DataError(f"official_test: {config.data} has no official test split; use test_fraction")
+    return make_split(
+        images.labels,
+        test_fraction=config.test_fraction,
+        val_fraction=config.val_fraction,
+        seed=config.split_seed,
+        limit=config.limit,
+        official_test=config.official_test,
+    )
+
+
+def split_arrays(images: ImageSet, split: Split, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of one part of a split: train, val, or test (the source's own test set when the run used
+    it). A run that held out no test images says so rather than score an empty set."""
+    if name == "test" and split.official_test:
+        if images.test_images is None:
+            raise DataError("the run used an official test split, which this data source does not have")
+        return images.test_images, images.test_labels
+    indices = getattr(split, name)
+    if len(indices) == 0:
+        raise DataError(
+            f"no {name} split: the run held out no {name} images (test_fraction = 0)"
+            if name == "test"
+            else f"no {name} split: it holds no images"
+        )
+    return images.images[indices], images.labels[indices]

@@ -1,8 +1,15 @@
-"""Checkpoints in use: evaluate on a data set (accuracy, loss, per-class accuracy, confusion
-matrix) and predict the classes of image files."""
+"""One evaluation path for validation during training, `evaluate` and `predict`.
+
+Scoring: class probabilities (the mean of the image's and its mirror's under flip TTA), then accuracy and the
+run's own loss computed from them. Precision: the checkpoint records how validation ran (bf16 autocast, and the
+dtype of the frozen groups' cached output), and evaluation repeats it, so `evaluate best.pt --split val`
+reproduces the validation figures the trainer recorded.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,24 +19,81 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import Preprocess
+from .checkpoint import CheckpointError, read_checkpoint
+from .config import ConfigError
 from .data import DataError, ImageSet, decode_image
-from .models import build_model
-from .train import CHECKPOINT_FORMAT, resolve_device
+from .models import as_sequential, build_model, get_backbone, resolve_device
+
+__all__ = ["CheckpointError", "LoadedModel", "evaluate_checkpoint", "load_checkpoint", "predict_files"]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing or not one of ours (message is one line)."""
+# ------------------------------------------------------------------------------ the shared scoring
+def suffix_logits(suffix: nn.Module, features: torch.Tensor, *, autocast: bool) -> torch.Tensor:
+    """The trainable part on (cached or computed) frozen-group output, in the run's precision; float32 logits."""
+    with torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=autocast):
+        return suffix(features).float()
 
 
+def tta_probabilities(logits_of: Callable[..., torch.Tensor], tta_flip: bool) -> torch.Tensor:
+    """Softmax of the images' logits, averaged with their mirrors' under flip TTA. logits_of(mirror=...) -> logits."""
+    probs = logits_of(mirror=False).softmax(1)
+    return (probs + logits_of(mirror=True).softmax(1)) / 2 if tta_flip else probs
+
+
+def probability_loss(probs: torch.Tensor, y: torch.Tensor, *, loss: str, label_smoothing: float) -> torch.Tensor:
+    """The run's criterion on probabilities: mean squared error to one-hot, or (smoothed) cross-entropy."""
+    if loss == "mse":
+        return F.mse_loss(probs, F.one_hot(y, probs.shape[1]).float())
+    return F.cross_entropy(probs.clamp_min(1e-12).log(), y, label_smoothing=label_smoothing)
+
+
+def scores(probs: torch.Tensor, y: torch.Tensor, classes: list[str], *, loss: str, label_smoothing: float) -> dict:
+    """Accuracy, loss, n, per-class accuracy and confusion matrix of (N, K) probabilities against labels."""
+    if len(y) == 0:
+        raise DataError("nothing to evaluate: the selected split holds no images")
+    k = len(classes)
+    pred = probs.argmax(1)
+    confusion = torch.zeros(k, k, dtype=torch.long, device=y.device)
+    confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+    confusion = confusion.cpu()
+    per_class = {
+        c: (confusion[i, i].item() / confusion[i].sum().item()) if confusion[i].sum() else None
+        for i, c in enumerate(classes)
+    }
+    return {
+        "accuracy": (pred == y).float().mean().item(),
+        "loss": probability_loss(probs, y, loss=loss, label_smoothing=label_smoothing).item(),
+        "n": len(y),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "classes": classes,
+    }
+
+
+# ------------------------------------------------------------------------------ checkpoints in use
 @dataclass
 class LoadedModel:
     model: nn.Module
+    prefix: nn.Module  # the groups that were frozen (their output cached) during training
+    suffix: nn.Module
     preprocess: Preprocess
     classes: list[str]
     loss: str
+    label_smoothing: float
     tta_flip: bool
+    autocast: bool
+    feature_dtype: torch.dtype | None  # the cached prefix output's dtype, or None when training computed it
     device: torch.device
     info: dict
+
+    def logits(self, batch: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+        """uint8 (N, H, W, 3) on the device -> float32 logits, computed as validation computed them."""
+        x = self.preprocess(batch, mirror=mirror)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            h = self.prefix(x)
+        if self.feature_dtype is not None:  # the cache held this precision, so validation saw it
+            h = h.to(self.feature_dtype).float()
+        return suffix_logits(self.suffix, h, autocast=self.autocast)
 
     @torch.no_grad()
     def probabilities(
@@ -43,33 +107,44 @@ class LoadedModel:
         out = []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                p = self.model(self.preprocess(batch)).float().softmax(1)
-                if tta:
-                    p = (p + self.model(self.preprocess(batch, mirror=True)).float().softmax(1)) / 2
-            out.append(p.float().cpu())
+            out.append(tta_probabilities(functools.partial(self.logits, batch), tta).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 
 
 def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(error).splitlines()[0][:200]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a transferlab checkpoint (expected format {CHECKPOINT_FORMAT})")
+    ckpt = read_checkpoint(path)
     dev = resolve_device(device)
     model, _ = build_model(
         ckpt["arch"], len(ckpt["classes"]), weights="none", head=ckpt["head"], dropout=ckpt["dropout"]
     )
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {path} does not fit {ckpt['arch']}: {str(error).splitlines()[0]}") from None
     model.to(dev, memory_format=torch.channels_last).eval()
+    backbone = get_backbone(ckpt["arch"])
+    cut = ckpt.get("cut", 0)
     preprocess = Preprocess(tuple(ckpt["mean"]), tuple(ckpt["std"]), ckpt["resolution"], channels_last=True)
-    info = {k: ckpt[k] for k in ("arch", "epoch", "val_accuracy", "resolution", "weights", "config")}
-    return LoadedModel(model, preprocess, ckpt["classes"], ckpt["loss"], ckpt.get("tta_flip", False), dev, info)
+    config = ckpt["config"]
+    dtype = ckpt.get("feature_dtype")
+    info = {
+        k: ckpt.get(k)
+        for k in ("arch", "epoch", "metric", "val_accuracy", "val_loss", "resolution", "weights", "config", "data")
+    }
+    return LoadedModel(
+        model,
+        as_sequential(model, backbone, 0, cut),
+        as_sequential(model, backbone, cut),
+        preprocess,
+        ckpt["classes"],
+        ckpt["loss"],
+        ckpt.get("label_smoothing", config.get("label_smoothing", 0.0)),
+        ckpt.get("tta_flip", False),
+        ckpt.get("autocast", dev.type == "cuda"),
+        getattr(torch, dtype) if dtype else None,
+        dev,
+        info,
+    )
 
 
 def align_labels(loaded: LoadedModel, data: ImageSet) -> np.ndarray:
@@ -85,29 +160,10 @@ def align_labels(loaded: LoadedModel, data: ImageSet) -> np.ndarray:
 
 def evaluate_arrays(loaded: LoadedModel, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> dict:
     """Accuracy, loss (the checkpoint's loss), per-class accuracy and confusion matrix."""
-    k = len(loaded.classes)
     probs = loaded.probabilities(images, batch_size)
-    y = torch.as_tensor(labels)
-    if loaded.loss == "mse":
-        loss = F.mse_loss(probs, F.one_hot(y, k).float()).item()
-    else:  # the run's own criterion, so a test loss compares with its validation loss
-        smoothing = loaded.info["config"].get("label_smoothing", 0.0)
-        loss = F.cross_entropy(probs.clamp_min(1e-12).log(), y, label_smoothing=smoothing).item()
-    pred = probs.argmax(1)
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
-    per_class = {
-        c: (confusion[i, i].item() / confusion[i].sum().item()) if confusion[i].sum() else None
-        for i, c in enumerate(loaded.classes)
-    }
-    return {
-        "accuracy": (pred == y).float().mean().item() if len(y) else 0.0,
-        "loss": loss,
-        "n": len(y),
-        "per_class_accuracy": per_class,
-        "confusion_matrix": confusion.tolist(),
-        "classes": loaded.classes,
-    }
+    return scores(
+        probs, torch.as_tensor(labels), loaded.classes, loss=loaded.loss, label_smoothing=loaded.label_smoothing
+    )
 
 
 def evaluate_checkpoint(
@@ -127,13 +183,20 @@ def evaluate_checkpoint(
 
 
 def predict_files(checkpoint: str | Path, files: list[str | Path], *, top: int = 3, device: str = "auto") -> list[dict]:
+    """Top classes per file; a file that cannot be read gets {"file", "error"} and the others are still predicted."""
+    if top < 1:
+        raise ConfigError(f"--top {top}: expected a positive number of classes")
     loaded = load_checkpoint(checkpoint, device)
     results = []
     for path in files:
-        image = decode_image(Path(path))
-        side = min(image.shape[:2])
-        if image.shape[0] != image.shape[1]:  # centre square; the preprocessing resizes it as in training
-            image = decode_image(Path(path), (side, side))
+        try:
+            image = decode_image(Path(path))
+            side = min(image.shape[:2])
+            if image.shape[0] != image.shape[1]:  # centre square; the preprocessing resizes it as in training
+                image = decode_image(Path(path), (side, side))
+        except DataError as error:
+            results.append({"file": str(path), "error": str(error)})
+            continue
         probs = loaded.probabilities(image[None])[0]
         values, order = probs.topk(min(top, len(loaded.classes)))
         results.append(

@@ -9,6 +9,7 @@ process and spilled to disk for the next process.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -20,9 +21,41 @@ from torch import nn
 from .augment import Preprocess
 from .progress import bar
 
+FEATURE_CACHE_FORMAT = 2
 
-def feature_key(*parts) -> str:
-    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:24]
+
+def feature_key(
+    *,
+    data: str,
+    rows: np.ndarray,
+    arch: str,
+    weights: str,
+    cut: int,
+    preprocess: Preprocess,
+    mirror: bool,
+    autocast: bool,
+    device: torch.device,
+) -> str:
+    """The one key of cached activations, built from everything they depend on: the decoded images (`data`, the
+    decode cache's key) and which of them (`rows`), the network up to the cut (architecture, weights identity from
+    `models.weights_identity`, with the seed for random initialisation), the input transform, mirroring,
+    precision, the device type, the torch version, and this cache's format."""
+    parts = {
+        "format": FEATURE_CACHE_FORMAT,
+        "torch": torch.__version__,
+        "device": device.type,
+        "data": data,
+        "rows": hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest(),
+        "arch": arch,
+        "weights": weights,
+        "cut": cut,
+        "resolution": preprocess.resolution,
+        "mean": list(preprocess.mean),
+        "std": list(preprocess.std),
+        "mirror": mirror,
+        "autocast": autocast,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 class FeatureCache:

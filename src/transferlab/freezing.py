@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .config import ConfigError
 from .models import Backbone, group_modules
 
 
@@ -20,10 +21,13 @@ def trainable_groups(backbone: Backbone, strategy: str, unfreeze: int = 2) -> li
         return list(names)
     if strategy == "partial":
         if unfreeze > len(backbone.tunable):
-            raise ValueError(f"unfreeze = {unfreeze}: {backbone.name} has only {len(backbone.tunable)} tunable groups")
+            raise ConfigError(
+                f"unfreeze = {unfreeze}: {backbone.name} has only {len(backbone.tunable)} groups to unfreeze "
+                f"({', '.join(backbone.tunable)}); use strategy = full to train everything"
+            )
         first = names.index(backbone.tunable[-unfreeze])
         return names[first:]
-    raise ValueError(f"unknown strategy {strategy!r}: frozen, partial or full")
+    raise ConfigError(f"unknown strategy {strategy!r}: frozen, partial or full")
 
 
 def frozen_prefix_length(backbone: Backbone, trainable: list[str]) -> int:

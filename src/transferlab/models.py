@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import read_torch_file
+from .config import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -50,6 +53,14 @@ REGISTRY: dict[str, Backbone] = {}
 def register(backbone: Backbone) -> Backbone:
     REGISTRY[backbone.name] = backbone
     return backbone
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = cuda: no CUDA device is available here (use --device cpu or auto)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def get_backbone(name: str) -> Backbone:
@@ -179,12 +190,9 @@ def _torchvision_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
+    if not path.exists():
         raise WeightsError(f"weights file {path} does not exist: pass --weights imagenet|none|PATH")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - pickle errors, truncated files, foreign formats
-        raise WeightsError(f"cannot read weights file {path}: {str(error).splitlines()[0][:200]}") from None
+    state = read_torch_file(path, "weights file", WeightsError)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a transferlab checkpoint or a similar wrapper
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -197,15 +205,18 @@ def resolve_weights(weights: str) -> str:
     return os.environ.get("TRANSFERLAB_WEIGHTS", weights) if weights == "imagenet" else weights
 
 
-def weights_identity(arch: str, weights: str) -> str:
-    """What the pretrained parameters are, for cache keys and trial identities: the torchvision weights' name,
-    or a file's resolved path with the sha256 of its content ('none' stays 'none')."""
+def weights_identity(arch: str, weights: str, seed: int | None = None) -> str:
+    """What the starting parameters are, for cache keys and trial identities: the torchvision weights' name, or a
+    file's resolved path with the sha256 of its content. Random initialisation ('none') is identified by the
+    seed it was drawn with, when given."""
     weights = resolve_weights(weights)
     if weights == "none":
-        return "none"
+        return "none" if seed is None else f"none|seed={seed}"
     if weights == "imagenet":
         return f"torchvision:{get_backbone(arch).torchvision_weights}"
     path = Path(weights).expanduser()
+    if path.is_dir():
+        raise WeightsError(f"weights file {path} is a directory, not a file")
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist: pass --weights imagenet|none|PATH")
     stat = path.stat()

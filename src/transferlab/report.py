@@ -460,16 +460,3 @@ def write_report(directory: str | Path, storage: str | None = None, study_name: 
     md.write_text(f"# transferlab report: {data.name}\n\n" + render_markdown(blocks, figure_dir))
     page.write_text(render_html([Block("h2", f"transferlab report: {data.name}")] + blocks, data.name))
     return [md, page]
-
-
-def print_evaluation(result: dict) -> None:
-    """A rich table for `transferlab evaluate` without --json."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"accuracy {result['accuracy']:.4f}   loss {result['loss']:.4f}   n {result['n']}")
-    table.add_column("class")
-    table.add_column("accuracy", justify="right")
-    for name, value in result["per_class_accuracy"].items():
-        table.add_row(name, "-" if value is None else f"{value:.4f}")
-    Console().print(table)

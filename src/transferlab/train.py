@@ -8,10 +8,10 @@ epochs train only the rest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from .augment import Preprocess, dataset_statistics, random_crop
-from .config import RunConfig
-from .data import ImageSet, load_images, make_split
+from .checkpoint import CHECKPOINT_FORMAT, atomic_save, atomic_write_json, read_torch_file, writable_folder
+from .config import ConfigError, RunConfig
+from .data import ImageSet, load_images, split_for
+from .evaluate import scores, suffix_logits, tta_probabilities
 from .features import FeatureCache, compute_features, feature_key
 from .freezing import (
     active_groups,
@@ -35,21 +37,11 @@ from .freezing import (
     set_train_mode,
     trainable_groups,
 )
-from .models import as_sequential, build_model, get_backbone
+from .models import as_sequential, build_model, get_backbone, resolve_device, weights_identity
 from .progress import bar, console
-
-CHECKPOINT_FORMAT = "transferlab-checkpoint-1"
 
 
 # ------------------------------------------------------------------------------ small helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def environment(device: torch.device) -> dict:
     import torchvision
 
@@ -65,19 +57,6 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def loss_function(config: RunConfig, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -116,26 +95,58 @@ def lr_factor(config: RunConfig, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
+class TrainingError(RuntimeError):
+    """A run cannot go on (its loss is no longer finite); the message is one line."""
+
+
 # ------------------------------------------------------------------------------ results
+def improves(row: dict, best: dict | None, metric: str) -> bool:
+    """Is this epoch better than the best so far by the selection metric? (Ties keep the earlier epoch.)"""
+    if best is None:
+        return True
+    return row[metric] < best[metric] if metric == "val_loss" else row[metric] > best[metric]
+
+
 @dataclass
 class RunResult:
     out_dir: Path
     history: list[dict]
     best_epoch: int
-    best_val_accuracy: float
+    metric: str
     feature_path: str
     checkpoints: dict[int, Path] = field(default_factory=dict)  # recorded epoch -> best checkpoint up to it
+
+    @property
+    def best(self) -> dict:
+        return self.history[self.best_epoch - 1]
+
+    @property
+    def best_val_accuracy(self) -> float:
+        return self.best["val_accuracy"]
 
     def at_epoch(self, epoch: int) -> dict:
         """Metrics as a run of `epoch` epochs would report them (best checkpoint chosen within them)."""
         rows = self.history[:epoch]
-        best = max(rows, key=lambda r: r["val_accuracy"])
+        best = None
+        for row in rows:
+            best = row if improves(row, best, self.metric) else best
         return {"epochs": epoch, "history": rows, "best_epoch": best["epoch"], "best": best}
+
+
+@dataclass
+class RunState:
+    """Where a run stands after its last finished epoch; saved as state.pt so a killed run resumes there."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    best_state: dict | None = None  # the best epoch's weights (CPU)
+    checkpoints: dict[int, Path] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ the run
 class Trainer:
-    """Holds the model, data and caches for one run; `fit()` runs it. Build with `Trainer(config)`."""
+    """Holds the model, data and caches for one run; `fit()` runs it. Build with `Trainer(config, out_dir)`."""
 
     def __init__(
         self,
@@ -147,24 +158,25 @@ class Trainer:
         log: Callable[[str], None] | None = None,
     ):
         self.config = config
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log = log or (lambda text: console.print(text, highlight=False))
         self.device = resolve_device(config.device)
+        self.backbone = get_backbone(config.arch)
+        self.trainable = trainable_groups(self.backbone, config.strategy, config.unfreeze)
+        self.out_dir = self._output_folder(out_dir)
+        writable_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)", ConfigError)
         self.images = images if images is not None else load_images(config)
+        self.split = split_for(self.images, config)
         self.feature_cache = (
             feature_cache if feature_cache is not None else FeatureCache(config.resolved_cache_dir() / "features")
         )
-        self.split = make_split(
-            self.images.labels,
-            test_fraction=config.test_fraction,
-            val_fraction=config.val_fraction,
-            seed=config.split_seed,
-            limit=config.limit,
-            official_test=config.official_test,
-        )
-        self.backbone = get_backbone(config.arch)
         self.num_classes = len(self.images.classes)
+
+    def _output_folder(self, out_dir: str | Path) -> Path:
+        data = Path(self.config.data).expanduser()
+        target = Path(out_dir).expanduser()
+        if self.config.data != "cifar10" and data.is_dir() and target.resolve().is_relative_to(data.resolve()):
+            raise ConfigError(f"--out {target} lies inside the data folder {data}: its files would be read as data")
+        return writable_folder(target, "--out", ConfigError)
 
     # -------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -174,12 +186,10 @@ class Trainer:
         self.model, self.weights_source = build_model(
             config.arch, self.num_classes, weights=config.weights, head=config.head, dropout=config.dropout
         )
-        self.trainable = trainable_groups(self.backbone, config.strategy, config.unfreeze)
         apply_freezing(self.model, self.backbone, self.trainable)
-        on_cuda = device.type == "cuda"
         # channels_last: faster convolutions on CUDA and, measured here, on CPU too (oneDNN)
         self.model.to(device, memory_format=torch.channels_last)
-        self.autocast = config.amp == "on" or (config.amp == "auto" and on_cuda)
+        self.autocast = config.amp == "on" or (config.amp == "auto" and device.type == "cuda")
         if config.normalize == "dataset":
             mean, std = dataset_statistics(self.images.images[self.split.train])
         else:
@@ -205,19 +215,16 @@ class Trainer:
         elif config.cache_features == "off":
             self.feature_path, reason = "images", "cache_features = off"
         elif config.crop_padding:
-            self.feature_path, reason = (
-                "images",
-                f"random crop (crop_padding = {config.crop_padding}) changes the frozen prefix's input every epoch",
-            )
+            self.feature_path = "images"
+            reason = f"random crop (crop_padding = {config.crop_padding}) changes the frozen prefix's input every epoch"
         else:
-            self.feature_path, reason = (
-                "cached",
-                f"groups {', '.join(self.backbone.group_names[: self.cut])} are frozen and see no random crop",
-            )
+            self.feature_path = "cached"
+            reason = f"groups {', '.join(self.backbone.group_names[: self.cut])} are frozen and see no random crop"
             if config.flip or config.tta_flip:
                 reason += "; mirrored views cached too, so flips stay exact"
         self.log(f"input path: {self.feature_path} ({reason})")
         self.pixels = torch.from_numpy(self.images.images).to(self.device)
+        self.feature_dtype = None
         if self.feature_path == "cached":
             used = np.union1d(self.split.train, self.split.val)
             self.view_index = torch.full((len(self.images),), -1, dtype=torch.long)
@@ -225,32 +232,32 @@ class Trainer:
             self.view_index = self.view_index.to(self.device)
             mirrors = [False, True] if (config.flip or config.tta_flip) else [False]
             self.views = [self._cached_view(used, m) for m in mirrors]
+            self.feature_dtype = self.views[0].dtype
 
     def _cached_view(self, used: np.ndarray, mirror: bool) -> torch.Tensor:
-        p = self.preprocess
+        config = self.config
         key = feature_key(
-            self.images.key,
-            self.config.arch,
-            _weights_identity(self.config.weights),
-            self.cut,
-            p.resolution,
-            p.mean,
-            p.std,
-            mirror,
-            self.autocast,
-            hashlib.sha256(used.tobytes()).hexdigest(),
+            data=self.images.key,
+            rows=used,
+            arch=config.arch,
+            weights=weights_identity(config.arch, config.weights, seed=config.seed),
+            cut=self.cut,
+            preprocess=self.preprocess,
+            mirror=mirror,
+            autocast=self.autocast,
+            device=self.device,
         )
         cached = self.feature_cache.get(key)
         if cached is None:
             pixels = self.pixels[torch.from_numpy(used).to(self.device)]
             options = dict(
-                batch_size=max(self.config.batch_size, 500), device=self.device, mirror=mirror, autocast=self.autocast
+                batch_size=max(config.batch_size, 500), device=self.device, mirror=mirror, autocast=self.autocast
             )
-            cached = compute_features(self.prefix, pixels, p, progress=self.config.progress, **options)
-            if not all(
-                torch.isfinite(part).all() for part in cached.split(4096)
-            ):  # fp16 overflow: keep full precision instead
-                cached = compute_features(self.prefix, pixels, p, dtype=torch.float32, progress=False, **options)
+            cached = compute_features(self.prefix, pixels, self.preprocess, progress=config.progress, **options)
+            if not all(torch.isfinite(part).all() for part in cached.split(4096)):  # fp16 overflow: keep fp32
+                cached = compute_features(
+                    self.prefix, pixels, self.preprocess, dtype=torch.float32, progress=False, **options
+                )
             self.feature_cache.put(key, cached)
         return cached.to(self.device)
 
@@ -277,193 +284,251 @@ class Trainer:
 
     def _logits(self, idx: torch.Tensor, *, train: bool, mirror: bool = False) -> torch.Tensor:
         x = self._inputs(idx, train=train, mirror=mirror)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.step_suffix(x) if train else self.suffix(x)
+        return suffix_logits(self.step_suffix if train else self.suffix, x, autocast=self.autocast)
 
     @torch.no_grad()
     def evaluate_indices(self, indices: np.ndarray) -> dict:
+        """Validation, scored by the same code as `evaluate` (evaluate.py)."""
         self.model.eval()
-        total_loss, correct, n = 0.0, 0, 0
-        batch = max(self.config.batch_size, 500)
+        batch, probs = max(self.config.batch_size, 500), []
         for start in range(0, len(indices), batch):
             idx = torch.from_numpy(indices[start : start + batch]).to(self.device)
-            logits = self._logits(idx, train=False).float()
-            if self.config.tta_flip:
-                logits = (logits.softmax(1) + self._logits(idx, train=False, mirror=True).float().softmax(1)).log()
-            y = self.labels[idx]
-            total_loss += self.loss_fn(logits, y).item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-            n += len(idx)
-        return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "n": n}
+            logits_of = functools.partial(self._logits, idx, train=False)
+            probs.append(tta_probabilities(logits_of, self.config.tta_flip))
+        y = self.labels[torch.from_numpy(indices).to(self.device)]
+        return scores(
+            torch.cat(probs), y, self.images.classes, loss=self.config.loss, label_smoothing=self.config.label_smoothing
+        )
 
     # -------------------------------------------------------------- the loop
     def fit(self, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
         config = self.config
         self._setup()
+        state = self._resume()
+        if state.epoch == 0:
+            self._clear_outputs()
         atomic_write_json(config.to_dict(), self.out_dir / "config.json")
         atomic_write_json(self.split.to_dict(), self.out_dir / "split.json")
-        train_idx = torch.from_numpy(self.split.train).to(self.device)
-        steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
-        record = sorted(set(config.record_epochs) | {config.epochs})
-        history, best, best_state, start_epoch, checkpoints = self._resume(record)
         env = environment(self.device)
-        self.log(
-            f"training {config.arch} ({config.strategy}: {', '.join(self.trainable)}) "
-            f"on {len(self.split.train)} images, validating on {len(self.split.val)}, "
-            f"{config.epochs} epochs at {config.resolution}px, device {self.device}"
-        )
+        n_train = len(self.split.train)
+        if state.epoch < config.epochs:
+            self.log(
+                f"training {config.arch} ({config.strategy}: {', '.join(self.trainable)}) on {n_train} images, "
+                f"validating on {len(self.split.val)}, {config.epochs} epochs at {config.resolution}px, "
+                f"device {self.device}"
+            )
         with bar(
-            config.epochs * len(train_idx),
+            config.epochs * n_train,
             f"{config.strategy} {config.resolution}px",
             unit="img",
-            enabled=config.progress,
+            enabled=config.progress and state.epoch < config.epochs,
         ) as progress:
-            progress.advance((start_epoch) * len(train_idx))
-            for epoch in range(start_epoch + 1, config.epochs + 1):
+            progress.advance(state.epoch * n_train)
+            for epoch in range(state.epoch + 1, config.epochs + 1):
                 started = time.perf_counter()
-                # The prefix cut and the optimiser follow the strategy's full set of groups; gradual unfreezing only
-                # withholds gradients from the deeper ones (the optimiser skips parameters without a gradient).
-                active = active_groups(self.trainable, epoch, config.gradual_unfreeze)
-                apply_freezing(self.model, self.backbone, active)
-                set_train_mode(self.model, self.backbone, active)
-                order = train_idx[torch.randperm(len(train_idx), device=self.device, generator=self.generator)]
-                loss_sum = torch.zeros((), device=self.device)
-                correct = torch.zeros((), device=self.device, dtype=torch.long)
-                for step in range(steps_per_epoch):
-                    factor = lr_factor(config, (epoch - 1) * steps_per_epoch + step, steps_per_epoch)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = group["initial_lr"] * factor
-                    idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-                    logits = self._logits(idx, train=True)
-                    y = self.labels[idx]
-                    loss = self.loss_fn(logits, y)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
-                    loss_sum += loss.detach() * len(idx)
-                    correct += (logits.detach().argmax(1) == y).sum()
-                    progress.advance(len(idx))
+                train_loss, train_accuracy = self._train_epoch(epoch, progress)
                 val = self.evaluate_indices(self.split.val)
                 row = {
                     "epoch": epoch,
-                    "train_loss": loss_sum.item() / len(train_idx),
-                    "train_accuracy": correct.item() / len(train_idx),
+                    "train_loss": train_loss,
+                    "train_accuracy": train_accuracy,
                     "val_loss": val["loss"],
                     "val_accuracy": val["accuracy"],
                     "seconds": time.perf_counter() - started,
                     "lr": self.optimizer.param_groups[0]["lr"],
                 }
-                history.append(row)
-                if best is None or row["val_accuracy"] > best["val_accuracy"]:
-                    best = row
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-                    atomic_save(self._checkpoint(best_state, best, env), self.out_dir / "best.pt")
-                if epoch in record and epoch != config.epochs:
-                    path = self.out_dir / f"best-epoch{epoch}.pt"
-                    atomic_save(self._checkpoint(best_state, best, env), path)
-                    checkpoints[epoch] = path
+                self._check_finite(row, state)
+                self._end_epoch(state, row, env)
                 progress.info(
-                    f"epoch {epoch}/{config.epochs} loss {row['train_loss']:.3f} acc {row['train_accuracy']:.3f} "
+                    f"epoch {epoch}/{config.epochs} loss {train_loss:.3f} acc {train_accuracy:.3f} "
                     f"val {row['val_accuracy']:.3f}"
                 )
-                self._write_metrics(history, best, env)
-                self._save_state(epoch, history, best, best_state, checkpoints)
                 if on_epoch is not None:
                     on_epoch(row)
-        checkpoints[config.epochs] = self.out_dir / "best.pt"
+        # metrics.json now says the run is finished (a rerun returns it without training), so state.pt can go
         (self.out_dir / "state.pt").unlink(missing_ok=True)
-        return RunResult(self.out_dir, history, best["epoch"], best["val_accuracy"], self.feature_path, checkpoints)
+        checkpoints = {**state.checkpoints, config.epochs: self.out_dir / "best.pt"}
+        return RunResult(
+            self.out_dir, state.history, state.best["epoch"], config.metric, self.feature_path, checkpoints
+        )
 
-    def _write_metrics(self, history, best, env) -> None:
+    def _train_epoch(self, epoch: int, progress) -> tuple[float, float]:
+        """One pass over the training split in a seeded random order -> (mean loss, accuracy)."""
+        config = self.config
+        # The prefix cut and the optimiser follow the strategy's full set of groups; gradual unfreezing only
+        # withholds gradients from the deeper ones (the optimiser skips parameters without a gradient).
+        active = active_groups(self.trainable, epoch, config.gradual_unfreeze)
+        apply_freezing(self.model, self.backbone, active)
+        set_train_mode(self.model, self.backbone, active)
+        train_idx = torch.from_numpy(self.split.train).to(self.device)
+        order = train_idx[torch.randperm(len(train_idx), device=self.device, generator=self.generator)]
+        steps = math.ceil(len(train_idx) / config.batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for step in range(steps):
+            factor = lr_factor(config, (epoch - 1) * steps + step, steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            logits = self._logits(idx, train=True)
+            y = self.labels[idx]
+            loss = self.loss_fn(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == y).sum()
+            progress.advance(len(idx))
+        return loss_sum.item() / len(train_idx), correct.item() / len(train_idx)
+
+    def _check_finite(self, row: dict, state: RunState) -> None:
+        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(row[k])]
+        if bad:
+            kept = f"best.pt holds epoch {state.best['epoch']}" if state.best else "no checkpoint was saved"
+            raise TrainingError(
+                f"epoch {row['epoch']}: {bad[0].replace('_', ' ')} is {row[bad[0]]}: the run diverged and is stopped "
+                f"({kept}); lower lr or check the data"
+            )
+
+    def _end_epoch(self, state: RunState, row: dict, env: dict) -> None:
+        """Record the epoch: history, the best checkpoint by the selection metric, recorded epochs, state.pt."""
+        config = self.config
+        state.epoch = row["epoch"]
+        state.history.append(row)
+        if improves(row, state.best, config.metric):
+            state.best = row
+            state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            atomic_save(self._checkpoint(state), self.out_dir / "best.pt")
+        if row["epoch"] in config.record_epochs and row["epoch"] != config.epochs:
+            path = self.out_dir / f"best-epoch{row['epoch']}.pt"
+            atomic_save(self._checkpoint(state), path)
+            state.checkpoints[row["epoch"]] = path
+        self._write_metrics(state, env)
+        self._save_state(state)
+
+    # -------------------------------------------------------------- what a run directory holds
+    def _clear_outputs(self) -> None:
+        """A run starting from epoch 0 removes an earlier run's results, so no file outlives its config."""
+        for path in [self.out_dir / "best.pt", self.out_dir / "metrics.json", *self.out_dir.glob("best-epoch*.pt")]:
+            path.unlink(missing_ok=True)
+
+    def _write_metrics(self, state: RunState, env: dict) -> None:
+        best = state.best
         atomic_write_json(
             {
                 "config": self.config.to_dict(),
                 "classes": self.images.classes,
-                "history": history,
+                "history": state.history,
+                "metric": self.config.metric,
                 "best_epoch": best["epoch"],
                 "best_val_accuracy": best["val_accuracy"],
+                "best_val_loss": best["val_loss"],
                 "input_path": self.feature_path,
                 "weights": self.weights_source,
+                "data": self.images.key,
                 "n_train": len(self.split.train),
                 "n_val": len(self.split.val),
                 "n_test": len(self.split.test),
                 "environment": env,
                 "command": " ".join(sys.argv),
+                "identity": self._identity(),
+                "finished": state.epoch == self.config.epochs,
+                "checkpoints": {e: p.name for e, p in state.checkpoints.items()},
             },
             self.out_dir / "metrics.json",
         )
 
-    def _checkpoint(self, state, best, env) -> dict:
-        c = self.config
+    def _checkpoint(self, state: RunState) -> dict:
+        c, best = self.config, state.best
         return {
             "format": CHECKPOINT_FORMAT,
             "arch": c.arch,
-            "classes": list(self.images.classes),
             "head": c.head,
             "dropout": c.dropout,
+            "classes": list(self.images.classes),
             "resolution": c.resolution,
             "mean": list(self.preprocess.mean),
             "std": list(self.preprocess.std),
+            "cut": self.cut,
+            "feature_dtype": str(self.feature_dtype).removeprefix("torch.") if self.feature_dtype else None,
+            "autocast": self.autocast,
             "loss": c.loss,
+            "label_smoothing": c.label_smoothing,
             "tta_flip": c.tta_flip,
-            "model": state,
+            "model": state.best_state,
             "epoch": best["epoch"],
+            "metric": c.metric,
             "val_accuracy": best["val_accuracy"],
+            "val_loss": best["val_loss"],
             "config": c.to_dict(),
             "weights": self.weights_source,
-            "environment": env,
+            "data": self.images.key,
+            "environment": environment(self.device),
         }
 
     # -------------------------------------------------------------- resuming a killed run
-    def _save_state(self, epoch, history, best, best_state, checkpoints) -> None:
-        state = {
-            "epoch": epoch,
-            "history": history,
-            "best": best,
-            "best_state": best_state,
+    def _identity(self) -> dict:
+        """What state.pt must match to be resumed: the settings, the data and the split."""
+        split = hashlib.sha256(repr(sorted(self.split.to_dict().items())).encode()).hexdigest()
+        return {"config": self.config.training_dict(), "data": self.images.key, "split": split}
+
+    def _save_state(self, state: RunState) -> None:
+        saved = {
+            "identity": self._identity(),
+            "epoch": state.epoch,
+            "history": state.history,
+            "best": state.best,
+            "best_state": state.best_state,
+            "checkpoints": {e: str(p) for e, p in state.checkpoints.items()},
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "generator": self.generator.get_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "checkpoints": {e: str(p) for e, p in checkpoints.items()},
-            "config": self.config.to_dict(),
         }
-        atomic_save(state, self.out_dir / "state.pt")
+        atomic_save(saved, self.out_dir / "state.pt")
 
-    def _resume(self, record):
+    def _resume(self) -> RunState:
+        """A finished run of the same identity is returned as it is; a killed one continues from state.pt."""
+        finished = self._finished()
+        if finished is not None:
+            self.log(f"already finished ({self.out_dir / 'metrics.json'})")
+            return finished
         path = self.out_dir / "state.pt"
         if not path.exists():
-            return [], None, None, 0, {}
+            return RunState()
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - an unreadable state means starting over, not failing
-            return [], None, None, 0, {}
-        if state.get("config") != self.config.to_dict() or state["epoch"] >= self.config.epochs:
-            return [], None, None, 0, {}
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        self.generator.set_state(state["generator"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self.log(f"resuming from epoch {state['epoch']} ({path})")
-        return (
-            state["history"],
-            state["best"],
-            state["best_state"],
-            state["epoch"],
-            {int(e): Path(p) for e, p in state["checkpoints"].items()},
-        )
+            saved = read_torch_file(path, "state", RuntimeError)
+        except RuntimeError as error:
+            self.log(f"starting over: {error}")
+            return RunState()
+        identity = saved.get("identity") if isinstance(saved, dict) else None
+        if identity != self._identity() or saved["epoch"] >= self.config.epochs:
+            what = "another state" if not identity else next(k for k in identity if identity[k] != self._identity()[k])
+            self.log(f"starting over: {path} belongs to a run with different {what} (its results are replaced)")
+            return RunState()
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.generator.set_state(saved["generator"])
+        if saved["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
+        self.log(f"resuming from epoch {saved['epoch']} ({path})")
+        checkpoints = {int(e): Path(p) for e, p in saved["checkpoints"].items()}
+        return RunState(saved["epoch"], saved["history"], saved["best"], saved["best_state"], checkpoints)
 
-
-def _weights_identity(weights: str) -> str:
-    """Cache keys change when a weights file changes."""
-    path = Path(weights).expanduser()
-    if weights not in ("imagenet", "none") and path.is_file():
-        stat = path.stat()
-        return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return weights
+    def _finished(self) -> RunState | None:
+        try:
+            metrics = json.loads((self.out_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not (metrics.get("finished") and metrics.get("identity") == self._identity()):
+            return None
+        history = metrics["history"]
+        checkpoints = {int(e): self.out_dir / name for e, name in metrics.get("checkpoints", {}).items()}
+        if not all(p.is_file() for p in [self.out_dir / "best.pt", *checkpoints.values()]):
+            return None
+        return RunState(len(history), history, history[metrics["best_epoch"] - 1], None, checkpoints)
 
 
 def train(config: RunConfig, out_dir: str | Path, **kwargs) -> RunResult:
