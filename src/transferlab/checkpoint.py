@@ -54,8 +54,10 @@ def read_torch_file(path: Path, what: str, error: type[Exception]) -> object:
     except Exception as exc:  # noqa: BLE001 - truncated zips, foreign pickles, random bytes: one message each
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             reason = "it holds Python objects besides tensors, which are not loaded for safety"
+        elif path.read_bytes()[:4] == b"PK\x03\x04":  # torch.save's zip container, cut short or damaged
+            reason = "the PyTorch file is truncated or damaged"
         else:
-            reason = f"not a complete PyTorch file ({type(exc).__name__})"
+            reason = "not a file written by torch.save"
         raise error(f"cannot read {what} {path}: {reason}") from None
 
 
