@@ -295,6 +295,31 @@ def _stratified_take(
     return np.sort(indices[keep]), np.sort(indices[take])
 
 
+def _check_class_sizes(labels, indices, test_fraction: float, classes: list[str] | None, limit: int | None) -> None:
+    """A plain DataError when a class in `indices` is too small for the split make_split is about to make.
+
+    Each stratified division needs 2 images of a class in the set it divides. The test division (as make_split
+    sizes it) takes at most ceil(count * test_size / n) images of a class, and 2 must be left for validation.
+    """
+    present, counts = np.unique(labels[indices], return_counts=True)
+    n, need = len(indices), 2
+    if test_fraction > 0:
+        test_size = max(int(round(test_fraction * n)), len(np.unique(labels)))
+        need = 3
+        while need <= n and need - -(-need * test_size // n) < 2:
+            need += 1
+    if counts.min() >= need:
+        return
+    label, count = int(present[counts.argmin()]), int(counts.min())
+    name = repr(classes[label]) if classes is not None else f"#{label}"
+    where = f" in the --limit {limit} subset" if limit is not None and n == limit else ""
+    kind = "train/validation/test" if test_fraction > 0 else "train/validation"
+    raise DataError(
+        f"class {name} has {count} image{'s' * (count != 1)}{where}; a stratified {kind} split needs at least {need} "
+        f"per class (add images or lower --test-fraction/--val-fraction)"
+    )
+
+
 def make_split(
     labels: np.ndarray,
     *,
@@ -303,16 +328,20 @@ def make_split(
     seed: int,
     limit: int | None = None,
     official_test: bool = False,
+    classes: list[str] | None = None,
 ) -> Split:
     """Hold out a test fraction, then a validation fraction, both stratified and seeded.
 
     With `official_test`, the test indices are left empty (the source's own test set is used) and
-    validation is carved from the training images. Fractions are of the images in play.
+    validation is carved from the training images. Fractions are of the images in play. `classes` (the label
+    names) lets the error for a class too small for the split name it.
     """
     indices = np.arange(len(labels))
     if limit is not None and limit < len(indices):
+        _check_class_sizes(labels, indices, 0.0, classes, None)
         _, indices = _stratified_take(indices, labels, limit, seed)
     n = len(indices)
+    _check_class_sizes(labels, indices, 0.0 if official_test else test_fraction, classes, limit)
     test = np.zeros(0, dtype=np.int64)
     if not official_test and test_fraction > 0:
         indices, test = _stratified_take(
