@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedShuffleSplit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: 16-bit images scaled
 MAX_MIXED_SIDE = 256  # mixed-size folders are stored at most this large, so big photos fit in memory
 
 
@@ -45,15 +45,43 @@ class ImageSet:
 
 # ------------------------------------------------------------------------------ decoding
 def decode_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """One file -> (H, W, 3) uint8 RGB; grey, RGBA and palette images are converted."""
+    """One file -> (H, W, 3) uint8 RGB; grey, 16-bit grey, RGBA and palette images are converted.
+
+    Any failure is a one-line DataError naming the file, including an image over Pillow's decompression-bomb
+    limit (2 x PIL.Image.MAX_IMAGE_PIXELS). Pillow's warning for images between 1x and 2x that limit is
+    silenced by decode_folder (they decode normally); where it is turned into an error it is a DataError too.
+    """
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _to_8bit(image).convert("RGB")
             if size is not None and image.size != size:
                 image = _center_crop_resize(image, size)
             return np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise DataError(f"cannot decode image {path}: {error}") from None
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as error:
+        raise DataError(f"cannot decode image {path}: {_one_line(error)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Integer grey images (16-bit "I;16*", 32-bit "I") scaled to "L": convert("RGB") would clip them at 255.
+
+    "I" images whose values fit 0..65535 (16-bit PGM, TIFF) are 16-bit data; larger values scale from 2**31 - 1.
+    """
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image).astype(np.int64)
+    top = 65535 if values.max(initial=0) <= 65535 else 2**31 - 1
+    return Image.fromarray(((np.clip(values, 0, top) * 255 + top // 2) // top).astype(np.uint8))
 
 
 def _center_crop_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -64,16 +92,46 @@ def _center_crop_resize(image: Image.Image, size: tuple[int, int]) -> Image.Imag
 
 
 def _image_entries(folder: Path) -> list[os.DirEntry]:
-    """Image files below `folder`, any depth (os.scandir: one stat per file, no pathlib overhead)."""
-    found, pending = [], [folder]
+    """Image files below `folder`, any depth (os.scandir: one stat per file, no pathlib overhead).
+
+    Names starting with "." are skipped, files as well as folders (macOS "._x.jpg" files are not images).
+    Symlinked folders are followed, but each real folder is read once: a link loop ends, a folder linked twice
+    counts once. A symlink with an image name that leads nowhere (dangling, looping) is listed, so decoding
+    reports it as unreadable (an error, or skipped and counted with skip_bad_images).
+    """
+    found, pending, seen = [], [str(folder)], set()
     while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir() and not entry.name.startswith("."):
-                    pending.append(Path(entry.path))
-                elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
-                    found.append(entry)
+        current = pending.pop()
+        real = os.path.realpath(current)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if _is_dir(entry):
+                        pending.append(entry.path)
+                    elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and (entry.is_symlink() or entry.is_file()):
+                        found.append(entry)
+        except OSError as error:
+            raise DataError(f"cannot read folder {current}: {_one_line(error)}") from None
     return sorted(found, key=lambda e: e.path)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop (ELOOP): not a folder
+        return False
+
+
+def _stat(entry: os.DirEntry) -> os.stat_result:
+    try:
+        return entry.stat()
+    except OSError:  # dangling or looping link: its own stat, decoding reports it
+        return entry.stat(follow_symlinks=False)
 
 
 def scan_image_folder(root: Path, image_size: int | None = None) -> tuple[list[str], list[tuple[str, int]], str]:
@@ -93,7 +151,7 @@ def scan_image_folder(root: Path, image_size: int | None = None) -> tuple[list[s
         if not entries:
             raise DataError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
         for entry in entries:
-            stat = entry.stat()
+            stat = _stat(entry)
             digest.update(f"{entry.path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
             files.append((entry.path, label))
     return classes, files, digest.hexdigest()[:20]
@@ -116,10 +174,14 @@ def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_ba
             bad.append(str(error))
             return None, label
 
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        decoded = list(
-            track(pool.map(load, files), total=len(files), description=f"decoding {root.name}", enabled=progress)
-        )
+    # Images between 1x and 2x Pillow's bomb limit decode normally; without this each size warns once per run.
+    # (Filters are process-wide, so they are set here, around the threads, not in decode_image.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            decoded = list(
+                track(pool.map(load, files), total=len(files), description=f"decoding {root.name}", enabled=progress)
+            )
     kept = [(img, lab) for img, lab in decoded if img is not None]
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s), first: {bad[0]}", stacklevel=2)
