@@ -9,13 +9,22 @@
 - Scanning follows symlinked folders but reads each real folder once, so a link loop ends. A dangling or looping
   file link is an unreadable image (DataError naming it, or skipped and counted). Files whose name starts with "."
   (macOS "._x.jpg") are ignored like hidden folders.
+- The decode cache key covers every input that changes the arrays (files, image_size, skip_bad_images, cache
+  format, Pillow's version): a run without skip_bad_images never reuses a cache that skipped files.
+- The decode cache stores a sha256 of its arrays; a damaged cache (same-size corruption, truncation) gives one
+  warning naming its folder and is rebuilt from the source files (folders and CIFAR-10).
+- Saving never removes a valid cache: an existing valid copy is kept, a damaged one is set aside and deleted only
+  after the new one is in place. An interrupted writer leaves no folder under the key; temporary folders of killed
+  writers are removed by a later save once an hour old. An unwritable cache is a warning, not a crash.
 - A class too small for the requested split is a plain DataError: the class, its count, the minimum per class.
 - Through the CLI each failure is exit code 2 and exactly one stderr line "transferlab: error: ...", no traceback.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import warnings
 
 import numpy as np
@@ -23,9 +32,11 @@ import pytest
 from helpers import make_image_tree, tiny_config
 from PIL import Image
 from test_cli import assert_one_line_error, train_args
+from test_data import write_fake_cifar
 
+from transferlab import data as data_module
 from transferlab.cli import main
-from transferlab.data import DataError, decode_image, load_image_folder, load_images, make_split
+from transferlab.data import DataError, decode_image, load_cifar10, load_image_folder, load_images, make_split
 
 
 def load(root, cache_dir, **kwargs):
@@ -185,6 +196,136 @@ def test_damaged_header_through_the_cli(make_tree, tmp_path, capsys):
     assert_one_line_error(capsys.readouterr(), str(root / "green" / "scan.tif"), "exceeds limit")
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         assert main([*args, "--skip-bad-images"]) == 0
+
+
+# ---------------------------------------------------------------------------- decode cache
+def test_cache_of_a_skipping_run_is_not_reused_without_skipping(make_tree, cache_dir):
+    root = make_tree(per_class=4, size=16)
+    (root / "green" / "broken.png").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert load(root, cache_dir, skip_bad=True).skipped == 1
+    with pytest.raises(DataError, match="broken.png"):
+        load(root, cache_dir)
+
+
+def test_cache_key_covers_image_size_and_skip_bad(make_tree, cache_dir):
+    root = make_tree(per_class=3, size=16)
+    keys = {load(root, cache_dir, image_size=s, skip_bad=b).key for s in (None, 8) for b in (False, True)}
+    assert len(keys) == 4 and all(key.startswith("folder-") for key in keys)
+
+
+def test_skipping_run_then_strict_run_through_the_cli(make_tree, tmp_path, capsys):
+    root = make_tree(per_class=5, size=16)
+    (root / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    args = train_args(root, tmp_path / "run", tmp_path / "cache")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert main([*args, "--skip-bad-images"]) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr(), str(root / "red" / "broken.jpg"))
+
+
+def overwrite_array_data(path, new_values):
+    """Replace the data bytes of an .npy file in place, same length (the header stays valid)."""
+    raw = path.read_bytes()
+    data = np.asarray(new_values).tobytes()
+    path.write_bytes(raw[: len(raw) - len(data)] + data)
+
+
+def test_same_size_corruption_is_detected_and_rebuilt(make_tree, cache_dir):
+    root = make_tree(per_class=4, size=16)
+    first = load(root, cache_dir)
+    folder = cache_dir / "decoded" / first.key
+    overwrite_array_data(folder / "labels.npy", np.zeros(len(first), np.int64))  # every image "blue"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        again = load(root, cache_dir)
+    damaged = [str(w.message) for w in record if str(folder) in str(w.message)]
+    assert len(damaged) == 1 and "damaged" in damaged[0]
+    np.testing.assert_array_equal(again.labels, first.labels)
+    np.testing.assert_array_equal(again.images, first.images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(load(root, cache_dir).labels, first.labels)  # the rebuilt cache is clean
+
+
+def test_truncated_cache_warns_and_is_rebuilt(make_tree, cache_dir):
+    root = make_tree(per_class=3, size=16)
+    first = load(root, cache_dir)
+    images_file = cache_dir / "decoded" / first.key / "images.npy"
+    images_file.write_bytes(images_file.read_bytes()[:200])
+    with pytest.warns(UserWarning, match="damaged"):
+        np.testing.assert_array_equal(load(root, cache_dir).images, first.images)
+
+
+def test_damaged_cifar_cache_is_rebuilt(tmp_path, cache_dir):
+    write_fake_cifar(tmp_path / "data")
+    first = load_cifar10(str(tmp_path / "data"), cache_dir, download=False)
+    folder = cache_dir / "decoded" / first.key
+    overwrite_array_data(folder / "images.npy", np.full(3072, 7, np.uint8))  # the last image, all 7
+    with pytest.warns(UserWarning, match="damaged"):
+        again = load_cifar10(str(tmp_path / "data"), cache_dir, download=False)
+    np.testing.assert_array_equal(again.test_images, first.test_images)
+
+
+def test_valid_cache_survives_a_writer_killed_at_the_swap(make_tree, cache_dir, monkeypatch):
+    """Another process that missed the cache (it was being written) decodes too and is killed while saving."""
+    root = make_tree(per_class=3, size=16)
+    first = load(root, cache_dir)
+    with monkeypatch.context() as patch:
+        patch.setattr(data_module, "_cache_load", lambda folder: None)
+
+        def killed(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        patch.setattr(data_module.os, "replace", killed)
+        try:
+            load(root, cache_dir)
+        except KeyboardInterrupt:
+            pass
+    monkeypatch.setattr(data_module, "decode_image", lambda *a, **k: pytest.fail("the valid cache was lost"))
+    np.testing.assert_array_equal(load(root, cache_dir).images, first.images)
+
+
+def test_writer_interrupted_mid_write_leaves_nothing(make_tree, cache_dir, monkeypatch):
+    root = make_tree(per_class=3, size=16)
+    real_save = np.save
+
+    def save(path, array):
+        if str(path).endswith("labels.npy"):
+            raise KeyboardInterrupt
+        real_save(path, array)
+
+    monkeypatch.setattr(data_module.np, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        load(root, cache_dir)
+    assert list((cache_dir / "decoded").iterdir()) == []  # no half cache under the key, no temporary folder
+
+
+def test_stale_temporary_folders_are_removed(make_tree, cache_dir):
+    decoded = cache_dir / "decoded"
+    stale, fresh, aside = decoded / "folder-abc.tmp123", decoded / "folder-def.tmp-9-ab", decoded / "folder-x.old-1-cd"
+    for path in (stale, fresh, aside):
+        path.mkdir(parents=True)
+        (path / "images.npy").write_bytes(b"half")
+    hours_ago = time.time() - 2 * 3600
+    for path in (stale, aside):
+        os.utime(path, (hours_ago, hours_ago))
+    load(make_tree(per_class=3, size=16), cache_dir)
+    assert not stale.exists() and not aside.exists() and fresh.exists()  # fresh: maybe a live writer's
+
+
+def test_unwritable_cache_is_a_warning(make_tree, tmp_path):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    with pytest.warns(UserWarning, match="cannot write the decode cache"):
+        images = load(make_tree(per_class=3, size=16), tmp_path / "cache")
+    assert len(images) == 9
+
+
+def test_cache_meta_holds_the_checksum(make_tree, cache_dir):
+    first = load(make_tree(per_class=3, size=16), cache_dir)
+    meta = json.loads((cache_dir / "decoded" / first.key / "meta.json").read_text())
+    assert len(meta["sha256"]) == 64
 
 
 # ---------------------------------------------------------------------------- classes too small to split

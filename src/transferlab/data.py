@@ -6,23 +6,28 @@ Everything after this module works on those tensors; no file is opened on the tr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
+import secrets
 import shutil
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedShuffleSplit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-CACHE_FORMAT = 2  # 2: 16-bit images scaled
+CACHE_FORMAT = 2  # 2: 16-bit images scaled, skip_bad and Pillow's version in the key, sha256 in meta.json
 MAX_MIXED_SIDE = 256  # mixed-size folders are stored at most this large, so big photos fit in memory
+STALE_SECONDS = 3600  # a *.tmp-* / *.old-* cache folder this old belongs to a killed writer
 
 
 class DataError(RuntimeError):
@@ -134,7 +139,7 @@ def _stat(entry: os.DirEntry) -> os.stat_result:
         return entry.stat(follow_symlinks=False)
 
 
-def scan_image_folder(root: Path, image_size: int | None = None) -> tuple[list[str], list[tuple[str, int]], str]:
+def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], str]:
     """<root>/<class>/<image> -> class names, (file, label) pairs, and a fingerprint of names, sizes and
     modification times (a changed folder gets a new decode cache). Empty classes are errors."""
     if not root.exists():
@@ -144,7 +149,7 @@ def scan_image_folder(root: Path, image_size: int | None = None) -> tuple[list[s
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"data folder {root} has no class folders (expected <root>/<class>/<image>)")
-    digest = hashlib.sha256(f"{CACHE_FORMAT}|{root.resolve()}|{image_size}".encode())
+    digest = hashlib.sha256(f"{root.resolve()}".encode())
     files: list[tuple[str, int]] = []  # plain strings: 50,000 Path objects alone cost a second
     for label, name in enumerate(classes):
         entries = _image_entries(root / name)
@@ -154,7 +159,14 @@ def scan_image_folder(root: Path, image_size: int | None = None) -> tuple[list[s
             stat = _stat(entry)
             digest.update(f"{entry.path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
             files.append((entry.path, label))
-    return classes, files, digest.hexdigest()[:20]
+    return classes, files, digest.hexdigest()
+
+
+def decode_cache_key(kind: str, fingerprint: str, **settings) -> str:
+    """The decode cache key: the source's fingerprint and every other input that changes the decoded arrays
+    (the cache format, and settings such as image_size, skip_bad and the decoder's version)."""
+    text = json.dumps({"format": CACHE_FORMAT, "source": fingerprint, **settings}, sort_keys=True)
+    return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
 def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_bad: bool, progress: bool):
@@ -203,38 +215,100 @@ def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_ba
 
 
 # ------------------------------------------------------------------------------ disk cache
+def _checksum(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of both arrays' dtype, shape and bytes (about 0.15 s for CIFAR-10's 150 MB)."""
+    digest = hashlib.sha256()
+    for array in (images, labels):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+_DAMAGED = (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError)  # what reading a bad cache raises
+
+
+def _cache_read(folder: Path):
+    """(images, labels, meta) of a cache folder; OSError or ValueError when it is damaged."""
+    meta = json.loads((folder / "meta.json").read_text())
+    images = np.load(folder / "images.npy")
+    labels = np.load(folder / "labels.npy")
+    if meta.get("sha256") != _checksum(images, labels):
+        raise ValueError("its arrays do not match the checksum in meta.json")
+    return images, labels, meta
+
+
 def _cache_load(folder: Path):
+    """The cached arrays, or None: absent, or damaged (then one warning, and the caller rebuilds it)."""
+    if not folder.exists():
+        return None
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-        images = np.load(folder / "images.npy")
-        labels = np.load(folder / "labels.npy")
-        return images, labels, meta
-    except (OSError, ValueError, KeyError):
+        return _cache_read(folder)
+    except _DAMAGED as error:
+        warnings.warn(f"decode cache {folder} is damaged ({_one_line(error)}); rebuilding it", stacklevel=3)
         return None
 
 
 def _cache_save(folder: Path, images, labels, meta) -> None:
-    """Write into a temporary folder, then rename: a killed process never leaves half a cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    np.save(tmp / "images.npy", images)
-    np.save(tmp / "labels.npy", labels)
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(folder, ignore_errors=True)
+    """Write a complete copy into a private temporary folder, then rename it into place.
+
+    A valid cache already there is kept (another process wrote the same content), never deleted; a damaged one is
+    renamed aside and deleted only once the new copy is in place. A killed writer leaves at most *.tmp-* / *.old-*
+    folders, which no reader opens and a later save removes once they are STALE_SECONDS old. A cache that cannot be
+    written is a warning: the decoded arrays are in memory and the run goes on.
+    """
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp, old = folder.with_name(f"{folder.name}.tmp-{tag}"), folder.with_name(f"{folder.name}.old-{tag}")
     try:
-        os.replace(tmp, folder)
-    except OSError:  # another process wrote the same cache first: theirs is as good as ours
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(folder.parent)
+        tmp.mkdir()
+        np.save(tmp / "images.npy", images)
+        np.save(tmp / "labels.npy", labels)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "sha256": _checksum(images, labels)}))
+        if folder.exists():
+            try:
+                _cache_read(folder)
+                return  # valid: another process wrote the same content
+            except _DAMAGED:
+                with contextlib.suppress(FileNotFoundError):  # another process moved it aside first
+                    os.replace(folder, old)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not folder.exists():
+                raise
+            # else another process put its copy in place meanwhile: as good as ours
+    except OSError as error:
+        warnings.warn(f"cannot write the decode cache {folder}: {_one_line(error)}", stacklevel=3)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(parent: Path) -> None:
+    cutoff = time.time() - STALE_SECONDS
+    for path in [*parent.glob("*.tmp*"), *parent.glob("*.old-*")]:
+        try:
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # removed by another process meanwhile
+            pass
 
 
 def load_image_folder(
     root: str | Path, cache_dir: Path, *, image_size: int | None = None, skip_bad: bool = False, progress: bool = True
 ) -> ImageSet:
     root = Path(root).expanduser()
-    classes, files, fingerprint = scan_image_folder(root, image_size)
-    key = "folder-" + fingerprint
+    classes, files, fingerprint = scan_image_folder(root)
+    key = decode_cache_key(
+        "folder",
+        fingerprint,
+        image_size=image_size,
+        skip_bad=skip_bad,
+        max_mixed_side=MAX_MIXED_SIDE,
+        pillow=PIL.__version__,
+    )
     cached = _cache_load(cache_dir / "decoded" / key)
     if cached is not None:
         images, labels, meta = cached
@@ -280,10 +354,10 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
                 f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}): point --data-dir "
                 f"(or TRANSFERLAB_DATA_DIR) at a folder holding {CIFAR_FOLDER}, or pass --data PATH to an image folder"
             ) from None
-    digest = hashlib.sha256(f"{CACHE_FORMAT}|{folder.resolve()}".encode())
+    digest = hashlib.sha256(f"{folder.resolve()}".encode())
     for name in sorted(os.listdir(folder)):
         digest.update(f"{name}|{(folder / name).stat().st_size}".encode())
-    key = "cifar10-" + digest.hexdigest()[:20]
+    key = decode_cache_key("cifar10", digest.hexdigest())
     cached = _cache_load(cache_dir / "decoded" / key)
     if cached is None:
 
