@@ -6,23 +6,28 @@ Everything after this module works on those tensors; no file is opened on the tr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
+import secrets
 import shutil
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedShuffleSplit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: 16-bit images scaled, skip_bad and Pillow's version in the key, sha256 in meta.json
 MAX_MIXED_SIDE = 256  # mixed-size folders are stored at most this large, so big photos fit in memory
+STALE_SECONDS = 3600  # a *.tmp-* / *.old-* cache folder this old belongs to a killed writer
 
 
 class DataError(RuntimeError):
@@ -45,15 +50,43 @@ class ImageSet:
 
 # ------------------------------------------------------------------------------ decoding
 def decode_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """One file -> (H, W, 3) uint8 RGB; grey, RGBA and palette images are converted."""
+    """One file -> (H, W, 3) uint8 RGB; grey, 16-bit grey, RGBA and palette images are converted.
+
+    Any failure is a one-line DataError naming the file, including an image over Pillow's decompression-bomb
+    limit (2 x PIL.Image.MAX_IMAGE_PIXELS). Pillow's warning for images between 1x and 2x that limit is
+    silenced by decode_folder (they decode normally); where it is turned into an error it is a DataError too.
+    """
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _to_8bit(image).convert("RGB")
             if size is not None and image.size != size:
                 image = _center_crop_resize(image, size)
             return np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise DataError(f"cannot decode image {path}: {error}") from None
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as error:
+        raise DataError(f"cannot decode image {path}: {_one_line(error)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Integer grey images (16-bit "I;16*", 32-bit "I") scaled to "L": convert("RGB") would clip them at 255.
+
+    "I" images whose values fit 0..65535 (16-bit PGM, TIFF) are 16-bit data; larger values scale from 2**31 - 1.
+    """
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image).astype(np.int64)
+    top = 65535 if values.max(initial=0) <= 65535 else 2**31 - 1
+    return Image.fromarray(((np.clip(values, 0, top) * 255 + top // 2) // top).astype(np.uint8))
 
 
 def _center_crop_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -64,19 +97,49 @@ def _center_crop_resize(image: Image.Image, size: tuple[int, int]) -> Image.Imag
 
 
 def _image_entries(folder: Path) -> list[os.DirEntry]:
-    """Image files below `folder`, any depth (os.scandir: one stat per file, no pathlib overhead)."""
-    found, pending = [], [folder]
+    """Image files below `folder`, any depth (os.scandir: one stat per file, no pathlib overhead).
+
+    Names starting with "." are skipped, files as well as folders (macOS "._x.jpg" files are not images).
+    Symlinked folders are followed, but each real folder is read once: a link loop ends, a folder linked twice
+    counts once. A symlink with an image name that leads nowhere (dangling, looping) is listed, so decoding
+    reports it as unreadable (an error, or skipped and counted with skip_bad_images).
+    """
+    found, pending, seen = [], [str(folder)], set()
     while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir() and not entry.name.startswith("."):
-                    pending.append(Path(entry.path))
-                elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
-                    found.append(entry)
+        current = pending.pop()
+        real = os.path.realpath(current)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if _is_dir(entry):
+                        pending.append(entry.path)
+                    elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and (entry.is_symlink() or entry.is_file()):
+                        found.append(entry)
+        except OSError as error:
+            raise DataError(f"cannot read folder {current}: {_one_line(error)}") from None
     return sorted(found, key=lambda e: e.path)
 
 
-def scan_image_folder(root: Path, image_size: int | None = None) -> tuple[list[str], list[tuple[str, int]], str]:
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop (ELOOP): not a folder
+        return False
+
+
+def _stat(entry: os.DirEntry) -> os.stat_result:
+    try:
+        return entry.stat()
+    except OSError:  # dangling or looping link: its own stat, decoding reports it
+        return entry.stat(follow_symlinks=False)
+
+
+def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], str]:
     """<root>/<class>/<image> -> class names, (file, label) pairs, and a fingerprint of names, sizes and
     modification times (a changed folder gets a new decode cache). Empty classes are errors."""
     if not root.exists():
@@ -86,17 +149,24 @@ def scan_image_folder(root: Path, image_size: int | None = None) -> tuple[list[s
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"data folder {root} has no class folders (expected <root>/<class>/<image>)")
-    digest = hashlib.sha256(f"{CACHE_FORMAT}|{root.resolve()}|{image_size}".encode())
+    digest = hashlib.sha256(f"{root.resolve()}".encode())
     files: list[tuple[str, int]] = []  # plain strings: 50,000 Path objects alone cost a second
     for label, name in enumerate(classes):
         entries = _image_entries(root / name)
         if not entries:
             raise DataError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
         for entry in entries:
-            stat = entry.stat()
+            stat = _stat(entry)
             digest.update(f"{entry.path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
             files.append((entry.path, label))
-    return classes, files, digest.hexdigest()[:20]
+    return classes, files, digest.hexdigest()
+
+
+def decode_cache_key(kind: str, fingerprint: str, **settings) -> str:
+    """The decode cache key: the source's fingerprint and every other input that changes the decoded arrays
+    (the cache format, and settings such as image_size, skip_bad and the decoder's version)."""
+    text = json.dumps({"format": CACHE_FORMAT, "source": fingerprint, **settings}, sort_keys=True)
+    return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
 def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_bad: bool, progress: bool):
@@ -116,10 +186,14 @@ def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_ba
             bad.append(str(error))
             return None, label
 
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        decoded = list(
-            track(pool.map(load, files), total=len(files), description=f"decoding {root.name}", enabled=progress)
-        )
+    # Images between 1x and 2x Pillow's bomb limit decode normally; without this each size warns once per run.
+    # (Filters are process-wide, so they are set here, around the threads, not in decode_image.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            decoded = list(
+                track(pool.map(load, files), total=len(files), description=f"decoding {root.name}", enabled=progress)
+            )
     kept = [(img, lab) for img, lab in decoded if img is not None]
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s), first: {bad[0]}", stacklevel=2)
@@ -141,38 +215,100 @@ def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_ba
 
 
 # ------------------------------------------------------------------------------ disk cache
+def _checksum(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of both arrays' dtype, shape and bytes (about 0.15 s for CIFAR-10's 150 MB)."""
+    digest = hashlib.sha256()
+    for array in (images, labels):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+_DAMAGED = (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError)  # what reading a bad cache raises
+
+
+def _cache_read(folder: Path):
+    """(images, labels, meta) of a cache folder; OSError or ValueError when it is damaged."""
+    meta = json.loads((folder / "meta.json").read_text())
+    images = np.load(folder / "images.npy")
+    labels = np.load(folder / "labels.npy")
+    if meta.get("sha256") != _checksum(images, labels):
+        raise ValueError("its arrays do not match the checksum in meta.json")
+    return images, labels, meta
+
+
 def _cache_load(folder: Path):
+    """The cached arrays, or None: absent, or damaged (then one warning, and the caller rebuilds it)."""
+    if not folder.exists():
+        return None
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-        images = np.load(folder / "images.npy")
-        labels = np.load(folder / "labels.npy")
-        return images, labels, meta
-    except (OSError, ValueError, KeyError):
+        return _cache_read(folder)
+    except _DAMAGED as error:
+        warnings.warn(f"decode cache {folder} is damaged ({_one_line(error)}); rebuilding it", stacklevel=3)
         return None
 
 
 def _cache_save(folder: Path, images, labels, meta) -> None:
-    """Write into a temporary folder, then rename: a killed process never leaves half a cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    np.save(tmp / "images.npy", images)
-    np.save(tmp / "labels.npy", labels)
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(folder, ignore_errors=True)
+    """Write a complete copy into a private temporary folder, then rename it into place.
+
+    A valid cache already there is kept (another process wrote the same content), never deleted; a damaged one is
+    renamed aside and deleted only once the new copy is in place. A killed writer leaves at most *.tmp-* / *.old-*
+    folders, which no reader opens and a later save removes once they are STALE_SECONDS old. A cache that cannot be
+    written is a warning: the decoded arrays are in memory and the run goes on.
+    """
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp, old = folder.with_name(f"{folder.name}.tmp-{tag}"), folder.with_name(f"{folder.name}.old-{tag}")
     try:
-        os.replace(tmp, folder)
-    except OSError:  # another process wrote the same cache first: theirs is as good as ours
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(folder.parent)
+        tmp.mkdir()
+        np.save(tmp / "images.npy", images)
+        np.save(tmp / "labels.npy", labels)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "sha256": _checksum(images, labels)}))
+        if folder.exists():
+            try:
+                _cache_read(folder)
+                return  # valid: another process wrote the same content
+            except _DAMAGED:
+                with contextlib.suppress(FileNotFoundError):  # another process moved it aside first
+                    os.replace(folder, old)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not folder.exists():
+                raise
+            # else another process put its copy in place meanwhile: as good as ours
+    except OSError as error:
+        warnings.warn(f"cannot write the decode cache {folder}: {_one_line(error)}", stacklevel=3)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(parent: Path) -> None:
+    cutoff = time.time() - STALE_SECONDS
+    for path in [*parent.glob("*.tmp*"), *parent.glob("*.old-*")]:
+        try:
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # removed by another process meanwhile
+            pass
 
 
 def load_image_folder(
     root: str | Path, cache_dir: Path, *, image_size: int | None = None, skip_bad: bool = False, progress: bool = True
 ) -> ImageSet:
     root = Path(root).expanduser()
-    classes, files, fingerprint = scan_image_folder(root, image_size)
-    key = "folder-" + fingerprint
+    classes, files, fingerprint = scan_image_folder(root)
+    key = decode_cache_key(
+        "folder",
+        fingerprint,
+        image_size=image_size,
+        skip_bad=skip_bad,
+        max_mixed_side=MAX_MIXED_SIDE,
+        pillow=PIL.__version__,
+    )
     cached = _cache_load(cache_dir / "decoded" / key)
     if cached is not None:
         images, labels, meta = cached
@@ -218,10 +354,10 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
                 f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}): point --data-dir "
                 f"(or TRANSFERLAB_DATA_DIR) at a folder holding {CIFAR_FOLDER}, or pass --data PATH to an image folder"
             ) from None
-    digest = hashlib.sha256(f"{CACHE_FORMAT}|{folder.resolve()}".encode())
+    digest = hashlib.sha256(f"{folder.resolve()}".encode())
     for name in sorted(os.listdir(folder)):
         digest.update(f"{name}|{(folder / name).stat().st_size}".encode())
-    key = "cifar10-" + digest.hexdigest()[:20]
+    key = decode_cache_key("cifar10", digest.hexdigest())
     cached = _cache_load(cache_dir / "decoded" / key)
     if cached is None:
 
@@ -295,6 +431,31 @@ def _stratified_take(
     return np.sort(indices[keep]), np.sort(indices[take])
 
 
+def _check_class_sizes(labels, indices, test_fraction: float, classes: list[str] | None, limit: int | None) -> None:
+    """A plain DataError when a class in `indices` is too small for the split make_split is about to make.
+
+    Each stratified division needs 2 images of a class in the set it divides. The test division (as make_split
+    sizes it) takes at most ceil(count * test_size / n) images of a class, and 2 must be left for validation.
+    """
+    present, counts = np.unique(labels[indices], return_counts=True)
+    n, need = len(indices), 2
+    if test_fraction > 0:
+        test_size = max(int(round(test_fraction * n)), len(np.unique(labels)))
+        need = 3
+        while need <= n and need - -(-need * test_size // n) < 2:
+            need += 1
+    if counts.min() >= need:
+        return
+    label, count = int(present[counts.argmin()]), int(counts.min())
+    name = repr(classes[label]) if classes is not None else f"#{label}"
+    where = f" in the --limit {limit} subset" if limit is not None and n == limit else ""
+    kind = "train/validation/test" if test_fraction > 0 else "train/validation"
+    raise DataError(
+        f"class {name} has {count} image{'s' * (count != 1)}{where}; a stratified {kind} split needs at least {need} "
+        f"per class (add images or lower --test-fraction/--val-fraction)"
+    )
+
+
 def make_split(
     labels: np.ndarray,
     *,
@@ -303,16 +464,20 @@ def make_split(
     seed: int,
     limit: int | None = None,
     official_test: bool = False,
+    classes: list[str] | None = None,
 ) -> Split:
     """Hold out a test fraction, then a validation fraction, both stratified and seeded.
 
     With `official_test`, the test indices are left empty (the source's own test set is used) and
-    validation is carved from the training images. Fractions are of the images in play.
+    validation is carved from the training images. Fractions are of the images in play. `classes` (the label
+    names) lets the error for a class too small for the split name it.
     """
     indices = np.arange(len(labels))
     if limit is not None and limit < len(indices):
+        _check_class_sizes(labels, indices, 0.0, classes, None)
         _, indices = _stratified_take(indices, labels, limit, seed)
     n = len(indices)
+    _check_class_sizes(labels, indices, 0.0 if official_test else test_fraction, classes, limit)
     test = np.zeros(0, dtype=np.int64)
     if not official_test and test_fraction > 0:
         indices, test = _stratified_take(
