@@ -503,6 +503,7 @@ def split_for(images: ImageSet, config) -> Split:
         seed=config.split_seed,
         limit=config.limit,
         official_test=config.official_test,
+        classes=images.classes,
     )
 
 
