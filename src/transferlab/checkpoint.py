@@ -49,12 +49,16 @@ def read_torch_file(path: Path, what: str, error: type[Exception]) -> object:
         raise error(f"{what} {path} does not exist")
     if path.stat().st_size == 0:
         raise error(f"{what} {path} is empty (0 bytes)")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save writes a zip, or a pickle in the legacy format
+        raise error(f"cannot read {what} {path}: not a file written by torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated zips, foreign pickles, random bytes: one message each
+    except Exception as exc:  # noqa: BLE001 - truncated zips, foreign pickles: one message each
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             reason = "it holds Python objects besides tensors, which are not loaded for safety"
-        elif path.read_bytes()[:4] == b"PK\x03\x04":  # torch.save's zip container, cut short or damaged
+        elif head == b"PK\x03\x04":
             reason = "the PyTorch file is truncated or damaged"
         else:
             reason = "not a file written by torch.save"
