@@ -343,3 +343,16 @@ def test_predict_reports_a_bad_file_and_predicts_the_good_ones(trained_run, imag
     captured = capsys.readouterr()
     assert captured.out.startswith(str(good) + ": ")
     assert_one_line_error(captured, "bad.jpg")
+
+
+def test_a_damaged_feature_cache_file_is_recomputed(image_tree, tmp_path):
+    config = tiny_config(image_tree, tmp_path / "cache")
+    first = run(config, tmp_path / "a")
+    (path,) = (tmp_path / "cache" / "features").glob("*.npy")
+    raw = bytearray(path.read_bytes())
+    raw[-64:] = bytes(64)  # same size, other activations
+    path.write_bytes(bytes(raw))
+    cache = FeatureCache(tmp_path / "cache" / "features")
+    with pytest.warns(UserWarning, match="damaged"):
+        second = run(config, tmp_path / "b", feature_cache=cache)
+    assert cache.misses == 1 and second.history[0]["val_loss"] == first.history[0]["val_loss"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -75,9 +76,14 @@ class FeatureCache:
         path = self._path(key)
         if path is not None and path.exists():
             try:
-                tensor = torch.from_numpy(np.load(path))
+                array = np.load(path)
+                intact = path.with_suffix(".sha256").read_text().strip() == _digest(array)
             except (OSError, ValueError):
+                intact = False
+            if not intact:  # damaged on disk: recompute rather than train on wrong activations
+                warnings.warn(f"feature cache {path} is damaged; computing it again", stacklevel=2)
                 return None
+            tensor = torch.from_numpy(array)
             self._remember(key, tensor)
             self.hits += 1
             return tensor
@@ -89,8 +95,12 @@ class FeatureCache:
         path = self._path(key)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            array = tensor.cpu().numpy()
             tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-            np.save(tmp, tensor.cpu().numpy())
+            np.save(tmp, array)
+            checksum = path.with_suffix(f".tmp{os.getpid()}.sha256")
+            checksum.write_text(_digest(array))
+            os.replace(checksum, path.with_suffix(".sha256"))
             os.replace(tmp, path)
 
     def _path(self, key: str) -> Path | None:
@@ -103,6 +113,12 @@ class FeatureCache:
             and sum(t.numel() * t.element_size() for t in self._memory.values()) > self.memory_budget
         ):
             self._memory.popitem(last=False)
+
+
+def _digest(array: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{array.dtype}|{array.shape}|".encode())
+    digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 @torch.no_grad()
