@@ -233,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .evaluate import CheckpointError
     from .models import WeightsError
+    from .storage import StudyError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, WeightsError, CheckpointError) as error:
+    except (ConfigError, DataError, WeightsError, CheckpointError, StudyError) as error:
         print(f"transferlab: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
