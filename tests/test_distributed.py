@@ -80,9 +80,9 @@ def create_queued_study(spec_path: Path, directory: Path, url: str) -> tuple[Stu
     """What `study run` does before it starts working: the study, and one waiting trial per job."""
     spec = StudySpec.load(spec_path)
     directory.mkdir(parents=True, exist_ok=True)
-    study = open_study(spec, url)
+    study = open_study(spec, url, directory / "study.lock")
     jobs = Worker(spec, directory, study).plan()
-    assert enqueue_missing(study, jobs, directory) == len(jobs)
+    assert enqueue_missing(study, jobs, directory / "study.lock") == len(jobs)
     return spec, jobs
 
 

@@ -375,7 +375,8 @@ def build_blocks(data: StudyData) -> list[Block]:
         )
     )
     if data.n_older:
-        blocks.append(Block("p", f"The storage also holds {data.n_older} trials from earlier specs, not shown."))
+        trials = "trial" if data.n_older == 1 else "trials"
+        blocks.append(Block("p", f"The storage also holds {data.n_older} {trials} from earlier specs, not shown."))
     if data.test and data.test.get("test_accuracy") is None:
         t = data.test
         blocks.append(Block("h2", "Selected trial and test evaluation"))

@@ -14,6 +14,7 @@ neither selected nor reported.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import urllib.parse
@@ -61,7 +62,7 @@ def without_password(url: str) -> str:
     parsed = _parse(url)
     if parsed is None or parsed.password is None:
         return url
-    return parsed.set(password=None).render_as_string(hide_password=False)
+    return parsed._replace(password=None).render_as_string(hide_password=False)  # set() ignores None
 
 
 def hide(text: str, url: str) -> str:
@@ -126,6 +127,26 @@ def require_existing(url: str) -> None:
         return
     if not Path(parsed.database).is_file():
         raise StudyError(f"no study storage: {parsed.database} does not exist")
+
+
+def lock_path(url: str, directory: Path) -> Path:
+    """Where processes take turns on a storage: beside a SQLite file (whichever directories use it), else in the
+    study directory (processes of this machine; workers elsewhere are covered by pruning duplicate claims)."""
+    parsed = _parse(url)
+    if parsed is not None and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return Path(parsed.database + ".lock")
+    return Path(directory) / "study.lock"
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path):
+    """One process at a time (creating the tables of a new storage, reading then queueing jobs)."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def open_storage(url: str, **heartbeat: Any) -> RDBStorage:

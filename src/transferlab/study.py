@@ -20,7 +20,6 @@ claimed first (two `study run` queued it twice) is pruned as a duplicate, not tr
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -47,8 +46,10 @@ from .storage import (
     RUN_KINDS,
     StudyError,
     default_url,
+    exclusive,
     grid_trials,
     hide,
+    lock_path,
     open_storage,
     password_of,
     redact,
@@ -169,29 +170,17 @@ def study_directory(spec: StudySpec, study_dir: str | Path | None) -> Path:
     return Path(study_dir) if study_dir else Path("studies-out") / spec.name
 
 
-def open_study(spec: StudySpec, url: str) -> optuna.Study:
+def open_study(spec: StudySpec, url: str, lock: Path) -> optuna.Study:
+    """Create or load the study; `lock` serialises processes creating a new SQLite file's tables at once."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are documented
-    storage = open_storage(
-        url,
-        heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=grace_seconds(),
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-    )
+    heartbeat = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": grace_seconds()}
     direction = "maximize" if spec.metric == "val_accuracy" else "minimize"
-    with storage_errors(url):
-        return optuna.create_study(study_name=spec.name, storage=storage, direction=direction, load_if_exists=True)
-
-
-@contextlib.contextmanager
-def exclusive(lock_file: Path):
-    """Processes of one machine take turns (two `study run` on one directory read and enqueue in turn)."""
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    creating = url.startswith("sqlite") and lock.parent.is_dir()
+    with exclusive(lock) if creating else contextlib.nullcontext():
+        storage = open_storage(url, **heartbeat, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+        with storage_errors(url):
+            return optuna.create_study(study_name=spec.name, storage=storage, direction=direction, load_if_exists=True)
 
 
 def complete_identities(study: optuna.Study) -> dict[str, int]:
@@ -203,9 +192,10 @@ def complete_identities(study: optuna.Study) -> dict[str, int]:
     }
 
 
-def enqueue_missing(study: optuna.Study, jobs: list[Job], directory: Path) -> int:
-    """Queue each job with a grid point not complete and no trial waiting or running (failed ones are queued again)."""
-    with exclusive(directory / "enqueue.lock"):
+def enqueue_missing(study: optuna.Study, jobs: list[Job], lock: Path) -> int:
+    """Queue each job with a grid point not complete and no trial waiting or running (failed ones are queued again).
+    Under `lock`: two `study run` at once would both read, then both queue."""
+    with exclusive(lock):
         done = complete_identities(study)
         pending = {
             t.user_attrs.get("job")
@@ -388,9 +378,10 @@ def _prepare(spec_path, study_dir, storage, overrides) -> tuple[StudySpec, Path,
     spec = StudySpec.load(spec_path, overrides)
     directory = study_directory(spec, study_dir)
     url = resolve_url(directory, storage, spec.storage, spec.storage_password_env)
+    sys.argv[:] = [hide(arg, url) for arg in sys.argv]  # runs record their command line (metrics.json)
     if url == default_url(directory):
         directory.mkdir(parents=True, exist_ok=True)  # where the SQLite file goes
-    study = open_study(spec, url)
+    study = open_study(spec, url, lock_path(url, directory))
     directory.mkdir(parents=True, exist_ok=True)
     return spec, directory, url, study
 
@@ -442,7 +433,7 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
         worker = Worker(spec, directory, study)
         jobs = worker.plan()
         record_spec(study, spec, spec_path, url, jobs)
-        added = enqueue_missing(study, jobs, directory)
+        added = enqueue_missing(study, jobs, lock_path(url, directory))
         log(
             f"study {spec.name}: {len(spec.points())} grid points as {len(jobs)} runs; {added} queued now; "
             f"storage {redact(url)}"
