@@ -179,6 +179,7 @@ def test_two_study_runs_at_once_train_each_job_once(tree, tmp_path):
     assert sum(trainings(t) for t in texts) == 4, texts
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() stands for a busy worker
 def test_a_job_queued_twice_is_trained_once_and_the_copy_pruned(tree, tmp_path):
     spec = StudySpec.load(write_spec(tmp_path / "s.toml", tree, tmp_path / "cache", SMALL))
     directory = tmp_path / "out"
@@ -193,6 +194,33 @@ def test_a_job_queued_twice_is_trained_once_and_the_copy_pruned(tree, tmp_path):
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [COMPLETE, optuna.trial.TrialState.PRUNED]
     assert trials[1].user_attrs["duplicate_of"] == 0
+    # the copy is claimed while the first claim is still running: the later claim yields
+    job.config["lr"] = 0.02  # another job: not complete yet
+    job.identities = {1: "another#1"}
+    for _ in range(2):
+        study.enqueue_trial(params={}, user_attrs={"kind": "run", **job.attrs()}, skip_if_exists=False)
+    first = study.ask()  # claimed by a worker busy elsewhere
+    study.optimize(worker.objective, n_trials=1, catch=())
+    assert study.trials[-1].state == optuna.trial.TrialState.PRUNED
+    assert study.trials[-1].user_attrs["duplicate_of"] == first.number
+
+
+def test_a_worker_trains_the_config_queued_and_refuses_other_data(tree, tmp_path):
+    """A worker started with another spec trains what was queued; data changed since the queueing is refused."""
+    spec_path = write_spec(tmp_path / "s.toml", tree, tmp_path / "cache", {**SMALL, "batch_size": [8, 16]})
+    queued, other = StudySpec.load(spec_path), StudySpec.load(spec_path, ["lr=0.5"])
+    directory = tmp_path / "out"
+    directory.mkdir()
+    study = open_study(queued, f"sqlite:///{directory / 'study.db'}", directory / "study.lock")
+    assert enqueue_missing(study, Worker(queued, directory, study).plan(), directory / "study.lock") == 2
+    worker = Worker(other, directory, study)
+    study.optimize(worker.objective, n_trials=1)
+    (trained,) = runs(study)
+    assert trained.user_attrs["config"]["lr"] == queued.base.lr != 0.5
+    red = sorted((tree / "red").iterdir())
+    (tree / "red" / "extra.png").write_bytes(red[0].read_bytes())
+    with pytest.raises(StudyError, match="differ from those it was queued with"):
+        study.optimize(Worker(queued, directory, study).objective, n_trials=1, catch=())
 
 
 # ---------------------------------------------------------------------------- 3. run directory names

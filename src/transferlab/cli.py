@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dir", help="study directory (default: studies-out/<name>)")
         p.add_argument(
             "--storage",
-            help="Optuna storage URL (default: sqlite:///<dir>/study.db); postgresql://... to share across machines",
+            help="Optuna storage URL (default: sqlite:///<dir>/study.db); postgresql://USER@HOST/DB to share across "
+            "machines (password: PGPASSWORD, ~/.pgpass or the env variable the spec's storage_password_env names; "
+            "a password in the URL is used but never saved or shown)",
         )
         p.add_argument(
             "--set",

@@ -115,6 +115,7 @@ class Job:
     point: dict[str, Any]  # the grid point actually trained (the longest epochs of its family)
     record: list[int]  # epochs at which a grid point is recorded
     identities: dict[int, str] = field(default_factory=dict)  # recorded epochs -> that grid point's identity
+    config: dict[str, Any] = field(default_factory=dict)  # the RunConfig it trains, as queued
 
     @property
     def key(self) -> str:
@@ -135,12 +136,12 @@ class Job:
     def attrs(self) -> dict[str, Any]:
         identities = {str(e): i for e, i in self.identities.items()}
         return {"key": self.key, "point": self.point, "record": self.record, "identity": self.identity,
-                "identities": identities, "job": self.job_id}  # fmt: skip
+                "identities": identities, "job": self.job_id, "config": self.config}  # fmt: skip
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> Job:
         identities = {int(e): i for e, i in attrs.get("identities", {}).items()}
-        return cls(attrs["point"], attrs["record"], identities)
+        return cls(attrs["point"], attrs["record"], identities, attrs.get("config", {}))
 
 
 def plan_jobs(spec: StudySpec) -> list[Job]:
@@ -232,6 +233,7 @@ class Worker:
             point = job.recorded_point(epochs)
             config = self.spec.config_for(point)
             job.identities[epochs] = trial_identity(point, config, self.images_for(config).key)
+        job.config = job_config(self.spec, job).to_dict()
         return job
 
     def plan(self) -> list[Job]:
@@ -254,8 +256,9 @@ class Worker:
         return None
 
     def _config(self, trial: optuna.Trial, job: Job) -> RunConfig:
-        """The config the job was queued with; this machine's data and weights must be those it was queued with."""
-        stored = trial.user_attrs.get("config") or job_config(self.spec, job).to_dict()
+        """The config the job was queued with (whatever this worker's spec); this machine's data and weights must
+        be those it was queued with."""
+        stored = job.config or job_config(self.spec, job).to_dict()
         local = {k: getattr(self.spec.base, k) for k in ("progress", "cache_dir")}
         config = RunConfig.from_dict({**stored, **local})
         if trial_identity(job.point, config, self.images_for(config).key) != job.identity:
@@ -447,7 +450,7 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
         for p in procs:
             if p.returncode:
                 raise StudyError(f"a worker process exited with status {p.returncode}")
-        select_and_test(study, spec, directory)
+        select_and_test(study, spec, directory, {i for job in jobs for i in job.identities.values()})
         if report:
             from .report import write_report
 
@@ -457,12 +460,13 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
 
 
 # ---------------------------------------------------------------------- selection and the single test evaluation
-def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path) -> dict:
-    """Best of the current spec's trials by the study's metric; its checkpoint is evaluated once on the test split."""
+def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, identities: set[str] | None = None) -> dict:
+    """Best of the spec's trials (`identities`, default: those recorded in the study) by the study's metric; its
+    checkpoint is evaluated once on the test split."""
     from .data import Split, make_split
     from .evaluate import align_labels, evaluate_arrays, load_checkpoint
 
-    trials = grid_trials(study)
+    trials = grid_trials(study, identities)
     if len(trials) < len(spec.points()):
         raise StudyError(
             f"{len(spec.points()) - len(trials)} grid points are not complete; run the study again to finish them"
