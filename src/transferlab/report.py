@@ -25,6 +25,7 @@ from .storage import (  # noqa: E402
     StudyError,
     current_identities,
     grid_trials,
+    hide,
     older_trials,
     open_storage,
     redact,
@@ -116,10 +117,13 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
         metrics = directory / trials[0]["run_dir"] / "metrics.json"
         if metrics.is_file():
             env = json.loads(metrics.read_text()).get("environment", {})
+    spec_tree = dict(study.user_attrs.get("spec", {}))
+    if "storage" in spec_tree:  # studies recorded before passwords were kept out of the storage
+        spec_tree["storage"] = redact(str(spec_tree["storage"]))
     return StudyData(
         study.study_name,
-        study.user_attrs.get("spec", {}),
-        study.user_attrs.get("command", ""),
+        spec_tree,
+        hide(study.user_attrs.get("command", ""), url),
         trials,
         spec.grid,
         selected,
