@@ -26,6 +26,7 @@ from test_study import (
     load,
     make_tree,
     snapshot,  # noqa: F401
+    state_file_of,
     subprocess_env,
     wait_for,
     write_spec,
@@ -33,7 +34,7 @@ from test_study import (
 
 from transferlab import study as study_module
 from transferlab.config import StudySpec
-from transferlab.study import enqueue_missing, open_study, plan_jobs, point_key, slug
+from transferlab.study import Worker, enqueue_missing, open_study, point_key
 
 URL = os.environ.get("TRANSFERLAB_TEST_POSTGRES_URL", "")
 
@@ -79,9 +80,9 @@ def create_queued_study(spec_path: Path, directory: Path, url: str) -> tuple[Stu
     """What `study run` does before it starts working: the study, and one waiting trial per job."""
     spec = StudySpec.load(spec_path)
     directory.mkdir(parents=True, exist_ok=True)
-    study = open_study(spec, directory, url)
-    jobs = plan_jobs(spec)
-    assert enqueue_missing(study, spec, jobs) == len(jobs)
+    study = open_study(spec, url, directory / "study.lock")
+    jobs = Worker(spec, directory, study).plan()
+    assert enqueue_missing(study, jobs, directory / "study.lock") == len(jobs)
     return spec, jobs
 
 
@@ -171,11 +172,11 @@ def test_killed_worker_resumes_without_rerunning_or_losing_trials(tmp_path, data
     directory = tmp_path / "out"
     spec, jobs = create_queued_study(spec_path, directory, database)
     long_full = point_key({"strategy": "full", "epochs": 12})
-    state_file = directory / "trials" / slug(long_full) / "state.pt"
+    state_file = state_file_of(directory, long_full)
     proc = worker(spec_path, directory, database, tmp_path / "worker.log")
     try:
         # the frozen job (trial 0) is complete once the full job (trial 1) has started; kill it mid-run
-        wait_for(state_file.exists, 120, proc, "the full run's first epoch")
+        wait_for(state_file, 120, proc, "the full run's first epoch")
     finally:
         kill(proc)
     before = snapshot(load(directory, url=database))

@@ -101,6 +101,12 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+def state_file_of(directory: Path, key: str):
+    """A callable: the state.pt of the job `key`'s run directory (named `<readable key>-<hash>`), or None."""
+    prefix = slug(key, "").rsplit("-", 1)[0]
+    return lambda: next(iter((directory / "trials").glob(f"{prefix}-*/state.pt")), None)
+
+
 def subprocess_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "1000", "PYTHONUNBUFFERED": "1"}
 
@@ -320,7 +326,9 @@ def test_running_again_trains_nothing_and_tests_once(finished, tmp_path, monkeyp
 
     monkeypatch.setattr(Trainer, "__init__", no_training)
     monkeypatch.setattr(Trainer, "fit", no_training)
-    monkeypatch.setattr(study_module, "load_images", no_training)  # nor evaluated on the test split again
+    import transferlab.evaluate
+
+    monkeypatch.setattr(transferlab.evaluate, "evaluate_arrays", no_training)  # nor evaluated on the test split again
     run_study(spec_path, study_dir=copy, report=True)
     study = load(copy)
     assert (copy / "storage.txt").read_text().strip() == f"sqlite:///{copy.resolve() / 'study.db'}"
@@ -404,7 +412,7 @@ def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monke
     spec = StudySpec.load(spec_path)
     directory = tmp_path / "out"
     long_full = point_key({"strategy": "full", "epochs": 12})
-    state_file = directory / "trials" / slug(long_full) / "state.pt"
+    state_file = state_file_of(directory, long_full)
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(
             [
@@ -423,7 +431,7 @@ def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monke
             env=subprocess_env(),
         )
         try:
-            wait_for(state_file.exists, 120, proc, "the full run's first epoch")
+            wait_for(state_file, 120, proc, "the full run's first epoch")
         finally:
             kill(proc)
     killed_log = (tmp_path / "killed.log").read_text()
@@ -443,5 +451,5 @@ def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monke
     assert [r["epoch"] for r in full_run.user_attrs["history"]] == list(range(1, 13))
     # epochs restored from state.pt are reported to Optuna too, not only those trained after the resume
     assert full_run.intermediate_values == {r["epoch"]: r["val_accuracy"] for r in full_run.user_attrs["history"]}
-    assert not state_file.exists()
+    assert state_file() is None  # the study deletes a finished trial's resume state
     assert len(study.user_attrs["test_evaluations"]) == 1

@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dir", help="study directory (default: studies-out/<name>)")
         p.add_argument(
             "--storage",
-            help="Optuna storage URL (default: sqlite:///<dir>/study.db); postgresql://... to share across machines",
+            help="Optuna storage URL (default: sqlite:///<dir>/study.db); postgresql://USER@HOST/DB to share across "
+            "machines (password: PGPASSWORD, ~/.pgpass or the env variable the spec's storage_password_env names; "
+            "a password in the URL is used but never saved or shown)",
         )
         p.add_argument(
             "--set",
@@ -241,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .evaluate import CheckpointError
     from .models import WeightsError
+    from .storage import StudyError
     from .train import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, WeightsError, CheckpointError) as error:
+    except (ConfigError, DataError, WeightsError, CheckpointError, StudyError) as error:
         print(f"transferlab: error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:

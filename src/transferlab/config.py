@@ -295,7 +295,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 STUDY_KEYS = {
     "name": "study name (default: the spec file's stem)",
     "metric": "selection metric: val_accuracy (default) or val_loss",
-    "storage": "Optuna storage URL (default: SQLite file in the study directory)",
+    "storage": "Optuna storage URL (default: SQLite file in the study directory); keep passwords out of it",
+    "storage_password_env": "name of an environment variable holding the storage's password (never saved or shown)",
     "run": "table of RunConfig keys shared by every trial",
     "grid": "table of axes: RunConfig key -> list of values; every combination is one trial",
     "variants": "named bundles of RunConfig keys; the grid axis `variant` picks one (ablations: one change at a time)",
@@ -309,6 +310,7 @@ class StudySpec:
     grid: dict[str, list]
     metric: str = "val_accuracy"
     storage: str | None = None
+    storage_password_env: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -317,6 +319,12 @@ class StudySpec:
         for key in tree:
             if key not in STUDY_KEYS:
                 raise ConfigError(f"{where}unknown key {key!r}{_suggest(key, STUDY_KEYS)}")
+        tables = [tree.get("run", {}), tree.get("grid", {}), *tree.get("variants", {}).values()]
+        if any(isinstance(t, dict) and "metric" in t for t in tables):
+            raise ConfigError(
+                f"{where}metric picks the study's best trial and each trial's best epoch alike: "
+                'set it once at the top level (metric = "val_loss")'
+            )
         base = RunConfig.from_dict(tree.get("run", {}), where=f"{where}[run] ")
         variants = tree.get("variants", {})
         for vname, values in variants.items():
@@ -333,6 +341,9 @@ class StudySpec:
             values = values if isinstance(values, list) else [values]
             if not values:
                 raise ConfigError(f"{where}[grid] {axis}: empty list")
+            for i, value in enumerate(values):  # a repeated point would never be complete (1 and 1.0 are equal)
+                if value in values[:i]:
+                    raise ConfigError(f"{where}[grid] {axis}: value {value!r} is given twice")
             for value in values:  # validates axis name and each value
                 if axis == "variant":
                     if value not in variants:
@@ -346,12 +357,16 @@ class StudySpec:
         metric = tree.get("metric", "val_accuracy")
         if metric not in ("val_accuracy", "val_loss"):
             raise ConfigError(f"{where}metric = {metric!r}: expected val_accuracy or val_loss")
+        password_env = tree.get("storage_password_env")
+        if password_env is not None and (not isinstance(password_env, str) or not password_env):
+            raise ConfigError(f"{where}storage_password_env = {password_env!r}: expected an environment variable name")
         return cls(
             name=tree.get("name", name),
             base=base,
             grid=checked,
             metric=metric,
             storage=tree.get("storage"),
+            storage_password_env=password_env,
             source=tree,
             variants=variants,
         )

@@ -21,6 +21,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from .storage import (  # noqa: E402
+    StudyError,
+    current_identities,
+    grid_trials,
+    hide,
+    older_trials,
+    open_storage,
+    redact,
+    require_existing,
+    resolve_url,
+    storage_errors,
+)
+
 PAPER_AXES = ("strategy", "batch_size", "epochs")
 
 
@@ -40,36 +53,46 @@ class StudyData:
     command: str
     trials: list[dict]  # {number, kind, key, point, history, best, wall_seconds, config, input_path}
     grid: dict[str, list]
-    test: dict | None
+    test: dict | None  # the selected trial; its test figures unless there was no test split
     n_test_evaluations: int
     environment: dict
+    n_older: int = 0  # complete trials of earlier specs in the storage (not shown)
 
 
 def load_study_data(directory: str | Path, storage: str | None = None, study_name: str | None = None) -> StudyData:
+    """The study a directory reports, read from its storage alone (nothing is created: a missing one is an error)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StudyError(f"no study directory {directory}")
+    url = resolve_url(directory, storage)
+    require_existing(url)
+    with storage_errors(url):
+        return _read_study(directory, url, study_name)
+
+
+def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
     import optuna
 
     from .config import StudySpec
-    from .study import grid_trials, open_storage, storage_url
 
-    directory = Path(directory)
-    url = storage_url(directory, storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = optuna.get_all_study_names(open_storage(url))
     saved = directory / "study.txt"  # written by run_study: a storage may hold several studies
     name = study_name or (saved.read_text().strip() if saved.is_file() else None)
     if name is None:
         if len(names) != 1:
-            raise RuntimeError(
-                f"{url} holds {len(names)} studies ({', '.join(names) or 'none'}); "
+            raise StudyError(
+                f"{redact(url)} holds {len(names)} studies ({', '.join(names) or 'none'}); "
                 f"{directory} does not say which one (no study.txt)"
             )
         name = names[0]
     elif name not in names:
-        raise RuntimeError(f"no study {name!r} in {url}")
+        raise StudyError(f"no study {name!r} in {redact(url)}")
     study = optuna.load_study(study_name=name, storage=open_storage(url))
     spec = StudySpec.from_dict(study.user_attrs.get("spec", {}), name=study.study_name)
     trials = []
-    for t in sorted(grid_trials(study), key=lambda t: t.number):
+    identities = current_identities(study)
+    for t in sorted(grid_trials(study, identities), key=lambda t: t.number):
         a = t.user_attrs
         trials.append(
             {
@@ -86,20 +109,27 @@ def load_study_data(directory: str | Path, storage: str | None = None, study_nam
             }
         )
     evaluations = study.user_attrs.get("test_evaluations", [])
+    selected = study.user_attrs.get("selected", evaluations[-1] if evaluations else None)
+    if selected and identities is not None and selected.get("identity") not in identities:
+        selected = None  # selected under an earlier spec
     env = {}
     if trials:
         metrics = directory / trials[0]["run_dir"] / "metrics.json"
         if metrics.is_file():
             env = json.loads(metrics.read_text()).get("environment", {})
+    spec_tree = dict(study.user_attrs.get("spec", {}))
+    if "storage" in spec_tree:  # studies recorded before passwords were kept out of the storage
+        spec_tree["storage"] = redact(str(spec_tree["storage"]))
     return StudyData(
         study.study_name,
-        study.user_attrs.get("spec", {}),
-        study.user_attrs.get("command", ""),
+        spec_tree,
+        hide(study.user_attrs.get("command", ""), url),
         trials,
         spec.grid,
-        evaluations[-1] if evaluations else None,
+        selected,
         len(evaluations),
         env,
+        older_trials(study, identities),
     )
 
 
@@ -348,7 +378,26 @@ def build_blocks(data: StudyData) -> list[Block]:
             "Tables show each grid point's last epoch, as the study reported them.",
         )
     )
-    if data.test:
+    if data.n_older:
+        trials = "trial" if data.n_older == 1 else "trials"
+        blocks.append(Block("p", f"The storage also holds {data.n_older} {trials} from earlier specs, not shown."))
+    if data.test and data.test.get("test_accuracy") is None:
+        t = data.test
+        blocks.append(Block("h2", "Selected trial and test evaluation"))
+        blocks.append(
+            Block(
+                "table",
+                rows=[
+                    ["", "value"],
+                    ["trial", f"{t['trial']} ({t['key']})"],
+                    ["selection metric", t["metric"]],
+                    ["validation accuracy (best epoch)", f"{t['val_accuracy']:.4f}"],
+                    ["validation loss (best epoch)", f"{t['val_loss']:.4f}"],
+                    ["test", "no test split (test_fraction = 0): not evaluated on a test set"],
+                ],
+            )
+        )
+    elif data.test:
         t = data.test
         blocks.append(Block("h2", "Selected trial and test evaluation"))
         blocks.append(

@@ -1,19 +1,26 @@
 """A study: every grid point a trial in an Optuna storage; workers; resume; selection; one test evaluation.
 
 Storage layout (Optuna, SQLite in the study directory by default, any RDB URL to share):
-  study user attrs   spec (the resolved TOML tree), spec_path, command, selection and test results
-  one trial per job  user attrs: kind="run", key, point, record (epochs recorded), history, best, checkpoint
+  study user attrs   spec (the resolved TOML tree), spec_path, command, identities (the current spec's grid
+                     points), selected (the selected trial), test_evaluations
+  one trial per job  user attrs: kind="run", key, point, record (epochs recorded), identity, identities (of each
+                     recorded grid point), job, config, history, best, checkpoint
   derived trials     kind="derived": a grid point whose epochs are a prefix of a longer job's run
 
+A trial's identity is its grid point plus a hash of everything that trains it (the run config, the data's
+fingerprint, the pretrained weights): a changed spec trains the changed points and reuses the others.
 Jobs: grid points that differ only in `epochs`, under a schedule that ignores the total epoch count,
 are one run recorded at each requested epoch (the study's 50/150/300 become one 300-epoch run).
 Workers claim waiting trials through Optuna's queue, which pops them atomically; a heartbeat marks
 the trials of a dead worker failed and re-queues them; their run directory's state.pt lets the
-retry continue from the last finished epoch.
+retry continue from the last finished epoch. A claimed trial whose job another trial has finished or
+claimed first (two `study run` queued it twice) is pruned as a duplicate, not trained again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -22,21 +29,43 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from .config import RunConfig, StudySpec
+from .config import ConfigError, RunConfig, StudySpec
 from .data import ImageSet, load_images
 from .features import FeatureCache
 from .progress import console
+from .storage import (
+    PASSWORD_ENV,
+    RUN_KINDS,
+    StudyError,
+    default_url,
+    exclusive,
+    grid_trials,
+    hide,
+    lock_path,
+    open_storage,
+    password_of,
+    redact,
+    resolve_url,
+    storage_errors,
+    without_password,
+)
+
+__all__ = ["StudyError", "grid_trials", "plan_jobs", "point_key", "run_study", "run_worker", "slug"]
 
 HEARTBEAT_SECONDS = 5
-GRACE_SECONDS = 20
+# A live trial whose heartbeat is older than this is taken for dead and re-queued: well above a SQLite lock wait
+# (60 s) and other stalls. TRANSFERLAB_HEARTBEAT_GRACE overrides it.
+GRACE_SECONDS = 180
+GRACE_ENV = "TRANSFERLAB_HEARTBEAT_GRACE"
+NOT_TRAINING = ("progress", "cache_dir", "record_epochs")  # RunConfig fields that cannot change a trial's result
 WAITING, RUNNING, COMPLETE = TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE
 
 
@@ -44,23 +73,75 @@ def log(text: str) -> None:
     console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}", highlight=False)
 
 
+def grace_seconds() -> float:
+    text = os.environ.get(GRACE_ENV)
+    if text is None:
+        return GRACE_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= HEARTBEAT_SECONDS:
+        raise ConfigError(f"{GRACE_ENV}={text!r}: expected seconds above the heartbeat interval ({HEARTBEAT_SECONDS})")
+    return value
+
+
 # ------------------------------------------------------------------------------ jobs
 def point_key(point: dict[str, Any]) -> str:
     return ",".join(f"{k}={point[k]}" for k in sorted(point))
 
 
-def slug(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", key).replace(",", "__")[:180]
+def slug(key: str, identity: str) -> str:
+    """A run directory's name: the key, readable and truncated, then a hash of the identity (unique)."""
+    readable = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", key).replace(",", "__")[:120]
+    return f"{readable}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+
+def trial_identity(point: dict[str, Any], config: RunConfig, data_key: str) -> str:
+    """The grid point plus a hash of everything that trains it: the run config, the data, the pretrained weights."""
+    from .models import weights_identity
+
+    trains = {k: v for k, v in config.to_dict().items() if k not in NOT_TRAINING}
+    blob = json.dumps(
+        {"config": trains, "data": data_key, "weights": weights_identity(config.arch, config.weights)},
+        sort_keys=True,
+        default=str,
+    )
+    return f"{point_key(point)}#{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
 @dataclass
 class Job:
     point: dict[str, Any]  # the grid point actually trained (the longest epochs of its family)
     record: list[int]  # epochs at which a grid point is recorded
+    identities: dict[int, str] = field(default_factory=dict)  # recorded epochs -> that grid point's identity
+    config: dict[str, Any] = field(default_factory=dict)  # the RunConfig it trains, as queued
 
     @property
     def key(self) -> str:
         return point_key(self.point)
+
+    @property
+    def identity(self) -> str:
+        return self.identities[self.record[-1]]
+
+    @property
+    def job_id(self) -> str:
+        """Two trials of one job_id are the same training."""
+        return f"{self.identity}@{','.join(map(str, self.record))}"
+
+    def recorded_point(self, epochs: int) -> dict[str, Any]:
+        return self.point if epochs == self.record[-1] else {**self.point, "epochs": epochs}
+
+    def attrs(self) -> dict[str, Any]:
+        identities = {str(e): i for e, i in self.identities.items()}
+        return {"key": self.key, "point": self.point, "record": self.record, "identity": self.identity,
+                "identities": identities, "job": self.job_id, "config": self.config}  # fmt: skip
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> Job:
+        identities = {int(e): i for e, i in attrs.get("identities", {}).items()}
+        return cls(attrs["point"], attrs["record"], identities, attrs.get("config", {}))
 
 
 def plan_jobs(spec: StudySpec) -> list[Job]:
@@ -81,59 +162,52 @@ def plan_jobs(spec: StudySpec) -> list[Job]:
     return jobs
 
 
+def job_config(spec: StudySpec, job: Job) -> RunConfig:
+    return RunConfig.from_dict({"record_epochs": job.record[:-1]}, base=spec.config_for(job.point))
+
+
 # ------------------------------------------------------------------------------ storage
 def study_directory(spec: StudySpec, study_dir: str | Path | None) -> Path:
     return Path(study_dir) if study_dir else Path("studies-out") / spec.name
 
 
-def open_storage(url: str) -> RDBStorage:
-    warnings.filterwarnings(
-        "ignore", category=optuna.exceptions.ExperimentalWarning
-    )  # heartbeats are the documented way
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=GRACE_SECONDS,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-    )
-
-
-def storage_url(directory: Path, storage: str | None, spec: StudySpec | None = None) -> str:
-    if storage:
-        return storage
-    if spec is not None and spec.storage:
-        return spec.storage
-    saved = directory / "storage.txt"
-    if saved.exists():
-        return saved.read_text().strip()
-    return f"sqlite:///{directory.resolve() / 'study.db'}"
-
-
-def open_study(spec: StudySpec, directory: Path, url: str) -> optuna.Study:
+def open_study(spec: StudySpec, url: str, lock: Path) -> optuna.Study:
+    """Create or load the study; `lock` serialises processes creating a new SQLite file's tables at once."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are documented
+    heartbeat = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": grace_seconds()}
     direction = "maximize" if spec.metric == "val_accuracy" else "minimize"
-    return optuna.create_study(
-        study_name=spec.name, storage=open_storage(url), direction=direction, load_if_exists=True
-    )
+    creating = url.startswith("sqlite") and lock.parent.is_dir()
+    with exclusive(lock) if creating else contextlib.nullcontext():
+        storage = open_storage(url, **heartbeat, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+        with storage_errors(url):
+            return optuna.create_study(study_name=spec.name, storage=storage, direction=direction, load_if_exists=True)
 
 
-def enqueue_missing(study: optuna.Study, spec: StudySpec, jobs: list[Job]) -> int:
-    """Queue each job that has no trial waiting, running or complete (failed ones are queued again)."""
-    present = {
-        t.user_attrs.get("key")
-        for t in study.get_trials(deepcopy=False, states=(WAITING, RUNNING, COMPLETE))
-        if t.user_attrs.get("kind") == "run"
+def complete_identities(study: optuna.Study) -> dict[str, int]:
+    """identity -> number of a complete trial of it."""
+    return {
+        t.user_attrs.get("identity"): t.number
+        for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
+        if t.user_attrs.get("kind") in RUN_KINDS
     }
-    added = 0
-    for job in jobs:
-        if job.key not in present:
-            study.enqueue_trial(
-                params={},
-                user_attrs={"kind": "run", "key": job.key, "point": job.point, "record": job.record},
-                skip_if_exists=False,
-            )
+
+
+def enqueue_missing(study: optuna.Study, jobs: list[Job], lock: Path) -> int:
+    """Queue each job with a grid point not complete and no trial waiting or running (failed ones are queued again).
+    Under `lock`: two `study run` at once would both read, then both queue."""
+    with exclusive(lock):
+        done = complete_identities(study)
+        pending = {
+            t.user_attrs.get("job")
+            for t in study.get_trials(deepcopy=False, states=(WAITING, RUNNING))
+            if t.user_attrs.get("kind") == "run"
+        }
+        added = 0
+        for job in jobs:
+            if job.job_id in pending or all(i in done for i in job.identities.values()):
+                continue
+            study.enqueue_trial(params={}, user_attrs={"kind": "run", **job.attrs()}, skip_if_exists=False)
             added += 1
     return added
 
@@ -146,6 +220,7 @@ class Worker:
         self.spec, self.directory, self.study = spec, directory, study
         self._images: dict[str, ImageSet] = {}
         self.feature_cache: FeatureCache | None = None
+        self._claimed: tuple[int, Path] | None = None  # the trial this worker trained last, and its run directory
 
     def images_for(self, config: RunConfig) -> ImageSet:
         key = json.dumps([config.data, config.data_dir, config.skip_bad_images])
@@ -153,17 +228,65 @@ class Worker:
             self._images[key] = load_images(config)
         return self._images[key]
 
+    def identify(self, job: Job) -> Job:
+        for epochs in job.record:
+            point = job.recorded_point(epochs)
+            config = self.spec.config_for(point)
+            job.identities[epochs] = trial_identity(point, config, self.images_for(config).key)
+        job.config = job_config(self.spec, job).to_dict()
+        return job
+
+    def plan(self) -> list[Job]:
+        """The spec's jobs with the identity of each grid point (loads the data the spec names)."""
+        return [self.identify(job) for job in plan_jobs(self.spec)]
+
+    def _duplicate_of(self, trial: optuna.Trial, job: Job) -> int | None:
+        """The trial that finished this job or claimed it first, when that is another trial (it was queued twice)."""
+        done = complete_identities(self.study)
+        if all(i in done for i in job.identities.values()):
+            return done[job.identity]
+        mine = (trial.datetime_start, trial.number)
+        for t in self.study.get_trials(deepcopy=False, states=(RUNNING,)):
+            if (
+                t.number != trial.number
+                and t.user_attrs.get("job") == job.job_id
+                and (t.datetime_start, t.number) < mine
+            ):
+                return t.number
+        return None
+
+    def _config(self, trial: optuna.Trial, job: Job) -> RunConfig:
+        """The config the job was queued with (whatever this worker's spec); this machine's data and weights must
+        be those it was queued with."""
+        stored = job.config or job_config(self.spec, job).to_dict()
+        local = {k: getattr(self.spec.base, k) for k in ("progress", "cache_dir")}
+        config = RunConfig.from_dict({**stored, **local})
+        if trial_identity(job.point, config, self.images_for(config).key) != job.identity:
+            raise StudyError(
+                f"trial {trial.number} ({job.key}): the data or weights here differ from those it was queued with"
+            )
+        return config
+
     def objective(self, trial: optuna.Trial) -> float:
         from .train import Trainer
 
         attrs = trial.user_attrs
         if attrs.get("kind") != "run":  # the queue emptied between our look and our claim: not a grid point
             raise optuna.TrialPruned("no waiting grid point was left to claim")
-        job = Job(attrs["point"], attrs["record"])
-        config = RunConfig.from_dict({"record_epochs": job.record[:-1]}, base=self.spec.config_for(job.point))
+        job = Job.from_attrs(attrs)
+        if not job.identities:  # queued before trials had identities
+            for name, value in self.identify(job).attrs().items():
+                trial.set_user_attr(name, value)
+        duplicate = self._duplicate_of(trial, job)
+        if duplicate is not None:
+            trial.set_user_attr("duplicate_of", duplicate)
+            log(f"trial {trial.number}: {job.key} is trial {duplicate}'s job (queued twice): not trained again")
+            raise optuna.TrialPruned(f"a duplicate of trial {duplicate}")
+        config = self._config(trial, job)
         if self.feature_cache is None:
             self.feature_cache = FeatureCache(config.resolved_cache_dir() / "features")
-        run_dir = self.directory / "trials" / slug(job.key)
+        run_dir = self.directory / "trials" / slug(job.key, job.job_id)
+        self._claimed = (trial.number, run_dir)
         log(f"trial {trial.number}: {job.key}" + (f" (recording epochs {job.record})" if len(job.record) > 1 else ""))
         started = time.time()
         trainer = Trainer(config, run_dir, images=self.images_for(config), feature_cache=self.feature_cache, log=log)
@@ -202,10 +325,9 @@ class Worker:
         return summary["best"][metric]
 
     def _add_derived(self, trial, job: Job, epochs: int, result, base_attrs: dict) -> None:
-        point = {**job.point, "epochs": epochs}
-        key = point_key(point)
-        done = {t.user_attrs.get("key") for t in self.study.get_trials(deepcopy=False, states=(COMPLETE,))}
-        if key in done:
+        point = job.recorded_point(epochs)
+        identity = job.identities[epochs]
+        if identity in complete_identities(self.study):
             return
         summary = result.at_epoch(epochs)
         metric = self.spec.metric
@@ -217,8 +339,9 @@ class Worker:
                 user_attrs={
                     **base_attrs,
                     "kind": "derived",
-                    "key": key,
+                    "key": point_key(point),
                     "point": point,
+                    "identity": identity,
                     "source_trial": trial.number,
                     "history": summary["history"],
                     "best": summary["best"],
@@ -229,12 +352,22 @@ class Worker:
             )
         )
 
+    def _drop_resume_state(self) -> None:
+        """Once its trial is recorded complete, a run needs no state.pt (fit keeps it for a retry until then)."""
+        if self._claimed is None:
+            return
+        number, run_dir = self._claimed
+        self._claimed = None
+        if any(t.number == number for t in self.study.get_trials(deepcopy=False, states=(COMPLETE,))):
+            (run_dir / "state.pt").unlink(missing_ok=True)
+
     def run(self, wait_for_others: bool) -> None:
         while True:
             fail_stale_trials(self.study)  # re-queues the trials of dead workers
             waiting = self.study.get_trials(deepcopy=False, states=(WAITING,))
             if waiting:
                 self.study.optimize(self.objective, n_trials=1, catch=(), gc_after_trial=False)
+                self._drop_resume_state()
                 continue
             running = self.study.get_trials(deepcopy=False, states=(RUNNING,))
             if not running or not wait_for_others:
@@ -242,141 +375,143 @@ class Worker:
             time.sleep(HEARTBEAT_SECONDS)
 
 
-def _prepare(spec_path, study_dir, storage, overrides) -> tuple[StudySpec, Path, str]:
+def _prepare(spec_path, study_dir, storage, overrides) -> tuple[StudySpec, Path, str, optuna.Study]:
+    """The spec, the study directory, the storage URL (password in memory only) and the study, opened before
+    anything is written: a bad storage leaves no trace."""
     spec = StudySpec.load(spec_path, overrides)
     directory = study_directory(spec, study_dir)
+    url = resolve_url(directory, storage, spec.storage, spec.storage_password_env)
+    sys.argv[:] = [hide(arg, url) for arg in sys.argv]  # runs record their command line (metrics.json)
+    if url == default_url(directory):
+        directory.mkdir(parents=True, exist_ok=True)  # where the SQLite file goes
+    study = open_study(spec, url, lock_path(url, directory))
     directory.mkdir(parents=True, exist_ok=True)
-    url = storage_url(directory, storage, spec)
-    return spec, directory, url
+    return spec, directory, url, study
 
 
 def run_worker(spec_path, *, study_dir=None, storage=None, overrides=(), wait_for_others: bool = False) -> None:
     """Join an existing study and work through its waiting trials."""
-    spec, directory, url = _prepare(spec_path, study_dir, storage, overrides)
-    study = open_study(spec, directory, url)
-    Worker(spec, directory, study).run(wait_for_others)
+    spec, directory, url, study = _prepare(spec_path, study_dir, storage, overrides)
+    with storage_errors(url):
+        Worker(spec, directory, study).run(wait_for_others)
+
+
+def record_spec(study: optuna.Study, spec: StudySpec, spec_path, url: str, jobs: list[Job]) -> None:
+    """The current spec, how it was run (no password) and the identities of its grid points."""
+    source = dict(spec.source)
+    if "storage" in source:
+        source["storage"] = redact(str(source["storage"]))
+    from_cli = sys.argv and "transferlab" in sys.argv[0]
+    command = shlex.join(["transferlab", *sys.argv[1:]]) if from_cli else f"run_study({str(spec_path)!r})"
+    study.set_user_attr("spec", source)
+    study.set_user_attr("spec_path", str(spec_path))
+    study.set_user_attr("command", hide(command, url))
+    study.set_user_attr("identities", sorted({i for job in jobs for i in job.identities.values()}))
+
+
+def start_workers(n: int, spec_path, directory: Path, url: str, overrides) -> list[subprocess.Popen]:
+    """n worker processes; the storage password, if any, travels in their environment, not on their command line."""
+    threads = max(1, (os.cpu_count() or 1) // (n + 1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if password_of(url):
+        env[PASSWORD_ENV] = password_of(url)
+    cmd = [sys.executable, "-m", "transferlab.cli", "study", "worker", str(spec_path), "--dir", str(directory)]
+    cmd += ["--storage", without_password(url)]
+    for text in overrides:
+        cmd += ["--set", hide(text, url)]  # --storage above wins over a storage= override
+    import torch
+
+    torch.set_num_threads(threads)
+    return [subprocess.Popen(cmd, env=env) for _ in range(n)]
 
 
 def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, overrides=(), report: bool = True) -> Path:
     """Create or resume the study, run everything still to do, select, test once, report."""
-    spec, directory, url = _prepare(spec_path, study_dir, storage, overrides)
-    (directory / "storage.txt").write_text(url)
+    if workers < 1:
+        raise StudyError(f"--workers {workers}: expected 1 or more worker processes")
+    spec, directory, url, study = _prepare(spec_path, study_dir, storage, overrides)
+    (directory / "storage.txt").write_text(without_password(url))
     (directory / "study.txt").write_text(spec.name)  # which study of a shared storage this directory reports
-    study = open_study(spec, directory, url)
-    if "spec" not in study.user_attrs or study.user_attrs["spec"] != spec.source:
-        study.set_user_attr("spec", spec.source)
-        study.set_user_attr("spec_path", str(spec_path))
-    study.set_user_attr(
-        "command",
-        shlex.join(["transferlab", *sys.argv[1:]])
-        if sys.argv and "transferlab" in sys.argv[0]
-        else f"run_study({spec_path!r})",
-    )
-    jobs = plan_jobs(spec)
-    added = enqueue_missing(study, spec, jobs)
-    n_points = len(spec.points())
-    log(f"study {spec.name}: {n_points} grid points as {len(jobs)} runs; {added} queued now; storage {url}")
-    procs = []
-    if workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        cmd = [
-            sys.executable,
-            "-m",
-            "transferlab.cli",
-            "study",
-            "worker",
-            str(spec_path),
-            "--dir",
-            str(directory),
-            "--storage",
-            url,
-        ]
-        for text in overrides:
-            cmd += ["--set", text]
-        procs = [subprocess.Popen(cmd, env=env) for _ in range(workers - 1)]
-        import torch
-
-        torch.set_num_threads(threads)
-    try:
-        Worker(spec, directory, study).run(wait_for_others=True)
-    finally:
+    with storage_errors(url):
+        worker = Worker(spec, directory, study)
+        jobs = worker.plan()
+        record_spec(study, spec, spec_path, url, jobs)
+        added = enqueue_missing(study, jobs, lock_path(url, directory))
+        log(
+            f"study {spec.name}: {len(spec.points())} grid points as {len(jobs)} runs; {added} queued now; "
+            f"storage {redact(url)}"
+        )
+        procs = start_workers(workers - 1, spec_path, directory, url, overrides) if workers > 1 else []
+        try:
+            worker.run(wait_for_others=True)
+        finally:
+            for p in procs:
+                p.wait()
         for p in procs:
-            p.wait()
-    for p in procs:
-        if p.returncode:
-            raise RuntimeError(f"a worker process exited with status {p.returncode}")
-    select_and_test(study, spec, directory)
-    if report:
-        from .report import write_report
+            if p.returncode:
+                raise StudyError(f"a worker process exited with status {p.returncode}")
+        select_and_test(study, spec, directory, {i for job in jobs for i in job.identities.values()})
+        if report:
+            from .report import write_report
 
-        for path in write_report(directory, storage=url, study_name=spec.name):
-            log(f"wrote {path}")
+            for path in write_report(directory, storage=url, study_name=spec.name):
+                log(f"wrote {path}")
     return directory
 
 
 # ---------------------------------------------------------------------- selection and the single test evaluation
-def grid_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """One complete trial per grid point (the newest, should a point have been completed twice)."""
-    latest: dict[str, optuna.trial.FrozenTrial] = {}
-    for t in study.get_trials(deepcopy=False, states=(COMPLETE,)):
-        if t.user_attrs.get("kind") in ("run", "derived"):
-            latest[t.user_attrs["key"]] = t
-    return list(latest.values())
-
-
-def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path) -> dict:
-    """Best trial by the study's metric; its checkpoint is evaluated once on the test split."""
-    from .data import Split, make_split
+def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, identities: set[str] | None = None) -> dict:
+    """Best of the spec's trials (`identities`, default: those recorded in the study) by the study's metric; its
+    checkpoint is evaluated once on the test split."""
+    from .data import Split, split_arrays, split_for
     from .evaluate import align_labels, evaluate_arrays, load_checkpoint
 
-    trials = grid_trials(study)
+    trials = grid_trials(study, identities)
     if len(trials) < len(spec.points()):
-        raise RuntimeError(
+        raise StudyError(
             f"{len(spec.points()) - len(trials)} grid points are not complete; run the study again to finish them"
         )
     sign = 1 if spec.metric == "val_accuracy" else -1
     best = max(trials, key=lambda t: (sign * t.value, -t.number))
+    selected = study.user_attrs.get("selected")
+    if selected and selected.get("identity") == best.user_attrs["identity"]:
+        return selected
     previous = study.user_attrs.get("test_evaluations", [])
-    if previous and previous[-1]["key"] == best.user_attrs["key"]:
-        return previous[-1]
     config = RunConfig.from_dict(best.user_attrs["config"])
     images = load_images(config)
     split_file = directory / best.user_attrs["run_dir"] / "split.json"
-    split = (
-        Split.from_dict(json.loads(split_file.read_text()))
-        if split_file.exists()
-        else make_split(
-            images.labels,
-            test_fraction=config.test_fraction,
-            val_fraction=config.val_fraction,
-            seed=config.split_seed,
-            limit=config.limit,
-            official_test=config.official_test,
-        )
-    )
-    loaded = load_checkpoint(directory / best.user_attrs["checkpoint"], config.device)
-    if split.official_test:
-        test_x, test_y = images.test_images, images.test_labels
-    else:
-        test_x, test_y = images.images[split.test], images.labels[split.test]
-    result = evaluate_arrays(loaded, test_x, align_labels(loaded, ImageSet(test_x, test_y, images.classes, images.key)))
+    split = Split.from_dict(json.loads(split_file.read_text())) if split_file.exists() else split_for(images, config)
     record = {
         "trial": best.number,
         "key": best.user_attrs["key"],
+        "identity": best.user_attrs["identity"],
         "point": best.user_attrs["point"],
         "val_accuracy": best.user_attrs["best"]["val_accuracy"],
         "val_loss": best.user_attrs["best"]["val_loss"],
-        "test_accuracy": result["accuracy"],
-        "test_loss": result["loss"],
-        "n_test": result["n"],
-        "per_class_accuracy": result["per_class_accuracy"],
-        "confusion_matrix": result["confusion_matrix"],
-        "classes": result["classes"],
         "metric": spec.metric,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if len(split.test) == 0 and not split.official_test:
+        selected = {**record, "test": None}
+        study.set_user_attr("selected", selected)
+        log(
+            f"selected trial {best.number} ({record['key']}): val accuracy {record['val_accuracy']:.4f}; "
+            "no test split (test_fraction = 0): the selected trial was not evaluated on a test set"
+        )
+        return selected
+    test_x, test_y = split_arrays(images, split, "test")
+    loaded = load_checkpoint(directory / best.user_attrs["checkpoint"], config.device)
+    result = evaluate_arrays(loaded, test_x, align_labels(loaded, ImageSet(test_x, test_y, images.classes, images.key)))
+    record.update(
+        test_accuracy=result["accuracy"],
+        test_loss=result["loss"],
+        n_test=result["n"],
+        per_class_accuracy=result["per_class_accuracy"],
+        confusion_matrix=result["confusion_matrix"],
+        classes=result["classes"],
+    )
     study.set_user_attr("test_evaluations", previous + [record])
+    study.set_user_attr("selected", record)
     log(
         f"selected trial {best.number} ({record['key']}): val accuracy {record['val_accuracy']:.4f}, "
         f"test accuracy {record['test_accuracy']:.4f} on {record['n_test']} images (test split used once)"

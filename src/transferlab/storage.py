@@ -1,0 +1,197 @@
+"""The study storage, shared by the study runner and the report: which URL, opened how, which trials count.
+
+A storage URL may carry a password (postgresql://user:PASSWORD@host/db). It stays in memory: what is
+saved (storage.txt), logged, recorded in the study, put in a report or an error message has it removed.
+Where the password comes from, first found wins: the URL itself, the environment variable the spec
+names (storage_password_env), TRANSFERLAB_STORAGE_PASSWORD (how `study run --workers N` hands it to
+its worker processes), then the database driver's own ways (PGPASSWORD, ~/.pgpass for PostgreSQL).
+
+Which trials count: `run_study` records the identities of the current spec's grid points in the study
+user attr "identities"; complete trials of other identities (earlier specs) stay in the storage and are
+neither selected nor reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import urllib.parse
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.storages import RDBStorage
+
+PASSWORD_ENV = "TRANSFERLAB_STORAGE_PASSWORD"
+RUN_KINDS = ("run", "derived")
+
+
+class StudyError(RuntimeError):
+    """A study cannot be run or reported as asked (message is one line)."""
+
+
+# ------------------------------------------------------------------------------ URLs and their passwords
+def _parse(url: str):
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url)
+    except Exception:  # not a URL at all: nothing to take a password from
+        return None
+
+
+def password_of(url: str) -> str | None:
+    parsed = _parse(url)
+    return parsed.password if parsed is not None else None
+
+
+def redact(url: str) -> str:
+    """The URL as it may be shown: its password replaced by ***."""
+    parsed = _parse(url)
+    if parsed is None:
+        return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+    return parsed.render_as_string(hide_password=True) if parsed.password is not None else url
+
+
+def without_password(url: str) -> str:
+    """The URL as it may be saved: no password at all (later runs get it from the environment)."""
+    parsed = _parse(url)
+    if parsed is None or parsed.password is None:
+        return url
+    return parsed._replace(password=None).render_as_string(hide_password=False)  # set() ignores None
+
+
+def hide(text: str, url: str) -> str:
+    """`text` with the URL's password, as typed or URL-quoted, replaced by ***."""
+    password = password_of(url)
+    if not password:
+        return text
+    for form in {password, urllib.parse.quote(password, safe=""), urllib.parse.quote_plus(password)}:
+        text = text.replace(form, "***")
+    return text
+
+
+def _with_password(url: str, password_env: str | None) -> str:
+    parsed = _parse(url)
+    if parsed is None or parsed.password is not None or not parsed.host:
+        return url
+    for name in (password_env, PASSWORD_ENV):
+        if name and os.environ.get(name):
+            return parsed.set(password=os.environ[name]).render_as_string(hide_password=False)
+    return url
+
+
+def default_url(directory: Path) -> str:
+    return f"sqlite:///{Path(directory).resolve() / 'study.db'}"
+
+
+def resolve_url(
+    directory: Path, storage: str | None, spec_storage: str | None = None, password_env: str | None = None
+) -> str:
+    """--storage, else the spec's storage, else the directory's storage.txt, else SQLite in the directory."""
+    saved = Path(directory) / "storage.txt"
+    if storage or spec_storage:
+        url = storage or spec_storage
+    elif saved.is_file():
+        url = saved.read_text().strip()
+    else:
+        url = default_url(directory)
+    return _with_password(url, password_env)
+
+
+# ------------------------------------------------------------------------------ opening
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def storage_errors(url: str):
+    """Database errors as one-line StudyErrors naming the storage, its password hidden."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except SQLAlchemyError as error:
+        raise StudyError(f"storage {redact(url)}: {hide(_first_line(error), url)}") from None
+
+
+def require_existing(url: str) -> None:
+    """A SQLite storage file must exist to be read: opening a missing one would create an empty study.db."""
+    parsed = _parse(url)
+    if parsed is None or parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    if not Path(parsed.database).is_file():
+        raise StudyError(f"no study storage: {parsed.database} does not exist")
+
+
+def lock_path(url: str, directory: Path) -> Path:
+    """Where processes take turns on a storage: beside a SQLite file (whichever directories use it), else in the
+    study directory (processes of this machine; workers elsewhere are covered by pruning duplicate claims)."""
+    parsed = _parse(url)
+    if parsed is not None and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return Path(parsed.database + ".lock")
+    return Path(directory) / "study.lock"
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path):
+    """One process at a time (creating the tables of a new storage, reading then queueing jobs)."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_storage(url: str, **heartbeat: Any) -> RDBStorage:
+    """An Optuna RDB storage; an invalid, unreachable or corrupt one is a one-line StudyError."""
+    import optuna
+    from optuna.storages import RDBStorage
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are documented
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    except Exception as error:  # a bad URL, a missing driver, no server, not a database: all say why in one line
+        raise StudyError(f"cannot open the storage {redact(url)}: {hide(_first_line(error), url)}") from None
+
+
+# ------------------------------------------------------------------------------ the current spec's trials
+def current_identities(study: optuna.Study) -> set[str] | None:
+    """The identities of the current spec's grid points (None: a study recorded before identities existed)."""
+    identities = study.user_attrs.get("identities")
+    return set(identities) if identities is not None else None
+
+
+def _complete_grid_trials(study: optuna.Study) -> list:
+    from optuna.trial import TrialState
+
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("kind") in RUN_KINDS
+    ]
+
+
+def grid_trials(study: optuna.Study, identities: set[str] | None = None) -> list:
+    """One complete trial per grid point of the current spec (the newest, should a point have been completed twice)."""
+    identities = identities if identities is not None else current_identities(study)
+    latest = {}
+    for t in _complete_grid_trials(study):
+        if identities is None or t.user_attrs.get("identity") in identities:
+            latest[t.user_attrs["key"]] = t
+    return list(latest.values())
+
+
+def older_trials(study: optuna.Study, identities: set[str] | None = None) -> int:
+    """How many complete trials belong to earlier specs (kept in the storage, not selected, not reported)."""
+    identities = identities if identities is not None else current_identities(study)
+    if identities is None:
+        return 0
+    return sum(t.user_attrs.get("identity") not in identities for t in _complete_grid_trials(study))
