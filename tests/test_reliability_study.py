@@ -287,6 +287,29 @@ def test_without_a_test_split_nothing_is_tested_and_log_and_report_say_so(tree, 
     assert "no test split" in text and "test accuracy" not in text
 
 
+def test_val_loss_metric_governs_each_trials_best_epoch_value_and_checkpoint(tree, tmp_path):
+    import torch
+
+    grid = {"strategy": ["frozen"], "batch_size": [8], "epochs": [3]}
+    spec_path = write_spec(
+        tmp_path / "s.toml", tree, tmp_path / "cache", grid, top={"metric": "val_loss"}, head="linear", lr=0.3
+    )
+    directory = run_study(spec_path, study_dir=tmp_path / "out", report=False)
+    (trial,) = runs(load(directory))
+    losses = [r["val_loss"] for r in trial.user_attrs["history"]]
+    assert trial.value == min(losses) and trial.user_attrs["best"]["val_loss"] == min(losses)
+    checkpoint = torch.load(directory / trial.user_attrs["checkpoint"], weights_only=True)
+    assert checkpoint["metric"] == "val_loss" and checkpoint["val_loss"] == min(losses)
+
+
+@pytest.mark.parametrize("table", ["run", "grid"])
+def test_metric_is_set_once_at_the_top_of_a_spec(tree, tmp_path, table):
+    text = f'name = "s"\n[{table}]\nmetric = ' + ('["val_loss"]' if table == "grid" else '"val_loss"') + "\n"
+    (tmp_path / "s.toml").write_text(text)
+    with pytest.raises(ConfigError, match="set it once at the top level"):
+        StudySpec.load(tmp_path / "s.toml")
+
+
 # ---------------------------------------------------------------------------- 7. secrets
 def test_redaction_of_storage_urls():
     url = f"postgresql+psycopg2://user:{SECRET}@db.example:5432/studies"
