@@ -362,6 +362,32 @@ def confusion_plot(test: dict) -> bytes:
     return _png(fig)
 
 
+def selection_blocks(t: dict, n_evaluations: int) -> list[Block]:
+    """The selected trial, and its test evaluation (or why there is none)."""
+    rows = [
+        ["", "value"],
+        ["trial", f"{t['trial']} ({t['key']})"],
+        ["selection metric", t["metric"]],
+        ["validation accuracy (best epoch)", f"{t['val_accuracy']:.4f}"],
+        ["validation loss (best epoch)", f"{t['val_loss']:.4f}"],
+    ]
+    blocks = [Block("h2", "Selected trial and test evaluation"), Block("table", rows=rows)]
+    if t.get("test_accuracy") is None:
+        rows.append(["test", "no test split (test_fraction = 0): not evaluated on a test set"])
+        return blocks
+    rows += [
+        ["test accuracy", f"{t['test_accuracy']:.4f}"],
+        ["test loss", f"{t['test_loss']:.4f}"],
+        ["drop from validation", f"{t['val_accuracy'] - t['test_accuracy']:+.4f}"],
+        ["test images", str(t["n_test"])],
+        ["test evaluations recorded", str(n_evaluations)],
+    ]
+    per_class = [[c, "" if v is None else f"{v:.4f}"] for c, v in t["per_class_accuracy"].items()]
+    blocks.append(Block("table", rows=[["class", "test accuracy"], *per_class]))
+    blocks.append(Block("figure", "Confusion matrix of the selected trial on the test split", png=confusion_plot(t)))
+    return blocks
+
+
 # ------------------------------------------------------------------------------ assembling
 def build_blocks(data: StudyData) -> list[Block]:
     blocks = [Block("h2", f"Study {data.name}")]
@@ -381,52 +407,8 @@ def build_blocks(data: StudyData) -> list[Block]:
     if data.n_older:
         trials = "trial" if data.n_older == 1 else "trials"
         blocks.append(Block("p", f"The storage also holds {data.n_older} {trials} from earlier specs, not shown."))
-    if data.test and data.test.get("test_accuracy") is None:
-        t = data.test
-        blocks.append(Block("h2", "Selected trial and test evaluation"))
-        blocks.append(
-            Block(
-                "table",
-                rows=[
-                    ["", "value"],
-                    ["trial", f"{t['trial']} ({t['key']})"],
-                    ["selection metric", t["metric"]],
-                    ["validation accuracy (best epoch)", f"{t['val_accuracy']:.4f}"],
-                    ["validation loss (best epoch)", f"{t['val_loss']:.4f}"],
-                    ["test", "no test split (test_fraction = 0): not evaluated on a test set"],
-                ],
-            )
-        )
-    elif data.test:
-        t = data.test
-        blocks.append(Block("h2", "Selected trial and test evaluation"))
-        blocks.append(
-            Block(
-                "table",
-                rows=[
-                    ["", "value"],
-                    ["trial", f"{t['trial']} ({t['key']})"],
-                    ["selection metric", t["metric"]],
-                    ["validation accuracy (best epoch)", f"{t['val_accuracy']:.4f}"],
-                    ["validation loss (best epoch)", f"{t['val_loss']:.4f}"],
-                    ["test accuracy", f"{t['test_accuracy']:.4f}"],
-                    ["test loss", f"{t['test_loss']:.4f}"],
-                    ["drop from validation", f"{t['val_accuracy'] - t['test_accuracy']:+.4f}"],
-                    ["test images", str(t["n_test"])],
-                    ["test evaluations recorded", str(data.n_test_evaluations)],
-                ],
-            )
-        )
-        blocks.append(
-            Block(
-                "table",
-                rows=[["class", "test accuracy"]]
-                + [[c, "" if v is None else f"{v:.4f}"] for c, v in t["per_class_accuracy"].items()],
-            )
-        )
-        blocks.append(
-            Block("figure", "Confusion matrix of the selected trial on the test split", png=confusion_plot(t))
-        )
+    if data.test:
+        blocks += selection_blocks(data.test, data.n_test_evaluations)
     if "variant" in data.grid:
         blocks.append(Block("h2", "Variants: best validation accuracy per regime"))
         blocks.append(variant_table(data))
