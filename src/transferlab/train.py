@@ -166,6 +166,7 @@ class Trainer:
         writable_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)", ConfigError)
         self.images = images if images is not None else load_images(config)
         self.split = split_for(self.images, config)
+        writable_folder(self.out_dir, "--out", ConfigError)  # created only once the data is known to be usable
         self.feature_cache = (
             feature_cache if feature_cache is not None else FeatureCache(config.resolved_cache_dir() / "features")
         )
@@ -176,7 +177,7 @@ class Trainer:
         target = Path(out_dir).expanduser()
         if self.config.data != "cifar10" and data.is_dir() and target.resolve().is_relative_to(data.resolve()):
             raise ConfigError(f"--out {target} lies inside the data folder {data}: its files would be read as data")
-        return writable_folder(target, "--out", ConfigError)
+        return target
 
     # -------------------------------------------------------------- setup
     def _setup(self) -> None:
