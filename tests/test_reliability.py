@@ -356,3 +356,23 @@ def test_a_damaged_feature_cache_file_is_recomputed(image_tree, tmp_path):
     with pytest.warns(UserWarning, match="damaged"):
         second = run(config, tmp_path / "b", feature_cache=cache)
     assert cache.misses == 1 and second.history[0]["val_loss"] == first.history[0]["val_loss"]
+
+
+def test_a_checkpoint_of_the_previous_format_still_evaluates(trained_run, image_tree, tmp_path):
+    from transferlab.evaluate import evaluate_checkpoint, load_checkpoint
+
+    old = torch.load(trained_run.out_dir / "best.pt", weights_only=True)
+    old["format"] = "transferlab-checkpoint-1"
+    for key in ("cut", "feature_dtype", "autocast", "metric", "val_loss", "data", "label_smoothing"):
+        del old[key]
+    torch.save(old, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt", "cpu")
+    assert loaded.feature_dtype is None and loaded.info["metric"] == "val_accuracy"
+    from transferlab.data import load_image_folder
+
+    data = load_image_folder(image_tree, tmp_path / "cache", progress=False)
+    assert evaluate_checkpoint(tmp_path / "old.pt", data, device="cpu")["n"] == len(data)
+    del old["resolution"]
+    torch.save(old, tmp_path / "broken.pt")
+    with pytest.raises(Exception, match="not a complete transferlab checkpoint"):
+        load_checkpoint(tmp_path / "broken.pt", "cpu")

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from helpers import history_without_time, quiet, tiny_config
 
 from transferlab import RunConfig, train
+from transferlab.checkpoint import CHECKPOINT_FORMAT
 from transferlab.data import load_images
 from transferlab.features import FeatureCache
-from transferlab.train import CHECKPOINT_FORMAT, Trainer, lr_factor
+from transferlab.train import Trainer, lr_factor
 
 ROW_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "lr"}
 

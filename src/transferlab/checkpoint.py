@@ -1,20 +1,14 @@
-"""The checkpoint file format, in one place: what `best.pt` holds, how it is written and read.
+"""The checkpoint file format, in one place: what `best.pt` holds (`Checkpoint`), how it is written and read.
 
-A checkpoint is a plain dict of tensors and JSON-like values, loaded with `weights_only=True` (no pickled code):
-  format       CHECKPOINT_FORMAT
-  arch, head, dropout, classes           how to rebuild the model
-  resolution, mean, std                  how a uint8 image becomes its input
-  cut, feature_dtype, autocast           how validation ran: frozen groups, dtype of their cached output, bf16
-  loss, label_smoothing, tta_flip        how it was scored
-  model                                  the state dict
-  epoch, metric, val_accuracy, val_loss  which epoch it is and why it was chosen
-  config, weights, data, environment     provenance
+A checkpoint is a plain dict of tensors and JSON-like values, read with `weights_only=True` (no pickled code).
+Format 1 (before the fields that say how validation ran) is still read, with the defaults it implies.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -65,13 +59,63 @@ def read_torch_file(path: Path, what: str, error: type[Exception]) -> object:
         raise error(f"cannot read {what} {path}: {reason}") from None
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict, or a one-line CheckpointError."""
-    path = Path(path)
-    ckpt = read_torch_file(path, "checkpoint", CheckpointError)
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
-        raise CheckpointError(f"{path} is not a transferlab checkpoint (expected format {CHECKPOINT_FORMAT})")
-    return ckpt
+@dataclass
+class Checkpoint:
+    # how to rebuild the model
+    arch: str
+    head: str
+    dropout: float
+    classes: list[str]
+    model: dict  # the state dict
+    # how a uint8 image becomes its input
+    resolution: int
+    mean: list[float]
+    std: list[float]
+    # how validation ran, so evaluation repeats it: frozen groups, dtype of their cached output, bf16 autocast
+    cut: int
+    feature_dtype: str | None
+    autocast: bool
+    # how it was scored
+    loss: str
+    label_smoothing: float
+    tta_flip: bool
+    # which epoch it is, and why it was chosen
+    epoch: int
+    metric: str
+    val_accuracy: float
+    val_loss: float
+    # provenance
+    config: dict
+    weights: str
+    data: str | None  # the decoded data's fingerprint (ImageSet.key)
+    environment: dict
+
+    def save(self, path: Path) -> None:
+        atomic_save({"format": CHECKPOINT_FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        """The checkpoint at `path`, or a one-line CheckpointError."""
+        path = Path(path)
+        raw = read_torch_file(path, "checkpoint", CheckpointError)
+        if not isinstance(raw, dict) or raw.get("format") not in READABLE_FORMATS:
+            raise CheckpointError(f"{path} is not a transferlab checkpoint (expected format {CHECKPOINT_FORMAT})")
+        if raw["format"] == "transferlab-checkpoint-1":  # validation then: the whole network in fp32, no autocast
+            config = raw.get("config", {})
+            raw = {
+                "cut": 0,
+                "feature_dtype": None,
+                "autocast": False,
+                "metric": "val_accuracy",
+                "val_loss": float("nan"),
+                "data": None,
+                "label_smoothing": config.get("label_smoothing", 0.0),
+                **raw,
+            }
+        missing = [f.name for f in fields(cls) if f.name not in raw]
+        if missing:
+            raise CheckpointError(f"{path} is not a complete transferlab checkpoint (no {missing[0]!r})")
+        return cls(**{f.name: raw[f.name] for f in fields(cls)})
 
 
 def writable_folder(path: str | Path, what: str, error: type[Exception]) -> Path:

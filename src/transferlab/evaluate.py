@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import Preprocess
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError
 from .data import DataError, ImageSet, decode_image
 from .models import as_sequential, build_model, get_backbone, resolve_device
@@ -112,38 +112,30 @@ class LoadedModel:
 
 
 def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
-    ckpt = read_checkpoint(path)
+    ckpt = Checkpoint.load(path)
     dev = resolve_device(device)
-    model, _ = build_model(
-        ckpt["arch"], len(ckpt["classes"]), weights="none", head=ckpt["head"], dropout=ckpt["dropout"]
-    )
+    model, _ = build_model(ckpt.arch, len(ckpt.classes), weights="none", head=ckpt.head, dropout=ckpt.dropout)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.model)
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {path} does not fit {ckpt['arch']}: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} does not fit {ckpt.arch}: {str(error).splitlines()[0]}") from None
     model.to(dev, memory_format=torch.channels_last).eval()
-    backbone = get_backbone(ckpt["arch"])
-    cut = ckpt.get("cut", 0)
-    preprocess = Preprocess(tuple(ckpt["mean"]), tuple(ckpt["std"]), ckpt["resolution"], channels_last=True)
-    config = ckpt["config"]
-    dtype = ckpt.get("feature_dtype")
-    info = {
-        k: ckpt.get(k)
-        for k in ("arch", "epoch", "metric", "val_accuracy", "val_loss", "resolution", "weights", "config", "data")
-    }
+    backbone = get_backbone(ckpt.arch)
+    info = {k: getattr(ckpt, k) for k in ("arch", "epoch", "metric", "val_accuracy", "val_loss", "resolution",
+                                          "weights", "config", "data")}  # fmt: skip
     return LoadedModel(
-        model,
-        as_sequential(model, backbone, 0, cut),
-        as_sequential(model, backbone, cut),
-        preprocess,
-        ckpt["classes"],
-        ckpt["loss"],
-        ckpt.get("label_smoothing", config.get("label_smoothing", 0.0)),
-        ckpt.get("tta_flip", False),
-        ckpt.get("autocast", dev.type == "cuda"),
-        getattr(torch, dtype) if dtype else None,
-        dev,
-        info,
+        model=model,
+        prefix=as_sequential(model, backbone, 0, ckpt.cut),
+        suffix=as_sequential(model, backbone, ckpt.cut),
+        preprocess=Preprocess(tuple(ckpt.mean), tuple(ckpt.std), ckpt.resolution, channels_last=True),
+        classes=ckpt.classes,
+        loss=ckpt.loss,
+        label_smoothing=ckpt.label_smoothing,
+        tta_flip=ckpt.tta_flip,
+        autocast=ckpt.autocast,
+        feature_dtype=getattr(torch, ckpt.feature_dtype) if ckpt.feature_dtype else None,
+        device=dev,
+        info=info,
     )
 
 

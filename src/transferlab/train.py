@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import Preprocess, dataset_statistics, random_crop
-from .checkpoint import CHECKPOINT_FORMAT, atomic_save, atomic_write_json, read_torch_file, writable_folder
+from .checkpoint import Checkpoint, atomic_save, atomic_write_json, read_torch_file, writable_folder
 from .config import ConfigError, RunConfig
 from .data import ImageSet, load_images, split_for
 from .evaluate import scores, suffix_logits, tta_probabilities
@@ -399,10 +399,10 @@ class Trainer:
         if improves(row, state.best, config.metric):
             state.best = row
             state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            atomic_save(self._checkpoint(state), self.out_dir / "best.pt")
+            self._checkpoint(state).save(self.out_dir / "best.pt")
         if row["epoch"] in config.record_epochs and row["epoch"] != config.epochs:
             path = self.out_dir / f"best-epoch{row['epoch']}.pt"
-            atomic_save(self._checkpoint(state), path)
+            self._checkpoint(state).save(path)
             state.checkpoints[row["epoch"]] = path
         self._write_metrics(state, env)
         self._save_state(state)
@@ -439,33 +439,17 @@ class Trainer:
             self.out_dir / "metrics.json",
         )
 
-    def _checkpoint(self, state: RunState) -> dict:
+    def _checkpoint(self, state: RunState) -> Checkpoint:
         c, best = self.config, state.best
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "arch": c.arch,
-            "head": c.head,
-            "dropout": c.dropout,
-            "classes": list(self.images.classes),
-            "resolution": c.resolution,
-            "mean": list(self.preprocess.mean),
-            "std": list(self.preprocess.std),
-            "cut": self.cut,
-            "feature_dtype": str(self.feature_dtype).removeprefix("torch.") if self.feature_dtype else None,
-            "autocast": self.autocast,
-            "loss": c.loss,
-            "label_smoothing": c.label_smoothing,
-            "tta_flip": c.tta_flip,
-            "model": state.best_state,
-            "epoch": best["epoch"],
-            "metric": c.metric,
-            "val_accuracy": best["val_accuracy"],
-            "val_loss": best["val_loss"],
-            "config": c.to_dict(),
-            "weights": self.weights_source,
-            "data": self.images.key,
-            "environment": environment(self.device),
-        }
+        return Checkpoint(
+            arch=c.arch, head=c.head, dropout=c.dropout, classes=list(self.images.classes), model=state.best_state,
+            resolution=c.resolution, mean=list(self.preprocess.mean), std=list(self.preprocess.std), cut=self.cut,
+            feature_dtype=str(self.feature_dtype).removeprefix("torch.") if self.feature_dtype else None,
+            autocast=self.autocast, loss=c.loss, label_smoothing=c.label_smoothing, tta_flip=c.tta_flip,
+            epoch=best["epoch"], metric=c.metric, val_accuracy=best["val_accuracy"], val_loss=best["val_loss"],
+            config=c.to_dict(), weights=self.weights_source, data=self.images.key,
+            environment=environment(self.device),
+        )  # fmt: skip
 
     # -------------------------------------------------------------- resuming a killed run
     def _identity(self) -> dict:
