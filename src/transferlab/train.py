@@ -304,6 +304,11 @@ class Trainer:
     # -------------------------------------------------------------- the loop
     def fit(self, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
         config = self.config
+        finished = self._finished()
+        if finished is not None:  # nothing to compute: not even the model or the feature cache
+            self.log(f"already finished ({self.out_dir / 'metrics.json'})")
+            (self.out_dir / "state.pt").unlink(missing_ok=True)  # left by a kill just before the end
+            return finished
         self._setup()
         state = self._resume()
         if state.epoch == 0:
@@ -474,11 +479,7 @@ class Trainer:
         atomic_save(saved, self.out_dir / "state.pt")
 
     def _resume(self) -> RunState:
-        """A finished run of the same identity is returned as it is; a killed one continues from state.pt."""
-        finished = self._finished()
-        if finished is not None:
-            self.log(f"already finished ({self.out_dir / 'metrics.json'})")
-            return finished
+        """A killed run continues from state.pt when it belongs to this run."""
         path = self.out_dir / "state.pt"
         if not path.exists():
             return RunState()
@@ -502,7 +503,8 @@ class Trainer:
         checkpoints = {int(e): Path(p) for e, p in saved["checkpoints"].items()}
         return RunState(saved["epoch"], saved["history"], saved["best"], saved["best_state"], checkpoints)
 
-    def _finished(self) -> RunState | None:
+    def _finished(self) -> RunResult | None:
+        """The result of this very run (same identity) when its directory holds it finished."""
         try:
             metrics = json.loads((self.out_dir / "metrics.json").read_text())
         except (OSError, ValueError):
@@ -513,7 +515,9 @@ class Trainer:
         checkpoints = {int(e): self.out_dir / name for e, name in metrics.get("checkpoints", {}).items()}
         if not all(p.is_file() for p in [self.out_dir / "best.pt", *checkpoints.values()]):
             return None
-        return RunState(len(history), history, history[metrics["best_epoch"] - 1], None, checkpoints)
+        checkpoints[self.config.epochs] = self.out_dir / "best.pt"
+        return RunResult(self.out_dir, history, metrics["best_epoch"], self.config.metric, metrics["input_path"],
+                         checkpoints)  # fmt: skip
 
 
 def train(config: RunConfig, out_dir: str | Path, **kwargs) -> RunResult:
