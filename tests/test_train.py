@@ -16,7 +16,9 @@ from transferlab.data import load_images
 from transferlab.features import FeatureCache
 from transferlab.train import Trainer, lr_factor
 
-ROW_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "lr"}
+ROW_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "lr"} | {
+    f"{split}_{name}" for split in ("train", "val") for name in ("balanced_accuracy", "macro_f1")
+}
 
 
 def run(config, out_dir, **kwargs):

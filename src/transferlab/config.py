@@ -23,6 +23,18 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range (message is one line)."""
 
 
+# Selection metrics: keys of a run's per-epoch rows. All but val_loss are higher-is-better.
+METRICS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1")
+
+
+# Options added after runs and studies were recorded, with their defaults (see RunConfig.training_dict).
+ADDED_LATER = {"class_weights": "none", "sampler": "shuffle"}
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric != "val_loss"
+
+
 def _opt(default, help: str, choices: tuple | None = None, min: float | None = None, max: float | None = None):
     meta = {"help": help, "choices": choices, "min": min, "max": max}
     if isinstance(default, (list, dict)):
@@ -100,6 +112,18 @@ class RunConfig:
         "ce", "ce (cross-entropy) or mse (mean squared error of softmax vs one-hot, the study's)", choices=("ce", "mse")
     )
     label_smoothing: float = _opt(0.0, "label smoothing for the ce loss", min=0.0, max=0.5)
+    class_weights: str = _opt(
+        "none",
+        "imbalanced classes: 'balanced' weights each class's training loss by n / (classes x its training count) "
+        "(sklearn's formula); validation and test loss stay unweighted so they compare across options",
+        choices=("none", "balanced"),
+    )
+    sampler: str = _opt(
+        "shuffle",
+        "training order: 'shuffle' (each image once per epoch) or 'balanced' (as many draws, with replacement, "
+        "each class equally likely)",
+        choices=("shuffle", "balanced"),
+    )
     optimizer: str = _opt("adamw", "optimiser", choices=("sgd", "adam", "adamw"))
     lr: float = _opt(1e-3, "peak learning rate", min=0.0)
     momentum: float = _opt(0.9, "SGD momentum (Nesterov)", min=0.0, max=0.999)
@@ -142,8 +166,9 @@ class RunConfig:
     )
     metric: str = _opt(
         "val_accuracy",
-        "what picks the best epoch and its checkpoint (a study sets it from its own `metric`)",
-        choices=("val_accuracy", "val_loss"),
+        "what picks the best epoch and its checkpoint (a study sets it from its own `metric`); only val_loss is "
+        "lower-is-better",
+        choices=METRICS,
     )
     progress: bool = _opt(True, "show a progress bar")
 
@@ -194,6 +219,10 @@ class RunConfig:
                 f"{where}official_test: only the cifar10 source has an official test split; "
                 f"for {self.data} use test_fraction"
             )
+        if self.class_weights == "balanced" and self.sampler == "balanced":
+            raise ConfigError(
+                f"{where}class_weights = 'balanced' with sampler = 'balanced' corrects the imbalance twice: choose one"
+            )
         if self.feature_shift and self.strategy == "full":
             raise ConfigError(
                 f"{where}feature_shift = {self.feature_shift}: strategy 'full' freezes nothing whose output could be "
@@ -204,8 +233,13 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def training_dict(self) -> dict[str, Any]:
-        """The settings that decide a run's numbers: all but where caches live and whether a bar is drawn."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("progress", "cache_dir")}
+        """The settings that decide a run's numbers: all but where caches live and whether a bar is drawn.
+        Options added later are left out at their defaults, so earlier runs and trials keep their identities."""
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in ("progress", "cache_dir") and not (k in ADDED_LATER and v == ADDED_LATER[k])
+        }
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir or default_cache_dir()).expanduser()
@@ -294,7 +328,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- studies
 STUDY_KEYS = {
     "name": "study name (default: the spec file's stem)",
-    "metric": "selection metric: val_accuracy (default) or val_loss",
+    "metric": "selection metric: val_accuracy (default), val_loss, val_balanced_accuracy or val_macro_f1",
     "storage": "Optuna storage URL (default: SQLite file in the study directory); keep passwords out of it",
     "storage_password_env": "name of an environment variable holding the storage's password (never saved or shown)",
     "run": "table of RunConfig keys shared by every trial",
@@ -355,8 +389,8 @@ class StudySpec:
                 RunConfig.from_dict({axis: value}, base=base, where=f"{where}[grid] ")
             checked[axis.replace("-", "_")] = values
         metric = tree.get("metric", "val_accuracy")
-        if metric not in ("val_accuracy", "val_loss"):
-            raise ConfigError(f"{where}metric = {metric!r}: expected val_accuracy or val_loss")
+        if metric not in METRICS:
+            raise ConfigError(f"{where}metric = {metric!r}: expected one of {', '.join(METRICS)}")
         password_env = tree.get("storage_password_env")
         if password_env is not None and (not isinstance(password_env, str) or not password_env):
             raise ConfigError(f"{where}storage_password_env = {password_env!r}: expected an environment variable name")

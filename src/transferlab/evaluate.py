@@ -1,9 +1,9 @@
 """One evaluation path for validation during training, `evaluate` and `predict`.
 
-Scoring: class probabilities (the mean of the image's and its mirror's under flip TTA), then accuracy and the
-run's own loss computed from them. Precision: the checkpoint records how validation ran (bf16 autocast, and the
-dtype of the frozen groups' cached output), and evaluation repeats it, so `evaluate best.pt --split val`
-reproduces the validation figures the trainer recorded.
+Scoring: class probabilities (the mean of the image's and its mirror's under flip TTA), then accuracy, balanced
+accuracy, macro-F1 and the run's own (unweighted) loss computed from them. Precision: the checkpoint records how
+validation ran (bf16 autocast, and the dtype of the frozen groups' cached output), and evaluation repeats it, so
+`evaluate best.pt --split val` reproduces the validation figures the trainer recorded.
 """
 
 from __future__ import annotations
@@ -47,21 +47,41 @@ def probability_loss(probs: torch.Tensor, y: torch.Tensor, *, loss: str, label_s
     return F.cross_entropy(probs.clamp_min(1e-12).log(), y, label_smoothing=label_smoothing)
 
 
+def confusion_matrix(y: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
+    """(K, K) counts, rows = true class, columns = predicted, on the labels' device."""
+    confusion = torch.zeros(k, k, dtype=torch.long, device=y.device)
+    return confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+
+
+def balanced_scores(confusion: torch.Tensor) -> dict:
+    """Balanced accuracy (mean recall over the classes present in the labels) and macro-F1 (mean over the classes
+    present in the labels or the predictions of 2tp / (2tp + fp + fn)); sklearn's balanced_accuracy_score and
+    f1_score(average="macro") on the same labels."""
+    confusion = confusion.double()
+    tp, true, predicted = confusion.diagonal(), confusion.sum(1), confusion.sum(0)
+    present = true > 0
+    f1_denominator = true + predicted  # 2tp + fp + fn
+    seen = f1_denominator > 0
+    return {
+        "balanced_accuracy": (tp[present] / true[present]).mean().item(),
+        "macro_f1": (2 * tp[seen] / f1_denominator[seen]).mean().item(),
+    }
+
+
 def scores(probs: torch.Tensor, y: torch.Tensor, classes: list[str], *, loss: str, label_smoothing: float) -> dict:
-    """Accuracy, loss, n, per-class accuracy and confusion matrix of (N, K) probabilities against labels."""
+    """Accuracy, balanced accuracy, macro-F1, loss, n, per-class accuracy and confusion matrix of (N, K)
+    probabilities against labels."""
     if len(y) == 0:
         raise DataError("nothing to evaluate: the selected split holds no images")
-    k = len(classes)
     pred = probs.argmax(1)
-    confusion = torch.zeros(k, k, dtype=torch.long, device=y.device)
-    confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
-    confusion = confusion.cpu()
+    confusion = confusion_matrix(y, pred, len(classes)).cpu()
     per_class = {
         c: (confusion[i, i].item() / confusion[i].sum().item()) if confusion[i].sum() else None
         for i, c in enumerate(classes)
     }
     return {
         "accuracy": (pred == y).float().mean().item(),
+        **balanced_scores(confusion),
         "loss": probability_loss(probs, y, loss=loss, label_smoothing=label_smoothing).item(),
         "n": len(y),
         "per_class_accuracy": per_class,

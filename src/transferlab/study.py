@@ -37,7 +37,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from .config import ConfigError, RunConfig, StudySpec
+from .config import ConfigError, RunConfig, StudySpec, higher_is_better
 from .data import ImageSet, load_images
 from .features import FeatureCache
 from .progress import console
@@ -101,7 +101,7 @@ def trial_identity(point: dict[str, Any], config: RunConfig, data_key: str) -> s
     """The grid point plus a hash of everything that trains it: the run config, the data, the pretrained weights."""
     from .models import weights_identity
 
-    trains = {k: v for k, v in config.to_dict().items() if k not in NOT_TRAINING}
+    trains = {k: v for k, v in config.training_dict().items() if k not in NOT_TRAINING}
     blob = json.dumps(
         {"config": trains, "data": data_key, "weights": weights_identity(config.arch, config.weights)},
         sort_keys=True,
@@ -176,7 +176,7 @@ def open_study(spec: StudySpec, url: str, lock: Path) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are documented
     heartbeat = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": grace_seconds()}
-    direction = "maximize" if spec.metric == "val_accuracy" else "minimize"
+    direction = "maximize" if higher_is_better(spec.metric) else "minimize"
     creating = url.startswith("sqlite") and lock.parent.is_dir()
     with exclusive(lock) if creating else contextlib.nullcontext():
         storage = open_storage(url, **heartbeat, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
@@ -471,7 +471,7 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
         raise StudyError(
             f"{len(spec.points()) - len(trials)} grid points are not complete; run the study again to finish them"
         )
-    sign = 1 if spec.metric == "val_accuracy" else -1
+    sign = 1 if higher_is_better(spec.metric) else -1
     best = max(trials, key=lambda t: (sign * t.value, -t.number))
     selected = study.user_attrs.get("selected")
     if selected and selected.get("identity") == best.user_attrs["identity"]:

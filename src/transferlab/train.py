@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from .augment import Preprocess, dataset_statistics, random_crop
 from .checkpoint import Checkpoint, atomic_save, atomic_write_json, read_torch_file, writable_folder
 from .config import ConfigError, RunConfig
-from .data import ImageSet, load_images, split_for
-from .evaluate import scores, suffix_logits, tta_probabilities
+from .data import ImageSet, Split, load_images, split_for
+from .evaluate import balanced_scores, confusion_matrix, scores, suffix_logits, tta_probabilities
 from .features import FeatureCache, compute_features, feature_key
 from .freezing import (
     active_groups,
@@ -59,10 +59,37 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def loss_function(config: RunConfig, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def loss_function(
+    config: RunConfig, num_classes: int, weight: torch.Tensor | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training criterion; `weight` (K,) weights each row by its class, normalised by the batch's weights as
+    cross-entropy's `weight=` does."""
+    if config.loss == "mse" and weight is not None:
+
+        def weighted_mse(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            rows = (logits.float().softmax(1) - F.one_hot(y, num_classes).float()).pow(2).mean(1)
+            return (rows * weight[y]).sum() / weight[y].sum()
+
+        return weighted_mse
     if config.loss == "mse":  # the study's: squared error between softmax and one-hot labels
         return lambda logits, y: F.mse_loss(logits.float().softmax(1), F.one_hot(y, num_classes).float())
-    return lambda logits, y: F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+    return lambda logits, y: F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=config.label_smoothing)
+
+
+def split_class_counts(images: ImageSet, split: Split) -> dict[str, dict[str, int]]:
+    """Images per class in each part of a split: {"train": {class: n}, "val": ..., "test": ...}."""
+    test = images.labels[split.test]
+    if split.official_test:
+        test = images.test_labels if images.test_labels is not None else np.zeros(0, dtype=np.int64)
+    parts = {"train": images.labels[split.train], "val": images.labels[split.val], "test": test}
+    k = len(images.classes)
+    return {name: dict(zip(images.classes, np.bincount(y, minlength=k).tolist())) for name, y in parts.items()}
+
+
+def balanced_class_weights(train_counts: list[int]) -> list[float]:
+    """sklearn's compute_class_weight("balanced"): n_samples / (n_classes * count of the class)."""
+    n, k = sum(train_counts), len(train_counts)
+    return [n / (k * c) for c in train_counts]
 
 
 def make_optimizer(config: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -166,6 +193,11 @@ class Trainer:
         writable_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)", ConfigError)
         self.images = images if images is not None else load_images(config)
         self.split = split_for(self.images, config)
+        self.class_counts = split_class_counts(self.images, self.split)
+        empty = [c for c, n in self.class_counts["train"].items() if n == 0]
+        for option in ("class_weights", "sampler"):
+            if getattr(config, option) == "balanced" and empty:  # its weight would be n / 0
+                raise ConfigError(f"{option} = 'balanced': class {empty[0]!r} has no training images to balance")
         writable_folder(self.out_dir, "--out", ConfigError)  # created only once the data is known to be usable
         self.feature_cache = (
             feature_cache if feature_cache is not None else FeatureCache(config.resolved_cache_dir() / "features")
@@ -200,12 +232,20 @@ class Trainer:
         self.prefix = as_sequential(self.model, self.backbone, 0, self.cut)
         self.suffix = as_sequential(self.model, self.backbone, self.cut)
         self.step_suffix = torch.compile(self.suffix) if config.compile else self.suffix
-        self.loss_fn = loss_function(config, self.num_classes)
+        train_counts = list(self.class_counts["train"].values())
+        self.class_weights = balanced_class_weights(train_counts) if config.class_weights == "balanced" else None
+        weight = torch.tensor(self.class_weights, device=device) if self.class_weights else None
+        self.loss_fn = loss_function(config, self.num_classes, weight)
         groups = parameter_groups(self.model, self.backbone, self.trainable, config.lr, config.lr_group_decay)
         for g in groups:
             g["initial_lr"] = g["lr"]
         self.optimizer = make_optimizer(config, groups)
         self.labels = torch.from_numpy(self.images.labels).to(device)
+        if config.sampler == "balanced":  # the training split grouped by class, to draw a class then one of its images
+            train_idx = torch.from_numpy(self.split.train).to(device)
+            self.by_class = train_idx[torch.argsort(self.labels[train_idx], stable=True)]
+            self.class_size = torch.tensor(train_counts, device=device)
+            self.class_start = torch.cumsum(self.class_size, 0) - self.class_size
         self._choose_input_path()
 
     def _choose_input_path(self) -> None:
@@ -332,14 +372,18 @@ class Trainer:
             progress.advance(state.epoch * n_train)
             for epoch in range(state.epoch + 1, config.epochs + 1):
                 started = time.perf_counter()
-                train_loss, train_accuracy = self._train_epoch(epoch, progress)
+                train_loss, train_accuracy, train_balanced = self._train_epoch(epoch, progress)
                 val = self.evaluate_indices(self.split.val)
                 row = {
                     "epoch": epoch,
                     "train_loss": train_loss,
                     "train_accuracy": train_accuracy,
+                    "train_balanced_accuracy": train_balanced["balanced_accuracy"],
+                    "train_macro_f1": train_balanced["macro_f1"],
                     "val_loss": val["loss"],
                     "val_accuracy": val["accuracy"],
+                    "val_balanced_accuracy": val["balanced_accuracy"],
+                    "val_macro_f1": val["macro_f1"],
                     "seconds": time.perf_counter() - started,
                     "lr": self.optimizer.param_groups[0]["lr"],
                 }
@@ -358,8 +402,8 @@ class Trainer:
             self.out_dir, state.history, state.best["epoch"], config.metric, self.feature_path, checkpoints
         )
 
-    def _train_epoch(self, epoch: int, progress) -> tuple[float, float]:
-        """One pass over the training split in a seeded random order -> (mean loss, accuracy)."""
+    def _train_epoch(self, epoch: int, progress) -> tuple[float, float, dict]:
+        """One epoch of len(train) images in a seeded random order -> (mean loss, accuracy, balanced_scores)."""
         config = self.config
         # The prefix cut and the optimiser follow the strategy's full set of groups; gradual unfreezing only
         # withholds gradients from the deeper ones (the optimiser skips parameters without a gradient).
@@ -367,10 +411,21 @@ class Trainer:
         apply_freezing(self.model, self.backbone, active)
         set_train_mode(self.model, self.backbone, active)
         train_idx = torch.from_numpy(self.split.train).to(self.device)
-        order = train_idx[torch.randperm(len(train_idx), device=self.device, generator=self.generator)]
+        n = len(train_idx)
+        if config.sampler == "balanced":
+            # A uniform class, then a uniform image of it: each image drawn with probability proportional to
+            # 1 / its class's count, with replacement. Two draws of n rather than torch.multinomial over the images,
+            # whose number of categories is capped at 2**24.
+            c = torch.randint(self.num_classes, (n,), device=self.device, generator=self.generator)
+            u = torch.rand(n, device=self.device, generator=self.generator, dtype=torch.float64)
+            within = (u * self.class_size[c]).long().clamp_max(self.class_size[c] - 1)
+            order = self.by_class[self.class_start[c] + within]
+        else:
+            order = train_idx[torch.randperm(n, device=self.device, generator=self.generator)]
         steps = math.ceil(len(train_idx) / config.batch_size)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        confusion = torch.zeros(self.num_classes, self.num_classes, device=self.device, dtype=torch.long)
         for step in range(steps):
             factor = lr_factor(config, (epoch - 1) * steps + step, steps)
             for group in self.optimizer.param_groups:
@@ -383,9 +438,11 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == y).sum()
+            pred = logits.detach().argmax(1)
+            correct += (pred == y).sum()
+            confusion += confusion_matrix(y, pred, self.num_classes)
             progress.advance(len(idx))
-        return loss_sum.item() / len(train_idx), correct.item() / len(train_idx)
+        return loss_sum.item() / n, correct.item() / n, balanced_scores(confusion)
 
     def _check_finite(self, row: dict, state: RunState) -> None:
         bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(row[k])]
@@ -435,6 +492,8 @@ class Trainer:
                 "n_train": len(self.split.train),
                 "n_val": len(self.split.val),
                 "n_test": len(self.split.test),
+                "class_counts": self.class_counts,
+                "class_weights": dict(zip(self.images.classes, self.class_weights)) if self.class_weights else None,
                 "environment": env,
                 "command": " ".join(sys.argv),
                 "identity": self._identity(),
