@@ -191,7 +191,10 @@ def test_selected_trial_and_all_trials_tables(seeds_study):
     assert values["validation accuracy (best epoch)"] == f"{record['val_accuracy']:.4f}"
     assert values["test accuracy"] == f"{record['test_accuracy']:.4f}"
     assert values["test images"] == str(record["n_test"]) and values["test evaluations recorded"] == "1"
-    assert dict(per_class[1:]) == {c: "" if v is None else f"{v:.4f}" for c, v in record["per_class_accuracy"].items()}
+    assert per_class[0] == ["class", "test images", "test accuracy"]
+    expected = {c: "" if v is None else f"{v:.4f}" for c, v in record["per_class_accuracy"].items()}
+    assert {r[0]: r[2] for r in per_class[1:]} == expected
+    assert [int(r[1]) for r in per_class[1:]] == [sum(row) for row in record["confusion_matrix"]]
     ((_, rows),) = tables_in(section(text, "All trials"))
     header, body = rows[0], rows[1:]
     trials = {t.number: t for t in grid_trials(study)}

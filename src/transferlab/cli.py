@@ -99,12 +99,16 @@ def print_evaluation(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    title = f"{result['split']} split: accuracy {result['accuracy']:.4f}   loss {result['loss']:.4f}   n {result['n']}"
+    title = (
+        f"{result['split']} split: accuracy {result['accuracy']:.4f}   balanced {result['balanced_accuracy']:.4f}   "
+        f"macro-F1 {result['macro_f1']:.4f}   loss {result['loss']:.4f}   n {result['n']}"
+    )
     table = Table(title=title)
     table.add_column("class")
+    table.add_column("images", justify="right")
     table.add_column("accuracy", justify="right")
-    for name, value in result["per_class_accuracy"].items():
-        table.add_row(name, "-" if value is None else f"{value:.4f}")
+    for (name, value), row in zip(result["per_class_accuracy"].items(), result["confusion_matrix"]):
+        table.add_row(name, str(sum(row)), "-" if value is None else f"{value:.4f}")
     Console().print(table)
 
 
@@ -192,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object (accuracy, loss, n, per-class accuracy, confusion matrix)",
+        help="print one JSON object (accuracy, balanced_accuracy, macro_f1, loss, n, per-class accuracy, "
+        "confusion matrix)",
     )
     p.set_defaults(func=cmd_evaluate)
 

@@ -142,6 +142,11 @@ def _fmt(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _cell(value: float | None) -> str:
+    """A figure, or blank where a trial recorded before it existed has none."""
+    return "" if value is None else f"{value:.4f}"
+
+
 def _final_row(trial: dict) -> dict:
     """The figures a run of this many epochs reports: those of its last epoch (the paper's convention)."""
     return trial["history"][-1]
@@ -231,6 +236,8 @@ def trials_table(data: StudyData) -> Block:
             *axes,
             "best epoch",
             "best val acc",
+            "best val bal acc",
+            "best val macro-F1",
             "final val acc",
             "final train acc",
             "s/epoch",
@@ -246,6 +253,8 @@ def trials_table(data: StudyData) -> Block:
                 *(str(_value(t, a)) for a in axes),
                 str(t["best"]["epoch"]),
                 f"{t['best']['val_accuracy']:.4f}",
+                _cell(t["best"].get("val_balanced_accuracy")),
+                _cell(t["best"].get("val_macro_f1")),
                 f"{h[-1]['val_accuracy']:.4f}",
                 f"{h[-1]['train_accuracy']:.4f}",
                 f"{statistics.mean(r['seconds'] for r in h):.2f}",
@@ -362,6 +371,21 @@ def confusion_plot(test: dict) -> bytes:
     return _png(fig)
 
 
+def class_counts_table(t: dict) -> list[Block]:
+    """Images per class in each split of the selected trial's data (none for selections recorded before)."""
+    counts = t.get("class_counts")
+    if not counts:
+        return []
+    splits = ["train", "val", "test"]
+    rows = [["class", *splits, "all"]]
+    for c in counts["train"]:
+        n = [counts[s][c] for s in splits]
+        rows.append([c, *map(str, n), str(sum(n))])
+    totals = [sum(counts[s].values()) for s in splits]
+    rows.append(["all", *map(str, totals), str(sum(totals))])
+    return [Block("p", "Images per class and split (the selected trial's data):"), Block("table", rows=rows)]
+
+
 def selection_blocks(t: dict, n_evaluations: int) -> list[Block]:
     """The selected trial, and its test evaluation (or why there is none)."""
     rows = [
@@ -371,19 +395,28 @@ def selection_blocks(t: dict, n_evaluations: int) -> list[Block]:
         ["validation accuracy (best epoch)", f"{t['val_accuracy']:.4f}"],
         ["validation loss (best epoch)", f"{t['val_loss']:.4f}"],
     ]
+    if t.get("val_balanced_accuracy") is not None:  # absent from selections recorded before these metrics
+        rows.append(["validation balanced accuracy (best epoch)", _cell(t["val_balanced_accuracy"])])
+        rows.append(["validation macro-F1 (best epoch)", _cell(t["val_macro_f1"])])
     blocks = [Block("h2", "Selected trial and test evaluation"), Block("table", rows=rows)]
+    counts = class_counts_table(t)
     if t.get("test_accuracy") is None:
         rows.append(["test", "no test split (test_fraction = 0): not evaluated on a test set"])
-        return blocks
+        return blocks + counts
     rows += [
         ["test accuracy", f"{t['test_accuracy']:.4f}"],
+        *([["test balanced accuracy", _cell(t["test_balanced_accuracy"])]] if "test_balanced_accuracy" in t else []),
+        *([["test macro-F1", _cell(t["test_macro_f1"])]] if "test_macro_f1" in t else []),
         ["test loss", f"{t['test_loss']:.4f}"],
         ["drop from validation", f"{t['val_accuracy'] - t['test_accuracy']:+.4f}"],
         ["test images", str(t["n_test"])],
         ["test evaluations recorded", str(n_evaluations)],
     ]
-    per_class = [[c, "" if v is None else f"{v:.4f}"] for c, v in t["per_class_accuracy"].items()]
-    blocks.append(Block("table", rows=[["class", "test accuracy"], *per_class]))
+    per_class = [
+        [c, str(sum(row)), _cell(v)] for (c, v), row in zip(t["per_class_accuracy"].items(), t["confusion_matrix"])
+    ]
+    blocks.append(Block("table", rows=[["class", "test images", "test accuracy"], *per_class]))
+    blocks += counts
     blocks.append(Block("figure", "Confusion matrix of the selected trial on the test split", png=confusion_plot(t)))
     return blocks
 

@@ -465,6 +465,7 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
     checkpoint is evaluated once on the test split."""
     from .data import Split, split_arrays, split_for
     from .evaluate import align_labels, evaluate_arrays, load_checkpoint
+    from .train import split_class_counts
 
     trials = grid_trials(study, identities)
     if len(trials) < len(spec.points()):
@@ -488,9 +489,13 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
         "point": best.user_attrs["point"],
         "val_accuracy": best.user_attrs["best"]["val_accuracy"],
         "val_loss": best.user_attrs["best"]["val_loss"],
+        # absent from trials recorded before these metrics were
+        "val_balanced_accuracy": best.user_attrs["best"].get("val_balanced_accuracy"),
+        "val_macro_f1": best.user_attrs["best"].get("val_macro_f1"),
         "metric": spec.metric,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    record["class_counts"] = split_class_counts(images, split)
     if len(split.test) == 0 and not split.official_test:
         selected = {**record, "test": None}
         study.set_user_attr("selected", selected)
@@ -505,6 +510,8 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
     record.update(
         test_accuracy=result["accuracy"],
         test_loss=result["loss"],
+        test_balanced_accuracy=result["balanced_accuracy"],
+        test_macro_f1=result["macro_f1"],
         n_test=result["n"],
         per_class_accuracy=result["per_class_accuracy"],
         confusion_matrix=result["confusion_matrix"],
