@@ -167,8 +167,15 @@ def cmd_study_report(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """A bad flag or choice is one line, like every other bad input (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"transferlab: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="transferlab", description="Transfer-learning studies on image classifiers.", epilog=EPILOG_OFFLINE
     )
     sub = parser.add_subparsers(dest="command", required=True)
