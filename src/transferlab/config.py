@@ -27,10 +27,6 @@ class ConfigError(ValueError):
 METRICS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1")
 
 
-# Options added after runs and studies were recorded, with their defaults (see RunConfig.training_dict).
-ADDED_LATER = {"class_weights": "none", "sampler": "shuffle"}
-
-
 def higher_is_better(metric: str) -> bool:
     return metric != "val_loss"
 
@@ -234,12 +230,9 @@ class RunConfig:
 
     def training_dict(self) -> dict[str, Any]:
         """The settings that decide a run's numbers: all but where caches live and whether a bar is drawn.
-        Options added later are left out at their defaults, so earlier runs and trials keep their identities."""
-        return {
-            k: v
-            for k, v in self.to_dict().items()
-            if k not in ("progress", "cache_dir") and not (k in ADDED_LATER and v == ADDED_LATER[k])
-        }
+        Every other field counts, new ones included: an option added later re-identifies earlier runs, which
+        are then trained again rather than reused under settings they never had."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("progress", "cache_dir")}
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir or default_cache_dir()).expanduser()
