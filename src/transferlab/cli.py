@@ -67,12 +67,20 @@ def cmd_evaluate(args) -> int:
 
     loaded = load_checkpoint(args.checkpoint, args.device)
     run_config = loaded.info["config"]
-    values = {"data": args.data, "progress": not args.json, "skip_bad_images": args.skip_bad_images}
+    values = {
+        "data": args.data or "cifar10",
+        "labels": args.labels,
+        "progress": not args.json,
+        "skip_bad_images": args.skip_bad_images,
+    }
     if args.data_dir:  # else the run's own --data-dir
         values["data_dir"] = args.data_dir
+    for column in ("path", "label", "split"):  # else the run's own column names
+        if getattr(args, f"labels_{column}_column") is not None:
+            values[f"labels_{column}_column"] = getattr(args, f"labels_{column}_column")
     config = RunConfig.from_dict(values, base=RunConfig.from_dict(run_config))
     data = load_images(config)
-    own = data.key == loaded.info["data"] if loaded.info.get("data") else args.data == run_config["data"]
+    own = data.key == loaded.info["data"] if loaded.info.get("data") else config.source == run_config["data"]
     name = args.split or ("test" if own else "all")
     if name == "all":
         images, labels = data.images, data.labels
@@ -178,8 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix of a checkpoint")
     p.add_argument("checkpoint", help="a best.pt written by train")
-    p.add_argument("--data", required=True, help="'cifar10' or an ImageFolder tree; class folders are matched by name")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="'cifar10' or an ImageFolder tree; class folders are matched by name")
+    source.add_argument("--labels", help="a CSV or TSV file of image paths and labels; labels are matched by name")
     p.add_argument("--data-dir", help="where a local cifar-10-batches-py lies (for --data cifar10)")
+    for column, default in (("path", "path"), ("label", "label"), ("split", "split, when present")):
+        text = f"--labels: the {column} column (default: the run's, or {default})"
+        p.add_argument(f"--labels-{column}-column", help=text)
     p.add_argument(
         "--split",
         default=None,

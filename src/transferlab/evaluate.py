@@ -143,9 +143,7 @@ def align_labels(loaded: LoadedModel, data: ImageSet) -> np.ndarray:
     """Map the data set's class indices onto the checkpoint's by name."""
     unknown = [c for c in data.classes if c not in loaded.classes]
     if unknown:
-        raise DataError(
-            f"class folder {unknown[0]!r} is not one of the checkpoint's classes ({', '.join(loaded.classes)})"
-        )
+        raise DataError(f"class {unknown[0]!r} is not one of the checkpoint's classes ({', '.join(loaded.classes)})")
     mapping = np.asarray([loaded.classes.index(c) for c in data.classes], dtype=np.int64)
     return mapping[data.labels]
 
