@@ -667,7 +667,7 @@ def make_split(
 def split_for(images: ImageSet, config) -> Split:
     """The one way a run's data is divided: validated, seeded, stratified (see make_split); or, when the source
     names each row's part (a labels file's split column), exactly that split (test may be empty)."""
-    source = getattr(config, "source", config.data)
+    source = config.source
     if len(images.classes) < 2:
         raise DataError(
             f"{source} has {len(images.classes)} class ({', '.join(images.classes)}): a classifier needs at least 2"
