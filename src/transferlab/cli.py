@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import io
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -67,12 +70,20 @@ def cmd_evaluate(args) -> int:
 
     loaded = load_checkpoint(args.checkpoint, args.device)
     run_config = loaded.info["config"]
-    values = {"data": args.data, "progress": not args.json, "skip_bad_images": args.skip_bad_images}
+    values = {
+        "data": args.data or "cifar10",
+        "labels": args.labels,
+        "progress": not args.json,
+        "skip_bad_images": args.skip_bad_images,
+    }
     if args.data_dir:  # else the run's own --data-dir
         values["data_dir"] = args.data_dir
+    for column in ("path", "label", "split"):  # else the run's own column names
+        if getattr(args, f"labels_{column}_column") is not None:
+            values[f"labels_{column}_column"] = getattr(args, f"labels_{column}_column")
     config = RunConfig.from_dict(values, base=RunConfig.from_dict(run_config))
     data = load_images(config)
-    own = data.key == loaded.info["data"] if loaded.info.get("data") else args.data == run_config["data"]
+    own = data.key == loaded.info["data"] if loaded.info.get("data") else config.source == run_config["data"]
     name = args.split or ("test" if own else "all")
     if name == "all":
         images, labels = data.images, data.labels
@@ -113,20 +124,62 @@ def print_evaluation(result: dict) -> None:
 
 
 def cmd_predict(args) -> int:
-    """Prints the good files' classes; a file that cannot be read is one error line, and the exit status is 1."""
-    from .evaluate import predict_files
+    """Prints (or writes to --output) the good files' classes; a file or argument that cannot be read is one error
+    line on stderr (and an error row in csv / json), and the exit status is 1."""
+    from .evaluate import expand_inputs, predict_files
 
-    results = predict_files(args.checkpoint, args.images, top=args.top, device=args.device)
-    failed = [r for r in results if "error" in r]
-    if args.json:
-        print(json.dumps(results))
+    output = Path(args.output) if args.output else None
+    if output is not None and output.is_dir():
+        raise ConfigError(f"--output {output} is a folder: name a file")
+    if output is not None and not output.parent.is_dir():
+        raise ConfigError(f"--output {output}: folder {output.parent} does not exist")
+    paths, errors = expand_inputs(args.images)
+    results = predict_files(args.checkpoint, paths, top=args.top, device=args.device, progress=sys.stderr.isatty())
+    results += errors
+    text = format_predictions(results, args.format or "text")
+    if output is None:
+        sys.stdout.write(text)
     else:
-        for r in results:
-            if "top" in r:
-                print(r["file"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
-    for r in failed:
-        print(f"transferlab: error: {r['error']}", file=sys.stderr)
-    return 1 if failed else 0
+        write_atomically(output, text)
+    for r in results:
+        if "error" in r:
+            print(f"transferlab: error: {r['error']}", file=sys.stderr)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def format_predictions(results: list[dict], form: str) -> str:
+    """text: "file: class p, class p" per readable file; json: the list; csv: one row per file, top-1 as class and
+    probability, then top2_class, top2_probability, ..., and an error column (empty for a readable file)."""
+    if form == "json":
+        return json.dumps(results) + "\n"
+    if form == "text":
+        return "".join(
+            r["file"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]) + "\n"
+            for r in results
+            if "top" in r
+        )
+    k = max((len(r["top"]) for r in results if "top" in r), default=1)
+    header = ["file", "class", "probability"]
+    for n in range(2, k + 1):
+        header += [f"top{n}_class", f"top{n}_probability"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*header, "error"])
+    for r in results:
+        cells = [value for t in r.get("top", []) for value in (t["class"], t["probability"])]
+        writer.writerow([r["file"], *cells, *[""] * (len(header) - 1 - len(cells)), r.get("error", "")])
+    return buffer.getvalue()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A temporary file beside `path`, then a rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write --output {path}: {' '.join(str(error).split())}") from None
 
 
 def cmd_models(args) -> int:
@@ -189,8 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix of a checkpoint")
     p.add_argument("checkpoint", help="a best.pt written by train")
-    p.add_argument("--data", required=True, help="'cifar10' or an ImageFolder tree; class folders are matched by name")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="'cifar10' or an ImageFolder tree; class folders are matched by name")
+    source.add_argument("--labels", help="a CSV or TSV file of image paths and labels; labels are matched by name")
     p.add_argument("--data-dir", help="where a local cifar-10-batches-py lies (for --data cifar10)")
+    for column, default in (("path", "path"), ("label", "label"), ("split", "split, when present")):
+        text = f"--labels: the {column} column (default: the run's, or {default})"
+        p.add_argument(f"--labels-{column}-column", help=text)
     p.add_argument(
         "--split",
         default=None,
@@ -210,10 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top classes of image files")
     p.add_argument("checkpoint", help="a best.pt written by train")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument(
+        "images",
+        nargs="+",
+        help="image files, folders (their images at any depth) and patterns such as 'photos/**/*.jpg'",
+    )
     p.add_argument("--top", type=int, default=3, help="how many classes to show (default: 3)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--format",
+        choices=("text", "csv", "json"),
+        help="text: a line per file (default); csv: file,class,probability,top2_class,top2_probability,...,error; "
+        "json: a list of {file, top} or {file, error}",
+    )
+    p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
+    p.add_argument("--output", metavar="FILE", help="write the predictions to FILE (atomically) instead of stdout")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("models", help="list the registered backbones and their layer groups")

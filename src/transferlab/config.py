@@ -48,6 +48,18 @@ class RunConfig:
     data: str = _opt(
         "cifar10", "'cifar10' (torchvision's CIFAR-10) or the path of an ImageFolder tree <root>/<class>/<image>"
     )
+    labels: str | None = _opt(
+        None,
+        "a CSV or TSV file (header row) of image paths and labels, instead of --data (leave --data unset); "
+        "paths relative to the file's folder",
+    )
+    labels_path_column: str = _opt("path", "--labels: the column holding each image's path")
+    labels_label_column: str = _opt("label", "--labels: the column holding each image's label (its class name)")
+    labels_split_column: str | None = _opt(
+        "split",
+        "--labels: the column giving each row's part (train, val or test), used instead of carving a split when the "
+        "file has it; 'none' to ignore it",
+    )
     data_dir: str | None = _opt(
         None,
         "where CIFAR-10 is downloaded, or where a local cifar-10-batches-py folder lies (env TRANSFERLAB_DATA_DIR)",
@@ -210,10 +222,15 @@ class RunConfig:
             raise ConfigError(
                 f"{where}record_epochs = {self.record_epochs!r}: beyond epochs = {self.epochs}, never reached"
             )
-        if self.official_test and self.data != "cifar10":
+        if self.labels is not None and self.data != "cifar10":
+            raise ConfigError(
+                f"{where}labels = {self.labels!r} and data = {self.data!r}: give one data source "
+                "(leave data unset with labels)"
+            )
+        if self.official_test and (self.data != "cifar10" or self.labels is not None):
             raise ConfigError(
                 f"{where}official_test: only the cifar10 source has an official test split; "
-                f"for {self.data} use test_fraction"
+                f"for {self.labels or self.data} use test_fraction"
             )
         if self.class_weights == "balanced" and self.sampler == "balanced":
             raise ConfigError(
@@ -233,6 +250,11 @@ class RunConfig:
         Every other field counts, new ones included: an option added later re-identifies earlier runs, which
         are then trained again rather than reused under settings they never had."""
         return {k: v for k, v in self.to_dict().items() if k not in ("progress", "cache_dir")}
+
+    @property
+    def source(self) -> str:
+        """The data source as the user named it: the labels file, 'cifar10' or the image folder."""
+        return self.labels if self.labels is not None else self.data
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir or default_cache_dir()).expanduser()

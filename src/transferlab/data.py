@@ -7,7 +7,9 @@ Everything after this module works on those tensors; no file is opened on the tr
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -30,6 +32,9 @@ MAX_MIXED_SIDE = 256  # mixed-size folders are stored at most this large, so big
 STALE_SECONDS = 3600  # a *.tmp-* / *.old-* cache folder this old belongs to a killed writer
 
 
+SPLIT_PARTS = ("train", "val", "test")
+
+
 class DataError(RuntimeError):
     """Input data is missing or unreadable (message is one line naming the file or folder)."""
 
@@ -43,6 +48,7 @@ class ImageSet:
     test_images: np.ndarray | None = None  # an official test split, when the source has one
     test_labels: np.ndarray | None = None
     skipped: int = 0
+    given_split: np.ndarray | None = None  # (N,) int8 index into SPLIT_PARTS, when the source names each row's part
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -326,6 +332,167 @@ def load_image_folder(
     return ImageSet(images, labels, classes, key, skipped=skipped)
 
 
+# ------------------------------------------------------------------------------ labels file (CSV / TSV)
+@dataclass
+class LabelRows:
+    """A labels file, parsed and checked: one entry per row, in file order."""
+
+    paths: list[str]  # absolute
+    names: list[str]  # label per row
+    parts: list[int] | None  # index into SPLIT_PARTS per row, when the file has the split column
+    split_column: str | None
+    fingerprint: str  # the file's content and path, and each image's path, size and modification time
+
+
+def _delimiter(path: Path, text: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        return "\t"
+    if suffix == ".csv":
+        return ","
+    try:
+        return csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",\t;").delimiter
+    except csv.Error:
+        return ","
+
+
+def read_labels_file(
+    path: str | Path,
+    *,
+    path_column: str = "path",
+    label_column: str = "label",
+    split_column: str | None = "split",
+    skip_bad: bool = False,
+) -> LabelRows:
+    """Parse and check a labels file; every problem is one DataError naming the file and the row (header = row 1).
+
+    The split column is used when the file has it; a name other than the default "split" must be there. A missing
+    image is an error, or with skip_bad left for decoding to skip and count like any unreadable file.
+    """
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"labels file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read labels file {path}: {_one_line(error)}") from None
+    if not text.strip():
+        raise DataError(f"labels file {path} is empty (expected a header row naming {path_column} and {label_column})")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(path, text))
+    header = [name.strip() for name in next(reader)]
+    for column, option in ((path_column, "path"), (label_column, "label")):
+        if column not in header:
+            raise DataError(
+                f"labels file {path} has no column {column!r} (columns: {', '.join(header)}); "
+                f"name it with --labels-{option}-column"
+            )
+    if split_column is not None and split_column not in header:
+        if split_column != "split":
+            raise DataError(f"labels file {path} has no column {split_column!r} (columns: {', '.join(header)})")
+        split_column = None
+    at = {name: header.index(name) for name in (path_column, label_column, split_column) if name is not None}
+    folder = path.resolve().parent
+    digest = hashlib.sha256(f"{path.resolve()}\n{text}".encode())
+    rows = LabelRows([], [], [] if split_column else None, split_column, "")
+    seen: dict[str, int] = {}
+    try:
+        for cells in reader:
+            row = reader.line_num
+            where = f"labels file {path}, row {row}"
+            if not any(cell.strip() for cell in cells):
+                continue  # blank line
+            if len(cells) < len(header):
+                raise DataError(f"{where}: {len(cells)} of {len(header)} columns")
+            image, label = cells[at[path_column]].strip(), cells[at[label_column]].strip()
+            if not image:
+                raise DataError(f"{where}: empty {path_column}")
+            if not label:
+                raise DataError(f"{where}: empty {label_column} for {image}")
+            full = os.path.normpath(folder / Path(image).expanduser())
+            if full in seen:
+                raise DataError(f"{where}: {image} is listed again (first on row {seen[full]})")
+            seen[full] = row
+            try:
+                stat = os.stat(full)
+                digest.update(f"{full}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            except OSError as error:
+                if not skip_bad:
+                    raise DataError(f"{where}: cannot read image {full}: {_one_line(error)}") from None
+                digest.update(f"{full}|missing\n".encode())
+            if split_column is not None:
+                part = cells[at[split_column]].strip().lower()
+                if part not in SPLIT_PARTS:
+                    raise DataError(f"{where}: {split_column} {part!r} is not one of train, val, test")
+                rows.parts.append(SPLIT_PARTS.index(part))
+            rows.paths.append(full)
+            rows.names.append(label)
+    except csv.Error as error:
+        raise DataError(f"labels file {path}, row {reader.line_num}: {_one_line(error)}") from None
+    if not rows.paths:
+        raise DataError(f"labels file {path} has a header but no rows")
+    if rows.parts is not None:
+        check_given_split(np.asarray(rows.parts), f"labels file {path}", split_column)
+    rows.fingerprint = digest.hexdigest()
+    return rows
+
+
+def check_given_split(parts: np.ndarray, where: str, column: str | None) -> None:
+    for code, name in enumerate(SPLIT_PARTS[:2]):
+        if not (parts == code).any():
+            raise DataError(f"{where}: no row of its {column or 'split'} column is {name!r} (train and val need rows)")
+
+
+def load_labels_file(
+    path: str | Path,
+    cache_dir: Path,
+    *,
+    path_column: str = "path",
+    label_column: str = "label",
+    split_column: str | None = "split",
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> ImageSet:
+    """A labels file's images, decoded as an image folder's are (same decoder, same cache). Classes: the sorted
+    unique labels. With a split column, ImageSet.given_split holds each kept row's part."""
+    path = Path(path).expanduser()
+    rows = read_labels_file(
+        path, path_column=path_column, label_column=label_column, split_column=split_column, skip_bad=skip_bad
+    )
+    key = decode_cache_key(
+        "labels",
+        rows.fingerprint,
+        columns=[path_column, label_column, rows.split_column],
+        skip_bad=skip_bad,
+        max_mixed_side=MAX_MIXED_SIDE,
+        pillow=PIL.__version__,
+    )
+    cached = _cache_load(cache_dir / "decoded" / key)
+    if cached is not None:
+        images, labels, meta = cached
+        given = meta.get("given_split")
+        given = None if given is None else np.asarray(given, dtype=np.int8)
+        skipped = meta.get("skipped", 0)
+        return ImageSet(images, labels, meta["classes"], key, skipped=skipped, given_split=given)
+    classes = sorted(set(rows.names))
+    # Each file's "label" here is its row, so the rows decode_folder kept (skip_bad) are known afterwards.
+    files = list(zip(rows.paths, range(len(rows.paths))))
+    images, kept, skipped = decode_folder(path, files, classes, image_size=None, skip_bad=skip_bad, progress=progress)
+    labels_of = [rows.names[i] for i in kept]
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.asarray([index[name] for name in labels_of], dtype=np.int64)
+    given = None if rows.parts is None else np.asarray(rows.parts, dtype=np.int8)[kept]
+    if given is not None and skipped:
+        check_given_split(given, f"labels file {path} without its unreadable images", rows.split_column)
+    missing = sorted(set(classes) - set(labels_of))
+    if missing:
+        raise DataError(f"labels file {path}: label {missing[0]!r} has no readable images")
+    meta = {"classes": classes, "skipped": skipped, "root": str(path)}
+    if given is not None:
+        meta["given_split"] = given.tolist()
+    _cache_save(cache_dir / "decoded" / key, images, labels, meta)
+    return ImageSet(images, labels, classes, key, skipped=skipped, given_split=given)
+
+
 # ------------------------------------------------------------------------------ CIFAR-10
 CIFAR_FOLDER = "cifar-10-batches-py"
 
@@ -390,6 +557,16 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
 def load_images(config) -> ImageSet:
     """The data set a RunConfig names."""
     cache_dir = config.resolved_cache_dir()
+    if config.labels is not None:
+        return load_labels_file(
+            config.labels,
+            cache_dir,
+            path_column=config.labels_path_column,
+            label_column=config.labels_label_column,
+            split_column=config.labels_split_column,
+            skip_bad=config.skip_bad_images,
+            progress=config.progress,
+        )
     if config.data == "cifar10":
         return load_cifar10(config.data_dir, cache_dir, download=config.download)
     return load_image_folder(config.data, cache_dir, skip_bad=config.skip_bad_images, progress=config.progress)
@@ -488,14 +665,25 @@ def make_split(
 
 
 def split_for(images: ImageSet, config) -> Split:
-    """The one way a run's data is divided: validated, seeded, stratified (see make_split)."""
+    """The one way a run's data is divided: validated, seeded, stratified (see make_split); or, when the source
+    names each row's part (a labels file's split column), exactly that split (test may be empty)."""
+    source = config.source
     if len(images.classes) < 2:
         raise DataError(
-            f"{config.data} has {len(images.classes)} class ({', '.join(images.classes)}): "
-            "a classifier needs at least 2"
+            f"{source} has {len(images.classes)} class ({', '.join(images.classes)}): a classifier needs at least 2"
         )
     if config.official_test and images.test_images is None:
-        raise DataError(f"official_test: {config.data} has no official test split; use test_fraction")
+        raise DataError(f"official_test: {source} has no official test split; use test_fraction")
+    if images.given_split is not None:
+        # Subsampling would no longer be the user's split, so --limit is refused rather than applied per part.
+        if config.limit is not None:
+            raise DataError(
+                f"limit {config.limit}: {source} gives its own split (its {config.labels_split_column} column); "
+                "drop --limit, or ignore the column with --labels-split-column none"
+            )
+        check_given_split(images.given_split, source, config.labels_split_column)
+        train, val, test = (np.flatnonzero(images.given_split == code) for code in range(3))
+        return Split(train, val, test)
     return make_split(
         images.labels,
         test_fraction=config.test_fraction,
@@ -517,7 +705,7 @@ def split_arrays(images: ImageSet, split: Split, name: str) -> tuple[np.ndarray,
     indices = getattr(split, name)
     if len(indices) == 0:
         raise DataError(
-            f"no {name} split: the run held out no {name} images (test_fraction = 0)"
+            f"no {name} split: the run held out no {name} images (test_fraction = 0, or no test rows in a given split)"
             if name == "test"
             else f"no {name} split: it holds no images"
         )

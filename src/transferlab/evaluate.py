@@ -9,6 +9,8 @@ validation ran (bf16 autocast, and the dtype of the frozen groups' cached output
 from __future__ import annotations
 
 import functools
+import glob
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +23,11 @@ from torch import nn
 from .augment import Preprocess
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError
-from .data import DataError, ImageSet, decode_image
+from .data import IMAGE_EXTENSIONS, DataError, ImageSet, _image_entries, decode_image
 from .models import as_sequential, build_model, get_backbone, resolve_device
+from .progress import track
 
-__all__ = ["CheckpointError", "LoadedModel", "evaluate_checkpoint", "load_checkpoint", "predict_files"]
+__all__ = ["CheckpointError", "LoadedModel", "evaluate_checkpoint", "expand_inputs", "load_checkpoint", "predict_files"]
 
 
 # ------------------------------------------------------------------------------ the shared scoring
@@ -163,9 +166,7 @@ def align_labels(loaded: LoadedModel, data: ImageSet) -> np.ndarray:
     """Map the data set's class indices onto the checkpoint's by name."""
     unknown = [c for c in data.classes if c not in loaded.classes]
     if unknown:
-        raise DataError(
-            f"class folder {unknown[0]!r} is not one of the checkpoint's classes ({', '.join(loaded.classes)})"
-        )
+        raise DataError(f"class {unknown[0]!r} is not one of the checkpoint's classes ({', '.join(loaded.classes)})")
     mapping = np.asarray([loaded.classes.index(c) for c in data.classes], dtype=np.int64)
     return mapping[data.labels]
 
@@ -194,29 +195,82 @@ def evaluate_checkpoint(
     return evaluate_arrays(loaded, images, labels, batch_size)
 
 
-def predict_files(checkpoint: str | Path, files: list[str | Path], *, top: int = 3, device: str = "auto") -> list[dict]:
-    """Top classes per file; a file that cannot be read gets {"file", "error"} and the others are still predicted."""
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[dict]]:
+    """predict's arguments -> (image files, each once, in argument order; one {"file", "error"} per argument that
+    names nothing). A file is taken as given. A folder gives its images at any depth, read as data folders are
+    (image extensions only, hidden names skipped). An argument with * ? [ that is not itself a path is a pattern
+    (glob, ** recursive; the shell usually expands them, but not quoted or on Windows): its folders and image files."""
+    paths: dict[str, None] = {}  # ordered set
+    errors: list[dict] = []
+    for arg in inputs:
+        if os.path.lexists(arg):
+            chosen = [arg]
+        elif any(c in arg for c in "*?["):
+            chosen = [m for m in sorted(glob.glob(arg, recursive=True)) if _is_image_or_folder(m)]
+            if not chosen:
+                errors.append({"file": arg, "error": f"no image file or folder matches {arg}"})
+        else:
+            errors.append({"file": arg, "error": f"{arg} does not exist"})
+            chosen = []
+        for path in chosen:
+            if not os.path.isdir(path):
+                paths[path] = None
+                continue
+            try:
+                entries = _image_entries(Path(path))
+            except DataError as error:
+                errors.append({"file": path, "error": str(error)})
+                continue
+            if not entries:
+                errors.append({"file": path, "error": f"folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})"})
+            paths.update((entry.path, None) for entry in entries)
+    return list(paths), errors
+
+
+def _is_image_or_folder(path: str) -> bool:
+    return os.path.isdir(path) or path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+PREDICT_BATCH_BYTES = 64 * 2**20  # decoded pixels held at once: batches stay small even for camera photos
+PREDICT_BATCH_FILES = 256
+
+
+def predict_files(
+    checkpoint: str | Path, files: list[str | Path], *, top: int = 3, device: str = "auto", progress: bool = False
+) -> list[dict]:
+    """Top classes per file, in order; a file that cannot be read gets {"file", "error"} and the others are still
+    predicted. Files are decoded a batch at a time and images of one decoded shape go through the model together."""
     if top < 1:
         raise ConfigError(f"--top {top}: expected a positive number of classes")
     loaded = load_checkpoint(checkpoint, device)
-    results = []
-    for path in files:
+    k = min(top, len(loaded.classes))
+    results: list[dict] = [{} for _ in files]
+
+    def predict(pending: list[tuple[int, np.ndarray]]) -> None:
+        shapes: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+        for item in pending:
+            shapes.setdefault(item[1].shape, []).append(item)
+        for group in shapes.values():
+            values, order = loaded.probabilities(np.stack([image for _, image in group])).topk(k)
+            for (i, _), vs, js in zip(group, values.tolist(), order.tolist()):
+                top_k = [{"class": loaded.classes[j], "probability": v} for v, j in zip(vs, js)]
+                results[i] = {"file": str(files[i]), "top": top_k}
+
+    pending: list[tuple[int, np.ndarray]] = []
+    held = 0
+    for i, path in track(enumerate(files), total=len(files), description="predicting", enabled=progress):
         try:
             image = decode_image(Path(path))
             side = min(image.shape[:2])
             if image.shape[0] != image.shape[1]:  # centre square; the preprocessing resizes it as in training
                 image = decode_image(Path(path), (side, side))
         except DataError as error:
-            results.append({"file": str(path), "error": str(error)})
+            results[i] = {"file": str(path), "error": str(error)}
             continue
-        probs = loaded.probabilities(image[None])[0]
-        values, order = probs.topk(min(top, len(loaded.classes)))
-        results.append(
-            {
-                "file": str(path),
-                "top": [
-                    {"class": loaded.classes[i], "probability": v} for v, i in zip(values.tolist(), order.tolist())
-                ],
-            }
-        )
+        pending.append((i, image))
+        held += image.nbytes
+        if held >= PREDICT_BATCH_BYTES or len(pending) >= PREDICT_BATCH_FILES:
+            predict(pending)
+            pending, held = [], 0
+    predict(pending)
     return results

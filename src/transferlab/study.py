@@ -223,7 +223,10 @@ class Worker:
         self._claimed: tuple[int, Path] | None = None  # the trial this worker trained last, and its run directory
 
     def images_for(self, config: RunConfig) -> ImageSet:
-        key = json.dumps([config.data, config.data_dir, config.skip_bad_images])
+        key = json.dumps(
+            [config.data, config.data_dir, config.skip_bad_images, config.labels, config.labels_path_column,
+             config.labels_label_column, config.labels_split_column]
+        )  # fmt: skip
         if key not in self._images:
             self._images[key] = load_images(config)
         return self._images[key]
