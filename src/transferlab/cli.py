@@ -68,10 +68,11 @@ def cmd_evaluate(args) -> int:
     loaded = load_checkpoint(args.checkpoint, args.device)
     run_config = loaded.info["config"]
     values = {"data": args.data, "progress": not args.json, "skip_bad_images": args.skip_bad_images}
+    values["resize_policy"] = loaded.info["resize_policy"]  # decoded as the run stored its images
     if args.data_dir:  # else the run's own --data-dir
         values["data_dir"] = args.data_dir
     config = RunConfig.from_dict(values, base=RunConfig.from_dict(run_config))
-    data = load_images(config)
+    data = load_images(config, loaded.info["storage_size"])
     own = data.key == loaded.info["data"] if loaded.info.get("data") else args.data == run_config["data"]
     name = args.split or ("test" if own else "all")
     if name == "all":

@@ -122,7 +122,7 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
     model.to(dev, memory_format=torch.channels_last).eval()
     backbone = get_backbone(ckpt.arch)
     info = {k: getattr(ckpt, k) for k in ("arch", "epoch", "metric", "val_accuracy", "val_loss", "resolution",
-                                          "weights", "config", "data")}  # fmt: skip
+                                          "weights", "config", "data", "resize_policy", "storage_size")}  # fmt: skip
     return LoadedModel(
         model=model,
         prefix=as_sequential(model, backbone, 0, ckpt.cut),
@@ -181,11 +181,8 @@ def predict_files(checkpoint: str | Path, files: list[str | Path], *, top: int =
     loaded = load_checkpoint(checkpoint, device)
     results = []
     for path in files:
-        try:
-            image = decode_image(Path(path))
-            side = min(image.shape[:2])
-            if image.shape[0] != image.shape[1]:  # centre square; the preprocessing resizes it as in training
-                image = decode_image(Path(path), (side, side))
+        try:  # as training stored it: the run's policy, at most its storage size
+            image = decode_image(Path(path), loaded.info["storage_size"], loaded.info["resize_policy"], upscale=False)
         except DataError as error:
             results.append({"file": str(path), "error": str(error)})
             continue
