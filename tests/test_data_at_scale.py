@@ -333,3 +333,16 @@ def test_storage_size_is_the_resolution_by_default(image_tree, cache_dir):
     assert load_images(tiny_config(image_tree, cache_dir, resolution=16)).images.shape[1:] == (16, 16, 3)
     assert load_images(tiny_config(image_tree, cache_dir, resolution=16, storage_size=20)).images.shape[1:3] == (20, 20)
     assert data_module.storage_size_for(tiny_config(image_tree, cache_dir, resolution=48)) == 48
+
+
+@pytest.mark.parametrize("first", [16, 24])
+def test_mixed_sizes_share_the_median_side_whatever_the_first_file(tmp_path, cache_dir, first):
+    root = tmp_path / "mixed"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i, size in enumerate([first, 24, 24, 32] if name == "a" else [24, 16, 40]):
+            photo(size, size + 4, seed=i).save(root / name / f"{i}.png")
+    images = load(root, cache_dir)
+    files = sorted(root.rglob("*.png"))
+    assert images.images.shape == (7, 24, 24, 3)
+    np.testing.assert_array_equal(images.images, np.stack([decode_image(p, 24) for p in files]))

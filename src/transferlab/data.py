@@ -64,13 +64,15 @@ def decode_image(
     Pillow's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS). Pillow's warning for images between 1x and
     2x that limit is silenced by decode_folder (they decode normally); where it is an error it is a DataError too.
     """
-    with _decoding(path):
-        with Image.open(path) as image:
-            own = native_side(image.size, policy)
-            side = own if side is None or (not upscale and side > own) else side
-            if min(image.size) >= 2 * side:
-                image.draft("RGB", (side, side))  # JPEG only; a no-op for other formats
-            return np.asarray(fit_to_square(_to_8bit(image).convert("RGB"), side, policy), dtype=np.uint8)
+    with _decoding(path), Image.open(path) as image:
+        own = native_side(image.size, policy)
+        return _decode_open(image, own if side is None or (not upscale and side > own) else side, policy)
+
+
+def _decode_open(image: Image.Image, side: int, policy: str) -> np.ndarray:
+    if min(image.size) >= 2 * side:
+        image.draft("RGB", (side, side))  # JPEG only (a no-op for other formats): decode at 1/2, 1/4 or 1/8
+    return np.asarray(fit_to_square(_to_8bit(image).convert("RGB"), side, policy), dtype=np.uint8)
 
 
 @contextlib.contextmanager
@@ -226,59 +228,72 @@ def decode_folder(
 
     The side is the images' own square side (native_side; the median where sizes differ, then at most
     MAX_MIXED_SIDE) capped at `storage_size`: images are reduced to it, never enlarged, unless the folder mixes
-    sizes and they must share one. Headers are read first (cheap) to fix the side; then each image is decoded
-    reduced (decode_image) and written straight into its row of a memory-mapped .npy at `out` (in memory without
-    `out`), so memory does not grow with the folder. Threads: Pillow releases the GIL while decoding.
+    sizes and they must share one. Each image is decoded reduced (decode_image) and written straight into its row
+    of a memory-mapped .npy at `out` (in memory without `out`), so memory does not grow with the folder. The side
+    is taken from the first image and each file is opened once; only where sizes turn out to differ are the
+    images whose side was not the first one's decoded again. Threads: Pillow releases the GIL while decoding.
     """
     from .progress import track
 
     bad: dict[int, str] = {}
+    own: dict[int, int] = {}  # file index -> its own square side
 
     def fail(i: int, error: DataError) -> None:
         if not skip_bad:
             raise error
         bad[i] = str(error)
 
-    def header(i: int) -> int | None:
-        try:
-            with _decoding(files[i][0]), Image.open(files[i][0]) as image:
-                return native_side(image.size, policy)
-        except DataError as error:
-            fail(i, error)
-            return None
+    def target(i: int) -> int:
+        return min(storage_size, own[i]) if storage_size else own[i]
+
+    def first_side() -> int:
+        for i, (path, _) in enumerate(files):
+            with contextlib.suppress(DataError), _decoding(path), Image.open(path) as image:
+                own[i] = native_side(image.size, policy)
+                return target(i)
+        raise DataError(f"no readable images in {root}")
+
+    def allocate(side: int) -> np.ndarray:
+        shape = (len(files), side, side, 3)
+        if out is None:
+            return np.zeros(shape, dtype=np.uint8)
+        return np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=shape)
+
+    def decode(indices, side: int, images: np.ndarray, everything: bool, what: str) -> None:
+        def load(i: int) -> None:
+            path = files[i][0]
+            try:
+                with _decoding(path), Image.open(path) as image:
+                    own[i] = native_side(image.size, policy)
+                    if everything or target(i) == side:
+                        images[i] = _decode_open(image, side, policy)
+            except DataError as error:
+                fail(i, error)
+
+        for _ in track(pool.map(load, indices), total=len(indices), description=what, enabled=progress):
+            pass
 
     # Images between 1x and 2x Pillow's bomb limit decode normally; without this each size warns once per run.
     # (Filters are process-wide, so they are set here, around the threads, not in decode_image.)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-            sides = [side for side in pool.map(header, range(len(files))) if side is not None]
+            side = first_side()
+            images = allocate(side)
+            decode(range(len(files)), side, images, False, f"decoding {root.name}")
+            sides = [own[i] for i in range(len(files)) if i in own and i not in bad]
             if not sides:
                 raise DataError(f"no readable images in {root}")
             mixed = len(set(sides)) > 1
-            side = int(np.median(sides)) if mixed else sides[0]
             cap = storage_size or (MAX_MIXED_SIDE if mixed else None)
-            side = min(side, cap) if cap else side
-            shape = (len(files), side, side, 3)
-            if out is not None:
-                images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=shape)
-            else:
-                images = np.zeros(shape, dtype=np.uint8)
-
-            def load(i: int) -> None:
-                if i not in bad:
-                    try:
-                        images[i] = decode_image(files[i][0], side, policy)
-                    except DataError as error:
-                        fail(i, error)
-
-            for _ in track(
-                pool.map(load, range(len(files))),
-                total=len(files),
-                description=f"decoding {root.name}",
-                enabled=progress,
-            ):
-                pass
+            final = int(np.median(sides)) if mixed else sides[0]
+            final = min(final, cap) if cap else final
+            rest = [i for i in range(len(files)) if i not in bad and (final != side or target(i) != side)]
+            if rest:  # mixed sizes: the images not decoded at the common side yet
+                if final != side:
+                    del images
+                    images = allocate(final)
+                decode(rest, final, images, True, f"decoding {root.name} (mixed sizes, to {final} px)")
     labels = np.asarray([label for _, label in files], dtype=np.int64)
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s), first: {bad[min(bad)]}", stacklevel=2)
