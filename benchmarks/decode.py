@@ -84,29 +84,36 @@ def _sample_anon(peak: list[int], stop: threading.Event) -> None:
         stop.wait(0.02)
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
+
+
 def child(kind: str, options: dict) -> dict:
+    if kind != "plain":
+        import transferlab.data  # noqa: F401 - imports (torch among them) are not timed; their memory is reported
     peak, stop = [0], threading.Event()
     threading.Thread(target=_sample_anon, args=(peak, stop), daemon=True).start()
+    out: dict = {"rss_after_imports_mib": _status_kib("VmRSS") / 1024}
     started = time.perf_counter()
-    out: dict = {}
     if kind == "transferlab":
         from transferlab.data import load_image_folder
 
         extra = {"storage_size": options["size"]} if options["size"] else {}
         images = load_image_folder(options["data"], Path(options["cache"]), progress=False, **extra)
-        out = {"n": len(images), "shape": list(images.images.shape), "stored_bytes": int(images.images.nbytes)}
+        out.update(n=len(images), shape=list(images.images.shape), stored_bytes=int(images.images.nbytes))
     elif kind == "plain":
         size = options["size"]
         files = sorted(Path(options["data"]).rglob("*.jpg"))
         images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in files])
-        out = {"n": len(images), "shape": list(images.shape), "stored_bytes": int(images.nbytes)}
+        out.update(n=len(images), shape=list(images.shape), stored_bytes=int(images.nbytes))
     elif kind == "train":
         from transferlab import RunConfig, train
 
         config = RunConfig.from_dict({**options["config"], "progress": False})
         result = train(config, options["out"])
         decoded = next(Path(options["config"]["cache_dir"], "decoded").glob("folder-*/images.npy"))
-        out = {"val_accuracy": result.best_val_accuracy, "stored_bytes": decoded.stat().st_size}
+        out.update(val_accuracy=result.best_val_accuracy, stored_bytes=decoded.stat().st_size)
     out["seconds"] = time.perf_counter() - started
     stop.set()
     out["peak_anon_mib"] = peak[0] / 1024
@@ -151,6 +158,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[2000, 10000], help="(b): folder sizes N")
     parser.add_argument("--mapped-n", type=int, default=10000, help="(c): images stored at 256 px")
     parser.add_argument("--done-when", type=int, default=1000, help="(d): large JPEGs trained on (0: skip)")
+    parser.add_argument("--parts", default="abcd", help="which measurements to run (default: abcd)")
+    parser.add_argument("--old-runs", action="store_true", help="(b): also run each N with --old-src")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -164,30 +173,36 @@ def main() -> None:
     large = make_folder(work / f"large-{width}x{height}-{max(args.large, args.done_when)}",
                         max(args.large, args.done_when), width, height)  # fmt: skip
     some = subset(large, work / f"large-{width}x{height}-first{args.large}", args.large)
-    cache = work / "cache-a"
-    a = measure("transferlab", {"data": str(some), "cache": fresh(cache), "size": args.storage})
-    rows["a"].append(("transferlab (bounded decoding, threads)", args.large, a))
-    rows["a"].append(("plain loop", args.large, measure("plain", {"data": str(some), "size": args.storage})))
-    if args.old_src:
-        few = subset(large, work / f"large-{width}x{height}-first{args.old_n}", args.old_n)
-        old = measure("transferlab", {"data": str(few), "cache": fresh(cache), "size": None}, args.old_src)
-        rows["a"].append(("transferlab before (whole images)", args.old_n, old))
-    shutil.rmtree(cache, ignore_errors=True)
+    parts = args.parts
+    if "a" in parts:
+        cache = work / "cache-a"
+        ours = measure("transferlab", {"data": str(some), "cache": fresh(cache), "size": args.storage})
+        rows["a"].append(("transferlab (bounded decoding, threads)", args.large, ours))
+        rows["a"].append(("plain loop", args.large, measure("plain", {"data": str(some), "size": args.storage})))
+        if args.old_src:
+            few = subset(large, work / f"large-{width}x{height}-first{args.old_n}", args.old_n)
+            old = measure("transferlab", {"data": str(few), "cache": fresh(cache), "size": None}, args.old_src)
+            rows["a"].append(("transferlab before (whole images)", args.old_n, old))
+        shutil.rmtree(cache, ignore_errors=True)
 
-    for n in args.sizes:
+    for n in args.sizes if "b" in parts else []:
         folder = make_folder(work / f"small-256-{n}", n, 256, 256)
         cache = fresh(work / "cache-b")
         rows["b"].append((n, measure("train", {"config": run_config(folder, cache), "out": fresh(work / "run")})))
         shutil.rmtree(cache, ignore_errors=True)
+        if args.old_src and args.old_runs:
+            options = {"config": run_config(folder, fresh(work / "cache-b")), "out": fresh(work / "run")}
+            rows["b"].append((f"{n} (before)", measure("train", options, args.old_src)))
+            shutil.rmtree(work / "cache-b", ignore_errors=True)
 
-    if args.mapped_n:
+    if args.mapped_n and "c" in parts:
         folder = make_folder(work / f"small-256-{args.mapped_n}", args.mapped_n, 256, 256)
         cache = fresh(work / "cache-c")
         config = run_config(folder, cache, resolution=64, storage_size=256, cache_features="off")
         rows["c"].append((args.mapped_n, measure("train", {"config": config, "out": fresh(work / "run")})))
         shutil.rmtree(cache, ignore_errors=True)
 
-    if args.done_when:
+    if args.done_when and "d" in parts:
         cache = fresh(work / "cache-d")
         done = measure("train", {"config": run_config(large, cache), "out": fresh(work / "run")})
         rows["d"].append((max(args.large, args.done_when), done))
