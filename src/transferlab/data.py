@@ -556,7 +556,9 @@ def load_images(config, storage_size: int | None = None) -> ImageSet:
     CIFAR-10's 32 x 32 images are never enlarged, so they are the same arrays at any storage size."""
     cache_dir = config.resolved_cache_dir()
     if config.data == "cifar10":
-        return load_cifar10(config.data_dir, cache_dir, download=config.download)
+        images = load_cifar10(config.data_dir, cache_dir, download=config.download)
+        images.resize_policy = config.resize_policy  # square already; predict applies it to other files
+        return images
     return load_image_folder(
         config.data,
         cache_dir,
