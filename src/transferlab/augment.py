@@ -6,8 +6,10 @@ resolution -> normalise. Every step is one tensor op over the whole batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,7 +74,20 @@ class Preprocess:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def dataset_statistics(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 (N, H, W, 3) images, scaled to [0, 1]."""
-    x = torch.as_tensor(images).reshape(-1, 3).double() / 255.0
-    return tuple(x.mean(0).tolist()), tuple(x.std(0).tolist())
+def dataset_statistics(
+    images, indices=None, chunk_pixels: int = 1 << 22
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (unbiased) std of uint8 (N, H, W, 3) images (rows `indices`, default all), scaled to
+    [0, 1]. Streamed: exact integer sums and squared sums a chunk at a time, so a memory-mapped set stays on disk."""
+    rows = np.arange(len(images)) if indices is None else np.asarray(indices)
+    per_image = max(1, int(np.prod(images.shape[1:3])))
+    step = max(1, chunk_pixels // per_image)
+    total, squares = [0, 0, 0], [0, 0, 0]
+    for start in range(0, len(rows), step):
+        x = torch.from_numpy(np.ascontiguousarray(images[rows[start : start + step]])).reshape(-1, 3).to(torch.int32)
+        total = [t + int(v) for t, v in zip(total, x.sum(0, dtype=torch.int64).tolist())]
+        squares = [q + int(v) for q, v in zip(squares, (x * x).sum(0, dtype=torch.int64).tolist())]
+    n = len(rows) * per_image
+    mean = tuple(t / n / 255.0 for t in total)
+    std = tuple(math.sqrt((n * q - t * t) / (n * max(n - 1, 1))) / 255.0 for t, q in zip(total, squares))  # exact ints
+    return mean, std

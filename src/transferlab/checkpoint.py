@@ -1,7 +1,8 @@
 """The checkpoint file format, in one place: what `best.pt` holds (`Checkpoint`), how it is written and read.
 
 A checkpoint is a plain dict of tensors and JSON-like values, read with `weights_only=True` (no pickled code).
-Format 1 (before the fields that say how validation ran) is still read, with the defaults it implies.
+Format 1 (before the fields that say how validation ran) and format 2 (before the resize policy and storage size)
+are still read, with the defaults they imply.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-CHECKPOINT_FORMAT = "transferlab-checkpoint-2"
-READABLE_FORMATS = ("transferlab-checkpoint-1", CHECKPOINT_FORMAT)
+CHECKPOINT_FORMAT = "transferlab-checkpoint-3"
+READABLE_FORMATS = ("transferlab-checkpoint-1", "transferlab-checkpoint-2", CHECKPOINT_FORMAT)
 
 
 class CheckpointError(RuntimeError):
@@ -67,7 +68,9 @@ class Checkpoint:
     dropout: float
     classes: list[str]
     model: dict  # the state dict
-    # how a uint8 image becomes its input
+    # how a file becomes a stored uint8 square (data.decode_image), and that square the model's input
+    resize_policy: str
+    storage_size: int | None  # None: the image's own square side
     resolution: int
     mean: list[float]
     std: list[float]
@@ -112,6 +115,8 @@ class Checkpoint:
                 "label_smoothing": config.get("label_smoothing", 0.0),
                 **raw,
             }
+        if raw["format"] != CHECKPOINT_FORMAT:  # before format 3: a centre square at the image's own size
+            raw = {"resize_policy": "crop", "storage_size": None, **raw}
         missing = [f.name for f in fields(cls) if f.name not in raw]
         if missing:
             raise CheckpointError(f"{path} is not a complete transferlab checkpoint (no {missing[0]!r})")

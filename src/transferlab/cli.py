@@ -75,6 +75,7 @@ def cmd_evaluate(args) -> int:
         "labels": args.labels,
         "progress": not args.json,
         "skip_bad_images": args.skip_bad_images,
+        "resize_policy": loaded.info["resize_policy"],  # decoded as the run stored its images
     }
     if args.data_dir:  # else the run's own --data-dir
         values["data_dir"] = args.data_dir
@@ -82,7 +83,7 @@ def cmd_evaluate(args) -> int:
         if getattr(args, f"labels_{column}_column") is not None:
             values[f"labels_{column}_column"] = getattr(args, f"labels_{column}_column")
     config = RunConfig.from_dict(values, base=RunConfig.from_dict(run_config))
-    data = load_images(config)
+    data = load_images(config, loaded.info["storage_size"])
     own = data.key == loaded.info["data"] if loaded.info.get("data") else config.source == run_config["data"]
     name = args.split or ("test" if own else "all")
     if name == "all":

@@ -101,6 +101,19 @@ class RunConfig:
     resolution: int = _opt(
         32, "side in pixels the images are resized to before the backbone (32 reproduces the study)", min=8, max=1024
     )
+    storage_size: int | None = _opt(
+        None,
+        "largest side images are stored at after decoding (never enlarged); default: --resolution "
+        "(a study: its largest resolution)",
+        min=8,
+        max=4096,
+    )
+    resize_policy: str = _opt(
+        "crop",
+        "how a file becomes a square: crop (shorter side, centre square), squash (whole image, aspect lost), "
+        "pad (whole image, letterboxed in black); the same in training, evaluate and predict",
+        choices=("crop", "squash", "pad"),
+    )
     normalize: str = _opt(
         "imagenet",
         "input normalisation: the backbone's ImageNet mean/std, or the training split's own statistics",

@@ -27,8 +27,10 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedShuffleSplit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-CACHE_FORMAT = 2  # 2: 16-bit images scaled, skip_bad and Pillow's version in the key, sha256 in meta.json
-MAX_MIXED_SIDE = 256  # mixed-size folders are stored at most this large, so big photos fit in memory
+CACHE_FORMAT = 3  # 3: square storage size and policy in the key, images.npy written and read memory-mapped
+MAX_MIXED_SIDE = 256  # with no storage size, mixed-size folders are stored at most this large
+RESIZE_POLICIES = ("crop", "squash", "pad")
+CHUNK_BYTES = 16 << 20  # streamed checksums read files this much at a time
 STALE_SECONDS = 3600  # a *.tmp-* / *.old-* cache folder this old belongs to a killed writer
 
 
@@ -41,7 +43,7 @@ class DataError(RuntimeError):
 
 @dataclass
 class ImageSet:
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: np.ndarray  # (N, H, W, 3) uint8; for a cached folder a copy-on-write np.memmap of images.npy
     labels: np.ndarray  # (N,) int64
     classes: list[str]
     key: str  # identifies the decoded content; keys the feature cache
@@ -49,25 +51,40 @@ class ImageSet:
     test_labels: np.ndarray | None = None
     skipped: int = 0
     given_split: np.ndarray | None = None  # (N,) int8 index into SPLIT_PARTS, when the source names each row's part
+    storage_size: int | None = None  # the largest side images were stored at (None: their own size)
+    resize_policy: str = "crop"  # how a file became a square (fit_to_square)
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
 # ------------------------------------------------------------------------------ decoding
-def decode_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """One file -> (H, W, 3) uint8 RGB; grey, 16-bit grey, RGBA and palette images are converted.
+def decode_image(
+    path: str | Path, side: int | None = None, policy: str = "crop", *, upscale: bool = True
+) -> np.ndarray:
+    """One file -> (side, side, 3) uint8 RGB, made square by `policy` (fit_to_square); grey, 16-bit grey, RGBA and
+    palette images are converted. side None: the image's own square side; upscale False: at most that side.
 
-    Any failure is a one-line DataError naming the file, including an image over Pillow's decompression-bomb
-    limit (2 x PIL.Image.MAX_IMAGE_PIXELS). Pillow's warning for images between 1x and 2x that limit is
-    silenced by decode_folder (they decode normally); where it is turned into an error it is a DataError too.
+    A JPEG is reduced while decoded (libjpeg's DCT scaling by 1/2, 1/4, 1/8, never below `side`), so a 12 MP photo
+    costs about what a small one does. Any failure is a one-line DataError naming the file, including an image over
+    Pillow's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS). Pillow's warning for images between 1x and
+    2x that limit is silenced by decode_folder (they decode normally); where it is an error it is a DataError too.
     """
+    with _decoding(path), Image.open(path) as image:
+        own = native_side(image.size, policy)
+        return _decode_open(image, own if side is None or (not upscale and side > own) else side, policy)
+
+
+def _decode_open(image: Image.Image, side: int, policy: str) -> np.ndarray:
+    if min(image.size) >= 2 * side:
+        image.draft("RGB", (side, side))  # JPEG only (a no-op for other formats): decode at 1/2, 1/4 or 1/8
+    return np.asarray(fit_to_square(_to_8bit(image).convert("RGB"), side, policy), dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def _decoding(path):
     try:
-        with Image.open(path) as image:
-            image = _to_8bit(image).convert("RGB")
-            if size is not None and image.size != size:
-                image = _center_crop_resize(image, size)
-            return np.asarray(image, dtype=np.uint8)
+        yield
     except (
         UnidentifiedImageError,
         OSError,
@@ -77,6 +94,40 @@ def decode_image(path: str | Path, size: tuple[int, int] | None = None) -> np.nd
         Image.DecompressionBombWarning,
     ) as error:
         raise DataError(f"cannot decode image {path}: {_one_line(error)}") from None
+
+
+def native_side(size: tuple[int, int], policy: str) -> int:
+    """The side of an image's square under `policy` without resizing: its shorter side, or its longer for pad."""
+    return max(size) if policy == "pad" else min(size)
+
+
+def fit_to_square(image: Image.Image, side: int, policy: str) -> Image.Image:
+    """The one definition of how an image becomes the square the model sees (training, evaluate and predict):
+
+    crop: centre square of the shorter side, resized to `side` (the default); squash: the whole image resized to
+    side x side (aspect ratio lost); pad: the whole image scaled so its longer side is `side`, centred on a black
+    square (letterbox). Resizing is bilinear (antialiased by Pillow when shrinking).
+    """
+    width, height = image.size
+    if policy == "squash":
+        return image if image.size == (side, side) else image.resize((side, side), Image.BILINEAR)
+    if policy == "pad":
+        scale = side / max(width, height)
+        inner = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if inner != image.size:
+            image = image.resize(inner, Image.BILINEAR)
+        if inner == (side, side):
+            return image
+        square = Image.new(image.mode, (side, side))
+        square.paste(image, ((side - inner[0]) // 2, (side - inner[1]) // 2))
+        return square
+    if policy != "crop":
+        raise ValueError(f"unknown resize policy {policy!r} (expected {', '.join(RESIZE_POLICIES)})")
+    short = min(width, height)
+    left, top = (width - short) // 2, (height - short) // 2
+    if image.size != (short, short):
+        image = image.crop((left, top, left + short, top + short))
+    return image if short == side else image.resize((side, side), Image.BILINEAR)
 
 
 def _one_line(error: BaseException) -> str:
@@ -93,13 +144,6 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     values = np.asarray(image).astype(np.int64)
     top = 65535 if values.max(initial=0) <= 65535 else 2**31 - 1
     return Image.fromarray(((np.clip(values, 0, top) * 255 + top // 2) // top).astype(np.uint8))
-
-
-def _center_crop_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize(size, Image.BILINEAR)
 
 
 def _image_entries(folder: Path) -> list[os.DirEntry]:
@@ -170,64 +214,130 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], str
 
 def decode_cache_key(kind: str, fingerprint: str, **settings) -> str:
     """The decode cache key: the source's fingerprint and every other input that changes the decoded arrays
-    (the cache format, and settings such as image_size, skip_bad and the decoder's version)."""
+    (the cache format, and settings such as the storage size, the resize policy, skip_bad and the decoder's version)."""
     text = json.dumps({"format": CACHE_FORMAT, "source": fingerprint, **settings}, sort_keys=True)
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
-def decode_folder(root: Path, files, classes, *, image_size: int | None, skip_bad: bool, progress: bool):
-    """Decode every file (threads: Pillow releases the GIL while decoding)."""
+def decode_folder(
+    root: Path,
+    files,
+    classes,
+    *,
+    storage_size: int | None,
+    skip_bad: bool,
+    progress: bool,
+    policy: str = "crop",
+    out: Path | None = None,
+):
+    """Decode every file to one square side -> (images (N, side, side, 3) uint8, labels, number skipped).
+
+    The side is the images' own square side (native_side; the median where sizes differ, then at most
+    MAX_MIXED_SIDE) capped at `storage_size`: images are reduced to it, never enlarged, unless the folder mixes
+    sizes and they must share one. Each image is decoded reduced (decode_image) and written straight into its row
+    of a memory-mapped .npy at `out` (in memory without `out`), so memory does not grow with the folder. The side
+    is taken from the first image and each file is opened once; only where sizes turn out to differ are the
+    images whose side was not the first one's decoded again. Threads: Pillow releases the GIL while decoding.
+    """
     from .progress import track
 
-    size = (image_size, image_size) if image_size else None
-    bad: list[str] = []
+    bad: dict[int, str] = {}
+    own: dict[int, int] = {}  # file index -> its own square side
 
-    def load(item):
-        path, label = item
-        try:
-            return decode_image(path, size), label
-        except DataError as error:
-            if not skip_bad:
-                raise
-            bad.append(str(error))
-            return None, label
+    def fail(i: int, error: DataError) -> None:
+        if not skip_bad:
+            raise error
+        bad[i] = str(error)
+
+    def target(i: int) -> int:
+        return min(storage_size, own[i]) if storage_size else own[i]
+
+    def first_side() -> int:
+        for i, (path, _) in enumerate(files):
+            with contextlib.suppress(DataError), _decoding(path), Image.open(path) as image:
+                own[i] = native_side(image.size, policy)
+                return target(i)
+        raise DataError(f"no readable images in {root}")
+
+    def allocate(side: int) -> np.ndarray:
+        shape = (len(files), side, side, 3)
+        if out is None:
+            return np.zeros(shape, dtype=np.uint8)
+        return np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=shape)
+
+    def decode(indices, side: int, images: np.ndarray, everything: bool, what: str) -> None:
+        def load(i: int) -> None:
+            path = files[i][0]
+            try:
+                with _decoding(path), Image.open(path) as image:
+                    own[i] = native_side(image.size, policy)
+                    if everything or target(i) == side:
+                        images[i] = _decode_open(image, side, policy)
+            except DataError as error:
+                fail(i, error)
+
+        for _ in track(pool.map(load, indices), total=len(indices), description=what, enabled=progress):
+            pass
 
     # Images between 1x and 2x Pillow's bomb limit decode normally; without this each size warns once per run.
     # (Filters are process-wide, so they are set here, around the threads, not in decode_image.)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-            decoded = list(
-                track(pool.map(load, files), total=len(files), description=f"decoding {root.name}", enabled=progress)
-            )
-    kept = [(img, lab) for img, lab in decoded if img is not None]
+            side = first_side()
+            images = allocate(side)
+            decode(range(len(files)), side, images, False, f"decoding {root.name}")
+            sides = [own[i] for i in range(len(files)) if i in own and i not in bad]
+            if not sides:
+                raise DataError(f"no readable images in {root}")
+            mixed = len(set(sides)) > 1
+            cap = storage_size or (MAX_MIXED_SIDE if mixed else None)
+            final = int(np.median(sides)) if mixed else sides[0]
+            final = min(final, cap) if cap else final
+            rest = [i for i in range(len(files)) if i not in bad and (final != side or target(i) != side)]
+            if rest:  # mixed sizes: the images not decoded at the common side yet
+                if final != side:
+                    del images
+                    images = allocate(final)
+                decode(rest, final, images, True, f"decoding {root.name} (mixed sizes, to {final} px)")
+    labels = np.asarray([label for _, label in files], dtype=np.int64)
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s), first: {bad[0]}", stacklevel=2)
-    if not kept:
-        raise DataError(f"no readable images in {root}")
-    shapes = {img.shape for img, _ in kept}
-    if len(shapes) > 1:
-        # Mixed sizes: bring every image to the most common shorter side (centre crop, bilinear).
-        side = min(int(np.median([min(img.shape[:2]) for img, _ in kept])), MAX_MIXED_SIDE)
-        kept = [
-            (np.asarray(_center_crop_resize(Image.fromarray(img), (side, side))), lab)
-            if img.shape != (side, side, 3)
-            else (img, lab)
-            for img, lab in kept
-        ]
-    images = np.stack([img for img, _ in kept])
-    labels = np.asarray([lab for _, lab in kept], dtype=np.int64)
+        warnings.warn(f"skipped {len(bad)} unreadable image(s), first: {bad[min(bad)]}", stacklevel=2)
+        if len(bad) == len(files):
+            raise DataError(f"no readable images in {root}")
+        keep = np.ones(len(files), dtype=bool)
+        keep[list(bad)] = False
+        images, labels = _compact(images, keep, out), labels[keep]
+    if isinstance(images, np.memmap):
+        images.flush()
     return images, labels, len(bad)
 
 
+def _compact(images: np.ndarray, keep: np.ndarray, out: Path | None) -> np.ndarray:
+    """The kept rows, copied a chunk at a time into a new file of the right length that replaces `out`."""
+    rows = np.flatnonzero(keep)
+    if out is None:
+        return images[rows]
+    part = out.with_name(f"compact-{out.name}")
+    kept = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8, shape=(len(rows), *images.shape[1:]))
+    step = max(1, CHUNK_BYTES // max(1, images[0].nbytes))
+    for start in range(0, len(rows), step):
+        kept[start : start + step] = images[rows[start : start + step]]
+    kept.flush()
+    os.replace(part, out)
+    return kept
+
+
 # ------------------------------------------------------------------------------ disk cache
-def _checksum(images: np.ndarray, labels: np.ndarray) -> str:
-    """sha256 of both arrays' dtype, shape and bytes (about 0.15 s for CIFAR-10's 150 MB)."""
-    digest = hashlib.sha256()
-    for array in (images, labels):
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(array.data)
+def _checksum(folder: Path) -> str:
+    """sha256 of images.npy and labels.npy (headers included: dtype and shape), streamed with plain reads so a
+    large cache is never made resident (about 0.15 s for CIFAR-10's 150 MB)."""
+    digest, buffer = hashlib.sha256(), bytearray(CHUNK_BYTES)
+    view = memoryview(buffer)
+    for name in ("images.npy", "labels.npy"):
+        with open(folder / name, "rb", buffering=0) as handle:
+            while size := handle.readinto(buffer):
+                digest.update(view[:size])
     return digest.hexdigest()
 
 
@@ -235,12 +345,13 @@ _DAMAGED = (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) 
 
 
 def _cache_read(folder: Path):
-    """(images, labels, meta) of a cache folder; OSError or ValueError when it is damaged."""
+    """(images, labels, meta) of a cache folder, images memory-mapped copy-on-write (writable in memory, the file
+    untouched); OSError or ValueError when it is damaged."""
     meta = json.loads((folder / "meta.json").read_text())
-    images = np.load(folder / "images.npy")
-    labels = np.load(folder / "labels.npy")
-    if meta.get("sha256") != _checksum(images, labels):
+    if meta.get("sha256") != _checksum(folder):
         raise ValueError("its arrays do not match the checksum in meta.json")
+    images = np.load(folder / "images.npy", mmap_mode="c")
+    labels = np.load(folder / "labels.npy")
     return images, labels, meta
 
 
@@ -255,27 +366,36 @@ def _cache_load(folder: Path):
         return None
 
 
-def _cache_save(folder: Path, images, labels, meta) -> None:
-    """Write a complete copy into a private temporary folder, then rename it into place.
-
-    A valid cache already there is kept (another process wrote the same content), never deleted; a damaged one is
-    renamed aside and deleted only once the new copy is in place. A killed writer leaves at most *.tmp-* / *.old-*
-    folders, which no reader opens and a later save removes once they are STALE_SECONDS old. A cache that cannot be
-    written is a warning: the decoded arrays are in memory and the run goes on.
-    """
-    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
-    tmp, old = folder.with_name(f"{folder.name}.tmp-{tag}"), folder.with_name(f"{folder.name}.old-{tag}")
+def _cache_begin(folder: Path) -> Path | None:
+    """A private temporary folder beside `folder` for a new copy, or None (with a warning) when none can be made."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(folder.parent)
         tmp.mkdir()
-        np.save(tmp / "images.npy", images)
+        return tmp
+    except OSError as error:
+        warnings.warn(f"cannot write the decode cache {folder}: {_one_line(error)}", stacklevel=4)
+        return None
+
+
+def _cache_commit(folder: Path, tmp: Path, labels, meta) -> bool:
+    """`tmp` holds images.npy: add labels and meta (with the checksum), then rename it into place. True when
+    `folder` then holds a valid copy.
+
+    A valid cache already there is kept (another process wrote the same content), never deleted; a damaged one is
+    renamed aside and deleted only once the new copy is in place. A killed writer leaves at most *.tmp-* / *.old-*
+    folders, which no reader opens and a later save removes once they are STALE_SECONDS old. A cache that cannot be
+    written is a warning: the decoded arrays are at hand and the run goes on.
+    """
+    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+    try:
         np.save(tmp / "labels.npy", labels)
-        (tmp / "meta.json").write_text(json.dumps({**meta, "sha256": _checksum(images, labels)}))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "sha256": _checksum(tmp)}))
         if folder.exists():
             try:
                 _cache_read(folder)
-                return  # valid: another process wrote the same content
+                return True  # valid: another process wrote the same content
             except _DAMAGED:
                 with contextlib.suppress(FileNotFoundError):  # another process moved it aside first
                     os.replace(folder, old)
@@ -285,11 +405,27 @@ def _cache_save(folder: Path, images, labels, meta) -> None:
             if not folder.exists():
                 raise
             # else another process put its copy in place meanwhile: as good as ours
+        return True
     except OSError as error:
-        warnings.warn(f"cannot write the decode cache {folder}: {_one_line(error)}", stacklevel=3)
+        warnings.warn(f"cannot write the decode cache {folder}: {_one_line(error)}", stacklevel=4)
+        return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _cache_save(folder: Path, images, labels, meta) -> None:
+    """Write arrays held in memory as a cache folder (see _cache_commit)."""
+    tmp = _cache_begin(folder)
+    if tmp is None:
+        return
+    try:
+        np.save(tmp / "images.npy", images)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        warnings.warn(f"cannot write the decode cache {folder}: {_one_line(error)}", stacklevel=3)
+        return
+    _cache_commit(folder, tmp, labels, meta)
 
 
 def _remove_stale(parent: Path) -> None:
@@ -303,33 +439,52 @@ def _remove_stale(parent: Path) -> None:
 
 
 def load_image_folder(
-    root: str | Path, cache_dir: Path, *, image_size: int | None = None, skip_bad: bool = False, progress: bool = True
+    root: str | Path,
+    cache_dir: Path,
+    *,
+    storage_size: int | None = None,
+    policy: str = "crop",
+    skip_bad: bool = False,
+    progress: bool = True,
 ) -> ImageSet:
+    """A folder decoded to squares of at most `storage_size` (None: the images' own size) by `policy`, cached."""
     root = Path(root).expanduser()
     classes, files, fingerprint = scan_image_folder(root)
-    key = decode_cache_key(
-        "folder",
-        fingerprint,
-        image_size=image_size,
-        skip_bad=skip_bad,
-        max_mixed_side=MAX_MIXED_SIDE,
-        pillow=PIL.__version__,
-    )
-    cached = _cache_load(cache_dir / "decoded" / key)
+    key = decode_cache_key("folder", fingerprint, storage_size=storage_size, policy=policy, skip_bad=skip_bad,
+                           max_mixed_side=MAX_MIXED_SIDE, pillow=PIL.__version__)  # fmt: skip
+
+    def check(labels: np.ndarray) -> dict:
+        if len(np.unique(labels)) < len(classes):
+            present = set(labels.tolist())
+            empty = [c for i, c in enumerate(classes) if i not in present]
+            raise DataError(f"class folder {root / empty[0]} has no readable images")
+        return {"classes": classes, "root": str(root)}
+
+    images, labels, meta = _decode_cached(cache_dir / "decoded" / key, root, files, classes, check,
+                                          storage_size=storage_size, policy=policy, skip_bad=skip_bad,
+                                          progress=progress)  # fmt: skip
+    return ImageSet(images, labels, meta["classes"], key, skipped=meta["skipped"], storage_size=storage_size,
+                    resize_policy=policy)  # fmt: skip
+
+
+def _decode_cached(folder: Path, root: Path, files, classes, check, *, storage_size, policy, skip_bad, progress):
+    """(images, labels, meta) from the cache `folder`, else decoded (decode_folder, straight into a new cache copy)
+    and committed. `check(labels)` validates what was decoded and returns the meta to store."""
+    cached = _cache_load(folder)
     if cached is not None:
-        images, labels, meta = cached
-        return ImageSet(images, labels, meta["classes"], key, skipped=meta.get("skipped", 0))
-    images, labels, skipped = decode_folder(
-        root, files, classes, image_size=image_size, skip_bad=skip_bad, progress=progress
-    )
-    if len(np.unique(labels)) < len(classes):
-        present = set(labels.tolist())
-        empty = [c for i, c in enumerate(classes) if i not in present]
-        raise DataError(f"class folder {root / empty[0]} has no readable images")
-    _cache_save(
-        cache_dir / "decoded" / key, images, labels, {"classes": classes, "skipped": skipped, "root": str(root)}
-    )
-    return ImageSet(images, labels, classes, key, skipped=skipped)
+        return cached
+    tmp = _cache_begin(folder)
+    try:
+        images, labels, skipped = decode_folder(root, files, classes, storage_size=storage_size, skip_bad=skip_bad,
+                                                progress=progress, policy=policy,
+                                                out=None if tmp is None else tmp / "images.npy")  # fmt: skip
+        meta = {**check(labels), "skipped": skipped}
+        if tmp is not None and _cache_commit(folder, tmp, labels, meta):
+            images = np.load(folder / "images.npy", mmap_mode="c")  # just written and checked: no second checksum
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return images, labels, meta
 
 
 # ------------------------------------------------------------------------------ labels file (CSV / TSV)
@@ -449,6 +604,8 @@ def load_labels_file(
     path_column: str = "path",
     label_column: str = "label",
     split_column: str | None = "split",
+    storage_size: int | None = None,
+    policy: str = "crop",
     skip_bad: bool = False,
     progress: bool = True,
 ) -> ImageSet:
@@ -458,39 +615,36 @@ def load_labels_file(
     rows = read_labels_file(
         path, path_column=path_column, label_column=label_column, split_column=split_column, skip_bad=skip_bad
     )
-    key = decode_cache_key(
-        "labels",
-        rows.fingerprint,
-        columns=[path_column, label_column, rows.split_column],
-        skip_bad=skip_bad,
-        max_mixed_side=MAX_MIXED_SIDE,
-        pillow=PIL.__version__,
-    )
-    cached = _cache_load(cache_dir / "decoded" / key)
-    if cached is not None:
-        images, labels, meta = cached
-        given = meta.get("given_split")
-        given = None if given is None else np.asarray(given, dtype=np.int8)
-        skipped = meta.get("skipped", 0)
-        return ImageSet(images, labels, meta["classes"], key, skipped=skipped, given_split=given)
+    key = decode_cache_key("labels", rows.fingerprint, columns=[path_column, label_column, rows.split_column],
+                           storage_size=storage_size, policy=policy, skip_bad=skip_bad, max_mixed_side=MAX_MIXED_SIDE,
+                           pillow=PIL.__version__)  # fmt: skip
     classes = sorted(set(rows.names))
-    # Each file's "label" here is its row, so the rows decode_folder kept (skip_bad) are known afterwards.
-    files = list(zip(rows.paths, range(len(rows.paths))))
-    images, kept, skipped = decode_folder(path, files, classes, image_size=None, skip_bad=skip_bad, progress=progress)
-    labels_of = [rows.names[i] for i in kept]
     index = {name: i for i, name in enumerate(classes)}
-    labels = np.asarray([index[name] for name in labels_of], dtype=np.int64)
-    given = None if rows.parts is None else np.asarray(rows.parts, dtype=np.int8)[kept]
-    if given is not None and skipped:
-        check_given_split(given, f"labels file {path} without its unreadable images", rows.split_column)
-    missing = sorted(set(classes) - set(labels_of))
-    if missing:
-        raise DataError(f"labels file {path}: label {missing[0]!r} has no readable images")
-    meta = {"classes": classes, "skipped": skipped, "root": str(path)}
-    if given is not None:
-        meta["given_split"] = given.tolist()
-    _cache_save(cache_dir / "decoded" / key, images, labels, meta)
-    return ImageSet(images, labels, classes, key, skipped=skipped, given_split=given)
+
+    def check(kept: np.ndarray) -> dict:
+        labels_of = [rows.names[i] for i in kept]
+        missing = sorted(set(classes) - set(labels_of))
+        if missing:
+            raise DataError(f"labels file {path}: label {missing[0]!r} has no readable images")
+        meta = {"classes": classes, "root": str(path), "rows": kept.tolist()}
+        if rows.parts is not None:
+            given = np.asarray(rows.parts, dtype=np.int8)[kept]
+            if len(kept) < len(rows.paths):
+                check_given_split(given, f"labels file {path} without its unreadable images", rows.split_column)
+            meta["given_split"] = given.tolist()
+        return meta
+
+    # Each file's "label" while decoding is its row, so the rows kept (skip_bad) are known afterwards.
+    files = list(zip(rows.paths, range(len(rows.paths))))
+    images, kept, meta = _decode_cached(cache_dir / "decoded" / key, path, files, classes, check,
+                                        storage_size=storage_size, policy=policy, skip_bad=skip_bad,
+                                        progress=progress)  # fmt: skip
+    kept = np.asarray(meta["rows"], dtype=np.int64)
+    labels = np.asarray([index[rows.names[i]] for i in kept], dtype=np.int64)
+    given = meta.get("given_split")
+    given = None if given is None else np.asarray(given, dtype=np.int8)
+    return ImageSet(images, labels, classes, key, skipped=meta["skipped"], given_split=given,
+                    storage_size=storage_size, resize_policy=policy)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ CIFAR-10
@@ -554,8 +708,15 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
     return ImageSet(images[:n], labels[:n], meta["classes"], key, test_images=images[n:], test_labels=labels[n:])
 
 
-def load_images(config) -> ImageSet:
-    """The data set a RunConfig names."""
+def storage_size_for(config) -> int:
+    """The side a run's images are stored at, at most: --storage-size, else the run's resolution."""
+    return config.storage_size or config.resolution
+
+
+def load_images(config, storage_size: int | None = None) -> ImageSet:
+    """The data set a RunConfig names, stored at most `storage_size` (default storage_size_for(config)) square.
+
+    CIFAR-10's 32 x 32 images are never enlarged, so they are the same arrays at any storage size."""
     cache_dir = config.resolved_cache_dir()
     if config.labels is not None:
         return load_labels_file(
@@ -564,12 +725,23 @@ def load_images(config) -> ImageSet:
             path_column=config.labels_path_column,
             label_column=config.labels_label_column,
             split_column=config.labels_split_column,
+            storage_size=storage_size or storage_size_for(config),
+            policy=config.resize_policy,
             skip_bad=config.skip_bad_images,
             progress=config.progress,
         )
     if config.data == "cifar10":
-        return load_cifar10(config.data_dir, cache_dir, download=config.download)
-    return load_image_folder(config.data, cache_dir, skip_bad=config.skip_bad_images, progress=config.progress)
+        images = load_cifar10(config.data_dir, cache_dir, download=config.download)
+        images.resize_policy = config.resize_policy  # square already; predict applies it to other files
+        return images
+    return load_image_folder(
+        config.data,
+        cache_dir,
+        storage_size=storage_size or storage_size_for(config),
+        policy=config.resize_policy,
+        skip_bad=config.skip_bad_images,
+        progress=config.progress,
+    )
 
 
 # ------------------------------------------------------------------------------ splits

@@ -145,7 +145,7 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
     model.to(dev, memory_format=torch.channels_last).eval()
     backbone = get_backbone(ckpt.arch)
     info = {k: getattr(ckpt, k) for k in ("arch", "epoch", "metric", "val_accuracy", "val_loss", "resolution",
-                                          "weights", "config", "data")}  # fmt: skip
+                                          "weights", "config", "data", "resize_policy", "storage_size")}  # fmt: skip
     return LoadedModel(
         model=model,
         prefix=as_sequential(model, backbone, 0, ckpt.cut),
@@ -260,10 +260,8 @@ def predict_files(
     held = 0
     for i, path in track(enumerate(files), total=len(files), description="predicting", enabled=progress):
         try:
-            image = decode_image(Path(path))
-            side = min(image.shape[:2])
-            if image.shape[0] != image.shape[1]:  # centre square; the preprocessing resizes it as in training
-                image = decode_image(Path(path), (side, side))
+            # as training stored it: the run's policy, at most its storage size
+            image = decode_image(Path(path), loaded.info["storage_size"], loaded.info["resize_policy"], upscale=False)
         except DataError as error:
             results[i] = {"file": str(path), "error": str(error)}
             continue

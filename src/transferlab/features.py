@@ -133,19 +133,21 @@ def compute_features(
     dtype=torch.float16,
     progress: bool = True,
     autocast: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Prefix output for every image (uint8 NHWC on any device) -> tensor of `dtype` on `device`."""
+    """Prefix output for every image (uint8 NHWC on any device), or for `rows` of them (indices on the images'
+    device; each chunk is gathered on its own, so a memory-mapped set is never copied whole) -> `dtype` on `device`."""
     prefix.eval()
     out = None
-    with bar(
-        len(images), "caching frozen features" + (" (mirrored)" if mirror else ""), unit="img", enabled=progress
-    ) as b:
-        for start in range(0, len(images), batch_size):
-            x = preprocess(images[start : start + batch_size].to(device, non_blocking=True), mirror=mirror)
+    count = len(images) if rows is None else len(rows)
+    with bar(count, "caching frozen features" + (" (mirrored)" if mirror else ""), unit="img", enabled=progress) as b:
+        for start in range(0, count, batch_size):
+            chunk = images[start : start + batch_size] if rows is None else images[rows[start : start + batch_size]]
+            x = preprocess(chunk.to(device, non_blocking=True), mirror=mirror)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 y = prefix(x)
             if out is None:  # filled in place: a torch.cat of chunks would need twice the memory at the end
-                out = torch.empty((len(images), *y.shape[1:]), dtype=dtype, device=device)
+                out = torch.empty((count, *y.shape[1:]), dtype=dtype, device=device)
             out[start : start + len(y)] = y
             b.advance(len(x))
     return out

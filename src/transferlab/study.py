@@ -38,7 +38,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
 from .config import ConfigError, RunConfig, StudySpec, higher_is_better
-from .data import ImageSet, load_images
+from .data import ImageSet, load_images, storage_size_for
 from .features import FeatureCache
 from .progress import console
 from .storage import (
@@ -213,6 +213,19 @@ def enqueue_missing(study: optuna.Study, jobs: list[Job], lock: Path) -> int:
 
 
 # ------------------------------------------------------------------------------ running trials
+def data_identity(config: RunConfig) -> list:
+    """The settings that make two trials' configs read the same decoded images (given one storage size)."""
+    return [config.data, config.data_dir, config.skip_bad_images, config.resize_policy, config.labels,
+            config.labels_path_column, config.labels_label_column, config.labels_split_column]  # fmt: skip
+
+
+def study_storage_size(spec: StudySpec, config: RunConfig) -> int:
+    """The largest storage size among the spec's configs reading the same data as `config`: trials at 64 and 128 px
+    share one decode (at 128), and the test evaluation reads the same arrays."""
+    same = [c for c in map(spec.config_for, spec.points()) if data_identity(c) == data_identity(config)]
+    return max(storage_size_for(c) for c in [config, *same])
+
+
 class Worker:
     """Takes waiting trials one at a time until none is left. Data and feature caches persist across trials."""
 
@@ -223,12 +236,10 @@ class Worker:
         self._claimed: tuple[int, Path] | None = None  # the trial this worker trained last, and its run directory
 
     def images_for(self, config: RunConfig) -> ImageSet:
-        key = json.dumps(
-            [config.data, config.data_dir, config.skip_bad_images, config.labels, config.labels_path_column,
-             config.labels_label_column, config.labels_split_column]
-        )  # fmt: skip
+        """The data a trial trains on: decoded once per worker at the study's largest storage size for it."""
+        key = json.dumps(data_identity(config))
         if key not in self._images:
-            self._images[key] = load_images(config)
+            self._images[key] = load_images(config, study_storage_size(self.spec, config))
         return self._images[key]
 
     def identify(self, job: Job) -> Job:
@@ -482,7 +493,7 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
         return selected
     previous = study.user_attrs.get("test_evaluations", [])
     config = RunConfig.from_dict(best.user_attrs["config"])
-    images = load_images(config)
+    images = load_images(config, study_storage_size(spec, config))
     split_file = directory / best.user_attrs["run_dir"] / "split.json"
     split = Split.from_dict(json.loads(split_file.read_text())) if split_file.exists() else split_for(images, config)
     record = {

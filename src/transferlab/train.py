@@ -224,7 +224,7 @@ class Trainer:
         self.model.to(device, memory_format=torch.channels_last)
         self.autocast = config.amp == "on" or (config.amp == "auto" and device.type == "cuda")
         if config.normalize == "dataset":
-            mean, std = dataset_statistics(self.images.images[self.split.train])
+            mean, std = dataset_statistics(self.images.images, self.split.train)
         else:
             mean, std = self.backbone.mean, self.backbone.std
         self.preprocess = Preprocess(mean, std, config.resolution, config.crop_padding, config.flip, channels_last=True)
@@ -264,7 +264,7 @@ class Trainer:
             if config.flip or config.tta_flip:
                 reason += "; mirrored views cached too, so flips stay exact"
         self.log(f"input path: {self.feature_path} ({reason})")
-        self.pixels = torch.from_numpy(self.images.images).to(self.device)
+        self.pixels = self._place_pixels()
         self.feature_dtype = None
         if self.feature_path == "cached":
             used = np.union1d(self.split.train, self.split.val)
@@ -274,6 +274,26 @@ class Trainer:
             mirrors = [False, True] if (config.flip or config.tta_flip) else [False]
             self.views = [self._cached_view(used, m) for m in mirrors]
             self.feature_dtype = self.views[0].dtype
+
+    def _place_pixels(self) -> torch.Tensor:
+        """The uint8 images as one tensor: on the CPU the (memory-mapped) array itself, no copy; on CUDA the whole
+        tensor on the device when it fits in free memory (with a quarter to spare), else left on the host and moved
+        a batch at a time (_batch_pixels)."""
+        pixels = torch.from_numpy(self.images.images)
+        if self.device.type != "cuda":
+            return pixels
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if pixels.nbytes < 0.75 * free:
+            return pixels.to(self.device)
+        self.log(
+            f"images stay in host memory ({pixels.nbytes / 2**30:.1f} GiB; the device has {free / 2**30:.1f} free)"
+        )
+        return pixels
+
+    def _batch_pixels(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.pixels.device == self.device:
+            return self.pixels[idx]
+        return self.pixels[idx.cpu()].to(self.device, non_blocking=True)
 
     def _cached_view(self, used: np.ndarray, mirror: bool) -> torch.Tensor:
         config = self.config
@@ -290,14 +310,16 @@ class Trainer:
         )
         cached = self.feature_cache.get(key)
         if cached is None:
-            pixels = self.pixels[torch.from_numpy(used).to(self.device)]
+            pixels, rows = self.pixels, torch.from_numpy(used).to(self.pixels.device)  # gathered chunk by chunk
             options = dict(
                 batch_size=max(config.batch_size, 500), device=self.device, mirror=mirror, autocast=self.autocast
             )
-            cached = compute_features(self.prefix, pixels, self.preprocess, progress=config.progress, **options)
+            cached = compute_features(
+                self.prefix, pixels, self.preprocess, progress=config.progress, rows=rows, **options
+            )
             if not all(torch.isfinite(part).all() for part in cached.split(4096)):  # fp16 overflow: keep fp32
                 cached = compute_features(
-                    self.prefix, pixels, self.preprocess, dtype=torch.float32, progress=False, **options
+                    self.prefix, pixels, self.preprocess, dtype=torch.float32, progress=False, rows=rows, **options
                 )
             self.feature_cache.put(key, cached)
         return cached.to(self.device)
@@ -314,7 +336,7 @@ class Trainer:
                 x = self.views[1 if mirror else 0][rows]
             x = x.float()
         else:
-            x = self.preprocess(self.pixels[idx], train=train, generator=self.generator, mirror=mirror)
+            x = self.preprocess(self._batch_pixels(idx), train=train, generator=self.generator, mirror=mirror)
             if self.cut:
                 with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     x = self.prefix(x)
@@ -507,6 +529,7 @@ class Trainer:
         c, best = self.config, state.best
         return Checkpoint(
             arch=c.arch, head=c.head, dropout=c.dropout, classes=list(self.images.classes), model=state.best_state,
+            resize_policy=self.images.resize_policy, storage_size=self.images.storage_size,
             resolution=c.resolution, mean=list(self.preprocess.mean), std=list(self.preprocess.std), cut=self.cut,
             feature_dtype=str(self.feature_dtype).removeprefix("torch.") if self.feature_dtype else None,
             autocast=self.autocast, loss=c.loss, label_smoothing=c.label_smoothing, tta_flip=c.tta_flip,
