@@ -346,3 +346,17 @@ def test_mixed_sizes_share_the_median_side_whatever_the_first_file(tmp_path, cac
     files = sorted(root.rglob("*.png"))
     assert images.images.shape == (7, 24, 24, 3)
     np.testing.assert_array_equal(images.images, np.stack([decode_image(p, 24) for p in files]))
+
+
+def test_a_photo_taken_sideways_is_decoded_upright(tmp_path):
+    """EXIF orientation 6 (rotate 90 degrees clockwise to view): stored pixels are turned as a viewer shows them."""
+    from transferlab.data import decode_image
+
+    pixels = np.zeros((40, 60, 3), dtype=np.uint8)  # landscape as stored, the top row white
+    pixels[:4] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "side.jpg", exif=exif.tobytes(), quality=95)
+    upright = decode_image(tmp_path / "side.jpg", policy="squash")
+    assert upright.shape == (40, 40, 3)
+    assert upright[:, -3:].mean() > 200 and upright[:, :3].mean() < 50  # the white band is now on the right

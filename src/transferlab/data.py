@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import PIL
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedShuffleSplit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 CACHE_FORMAT = 3  # 3: square storage size and policy in the key, images.npy written and read memory-mapped
+ORIENTATION_TAG = 0x0112  # EXIF: how the camera was held
 MAX_MIXED_SIDE = 256  # with no storage size, mixed-size folders are stored at most this large
 RESIZE_POLICIES = ("crop", "squash", "pad")
 CHUNK_BYTES = 16 << 20  # streamed checksums read files this much at a time
@@ -78,6 +79,8 @@ def decode_image(
 def _decode_open(image: Image.Image, side: int, policy: str) -> np.ndarray:
     if min(image.size) >= 2 * side:
         image.draft("RGB", (side, side))  # JPEG only (a no-op for other formats): decode at 1/2, 1/4 or 1/8
+    if image.getexif().get(ORIENTATION_TAG, 1) != 1:  # a phone photo taken sideways: upright, as viewers show it
+        image = ImageOps.exif_transpose(image)
     return np.asarray(fit_to_square(_to_8bit(image).convert("RGB"), side, policy), dtype=np.uint8)
 
 
