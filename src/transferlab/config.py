@@ -183,7 +183,7 @@ class RunConfig:
                 f"{where}test_fraction + val_fraction = {self.test_fraction + self.val_fraction}: "
                 "leaves too little to train on"
             )
-        if any(not isinstance(e, int) or e < 1 for e in self.record_epochs):
+        if any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in self.record_epochs):
             raise ConfigError(f"{where}record_epochs = {self.record_epochs!r}: expected positive integers")
         if any(e > self.epochs for e in self.record_epochs):
             raise ConfigError(
@@ -229,6 +229,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
+        raise ConfigError(f"{where}{key} may not be empty")
+    if base is str and isinstance(value, str) and not value.strip():  # "" would name the current folder
         raise ConfigError(f"{where}{key} may not be empty")
     try:
         if base is bool:
@@ -319,6 +321,12 @@ class StudySpec:
         for key in tree:
             if key not in STUDY_KEYS:
                 raise ConfigError(f"{where}unknown key {key!r}{_suggest(key, STUDY_KEYS)}")
+        for key in ("run", "grid", "variants"):
+            if not isinstance(tree.get(key, {}), dict):
+                raise ConfigError(f"{where}{key} = {tree[key]!r}: expected a table ([{key}])")
+        name = tree.get("name", name)
+        if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+            raise ConfigError(f"{where}name = {name!r}: expected a study name (not empty, no '/')")
         tables = [tree.get("run", {}), tree.get("grid", {}), *tree.get("variants", {}).values()]
         if any(isinstance(t, dict) and "metric" in t for t in tables):
             raise ConfigError(
@@ -332,8 +340,6 @@ class StudySpec:
                 raise ConfigError(f"{where}[variants] {vname}: expected a table of run keys")
             RunConfig.from_dict(values, base=base, where=f"{where}[variants.{vname}] ")
         grid = tree.get("grid", {})
-        if not isinstance(grid, dict):
-            raise ConfigError(f"{where}grid must be a table of axes")
         if variants and "variant" not in grid:
             raise ConfigError(f"{where}[variants] given but [grid] has no 'variant' axis")
         checked: dict[str, list] = {}
@@ -341,9 +347,10 @@ class StudySpec:
             values = values if isinstance(values, list) else [values]
             if not values:
                 raise ConfigError(f"{where}[grid] {axis}: empty list")
-            for i, value in enumerate(values):  # a repeated point would never be complete (1 and 1.0 are equal)
-                if value in values[:i]:
-                    raise ConfigError(f"{where}[grid] {axis}: value {value!r} is given twice")
+            key = axis.replace("-", "_")
+            if key in checked:
+                raise ConfigError(f"{where}[grid] {axis}: the axis {key!r} is given twice")
+            resolved = []  # each value as the trial will see it: 0.1 and "0.1" are one point
             for value in values:  # validates axis name and each value
                 if axis == "variant":
                     if value not in variants:
@@ -351,17 +358,24 @@ class StudySpec:
                             f"{where}[grid] variant {value!r} is not defined under [variants]"
                             f"{_suggest(str(value), variants)}"
                         )
+                    resolved.append(value)
                     continue
-                RunConfig.from_dict({axis: value}, base=base, where=f"{where}[grid] ")
-            checked[axis.replace("-", "_")] = values
+                config = RunConfig.from_dict({axis: value}, base=base, where=f"{where}[grid] ")
+                resolved.append(getattr(config, key))
+            for i, value in enumerate(resolved):  # a repeated point would never be complete (1 and 1.0 are equal)
+                if value in resolved[:i]:
+                    raise ConfigError(f"{where}[grid] {axis}: value {values[i]!r} is given twice")
+            checked[key] = values
         metric = tree.get("metric", "val_accuracy")
         if metric not in ("val_accuracy", "val_loss"):
             raise ConfigError(f"{where}metric = {metric!r}: expected val_accuracy or val_loss")
+        if not isinstance(tree.get("storage", ""), str) or tree.get("storage") == "":
+            raise ConfigError(f"{where}storage = {tree['storage']!r}: expected a storage URL")
         password_env = tree.get("storage_password_env")
         if password_env is not None and (not isinstance(password_env, str) or not password_env):
             raise ConfigError(f"{where}storage_password_env = {password_env!r}: expected an environment variable name")
         return cls(
-            name=tree.get("name", name),
+            name=name,
             base=base,
             grid=checked,
             metric=metric,

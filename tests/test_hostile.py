@@ -1,0 +1,120 @@
+"""What a careless or hostile user's input gets: a one-line error before any work, or the right numbers.
+
+The spec these tests hold:
+- A study spec whose `run`, `grid` or `variants` is not a table (in the file or through `--set run=1`), whose `name`
+  is not a plain non-empty name (a number, "", "..", a path), or whose `storage` is not a URL string is refused in
+  one line (exit 2, no traceback), and nothing is created.
+- Grid values are compared as the trial sees them: `lr = [0.1, "0.1"]` is one value given twice, and an axis spelt
+  twice (`batch-size` and `batch_size`) is refused; otherwise one grid point could never be complete.
+- An empty string is no value: `--set data=` or `--set weights=` is refused rather than read as the current folder.
+- record_epochs holds positive integers, not booleans (`[true]` is not epoch 1).
+- A pickle that is not ours fails in exactly one stderr line: torch's own warnings about it are not printed.
+- A float image (mode "F", e.g. a 32-bit TIFF) holding 0..1 decodes to its grey levels, not to black.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tomllib
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_cli import assert_one_line_error, train_args
+
+from transferlab.cli import main
+from transferlab.config import ConfigError, StudySpec
+from transferlab.data import decode_image
+
+SPEC = """name = "s"
+[run]
+data = "{data}"
+weights = "none"
+resolution = 32
+progress = false
+cache_dir = "{cache}"
+device = "cpu"
+test_fraction = 0.2
+val_fraction = 0.2
+batch_size = 8
+[grid]
+epochs = [1]
+"""
+
+
+@pytest.fixture
+def spec_file(image_tree, tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC.format(data=image_tree, cache=tmp_path / "cache"))
+    return path
+
+
+@pytest.mark.parametrize(
+    "sets, fragment",
+    [
+        (["run=1"], "run = 1: expected a table"),
+        (["grid=3"], "grid = 3: expected a table"),
+        (["variants=5"], "variants = 5: expected a table"),
+        (["name=3"], "name = 3"),
+        (["name="], "name = ''"),
+        (["name=.."], "name = '..'"),
+        (['name="a/b"'], "name = 'a/b'"),
+        (["storage=5"], "storage = 5: expected a storage URL"),
+        (['grid.lr=[0.1, "0.1"]'], "lr: value '0.1' is given twice"),
+        (["grid.batch-size=[4]", "grid.batch_size=[2]"], "the axis 'batch_size' is given twice"),
+        (["data="], "data may not be empty"),
+    ],
+)
+def test_bad_spec_values_are_one_line(sets, fragment, spec_file, tmp_path, capsys):
+    study_dir = tmp_path / "study"
+    args = ["study", "run", str(spec_file), "--dir", str(study_dir), "--no-report"]
+    for text in sets:
+        args += ["--set", text]
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr(), fragment)
+    assert not study_dir.exists()
+
+
+def test_top_level_non_tables_in_the_file(tmp_path):
+    for text in ("variants = 5\n", "run = 1\n", 'storage = ""\n'):
+        with pytest.raises(ConfigError):
+            StudySpec.from_dict(tomllib.loads(text + "[grid]\nepochs = [1]\n"))
+
+
+@pytest.mark.parametrize("sets, fragment", [(["weights="], "weights may not be empty"), (["data= "], "data")])
+def test_empty_strings_are_not_the_current_folder(sets, fragment, image_tree, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = train_args(image_tree, tmp_path / "run", tmp_path / "cache")
+    for text in sets:
+        args += ["--set", text]
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr(), fragment, "may not be empty")
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_record_epochs_are_not_booleans(image_tree, tmp_path, capsys):
+    args = train_args(image_tree, tmp_path / "run", tmp_path / "cache") + ["--set", "record_epochs=[true]"]
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr(), "record_epochs")
+
+
+def test_a_foreign_pickle_is_exactly_one_line(image_tree, tmp_path, capsys):
+    path = tmp_path / "foreign.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"a": 1}, handle, protocol=4)
+    with warnings.catch_warnings(record=True) as shown:  # what would reach stderr beside the error line
+        warnings.simplefilter("always")
+        assert main(["evaluate", str(path), "--data", str(image_tree)]) == 2
+    assert [str(w.message) for w in shown] == []
+    assert_one_line_error(capsys.readouterr(), "foreign.pt", "not loaded for safety")
+
+
+def test_float_images_are_scaled(tmp_path):
+    path = tmp_path / "half.tif"
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(path)
+    assert Image.open(path).mode == "F"
+    assert int(decode_image(path).max()) == 128
+    path = tmp_path / "levels.tif"
+    Image.fromarray(np.full((8, 8), 200.0, dtype=np.float32)).save(path)
+    assert int(decode_image(path).max()) == 200
