@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedShuffleSplit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-CACHE_FORMAT = 2  # 2: 16-bit images scaled, skip_bad and Pillow's version in the key, sha256 in meta.json
+CACHE_FORMAT = 3  # 2: 16-bit scaled; skip_bad, Pillow's version in the key; sha256 in meta.json. 3: float images
 MAX_MIXED_SIDE = 256  # mixed-size folders are stored at most this large, so big photos fit in memory
 STALE_SECONDS = 3600  # a *.tmp-* / *.old-* cache folder this old belongs to a killed writer
 
@@ -81,7 +81,13 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     """Integer grey images (16-bit "I;16*", 32-bit "I") scaled to "L": convert("RGB") would clip them at 255.
 
     "I" images whose values fit 0..65535 (16-bit PGM, TIFF) are 16-bit data; larger values scale from 2**31 - 1.
+    Float images ("F", e.g. 32-bit TIFF) holding 0..1 are scaled by 255 (convert would make them black); others are
+    read as 0..255.
     """
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))
     if image.mode != "I" and not image.mode.startswith("I;16"):
         return image
     values = np.asarray(image).astype(np.int64)
