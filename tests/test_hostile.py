@@ -8,6 +8,8 @@ The spec these tests hold:
   twice (`batch-size` and `batch_size`) is refused; otherwise one grid point could never be complete.
 - An empty string is no value: `--set data=` or `--set weights=` is refused rather than read as the current folder.
 - record_epochs holds positive integers, not booleans (`[true]` is not epoch 1).
+- `study worker` joins a study `study run` created: with none in the storage (or no storage) it is one line and
+  creates nothing (no study.db, no empty study).
 - A pickle that is not ours fails in exactly one stderr line: torch's own warnings about it are not printed.
 - A float image (mode "F", e.g. a 32-bit TIFF) holding 0..1 decodes to its grey levels, not to black.
 """
@@ -19,6 +21,7 @@ import tomllib
 import warnings
 
 import numpy as np
+import optuna
 import pytest
 from PIL import Image
 from test_cli import assert_one_line_error, train_args
@@ -118,3 +121,16 @@ def test_float_images_are_scaled(tmp_path):
     path = tmp_path / "levels.tif"
     Image.fromarray(np.full((8, 8), 200.0, dtype=np.float32)).save(path)
     assert int(decode_image(path).max()) == 200
+
+
+def test_a_worker_joins_only_an_existing_study(spec_file, tmp_path, capsys):
+    study_dir = tmp_path / "study"
+    assert main(["study", "worker", str(spec_file), "--dir", str(study_dir)]) == 2
+    assert_one_line_error(capsys.readouterr(), "no study storage")
+    assert not study_dir.exists()
+    storage = tmp_path / "other.db"
+    url = f"sqlite:///{storage}"
+    optuna.create_study(study_name="another", storage=url)
+    assert main(["study", "worker", str(spec_file), "--dir", str(study_dir), "--storage", url]) == 2
+    assert_one_line_error(capsys.readouterr(), "no study 's'", "study run")
+    assert optuna.get_all_study_names(url) == ["another"]
