@@ -10,6 +10,8 @@ The spec these tests hold:
 - record_epochs holds positive integers, not booleans (`[true]` is not epoch 1).
 - `study worker` joins a study `study run` created: with none in the storage (or no storage) it is one line and
   creates nothing (no study.db, no empty study).
+- A --cache-dir inside the data folder is refused like such an --out, before it is created: an empty "cache"
+  folder there would be read as a class without images and break every later run on that data.
 - A pickle that is not ours fails in exactly one stderr line: torch's own warnings about it are not printed.
 - A float image (mode "F", e.g. a 32-bit TIFF) holding 0..1 decodes to its grey levels, not to black.
 """
@@ -23,6 +25,7 @@ import warnings
 import numpy as np
 import optuna
 import pytest
+from helpers import make_image_tree
 from PIL import Image
 from test_cli import assert_one_line_error, train_args
 
@@ -134,3 +137,10 @@ def test_a_worker_joins_only_an_existing_study(spec_file, tmp_path, capsys):
     assert main(["study", "worker", str(spec_file), "--dir", str(study_dir), "--storage", url]) == 2
     assert_one_line_error(capsys.readouterr(), "no study 's'", "study run")
     assert optuna.get_all_study_names(url) == ["another"]
+
+
+def test_a_cache_inside_the_data_folder_is_refused_before_it_is_created(tmp_path, capsys):
+    data = make_image_tree(tmp_path / "data", per_class=12, size=16)
+    assert main(train_args(data, tmp_path / "run", data / "cache")) == 2
+    assert_one_line_error(capsys.readouterr(), "--cache-dir", "inside the data folder")
+    assert sorted(p.name for p in data.iterdir()) == ["blue", "green", "red"]

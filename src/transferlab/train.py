@@ -162,8 +162,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.backbone = get_backbone(config.arch)
         self.trainable = trainable_groups(self.backbone, config.strategy, config.unfreeze)
-        self.out_dir = self._output_folder(out_dir)
-        writable_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)", ConfigError)
+        self.out_dir = self._output_folder(out_dir, "--out")
+        self._output_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)")
         self.images = images if images is not None else load_images(config)
         self.split = split_for(self.images, config)
         self.feature_cache = (
@@ -171,12 +171,14 @@ class Trainer:
         )
         self.num_classes = len(self.images.classes)
 
-    def _output_folder(self, out_dir: str | Path) -> Path:
+    def _output_folder(self, folder: str | Path, what: str) -> Path:
+        """A folder this run writes in (--out, the cache): writable, and outside the data folder, where a new
+        folder would be read as a class (checked before anything is created)."""
         data = Path(self.config.data).expanduser()
-        target = Path(out_dir).expanduser()
+        target = Path(folder).expanduser()
         if self.config.data != "cifar10" and data.is_dir() and target.resolve().is_relative_to(data.resolve()):
-            raise ConfigError(f"--out {target} lies inside the data folder {data}: its files would be read as data")
-        return writable_folder(target, "--out", ConfigError)
+            raise ConfigError(f"{what} {target} lies inside the data folder {data}: its files would be read as data")
+        return writable_folder(target, what, ConfigError)
 
     # -------------------------------------------------------------- setup
     def _setup(self) -> None:
