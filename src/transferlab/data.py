@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedShuffleSplit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-CACHE_FORMAT = 3  # 2: 16-bit scaled; skip_bad, Pillow's version in the key; sha256 in meta.json. 3: float images
+CACHE_FORMAT = 2  # 2: 16-bit images scaled, skip_bad and Pillow's version in the key, sha256 in meta.json
 MAX_MIXED_SIDE = 256  # mixed-size folders are stored at most this large, so big photos fit in memory
 STALE_SECONDS = 3600  # a *.tmp-* / *.old-* cache folder this old belongs to a killed writer
 
