@@ -12,12 +12,16 @@ The spec these tests hold:
   creates nothing (no study.db, no empty study).
 - A --cache-dir inside the data folder is refused like such an --out, before it is created: an empty "cache"
   folder there would be read as a class without images and break every later run on that data.
+- evaluate on the folder a run trained on: --skip-bad-images defaults to the run's own setting (so it is the run's data
+  and the default is its test split); when the folder's content differs from the run's, a split (the default or
+  named) is refused in one line rather than scoring images it trained on; --split all still works, with the note.
 - A pickle that is not ours fails in exactly one stderr line: torch's own warnings about it are not printed.
 - A float image (mode "F", e.g. a 32-bit TIFF) holding 0..1 decodes to its grey levels, not to black.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import tomllib
 import warnings
@@ -144,3 +148,24 @@ def test_a_cache_inside_the_data_folder_is_refused_before_it_is_created(tmp_path
     assert main(train_args(data, tmp_path / "run", data / "cache")) == 2
     assert_one_line_error(capsys.readouterr(), "--cache-dir", "inside the data folder")
     assert sorted(p.name for p in data.iterdir()) == ["blue", "green", "red"]
+
+
+def test_evaluate_knows_the_runs_own_folder(tmp_path, capsys):
+    data = make_image_tree(tmp_path / "data", per_class=12, size=16)
+    (data / "red" / "broken.png").write_bytes(b"garbage")
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert main(train_args(data, out, cache, "--skip-bad-images")) == 0
+    n_test = json.loads((out / "metrics.json").read_text())["n_test"]
+    best = str(out / "best.pt")
+    capsys.readouterr()
+    assert main(["evaluate", best, "--data", str(data), "--json", "--device", "cpu"]) == 0  # the run's setting
+    result = json.loads(capsys.readouterr().out)
+    assert (result["split"], result["n"]) == ("test", n_test)
+    (data / "red" / "broken.png").unlink()  # the folder changed: the saved split no longer fits it
+    for extra in ([], ["--split", "test"]):
+        assert main(["evaluate", best, "--data", str(data), "--json", "--device", "cpu", *extra]) == 2
+        assert_one_line_error(capsys.readouterr(), "the folder the run trained on", "--split all")
+    assert main(["evaluate", best, "--data", str(data), "--json", "--device", "cpu", "--split", "all"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == 36 and "includes the images it was trained on" in captured.err

@@ -62,21 +62,29 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """On the run's own data the default is its test split: `--split all` would count the training images."""
-    from .data import ImageSet, Split, load_images, split_arrays, split_for
+    from .data import DataError, ImageSet, Split, load_images, split_arrays, split_for
     from .evaluate import align_labels, evaluate_arrays, load_checkpoint
 
     loaded = load_checkpoint(args.checkpoint, args.device)
     run_config = loaded.info["config"]
-    values = {"data": args.data, "progress": not args.json, "skip_bad_images": args.skip_bad_images}
+    values = {"data": args.data, "progress": not args.json}
+    if args.skip_bad_images is not None:  # else the run's own setting
+        values["skip_bad_images"] = args.skip_bad_images
     if args.data_dir:  # else the run's own --data-dir
         values["data_dir"] = args.data_dir
     config = RunConfig.from_dict(values, base=RunConfig.from_dict(run_config))
     data = load_images(config)
     own = data.key == loaded.info["data"] if loaded.info.get("data") else args.data == run_config["data"]
+    same_folder = own or _same_folder(args.data, run_config["data"])
+    if not own and same_folder and args.split != "all":
+        raise DataError(
+            f"--data {args.data} is the folder the run trained on, but its images (or --skip-bad-images) differ from "
+            "the run's: its split no longer says which images it trained on; use --split all to score every image"
+        )
     name = args.split or ("test" if own else "all")
     if name == "all":
         images, labels = data.images, data.labels
-        if own:
+        if same_folder:
             print(
                 "transferlab: note: --split all on the run's own data includes the images it was trained on",
                 file=sys.stderr,
@@ -92,6 +100,13 @@ def cmd_evaluate(args) -> int:
     else:
         print_evaluation(result)
     return 0
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """Do two --data values name one image folder (not cifar10)?"""
+    if "cifar10" in (a, b):
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def print_evaluation(result: dict) -> None:
@@ -187,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="which images: the run's own data defaults to its test split (from the run's split.json); "
         "other data defaults to all of it",
     )
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a counted warning")
+    p.add_argument(
+        "--skip-bad-images",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="skip unreadable images with a counted warning (default: as the run did)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
     p.add_argument(
         "--json",
