@@ -15,6 +15,8 @@ The spec these tests hold:
 - evaluate on the folder a run trained on: --skip-bad-images defaults to the run's own setting (so it is the run's data
   and the default is its test split); when the folder's content differs from the run's, a split (the default or
   named) is refused in one line rather than scoring images it trained on; --split all still works, with the note.
+- `train --config FILE`: run options sit in a [run] table or at the top level, not both: a key beside [run] would be
+  silently ignored, so it is refused in one line.
 - A pickle that is not ours fails in exactly one stderr line: torch's own warnings about it are not printed.
 - A float image (mode "F", e.g. a 32-bit TIFF) holding 0..1 decodes to its grey levels, not to black.
 """
@@ -169,3 +171,14 @@ def test_evaluate_knows_the_runs_own_folder(tmp_path, capsys):
     assert main(["evaluate", best, "--data", str(data), "--json", "--device", "cpu", "--split", "all"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["n"] == 36 and "includes the images it was trained on" in captured.err
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [("epochs = 5\n[run]\nlr = 0.1\n", "key 'epochs' outside the [run] table"), ("run = 3\n", "run, which is not")],
+)
+def test_train_config_keys_beside_run_are_not_ignored(text, fragment, image_tree, tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text(text)
+    assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--config", str(toml))) == 2
+    assert_one_line_error(capsys.readouterr(), fragment)

@@ -36,6 +36,11 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     values: dict = {}
     if args.config:
         tree = load_toml(args.config)
+        if "run" in tree:  # a [run] table: keys beside it would be silently ignored
+            outside = [k for k in tree if k != "run"]
+            if not isinstance(tree["run"], dict) or outside:
+                what = f"key {outside[0]!r} outside" if outside else "run, which is not"
+                raise ConfigError(f"{args.config}: {what} the [run] table (put run options in [run] or at the top)")
         values = dict(tree.get("run", tree))
     for f in dataclasses.fields(RunConfig):
         value = getattr(args, f.name, None)
