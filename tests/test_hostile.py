@@ -17,6 +17,8 @@ The spec these tests hold:
   named) is refused in one line rather than scoring images it trained on; --split all still works, with the note.
 - `train --config FILE`: run options sit in a [run] table or at the top level, not both: a key beside [run] would be
   silently ignored, so it is refused in one line.
+- A --resolution the backbone cannot take (SqueezeNet 1.1 below 17 px: its pooling runs out of pixels) is refused in
+  one line before any data is read, not a PyTorch traceback mid-run.
 - A pickle that is not ours fails in exactly one stderr line: torch's own warnings about it are not printed.
 - A float image (mode "F", e.g. a 32-bit TIFF) holding 0..1 decodes to its grey levels, not to black.
 """
@@ -38,6 +40,7 @@ from test_cli import assert_one_line_error, train_args
 from transferlab.cli import main
 from transferlab.config import ConfigError, StudySpec
 from transferlab.data import decode_image
+from transferlab.models import min_resolution
 
 SPEC = """name = "s"
 [run]
@@ -182,3 +185,11 @@ def test_train_config_keys_beside_run_are_not_ignored(text, fragment, image_tree
     toml.write_text(text)
     assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--config", str(toml))) == 2
     assert_one_line_error(capsys.readouterr(), fragment)
+
+
+def test_a_resolution_the_backbone_cannot_take_is_one_line(image_tree, tmp_path, capsys):
+    args = train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--resolution", "8")
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr(), "resolution = 8", "squeezenet1_1", "at least 17 px")
+    assert not (tmp_path / "cache").exists()
+    assert min_resolution("resnet18") == 8

@@ -37,7 +37,14 @@ from .freezing import (
     set_train_mode,
     trainable_groups,
 )
-from .models import as_sequential, build_model, get_backbone, resolve_device, weights_identity
+from .models import (
+    as_sequential,
+    build_model,
+    check_resolution,
+    get_backbone,
+    resolve_device,
+    weights_identity,
+)
 from .progress import bar, console
 
 
@@ -161,6 +168,7 @@ class Trainer:
         self.log = log or (lambda text: console.print(text, highlight=False))
         self.device = resolve_device(config.device)
         self.backbone = get_backbone(config.arch)
+        check_resolution(config.arch, config.resolution)
         self.trainable = trainable_groups(self.backbone, config.strategy, config.unfreeze)
         self.out_dir = self._output_folder(out_dir, "--out")
         self._output_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)")
