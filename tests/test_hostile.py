@@ -19,6 +19,8 @@ The spec these tests hold:
   silently ignored, so it is refused in one line.
 - A --resolution the backbone cannot take (SqueezeNet 1.1 below 17 px: its pooling runs out of pixels) is refused in
   one line before any data is read, not a PyTorch traceback mid-run.
+- Seeds are 0 .. 2**32 - 1 (split_seed one less: validation uses split_seed + 1): a larger one is a config error, not
+  an overflow traceback from torch or a split error from scikit-learn.
 - A pickle that is not ours fails in exactly one stderr line: torch's own warnings about it are not printed.
 - A float image (mode "F", e.g. a 32-bit TIFF) holding 0..1 decodes to its grey levels, not to black.
 """
@@ -193,3 +195,11 @@ def test_a_resolution_the_backbone_cannot_take_is_one_line(image_tree, tmp_path,
     assert_one_line_error(capsys.readouterr(), "resolution = 8", "squeezenet1_1", "at least 17 px")
     assert not (tmp_path / "cache").exists()
     assert min_resolution("resnet18") == 8
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--seed", "99999999999999999999999"), ("--seed", "-1"), ("--split-seed", "4294967295")]
+)
+def test_seeds_out_of_range_are_config_errors(flag, value, image_tree, tmp_path, capsys):
+    assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", flag, value)) == 2
+    assert_one_line_error(capsys.readouterr(), flag[2:].replace("-", "_") + " = ")

@@ -54,7 +54,10 @@ class RunConfig:
     val_fraction: float = _opt(0.1, "fraction of all images used for validation", min=0.01, max=0.9)
     official_test: bool = _opt(False, "use the source's official test split (CIFAR-10 only) instead of carving one")
     split_seed: int = _opt(
-        0, "seed of the test and validation splits (kept apart from --seed so seeds share one split)"
+        0,
+        "seed of the test and validation splits (kept apart from --seed so seeds share one split)",
+        min=0,
+        max=2**32 - 2,  # scikit-learn's seeds end at 2**32 - 1, and validation uses split_seed + 1
     )
     # model
     arch: str = _opt("squeezenet1_1", "backbone architecture (see `transferlab models`)")
@@ -129,7 +132,7 @@ class RunConfig:
     batch_size: int = _opt(250, "batch size", min=1)
     # execution
     device: str = _opt("auto", "auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    seed: int = _opt(0, "seed of initialisation, shuffling, augmentation and dropout")
+    seed: int = _opt(0, "seed of initialisation, shuffling, augmentation and dropout", min=0, max=2**32 - 1)
     cache_features: str = _opt(
         "auto",
         "cache the frozen prefix's activations: auto (when no random augmentation precedes it), off",
