@@ -18,7 +18,7 @@ The spec these tests hold:
 - `train --config FILE`: run options sit in a [run] table or at the top level, not both: a key beside [run] would be
   silently ignored, so it is refused in one line.
 - A --resolution the backbone cannot take (SqueezeNet 1.1 below 17 px: its pooling runs out of pixels) is refused in
-  one line before any data is read, not a PyTorch traceback mid-run.
+  one line before any data is read, not a PyTorch traceback mid-run; in a study grid, before any trial is queued.
 - Seeds are 0 .. 2**32 - 1 (split_seed one less: validation uses split_seed + 1): a larger one is a config error, not
   an overflow traceback from torch or a split error from scikit-learn.
 - A pickle that is not ours fails in exactly one stderr line: torch's own warnings about it are not printed.
@@ -203,3 +203,11 @@ def test_a_resolution_the_backbone_cannot_take_is_one_line(image_tree, tmp_path,
 def test_seeds_out_of_range_are_config_errors(flag, value, image_tree, tmp_path, capsys):
     assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", flag, value)) == 2
     assert_one_line_error(capsys.readouterr(), flag[2:].replace("-", "_") + " = ")
+
+
+def test_a_grid_resolution_the_backbone_cannot_take_is_refused_before_training(spec_file, tmp_path, capsys):
+    study_dir = tmp_path / "study"
+    args = ["study", "run", str(spec_file), "--dir", str(study_dir), "--set", "grid.resolution=[32, 8]"]
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr(), "resolution = 8", "at least 17 px")
+    assert not (study_dir / "trials").exists()

@@ -230,9 +230,12 @@ class Worker:
         return self._images[key]
 
     def identify(self, job: Job) -> Job:
+        from .models import check_resolution
+
         for epochs in job.record:
             point = job.recorded_point(epochs)
             config = self.spec.config_for(point)
+            check_resolution(config.arch, config.resolution)  # before any trial is queued or trained
             job.identities[epochs] = trial_identity(point, config, self.images_for(config).key)
         job.config = job_config(self.spec, job).to_dict()
         return job
