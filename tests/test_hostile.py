@@ -21,6 +21,8 @@ The spec these tests hold:
   one line before any data is read, not a PyTorch traceback mid-run; in a study grid, before any trial is queued.
 - Seeds are 0 .. 2**32 - 1 (split_seed one less: validation uses split_seed + 1): a larger one is a config error, not
   an overflow traceback from torch or a split error from scikit-learn.
+- A storage password typed with a raw "@" (user:p@ss@host) would be parsed as a shorter password and a host or
+  database holding its tail, which every error shows: it is refused in one line, all of it up to the last "@" hidden.
 - A pickle that is not ours fails in exactly one stderr line: torch's own warnings about it are not printed.
 - A float image (mode "F", e.g. a 32-bit TIFF) holding 0..1 decodes to its grey levels, not to black.
 """
@@ -43,6 +45,7 @@ from transferlab.cli import main
 from transferlab.config import ConfigError, StudySpec
 from transferlab.data import decode_image
 from transferlab.models import min_resolution
+from transferlab.storage import redact
 
 SPEC = """name = "s"
 [run]
@@ -211,3 +214,15 @@ def test_a_grid_resolution_the_backbone_cannot_take_is_refused_before_training(s
     assert main(args) == 2
     assert_one_line_error(capsys.readouterr(), "resolution = 8", "at least 17 px")
     assert not (study_dir / "trials").exists()
+
+
+@pytest.mark.parametrize("password", ["Zq9@tail", "Zq9@ta/il"])
+def test_a_raw_at_in_a_storage_password_shows_no_part_of_it(password, spec_file, tmp_path, capsys):
+    url = f"postgresql+psycopg2://someone:{password}@127.0.0.1:1/db"
+    study_dir = tmp_path / "study"
+    assert main(["study", "run", str(spec_file), "--dir", str(study_dir), "--storage", url]) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(captured, "someone:***@127.0.0.1:1/db", "URL-quote it")
+    assert "Zq9" not in captured.err and "tail" not in captured.err and "ta/il" not in captured.err
+    assert not study_dir.exists()
+    assert redact(url) == "postgresql+psycopg2://someone:***@127.0.0.1:1/db"
