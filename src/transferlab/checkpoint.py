@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def read_torch_file(path: Path, what: str, error: type[Exception]) -> object:
     if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save writes a zip, or a pickle in the legacy format
         raise error(f"cannot read {what} {path}: not a file written by torch.save")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's note on a foreign pickle protocol: the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zips, foreign pickles: one message each
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             reason = "it holds Python objects besides tensors, which are not loaded for safety"

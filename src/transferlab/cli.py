@@ -39,6 +39,11 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     values: dict = {}
     if args.config:
         tree = load_toml(args.config)
+        if "run" in tree:  # a [run] table: keys beside it would be silently ignored
+            outside = [k for k in tree if k != "run"]
+            if not isinstance(tree["run"], dict) or outside:
+                what = f"key {outside[0]!r} outside" if outside else "run, which is not"
+                raise ConfigError(f"{args.config}: {what} the [run] table (put run options in [run] or at the top)")
         values = dict(tree.get("run", tree))
     for f in dataclasses.fields(RunConfig):
         value = getattr(args, f.name, None)
@@ -65,7 +70,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """On the run's own data the default is its test split: `--split all` would count the training images."""
-    from .data import ImageSet, Split, load_images, split_arrays, split_for
+    from .data import DataError, ImageSet, Split, load_images, split_arrays, split_for
     from .evaluate import align_labels, evaluate_arrays, load_checkpoint
 
     loaded = load_checkpoint(args.checkpoint, args.device)
@@ -74,9 +79,10 @@ def cmd_evaluate(args) -> int:
         "data": args.data or "cifar10",
         "labels": args.labels,
         "progress": not args.json,
-        "skip_bad_images": args.skip_bad_images,
         "resize_policy": loaded.info["resize_policy"],  # decoded as the run stored its images
     }
+    if args.skip_bad_images is not None:  # else the run's own setting
+        values["skip_bad_images"] = args.skip_bad_images
     if args.data_dir:  # else the run's own --data-dir
         values["data_dir"] = args.data_dir
     for column in ("path", "label", "split"):  # else the run's own column names
@@ -84,11 +90,18 @@ def cmd_evaluate(args) -> int:
             values[f"labels_{column}_column"] = getattr(args, f"labels_{column}_column")
     config = RunConfig.from_dict(values, base=RunConfig.from_dict(run_config))
     data = load_images(config, loaded.info["storage_size"])
-    own = data.key == loaded.info["data"] if loaded.info.get("data") else config.source == run_config["data"]
+    run_source = RunConfig.from_dict(run_config).source
+    own = data.key == loaded.info["data"] if loaded.info.get("data") else config.source == run_source
+    same_folder = own or _same_folder(config.source, run_source)
+    if not own and same_folder and args.split != "all":
+        raise DataError(
+            f"{config.source} is the folder the run trained on, but its images (or --skip-bad-images) differ from "
+            "the run's: its split no longer says which images it trained on; use --split all to score every image"
+        )
     name = args.split or ("test" if own else "all")
     if name == "all":
         images, labels = data.images, data.labels
-        if own:
+        if same_folder:
             print(
                 "transferlab: note: --split all on the run's own data includes the images it was trained on",
                 file=sys.stderr,
@@ -104,6 +117,13 @@ def cmd_evaluate(args) -> int:
     else:
         print_evaluation(result)
     return 0
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """Do two data sources (--data folders or --labels files) name the same files on disk (not cifar10)?"""
+    if "cifar10" in (a, b):
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def print_evaluation(result: dict) -> None:
@@ -257,7 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="which images: the run's own data defaults to its test split (from the run's split.json); "
         "other data defaults to all of it",
     )
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a counted warning")
+    p.add_argument(
+        "--skip-bad-images",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="skip unreadable images with a counted warning (default: as the run did)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
     p.add_argument(
         "--json",

@@ -74,7 +74,10 @@ class RunConfig:
     val_fraction: float = _opt(0.1, "fraction of all images used for validation", min=0.01, max=0.9)
     official_test: bool = _opt(False, "use the source's official test split (CIFAR-10 only) instead of carving one")
     split_seed: int = _opt(
-        0, "seed of the test and validation splits (kept apart from --seed so seeds share one split)"
+        0,
+        "seed of the test and validation splits (kept apart from --seed so seeds share one split)",
+        min=0,
+        max=2**32 - 2,  # scikit-learn's seeds end at 2**32 - 1, and validation uses split_seed + 1
     )
     # model
     arch: str = _opt("squeezenet1_1", "backbone architecture (see `transferlab models`)")
@@ -174,7 +177,7 @@ class RunConfig:
     batch_size: int = _opt(250, "batch size", min=1)
     # execution
     device: str = _opt("auto", "auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    seed: int = _opt(0, "seed of initialisation, shuffling, augmentation and dropout")
+    seed: int = _opt(0, "seed of initialisation, shuffling, augmentation and dropout", min=0, max=2**32 - 1)
     cache_features: str = _opt(
         "auto",
         "cache the frozen prefix's activations: auto (when no random augmentation precedes it), off",
@@ -229,7 +232,7 @@ class RunConfig:
                 f"{where}test_fraction + val_fraction = {self.test_fraction + self.val_fraction}: "
                 "leaves too little to train on"
             )
-        if any(not isinstance(e, int) or e < 1 for e in self.record_epochs):
+        if any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in self.record_epochs):
             raise ConfigError(f"{where}record_epochs = {self.record_epochs!r}: expected positive integers")
         if any(e > self.epochs for e in self.record_epochs):
             raise ConfigError(
@@ -291,6 +294,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
+        raise ConfigError(f"{where}{key} may not be empty")
+    if base is str and isinstance(value, str) and not value.strip():  # "" would name the current folder
         raise ConfigError(f"{where}{key} may not be empty")
     try:
         if base is bool:
@@ -381,6 +386,12 @@ class StudySpec:
         for key in tree:
             if key not in STUDY_KEYS:
                 raise ConfigError(f"{where}unknown key {key!r}{_suggest(key, STUDY_KEYS)}")
+        for key in ("run", "grid", "variants"):
+            if not isinstance(tree.get(key, {}), dict):
+                raise ConfigError(f"{where}{key} = {tree[key]!r}: expected a table ([{key}])")
+        name = tree.get("name", name)
+        if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+            raise ConfigError(f"{where}name = {name!r}: expected a study name (not empty, no '/')")
         tables = [tree.get("run", {}), tree.get("grid", {}), *tree.get("variants", {}).values()]
         if any(isinstance(t, dict) and "metric" in t for t in tables):
             raise ConfigError(
@@ -394,8 +405,6 @@ class StudySpec:
                 raise ConfigError(f"{where}[variants] {vname}: expected a table of run keys")
             RunConfig.from_dict(values, base=base, where=f"{where}[variants.{vname}] ")
         grid = tree.get("grid", {})
-        if not isinstance(grid, dict):
-            raise ConfigError(f"{where}grid must be a table of axes")
         if variants and "variant" not in grid:
             raise ConfigError(f"{where}[variants] given but [grid] has no 'variant' axis")
         checked: dict[str, list] = {}
@@ -403,9 +412,10 @@ class StudySpec:
             values = values if isinstance(values, list) else [values]
             if not values:
                 raise ConfigError(f"{where}[grid] {axis}: empty list")
-            for i, value in enumerate(values):  # a repeated point would never be complete (1 and 1.0 are equal)
-                if value in values[:i]:
-                    raise ConfigError(f"{where}[grid] {axis}: value {value!r} is given twice")
+            key = axis.replace("-", "_")
+            if key in checked:
+                raise ConfigError(f"{where}[grid] {axis}: the axis {key!r} is given twice")
+            resolved = []  # each value as the trial will see it: 0.1 and "0.1" are one point
             for value in values:  # validates axis name and each value
                 if axis == "variant":
                     if value not in variants:
@@ -413,17 +423,24 @@ class StudySpec:
                             f"{where}[grid] variant {value!r} is not defined under [variants]"
                             f"{_suggest(str(value), variants)}"
                         )
+                    resolved.append(value)
                     continue
-                RunConfig.from_dict({axis: value}, base=base, where=f"{where}[grid] ")
-            checked[axis.replace("-", "_")] = values
+                config = RunConfig.from_dict({axis: value}, base=base, where=f"{where}[grid] ")
+                resolved.append(getattr(config, key))
+            for i, value in enumerate(resolved):  # a repeated point would never be complete (1 and 1.0 are equal)
+                if value in resolved[:i]:
+                    raise ConfigError(f"{where}[grid] {axis}: value {values[i]!r} is given twice")
+            checked[key] = values
         metric = tree.get("metric", "val_accuracy")
         if metric not in METRICS:
             raise ConfigError(f"{where}metric = {metric!r}: expected one of {', '.join(METRICS)}")
+        if not isinstance(tree.get("storage", ""), str) or tree.get("storage") == "":
+            raise ConfigError(f"{where}storage = {tree['storage']!r}: expected a storage URL")
         password_env = tree.get("storage_password_env")
         if password_env is not None and (not isinstance(password_env, str) or not password_env):
             raise ConfigError(f"{where}storage_password_env = {password_env!r}: expected an environment variable name")
         return cls(
-            name=tree.get("name", name),
+            name=name,
             base=base,
             grid=checked,
             metric=metric,

@@ -141,7 +141,13 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     """Integer grey images (16-bit "I;16*", 32-bit "I") scaled to "L": convert("RGB") would clip them at 255.
 
     "I" images whose values fit 0..65535 (16-bit PGM, TIFF) are 16-bit data; larger values scale from 2**31 - 1.
+    Float images ("F", e.g. 32-bit TIFF) holding 0..1 are scaled by 255 (convert would make them black); others are
+    read as 0..255.
     """
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))
     if image.mode != "I" and not image.mode.startswith("I;16"):
         return image
     values = np.asarray(image).astype(np.int64)

@@ -69,6 +69,29 @@ def get_backbone(name: str) -> Backbone:
     return REGISTRY[name]
 
 
+@functools.lru_cache(maxsize=None)
+def min_resolution(name: str, start: int = 8, stop: int = 1024) -> int:
+    """The smallest input side the backbone's body turns into a feature map (its pooling needs some pixels left);
+    found once per process by a forward pass of a randomly initialised body at growing sides (milliseconds)."""
+    model = get_backbone(name).build().eval()
+    side = start
+    with torch.no_grad():
+        while side < stop:
+            try:
+                model(torch.zeros(1, 3, side, side))
+                return side
+            except RuntimeError:  # "Output size is too small"
+                side += 1
+    return side
+
+
+def check_resolution(name: str, resolution: int) -> None:
+    """A resolution the backbone cannot take is a one-line ConfigError before any data is loaded."""
+    smallest = min_resolution(name)
+    if resolution < smallest:
+        raise ConfigError(f"resolution = {resolution}: too small for {name}, whose layers need at least {smallest} px")
+
+
 # ------------------------------------------------------------------------------ heads
 def _squeezenet_head(model: nn.Module, num_classes: int, kind: str, dropout: float) -> None:
     if kind == "paper":  # the study's last four layers: dropout, 1x1 conv to K classes, ReLU, global average pool

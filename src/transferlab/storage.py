@@ -49,11 +49,21 @@ def password_of(url: str) -> str | None:
     return parsed.password if parsed is not None else None
 
 
+def _unquoted_at(parsed) -> bool:
+    """A password typed with a raw '@' (user:p@ss@host, user:p@s/s@host): the URL parser takes its tail for the host
+    or the database, where every error message would show it."""
+    if parsed is None or parsed.password is None:
+        return False
+    return "@" in (parsed.host or "") or "@" in (parsed.database or "")
+
+
 def redact(url: str) -> str:
     """The URL as it may be shown: its password replaced by ***."""
     parsed = _parse(url)
     if parsed is None:
         return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+    if _unquoted_at(parsed):  # everything up to the last '@' may be the password
+        return re.sub(r"(://[^/:@]*:).*@", r"\1***@", url)
     return parsed.render_as_string(hide_password=True) if parsed.password is not None else url
 
 
@@ -100,6 +110,8 @@ def resolve_url(
         url = saved.read_text().strip()
     else:
         url = default_url(directory)
+    if _unquoted_at(_parse(url)):  # its host would be the password's tail, shown in every error
+        raise StudyError(f"storage {redact(url)}: the password holds a raw '@'; URL-quote it (%40)")
     return _with_password(url, password_env)
 
 

@@ -53,6 +53,7 @@ from .storage import (
     open_storage,
     password_of,
     redact,
+    require_existing,
     resolve_url,
     storage_errors,
     without_password,
@@ -243,9 +244,12 @@ class Worker:
         return self._images[key]
 
     def identify(self, job: Job) -> Job:
+        from .models import check_resolution
+
         for epochs in job.record:
             point = job.recorded_point(epochs)
             config = self.spec.config_for(point)
+            check_resolution(config.arch, config.resolution)  # before any trial is queued or trained
             job.identities[epochs] = trial_identity(point, config, self.images_for(config).key)
         job.config = job_config(self.spec, job).to_dict()
         return job
@@ -389,13 +393,20 @@ class Worker:
             time.sleep(HEARTBEAT_SECONDS)
 
 
-def _prepare(spec_path, study_dir, storage, overrides) -> tuple[StudySpec, Path, str, optuna.Study]:
+def _prepare(
+    spec_path, study_dir, storage, overrides, create: bool = True
+) -> tuple[StudySpec, Path, str, optuna.Study]:
     """The spec, the study directory, the storage URL (password in memory only) and the study, opened before
-    anything is written: a bad storage leaves no trace."""
+    anything is written: a bad storage leaves no trace. Without `create` (a worker) the study must exist already."""
     spec = StudySpec.load(spec_path, overrides)
     directory = study_directory(spec, study_dir)
     url = resolve_url(directory, storage, spec.storage, spec.storage_password_env)
     sys.argv[:] = [hide(arg, url) for arg in sys.argv]  # runs record their command line (metrics.json)
+    if not create:
+        require_existing(url)
+        with storage_errors(url):
+            if spec.name not in optuna.get_all_study_names(open_storage(url)):
+                raise StudyError(f"no study {spec.name!r} in {redact(url)}: create it with `transferlab study run`")
     if url == default_url(directory):
         directory.mkdir(parents=True, exist_ok=True)  # where the SQLite file goes
     study = open_study(spec, url, lock_path(url, directory))
@@ -405,7 +416,7 @@ def _prepare(spec_path, study_dir, storage, overrides) -> tuple[StudySpec, Path,
 
 def run_worker(spec_path, *, study_dir=None, storage=None, overrides=(), wait_for_others: bool = False) -> None:
     """Join an existing study and work through its waiting trials."""
-    spec, directory, url, study = _prepare(spec_path, study_dir, storage, overrides)
+    spec, directory, url, study = _prepare(spec_path, study_dir, storage, overrides, create=False)
     with storage_errors(url):
         Worker(spec, directory, study).run(wait_for_others)
 

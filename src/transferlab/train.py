@@ -37,7 +37,14 @@ from .freezing import (
     set_train_mode,
     trainable_groups,
 )
-from .models import as_sequential, build_model, get_backbone, resolve_device, weights_identity
+from .models import (
+    as_sequential,
+    build_model,
+    check_resolution,
+    get_backbone,
+    resolve_device,
+    weights_identity,
+)
 from .progress import bar, console
 
 
@@ -188,9 +195,11 @@ class Trainer:
         self.log = log or (lambda text: console.print(text, highlight=False))
         self.device = resolve_device(config.device)
         self.backbone = get_backbone(config.arch)
+        check_resolution(config.arch, config.resolution)
         self.trainable = trainable_groups(self.backbone, config.strategy, config.unfreeze)
-        self.out_dir = self._output_folder(out_dir)
-        writable_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)", ConfigError)
+        self.out_dir = self._output_folder(out_dir, "--out")
+        cache = self._output_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)")
+        writable_folder(cache, "cache folder (--cache-dir)", ConfigError)
         self.images = images if images is not None else load_images(config)
         self.split = split_for(self.images, config)
         self.class_counts = split_class_counts(self.images, self.split)
@@ -204,11 +213,13 @@ class Trainer:
         )
         self.num_classes = len(self.images.classes)
 
-    def _output_folder(self, out_dir: str | Path) -> Path:
+    def _output_folder(self, folder: str | Path, what: str) -> Path:
+        """A folder this run writes in (--out, the cache): writable, and outside the data folder, where a new
+        folder would be read as a class (checked before anything is created)."""
         data = Path(self.config.data).expanduser()
-        target = Path(out_dir).expanduser()
+        target = Path(folder).expanduser()
         if self.config.data != "cifar10" and data.is_dir() and target.resolve().is_relative_to(data.resolve()):
-            raise ConfigError(f"--out {target} lies inside the data folder {data}: its files would be read as data")
+            raise ConfigError(f"{what} {target} lies inside the data folder {data}: its files would be read as data")
         return target
 
     # -------------------------------------------------------------- setup
