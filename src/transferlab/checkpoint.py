@@ -1,7 +1,8 @@
 """The checkpoint file format, in one place: what `best.pt` holds (`Checkpoint`), how it is written and read.
 
 A checkpoint is a plain dict of tensors and JSON-like values, read with `weights_only=True` (no pickled code).
-Format 1 (before the fields that say how validation ran) is still read, with the defaults it implies.
+Format 1 (before the fields that say how validation ran) is still read, with the defaults it implies; `temperature`
+is optional in every format (1.0, no scaling, when absent).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class Checkpoint:
     weights: str
     data: str | None  # the decoded data's fingerprint (ImageSet.key)
     environment: dict
+    # calibration: probabilities = softmax(logits / temperature), fitted on the validation split after training;
+    # optional in every format (1.0 when absent), so the format number is unchanged
+    temperature: float = 1.0
 
     def save(self, path: Path) -> None:
         atomic_save({"format": CHECKPOINT_FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}, path)
@@ -112,6 +116,7 @@ class Checkpoint:
                 "label_smoothing": config.get("label_smoothing", 0.0),
                 **raw,
             }
+        raw = {"temperature": 1.0, **raw}
         missing = [f.name for f in fields(cls) if f.name not in raw]
         if missing:
             raise CheckpointError(f"{path} is not a complete transferlab checkpoint (no {missing[0]!r})")
