@@ -282,8 +282,11 @@ def evaluate_arrays(loaded: LoadedModel, images: np.ndarray, labels: np.ndarray,
     """`scores` of the model's probabilities as validation computed them (accuracy, the checkpoint's loss, per-class
     figures, confusion matrix, NLL, ECE), plus the checkpoint's temperature and the NLL, ECE and reliability bins of
     the calibrated probabilities (accuracy is the same: T does not change the argmax)."""
-    logits = loaded.view_logits(images, batch_size)
-    y = torch.as_tensor(labels)
+    return evaluate_logits(loaded, loaded.view_logits(images, batch_size), torch.as_tensor(labels))
+
+
+def evaluate_logits(loaded: LoadedModel, logits: torch.Tensor, y: torch.Tensor) -> dict:
+    """`evaluate_arrays` of (V, N, K) logits already computed by `loaded.view_logits`."""
     options = {"loss": loaded.loss, "label_smoothing": loaded.label_smoothing}
     result = scores(view_probabilities(logits), y, loaded.classes, **options)
     calibrated = scores(view_probabilities(logits, loaded.temperature), y, loaded.classes, **options)
