@@ -10,12 +10,14 @@ import base64
 import html
 import io
 import json
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -459,9 +461,9 @@ def confused_pairs(t: dict, top: int = 5) -> list[tuple[str, str, int, float]]:
 
 
 def _decode_png(text: str):
-    from .analysis import decode_png
+    from PIL import Image
 
-    return decode_png(text)
+    return Image.open(io.BytesIO(base64.b64decode(text)))
 
 
 def gallery_plot(errors: dict, classes: list[str]) -> bytes:
@@ -485,7 +487,7 @@ def gradcam_plot(errors: dict, classes: list[str]) -> bytes:
     mistakes = [m for m in errors["mistakes"] if "gradcam" in m]
     fig, axes = plt.subplots(2, len(mistakes), figsize=(2.3 * len(mistakes), 4.8), squeeze=False)
     for col, m in enumerate(mistakes):
-        image, cam = _decode_png(m["thumbnail"]), _decode_png(m["gradcam"]) / 255
+        image, cam = _decode_png(m["thumbnail"]), np.asarray(_decode_png(m["gradcam"])) / 255
         axes[0][col].imshow(image, interpolation="nearest")
         axes[0][col].set_title(f"true {classes[m['true']]}\npred {classes[m['predicted']]}", fontsize=7)
         axes[1][col].imshow(image, interpolation="nearest")
@@ -586,9 +588,8 @@ def calibration_blocks(t: dict) -> list[Block]:
     c = t.get("calibration")
     if not c:
         return []
-    from .evaluate import TEMPERATURE_RANGE
-
-    at_bound = not TEMPERATURE_RANGE[0] * 1.001 < c["temperature"] < TEMPERATURE_RANGE[1] * 0.999
+    low, high = c.get("temperature_range", (0.0, math.inf))
+    at_bound = not low * 1.001 < c["temperature"] < high * 0.999
     rows = [
         ["test split", "before", "after temperature scaling"],
         ["temperature", "1", f"{c['temperature']:.4f}" + (" (the search's bound)" if at_bound else "")],

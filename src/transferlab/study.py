@@ -470,7 +470,7 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
 
     from .analysis import error_analysis
     from .data import Split, split_arrays, split_for
-    from .evaluate import align_labels, evaluate_logits, load_checkpoint, view_probabilities
+    from .evaluate import TEMPERATURE_RANGE, align_labels, evaluate_logits, load_checkpoint, view_probabilities
     from .models import get_backbone
     from .train import split_class_counts
 
@@ -524,6 +524,7 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
         "nll_calibrated": result["nll_calibrated"],
         "reliability": result["reliability"],
         "reliability_calibrated": result["reliability_calibrated"],
+        "temperature_range": list(TEMPERATURE_RANGE),  # the fit's bounds: a T at one says the search stopped there
     }
     errors = error_analysis(
         loaded.model, get_backbone(loaded.info["arch"]), loaded.preprocess, test_x, test_y,
