@@ -329,6 +329,7 @@ def test_running_again_trains_nothing_and_tests_once(finished, tmp_path, monkeyp
     import transferlab.evaluate
 
     monkeypatch.setattr(transferlab.evaluate, "evaluate_arrays", no_training)  # nor evaluated on the test split again
+    monkeypatch.setattr(transferlab.evaluate, "evaluate_logits", no_training)
     run_study(spec_path, study_dir=copy, report=True)
     study = load(copy)
     assert (copy / "storage.txt").read_text().strip() == f"sqlite:///{copy.resolve() / 'study.db'}"

@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict of tensors and JSON-like values, read with `weights_only=True` (no pickled code).
 Format 1 (before the fields that say how validation ran) and format 2 (before the resize policy and storage size)
-are still read, with the defaults they imply.
+are still read, with the defaults they imply; `temperature` is optional in every format (1.0, no scaling, when absent).
 """
 
 from __future__ import annotations
@@ -95,6 +95,9 @@ class Checkpoint:
     weights: str
     data: str | None  # the decoded data's fingerprint (ImageSet.key)
     environment: dict
+    # calibration: probabilities = softmax(logits / temperature), fitted on the validation split after training;
+    # optional in every format (1.0 when absent), so the format number is unchanged
+    temperature: float = 1.0
 
     def save(self, path: Path) -> None:
         atomic_save({"format": CHECKPOINT_FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}, path)
@@ -120,6 +123,7 @@ class Checkpoint:
             }
         if raw["format"] != CHECKPOINT_FORMAT:  # before format 3: a centre square at the image's own size
             raw = {"resize_policy": "crop", "storage_size": None, **raw}
+        raw = {"temperature": 1.0, **raw}
         missing = [f.name for f in fields(cls) if f.name not in raw]
         if missing:
             raise CheckpointError(f"{path} is not a complete transferlab checkpoint (no {missing[0]!r})")

@@ -142,6 +142,10 @@ def print_evaluation(result: dict) -> None:
     for (name, value), row in zip(result["per_class_accuracy"].items(), result["confusion_matrix"]):
         table.add_row(name, str(sum(row)), "-" if value is None else f"{value:.4f}")
     Console().print(table)
+    print(
+        f"calibration: ECE {result['ece']:.4f}, NLL {result['nll']:.4f}; with the run's temperature "
+        f"T = {result['temperature']:.4f}: ECE {result['ece_calibrated']:.4f}, NLL {result['nll_calibrated']:.4f}"
+    )
 
 
 def cmd_predict(args) -> int:

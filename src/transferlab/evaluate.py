@@ -1,15 +1,18 @@
 """One evaluation path for validation during training, `evaluate` and `predict`.
 
 Scoring: class probabilities (the mean of the image's and its mirror's under flip TTA), then accuracy, balanced
-accuracy, macro-F1 and the run's own (unweighted) loss computed from them. Precision: the checkpoint records how
+accuracy, macro-F1, per-class precision / recall / F1, the run's own (unweighted) loss, NLL and the expected
+calibration error computed from them. Calibration: one temperature T, fitted on the validation split after training
+(`fit_temperature`), divides the log of those probabilities before a softmax (softmax(logits / T) for one view), so
+it never changes the predicted class. Precision: the checkpoint records how
 validation ran (bf16 autocast, and the dtype of the frozen groups' cached output), and evaluation repeats it, so
 `evaluate best.pt --split val` reproduces the validation figures the trainer recorded.
 """
 
 from __future__ import annotations
 
-import functools
 import glob
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,9 +74,51 @@ def balanced_scores(confusion: torch.Tensor) -> dict:
     }
 
 
+def per_class_scores(confusion: torch.Tensor, classes: list[str]) -> dict:
+    """{class: {precision, recall, f1, support}} from a confusion matrix; None where undefined (nothing predicted as
+    the class, no image of it, or neither), where sklearn would warn and give 0."""
+    confusion = confusion.double()
+    tp, true, predicted = confusion.diagonal(), confusion.sum(1), confusion.sum(0)
+    out = {}
+    for i, c in enumerate(classes):
+        f1_denominator = true[i] + predicted[i]  # 2tp + fp + fn
+        out[c] = {
+            "precision": (tp[i] / predicted[i]).item() if predicted[i] else None,
+            "recall": (tp[i] / true[i]).item() if true[i] else None,
+            "f1": (2 * tp[i] / f1_denominator).item() if f1_denominator else None,
+            "support": int(true[i].item()),
+        }
+    return out
+
+
+ECE_BINS = 15
+
+
+def reliability(probs: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> dict:
+    """Expected calibration error of the top-1 confidence, and the reliability diagram's data: `bins` equal-width
+    bins (i/B, (i+1)/B], each with its image count, mean confidence and accuracy (None when empty).
+    ECE = sum over bins of n_b / N * |accuracy_b - confidence_b|."""
+    confidence, pred = probs.double().max(1)
+    correct = (pred == y.to(pred.device)).double()
+    b = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    count = torch.bincount(b, minlength=bins)
+    confidence_sum = torch.zeros(bins, dtype=torch.float64, device=b.device).index_add_(0, b, confidence)
+    correct_sum = torch.zeros(bins, dtype=torch.float64, device=b.device).index_add_(0, b, correct)
+    count, confidence_sum, correct_sum = count.tolist(), confidence_sum.tolist(), correct_sum.tolist()
+    return {
+        "ece": sum(abs(a - c) for a, c in zip(correct_sum, confidence_sum)) / len(y),
+        "reliability": {
+            "bins": bins,
+            "count": count,
+            "confidence": [s / n if n else None for s, n in zip(confidence_sum, count)],
+            "accuracy": [s / n if n else None for s, n in zip(correct_sum, count)],
+        },
+    }
+
+
 def scores(probs: torch.Tensor, y: torch.Tensor, classes: list[str], *, loss: str, label_smoothing: float) -> dict:
-    """Accuracy, balanced accuracy, macro-F1, loss, n, per-class accuracy and confusion matrix of (N, K)
-    probabilities against labels."""
+    """Accuracy, balanced accuracy, macro-F1, loss, NLL, ECE with its reliability bins, n, per-class accuracy,
+    per-class precision / recall / F1 and confusion matrix of (N, K) probabilities against labels."""
     if len(y) == 0:
         raise DataError("nothing to evaluate: the selected split holds no images")
     pred = probs.argmax(1)
@@ -86,11 +131,59 @@ def scores(probs: torch.Tensor, y: torch.Tensor, classes: list[str], *, loss: st
         "accuracy": (pred == y).float().mean().item(),
         **balanced_scores(confusion),
         "loss": probability_loss(probs, y, loss=loss, label_smoothing=label_smoothing).item(),
+        "nll": probability_loss(probs, y, loss="ce", label_smoothing=0.0).item(),
+        **reliability(probs, y),
         "n": len(y),
         "per_class_accuracy": per_class,
+        "per_class": per_class_scores(confusion, classes),
         "confusion_matrix": confusion.tolist(),
         "classes": classes,
     }
+
+
+# ------------------------------------------------------------------------------ temperature scaling
+def mean_log_probabilities(view_logits: torch.Tensor) -> torch.Tensor:
+    """(V, N, K) logits of V views (the image, and its mirror under flip TTA) -> (N, K) log of the mean of their
+    softmaxes: the log of what `tta_probabilities` gives, computed without underflow."""
+    return torch.logsumexp(view_logits.float().log_softmax(-1), 0) - math.log(len(view_logits))
+
+
+def view_probabilities(view_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(V, N, K) logits -> (N, K) probabilities: at T = 1 exactly as validation computes them (the mean of the
+    views' softmaxes), else softmax(log(that mean) / T), which is softmax(logits / T) for one view."""
+    if temperature == 1.0:
+        return tta_probabilities(lambda mirror: view_logits[int(mirror)], len(view_logits) == 2)
+    return (mean_log_probabilities(view_logits) / temperature).softmax(-1)
+
+
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
+def fit_temperature(view_logits: torch.Tensor, y: torch.Tensor, steps: int = 80) -> float:
+    """The T > 0 minimising the NLL of softmax(log p / T) on these images, p the views' mean probabilities.
+    NLL is convex in 1 / T (log-sum-exp of a linear function), so a golden-section search over log T in
+    TEMPERATURE_RANGE finds its minimum; deterministic, in float64. T = 1 is kept unless another is better."""
+    log_p = mean_log_probabilities(view_logits).double()
+    y = y.to(log_p.device)
+
+    def nll(log_t: float) -> float:
+        return F.cross_entropy(log_p / math.exp(log_t), y).item()
+
+    lo, hi = (math.log(t) for t in TEMPERATURE_RANGE)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(steps):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll(b)
+    best = (lo + hi) / 2
+    return math.exp(best) if nll(best) < nll(0.0) else 1.0
 
 
 # ------------------------------------------------------------------------------ checkpoints in use
@@ -108,6 +201,7 @@ class LoadedModel:
     feature_dtype: torch.dtype | None  # the cached prefix output's dtype, or None when training computed it
     device: torch.device
     info: dict
+    temperature: float = 1.0  # fitted on the validation split after training; 1.0 for older checkpoints
 
     def logits(self, batch: torch.Tensor, mirror: bool = False) -> torch.Tensor:
         """uint8 (N, H, W, 3) on the device -> float32 logits, computed as validation computed them."""
@@ -119,19 +213,31 @@ class LoadedModel:
         return suffix_logits(self.suffix, h, autocast=self.autocast)
 
     @torch.no_grad()
-    def probabilities(
+    def view_logits(
         self, images: np.ndarray | torch.Tensor, batch_size: int = 500, tta_flip: bool | None = None
     ) -> torch.Tensor:
-        """uint8 (N, H, W, 3) -> (N, K) class probabilities (on the CPU)."""
-        tta = self.tta_flip if tta_flip is None else tta_flip
+        """uint8 (N, H, W, 3) -> (V, N, K) float32 logits on the CPU, V = 2 under flip TTA (the mirror second)."""
+        views = 2 if (self.tta_flip if tta_flip is None else tta_flip) else 1
         if isinstance(images, np.ndarray) and not images.flags.writeable:
             images = images.copy()  # Pillow's arrays are read-only; torch warns about those
         images = torch.as_tensor(images)
         out = []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(self.device)
-            out.append(tta_probabilities(functools.partial(self.logits, batch), tta).cpu())
-        return torch.cat(out) if out else torch.zeros(0, len(self.classes))
+            out.append(torch.stack([self.logits(batch, mirror=bool(v)).cpu() for v in range(views)]))
+        return torch.cat(out, 1) if out else torch.zeros(views, 0, len(self.classes))
+
+    def probabilities(
+        self,
+        images: np.ndarray | torch.Tensor,
+        batch_size: int = 500,
+        tta_flip: bool | None = None,
+        calibrated: bool = True,
+    ) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> (N, K) class probabilities (on the CPU), scaled by the checkpoint's temperature
+        unless calibrated=False (then as validation computed them)."""
+        logits = self.view_logits(images, batch_size, tta_flip)
+        return view_probabilities(logits, self.temperature if calibrated else 1.0)
 
 
 def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
@@ -159,6 +265,7 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
         feature_dtype=getattr(torch, ckpt.feature_dtype) if ckpt.feature_dtype else None,
         device=dev,
         info=info,
+        temperature=ckpt.temperature,
     )
 
 
@@ -172,11 +279,24 @@ def align_labels(loaded: LoadedModel, data: ImageSet) -> np.ndarray:
 
 
 def evaluate_arrays(loaded: LoadedModel, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> dict:
-    """Accuracy, loss (the checkpoint's loss), per-class accuracy and confusion matrix."""
-    probs = loaded.probabilities(images, batch_size)
-    return scores(
-        probs, torch.as_tensor(labels), loaded.classes, loss=loaded.loss, label_smoothing=loaded.label_smoothing
-    )
+    """`scores` of the model's probabilities as validation computed them (accuracy, the checkpoint's loss, per-class
+    figures, confusion matrix, NLL, ECE), plus the checkpoint's temperature and the NLL, ECE and reliability bins of
+    the calibrated probabilities (accuracy is the same: T does not change the argmax)."""
+    return evaluate_logits(loaded, loaded.view_logits(images, batch_size), torch.as_tensor(labels))
+
+
+def evaluate_logits(loaded: LoadedModel, logits: torch.Tensor, y: torch.Tensor) -> dict:
+    """`evaluate_arrays` of (V, N, K) logits already computed by `loaded.view_logits`."""
+    options = {"loss": loaded.loss, "label_smoothing": loaded.label_smoothing}
+    result = scores(view_probabilities(logits), y, loaded.classes, **options)
+    calibrated = scores(view_probabilities(logits, loaded.temperature), y, loaded.classes, **options)
+    return {
+        **result,
+        "temperature": loaded.temperature,
+        "nll_calibrated": calibrated["nll"],
+        "ece_calibrated": calibrated["ece"],
+        "reliability_calibrated": calibrated["reliability"],
+    }
 
 
 def evaluate_checkpoint(

@@ -10,12 +10,14 @@ import base64
 import html
 import io
 import json
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -356,21 +358,6 @@ def timing_plot(data: StudyData) -> bytes:
     return _png(fig)
 
 
-def confusion_plot(test: dict) -> bytes:
-    matrix, classes = test["confusion_matrix"], test["classes"]
-    fig, ax = plt.subplots(figsize=(1 + 0.55 * len(classes), 0.8 + 0.5 * len(classes)))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    peak = max(max(r) for r in matrix) or 1
-    for i, row in enumerate(matrix):
-        for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > peak / 2 else "black")
-    return _png(fig)
-
-
 def class_counts_table(t: dict) -> list[Block]:
     """Images per class in each split of the selected trial's data (none for selections recorded before)."""
     counts = t.get("class_counts")
@@ -417,8 +404,202 @@ def selection_blocks(t: dict, n_evaluations: int) -> list[Block]:
     ]
     blocks.append(Block("table", rows=[["class", "test images", "test accuracy"], *per_class]))
     blocks += counts
-    blocks.append(Block("figure", "Confusion matrix of the selected trial on the test split", png=confusion_plot(t)))
+    blocks += error_analysis_blocks(t) + calibration_blocks(t)
     return blocks
+
+
+# ------------------------------------------------------------------------------ error analysis and calibration
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def normalised_confusion_plot(t: dict) -> bytes:
+    """Rows normalised to their true class, with a colour scale; cells show the row's % and the count."""
+    matrix, classes = t["confusion_matrix"], t["classes"]
+    rates = [[v / sum(row) if sum(row) else 0.0 for v in row] for row in matrix]
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(2 + 0.7 * k, 1.2 + 0.6 * k))
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            colour = "white" if rates[i][j] > 0.5 else "black"
+            ax.text(j, i, f"{100 * rates[i][j]:.0f}%\n{v}", ha="center", va="center", fontsize=7, color=colour)
+    return _png(fig)
+
+
+def confused_pairs(t: dict, top: int = 5) -> list[tuple[str, str, int, float]]:
+    """The `top` largest off-diagonal cells of the confusion matrix: (true, predicted, count, fraction of the true
+    class), largest count first (ties: matrix order)."""
+    matrix, classes = t["confusion_matrix"], t["classes"]
+    cells = [
+        (classes[i], classes[j], v, v / sum(row))
+        for i, row in enumerate(matrix)
+        for j, v in enumerate(row)
+        if i != j and v > 0
+    ]
+    return sorted(cells, key=lambda c: -c[2])[:top]
+
+
+def _decode_png(text: str):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
+def gallery_plot(errors: dict, classes: list[str]) -> bytes:
+    mistakes = errors["mistakes"]
+    cols = min(len(mistakes), 4)
+    rows = -(-len(mistakes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, mistakes):
+        ax.imshow(_decode_png(m["thumbnail"]), interpolation="nearest")
+        ax.set_title(
+            f"true {classes[m['true']]}\npred {classes[m['predicted']]} {m['confidence']:.2f}"
+            f" (cal. {m['confidence_calibrated']:.2f})",
+            fontsize=7,
+        )
+    return _png(fig)
+
+
+def gradcam_plot(errors: dict, classes: list[str]) -> bytes:
+    mistakes = [m for m in errors["mistakes"] if "gradcam" in m]
+    fig, axes = plt.subplots(2, len(mistakes), figsize=(2.3 * len(mistakes), 4.8), squeeze=False)
+    for col, m in enumerate(mistakes):
+        image, cam = _decode_png(m["thumbnail"]), np.asarray(_decode_png(m["gradcam"])) / 255
+        axes[0][col].imshow(image, interpolation="nearest")
+        axes[0][col].set_title(f"true {classes[m['true']]}\npred {classes[m['predicted']]}", fontsize=7)
+        axes[1][col].imshow(image, interpolation="nearest")
+        overlay = axes[1][col].imshow(cam, cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+        axes[1][col].set_title(f"Grad-CAM of {classes[m['predicted']]}", fontsize=7)
+        for ax in axes[:, col]:
+            ax.axis("off")
+    fig.colorbar(overlay, ax=axes[1].tolist(), fraction=0.046, pad=0.04)
+    return _png(fig)
+
+
+def error_analysis_blocks(t: dict) -> list[Block]:
+    """Selected trial, test split: row-normalised confusion matrix, per-class precision / recall / F1, the most
+    confused pairs, the most confident mistakes and Grad-CAM maps of a few (what the selection recorded)."""
+    blocks = [
+        Block("h3", "Error analysis (test split)"),
+        Block(
+            "figure",
+            "Confusion matrix of the selected trial on the test split, each row normalised to its true class "
+            "(cells: % of the true class, then the count)",
+            png=normalised_confusion_plot(t),
+        ),
+    ]
+    if t.get("per_class"):  # absent from selections recorded before
+        rows = [["class", "test images", "precision", "recall", "F1"]]  # "-": undefined (nothing predicted / no image)
+        for c, v in t["per_class"].items():
+            figures = [f"{v[k]:.4f}" if v[k] is not None else "-" for k in ("precision", "recall", "f1")]
+            rows.append([c, str(v["support"]), *figures])
+        blocks += [Block("p", "Per-class precision, recall and F1 on the test split:"), Block("table", rows=rows)]
+    pairs = confused_pairs(t)
+    if pairs:
+        rows = [["true class", "predicted as", "images", "% of the true class"]]
+        rows += [[a, b, str(n), _percent(f)] for a, b, n, f in pairs]
+        blocks += [Block("p", f"The {len(pairs)} most confused pairs (largest off-diagonal cells):")]
+        blocks.append(Block("table", rows=rows))
+    else:
+        blocks.append(Block("p", "No test image was misclassified."))
+    errors = t.get("errors")
+    if errors and errors["mistakes"]:
+        shown = len(errors["mistakes"])
+        blocks.append(
+            Block(
+                "figure",
+                f"The {shown} most confident mistakes of {errors['n_mistakes']} misclassified test images "
+                "(confidence of the predicted class, before and after temperature scaling)",
+                png=gallery_plot(errors, t["classes"]),
+            )
+        )
+        size = "x".join(map(str, errors["gradcam_map_size"]))
+        note = (
+            f"; its feature map is {size} at this resolution, so the map is uniform and says nothing about where"
+            if errors["gradcam_map_size"] and max(errors["gradcam_map_size"]) == 1
+            else ""
+        )
+        blocks.append(
+            Block(
+                "figure",
+                f"Grad-CAM of the predicted class on the first mistakes (layer {errors['gradcam_layer']}, the last "
+                f"convolution before the head{note})",
+                png=gradcam_plot(errors, t["classes"]),
+            )
+        )
+    return blocks
+
+
+def reliability_plot(calibration: dict) -> bytes:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    for ax, key, title in zip(
+        axes,
+        ("reliability", "reliability_calibrated"),
+        (
+            f"before: ECE {calibration['ece']:.4f}",
+            f"after T = {calibration['temperature']:.3f}: ECE {calibration['ece_calibrated']:.4f}",
+        ),
+    ):
+        r = calibration[key]
+        width = 1 / r["bins"]
+        lefts = [i * width for i in range(r["bins"])]
+        full = [(x, a, c, n) for x, a, c, n in zip(lefts, r["accuracy"], r["confidence"], r["count"]) if n]
+        ax.bar([x for x, *_ in full], [a for _, a, _, _ in full], width, align="edge", edgecolor="k", label="accuracy")
+        ax.bar([x for x, *_ in full], [c - a for _, a, c, _ in full], width, bottom=[a for _, a, _, _ in full],
+               align="edge", color="tab:red", alpha=0.3, label="gap to confidence")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        for x, a, c, n in full:
+            ax.text(x + width / 2, max(a, c) + 0.02, str(n), ha="center", fontsize=6)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.1)
+        ax.set_xlabel("confidence (top-1)")
+        ax.set_title(title)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
+def calibration_blocks(t: dict) -> list[Block]:
+    """ECE and NLL of the selected trial on the test split before and after temperature scaling, and the
+    reliability diagrams (absent from selections recorded before)."""
+    c = t.get("calibration")
+    if not c:
+        return []
+    low, high = c.get("temperature_range", (0.0, math.inf))
+    at_bound = not low * 1.001 < c["temperature"] < high * 0.999
+    rows = [
+        ["test split", "before", "after temperature scaling"],
+        ["temperature", "1", f"{c['temperature']:.4f}" + (" (the search's bound)" if at_bound else "")],
+        [f"ECE ({c['reliability']['bins']} bins)", f"{c['ece']:.4f}", f"{c['ece_calibrated']:.4f}"],
+        ["NLL", f"{c['nll']:.4f}", f"{c['nll_calibrated']:.4f}"],
+        ["accuracy", f"{t['test_accuracy']:.4f}", f"{t['test_accuracy']:.4f}"],
+    ]
+    text = (
+        "The temperature T was fitted after training on the validation split (the NLL of softmax(logits / T) of "
+        "the selected checkpoint, minimised over T); predict uses it. It does not change which class is predicted, "
+        "so accuracy is the same. Validation figures recorded during training, and the selection, are those of "
+        "the uncalibrated model. Expected calibration error: top-1 confidence in equal-width bins, the "
+        "image-weighted mean of |accuracy - confidence|."
+    )
+    return [
+        Block("h3", "Calibration (test split)"),
+        Block("p", text),
+        Block("table", rows=rows),
+        Block(
+            "figure",
+            "Reliability diagrams of the selected trial on the test split, before and after temperature scaling "
+            "(accuracy per confidence bin; the number above each bar is its image count)",
+            png=reliability_plot(c),
+        ),
+    ]
 
 
 # ------------------------------------------------------------------------------ assembling

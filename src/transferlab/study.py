@@ -488,8 +488,12 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
 def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, identities: set[str] | None = None) -> dict:
     """Best of the spec's trials (`identities`, default: those recorded in the study) by the study's metric; its
     checkpoint is evaluated once on the test split."""
+    import torch
+
+    from .analysis import error_analysis
     from .data import Split, split_arrays, split_for
-    from .evaluate import align_labels, evaluate_arrays, load_checkpoint
+    from .evaluate import TEMPERATURE_RANGE, align_labels, evaluate_logits, load_checkpoint, view_probabilities
+    from .models import get_backbone
     from .train import split_class_counts
 
     trials = grid_trials(study, identities)
@@ -531,7 +535,23 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
         return selected
     test_x, test_y = split_arrays(images, split, "test")
     loaded = load_checkpoint(directory / best.user_attrs["checkpoint"], config.device)
-    result = evaluate_arrays(loaded, test_x, align_labels(loaded, ImageSet(test_x, test_y, images.classes, images.key)))
+    test_y = torch.as_tensor(align_labels(loaded, ImageSet(test_x, test_y, images.classes, images.key)))
+    logits = loaded.view_logits(test_x)
+    result = evaluate_logits(loaded, logits, test_y)
+    calibration = {
+        "temperature": result["temperature"],
+        "ece": result["ece"],
+        "ece_calibrated": result["ece_calibrated"],
+        "nll": result["nll"],
+        "nll_calibrated": result["nll_calibrated"],
+        "reliability": result["reliability"],
+        "reliability_calibrated": result["reliability_calibrated"],
+        "temperature_range": list(TEMPERATURE_RANGE),  # the fit's bounds: a T at one says the search stopped there
+    }
+    errors = error_analysis(
+        loaded.model, get_backbone(loaded.info["arch"]), loaded.preprocess, test_x, test_y,
+        view_probabilities(logits), view_probabilities(logits, loaded.temperature),
+    )  # fmt: skip
     record.update(
         test_accuracy=result["accuracy"],
         test_loss=result["loss"],
@@ -541,11 +561,14 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
         per_class_accuracy=result["per_class_accuracy"],
         confusion_matrix=result["confusion_matrix"],
         classes=result["classes"],
+        per_class=result["per_class"],
+        calibration=calibration,
     )
+    # the thumbnails and Grad-CAM maps only in `selected`: the list of evaluations keeps the figures
     study.set_user_attr("test_evaluations", previous + [record])
-    study.set_user_attr("selected", record)
+    study.set_user_attr("selected", {**record, "errors": errors})
     log(
         f"selected trial {best.number} ({record['key']}): val accuracy {record['val_accuracy']:.4f}, "
         f"test accuracy {record['test_accuracy']:.4f} on {record['n_test']} images (test split used once)"
     )
-    return record
+    return {**record, "errors": errors}

@@ -8,7 +8,6 @@ epochs train only the rest.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -27,7 +26,15 @@ from .augment import Preprocess, dataset_statistics, random_crop
 from .checkpoint import Checkpoint, atomic_save, atomic_write_json, read_torch_file, writable_folder
 from .config import ConfigError, RunConfig
 from .data import ImageSet, Split, load_images, split_for
-from .evaluate import balanced_scores, confusion_matrix, scores, suffix_logits, tta_probabilities
+from .evaluate import (
+    balanced_scores,
+    confusion_matrix,
+    fit_temperature,
+    mean_log_probabilities,
+    scores,
+    suffix_logits,
+    view_probabilities,
+)
 from .features import FeatureCache, compute_features, feature_key
 from .freezing import (
     active_groups,
@@ -212,6 +219,7 @@ class Trainer:
             feature_cache if feature_cache is not None else FeatureCache(config.resolved_cache_dir() / "features")
         )
         self.num_classes = len(self.images.classes)
+        self.calibration: dict | None = None
 
     def _output_folder(self, folder: str | Path, what: str) -> Path:
         """A folder this run writes in (--out, the cache): writable, and outside the data folder, where a new
@@ -361,18 +369,46 @@ class Trainer:
         return suffix_logits(self.step_suffix if train else self.suffix, x, autocast=self.autocast)
 
     @torch.no_grad()
-    def evaluate_indices(self, indices: np.ndarray) -> dict:
-        """Validation, scored by the same code as `evaluate` (evaluate.py)."""
+    def validation_logits(self, indices: np.ndarray) -> torch.Tensor:
+        """(V, N, K) float32 logits of these images as validation computes them, V = 2 under flip TTA."""
         self.model.eval()
-        batch, probs = max(self.config.batch_size, 500), []
+        batch, out = max(self.config.batch_size, 500), []
         for start in range(0, len(indices), batch):
             idx = torch.from_numpy(indices[start : start + batch]).to(self.device)
-            logits_of = functools.partial(self._logits, idx, train=False)
-            probs.append(tta_probabilities(logits_of, self.config.tta_flip))
+            mirrors = (False, True) if self.config.tta_flip else (False,)
+            out.append(torch.stack([self._logits(idx, train=False, mirror=m) for m in mirrors]))
+        return torch.cat(out, 1)
+
+    def evaluate_indices(self, indices: np.ndarray) -> dict:
+        """Validation, scored by the same code as `evaluate` (evaluate.py)."""
         y = self.labels[torch.from_numpy(indices).to(self.device)]
         return scores(
-            torch.cat(probs), y, self.images.classes, loss=self.config.loss, label_smoothing=self.config.label_smoothing
+            view_probabilities(self.validation_logits(indices)),
+            y,
+            self.images.classes,
+            loss=self.config.loss,
+            label_smoothing=self.config.label_smoothing,
         )
+
+    def calibrate(self, state: RunState) -> dict:
+        """Temperature scaling of the best checkpoint so far: T fitted on its validation logits (the model holds that
+        epoch's weights for the pass, then its own again). Validation figures recorded per epoch stay uncalibrated."""
+        current = None
+        if state.best["epoch"] != state.epoch:
+            current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(state.best_state)
+        logits = self.validation_logits(self.split.val)
+        if current is not None:
+            self.model.load_state_dict(current)
+        y = self.labels[torch.from_numpy(self.split.val).to(self.device)]
+        temperature = fit_temperature(logits, y)
+        log_p = mean_log_probabilities(logits)
+        return {
+            "epoch": state.best["epoch"],
+            "temperature": temperature,
+            "val_nll": F.cross_entropy(log_p, y).item(),
+            "val_nll_calibrated": F.cross_entropy(log_p / temperature, y).item(),
+        }
 
     # -------------------------------------------------------------- the loop
     def fit(self, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
@@ -491,13 +527,21 @@ class Trainer:
         config = self.config
         state.epoch = row["epoch"]
         state.history.append(row)
+        last = row["epoch"] == config.epochs
         if improves(row, state.best, config.metric):
             state.best = row
             state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            self._checkpoint(state).save(self.out_dir / "best.pt")
-        if row["epoch"] in config.record_epochs and row["epoch"] != config.epochs:
+            if not last:  # written below with its temperature
+                self._checkpoint(state).save(self.out_dir / "best.pt")
+        # a run's end (and each recorded epoch, the end of a shorter run) fits the temperature of its best checkpoint,
+        # before metrics.json says finished: a run killed in between is not taken for finished without it
+        if last or row["epoch"] in config.record_epochs:
+            self.calibration = self.calibrate(state)
+        if last:
+            self._checkpoint(state, self.calibration["temperature"]).save(self.out_dir / "best.pt")
+        elif row["epoch"] in config.record_epochs:
             path = self.out_dir / f"best-epoch{row['epoch']}.pt"
-            self._checkpoint(state).save(path)
+            self._checkpoint(state, self.calibration["temperature"]).save(path)
             state.checkpoints[row["epoch"]] = path
         self._write_metrics(state, env)
         self._save_state(state)
@@ -532,11 +576,13 @@ class Trainer:
                 "identity": self._identity(),
                 "finished": state.epoch == self.config.epochs,
                 "checkpoints": {e: p.name for e, p in state.checkpoints.items()},
+                # temperature scaling of the last checkpoint written with one (best.pt once finished)
+                "calibration": self.calibration,
             },
             self.out_dir / "metrics.json",
         )
 
-    def _checkpoint(self, state: RunState) -> Checkpoint:
+    def _checkpoint(self, state: RunState, temperature: float = 1.0) -> Checkpoint:
         c, best = self.config, state.best
         return Checkpoint(
             arch=c.arch, head=c.head, dropout=c.dropout, classes=list(self.images.classes), model=state.best_state,
@@ -546,7 +592,7 @@ class Trainer:
             autocast=self.autocast, loss=c.loss, label_smoothing=c.label_smoothing, tta_flip=c.tta_flip,
             epoch=best["epoch"], metric=c.metric, val_accuracy=best["val_accuracy"], val_loss=best["val_loss"],
             config=c.to_dict(), weights=self.weights_source, data=self.images.key,
-            environment=environment(self.device),
+            environment=environment(self.device), temperature=temperature,
         )  # fmt: skip
 
     # -------------------------------------------------------------- resuming a killed run

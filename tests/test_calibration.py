@@ -1,0 +1,307 @@
+"""Error analysis and calibration: the spec these tests hold transferlab to.
+
+- Expected calibration error: top-1 confidence in 15 equal-width bins (i/15, (i+1)/15]; ECE = sum over bins of
+  n_b / N * |accuracy_b - mean confidence_b|. `scores()` (the one scoring path) reports it with its bins, the NLL,
+  and per-class precision / recall / F1 / support equal to scikit-learn's (undefined ones None).
+- Temperature scaling: at the end of a run (and at each recorded epoch) one T > 0 is fitted on the best checkpoint's
+  validation logits by minimising the NLL of softmax(logits / T) (deterministic); it recovers a known temperature
+  and never raises the validation NLL. It is stored in the checkpoint (`temperature`, 1.0 when a checkpoint has
+  none) and metrics.json; predict's probabilities are softmax(logits / T); T never changes the predicted class.
+  Validation figures recorded per epoch stay those of the uncalibrated model.
+- evaluate --json adds temperature, nll, nll_calibrated, ece, ece_calibrated; accuracy is that of the raw model.
+- A study's selection records, for the selected trial on the test split: per-class precision / recall / F1,
+  calibration before and after T (ECE, NLL, reliability bins), and the most confident mistakes (test position,
+  classes, confidences, a thumbnail, Grad-CAM for the first few), in under 200 KB; the report shows a row-normalised
+  confusion matrix with a colour scale, the precision / recall / F1 table, the most confused pairs, the gallery, the
+  Grad-CAM figure and the reliability diagrams, with the stored numbers, images embedded in report.html.
+- Grad-CAM (pytorch_grad_cam) targets the last conv of the backbone's last group before the head and returns maps of
+  the image's size in [0, 1], on the CPU, for squeezenet and resnet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_image_tree, quiet, tiny_config
+from PIL import Image
+from test_study import load, write_spec
+
+from transferlab import run_study
+from transferlab.analysis import GALLERY, GRADCAM, decode_png, grad_cam, gradcam_layer
+from transferlab.checkpoint import Checkpoint
+from transferlab.cli import main
+from transferlab.data import Split, load_image_folder, split_arrays
+from transferlab.evaluate import (
+    fit_temperature,
+    load_checkpoint,
+    predict_files,
+    reliability,
+    scores,
+    view_probabilities,
+)
+from transferlab.models import build_model, get_backbone
+from transferlab.train import Trainer
+
+
+# ---------------------------------------------------------------------------- ECE and per-class scores
+def test_ece_matches_a_hand_computed_example():
+    probs = torch.tensor([[0.9, 0.1], [0.05, 0.95], [0.3, 0.7], [0.38, 0.62], [0.88, 0.12]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 0, 0])
+    # bins of width 1/15: 0.9 and 0.88 -> bin 13 (both right), 0.95 -> 14 (wrong), 0.7 -> 10 (right), 0.62 -> 9 (wrong)
+    expected = (2 * abs(1 - 0.89) + abs(0 - 0.95) + abs(1 - 0.7) + abs(0 - 0.62)) / 5
+    result = reliability(probs, y)
+    assert result["ece"] == pytest.approx(expected) == pytest.approx(0.418)
+    bins = result["reliability"]
+    assert bins["bins"] == 15 and sum(bins["count"]) == 5
+    assert [i for i, n in enumerate(bins["count"]) if n] == [9, 10, 13, 14]
+    assert bins["count"][13] == 2 and bins["confidence"][13] == pytest.approx(0.89) and bins["accuracy"][13] == 1
+    assert bins["accuracy"][14] == 0 and bins["confidence"][0] is None
+    scored = scores(probs.float(), y, ["a", "b"], loss="ce", label_smoothing=0.0)
+    assert scored["ece"] == pytest.approx(expected, abs=1e-6)
+    assert scored["nll"] == pytest.approx(-np.log([0.9, 0.05, 0.7, 0.38, 0.88]).mean(), rel=1e-5)
+
+
+def test_per_class_precision_recall_f1_equal_sklearn():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    pred = torch.tensor([0, 1, 1, 1, 0, 2, 2, 0, 2, 1])  # class 3 is never predicted
+    probs = F.one_hot(pred, 5).float() * 0.6 + 0.08  # class 4: no image, never predicted
+    result = scores(probs, y, list("abcde"), loss="ce", label_smoothing=0.0)["per_class"]
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=range(5), zero_division=np.nan)
+    for i, c in enumerate("abcde"):
+        for name, expected in (("precision", p[i]), ("recall", r[i]), ("f1", f[i])):
+            got = result[c][name]
+            assert (got is None) if math.isnan(expected) else got == pytest.approx(expected), (c, name)
+        assert result[c]["support"] == s[i]
+    assert result["d"]["precision"] is None and result["d"]["f1"] == 0.0
+    assert result["e"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+
+
+# ---------------------------------------------------------------------------- temperature fitting
+def test_temperature_fitting_recovers_a_known_temperature_and_lowers_nll():
+    g = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(5000, 6, generator=g) * 2
+    y = torch.multinomial(true_logits.softmax(1), 1, generator=g).flatten()
+    logits = true_logits * 3  # three times too confident
+    t = fit_temperature(logits[None], y)
+    assert t == pytest.approx(3.0, rel=0.08)
+    assert fit_temperature(logits[None], y) == t  # deterministic
+    assert F.cross_entropy(logits / t, y) < F.cross_entropy(logits, y)
+    assert fit_temperature((true_logits / 2)[None], y) == pytest.approx(0.5, rel=0.08)  # under-confident: T < 1
+
+
+def test_temperature_never_changes_the_predicted_class():
+    g = torch.Generator().manual_seed(1)
+    for views in (1, 2):  # one view, or the image and its mirror under flip TTA
+        logits = torch.randn(views, 500, 7, generator=g) * 4
+        raw = view_probabilities(logits)
+        for t in (0.2, 0.7, 3.0, 40.0):
+            calibrated = view_probabilities(logits, t)
+            assert torch.equal(calibrated.argmax(1), raw.argmax(1))
+            assert torch.allclose(calibrated.sum(1), torch.ones(500))
+    one = torch.randn(1, 50, 4, generator=g)
+    assert torch.allclose(view_probabilities(one, 2.5), (one[0] / 2.5).softmax(1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- checkpoint, predict, evaluate
+def val_logits_of(checkpoint, image_tree, cache, split_file):
+    loaded = load_checkpoint(checkpoint, "cpu")
+    data = load_image_folder(image_tree, cache, progress=False)
+    split = Split.from_dict(json.loads(split_file.read_text()))
+    x, y = split_arrays(data, split, "val")
+    return loaded, loaded.view_logits(x), torch.as_tensor(y)
+
+
+def test_the_checkpoint_stores_the_temperature_fitted_on_validation_and_predict_uses_it(
+    trained_run, image_tree, tmp_path
+):
+    out = trained_run.out_dir
+    ckpt = Checkpoint.load(out / "best.pt")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert ckpt.temperature > 0 and ckpt.temperature != 1.0
+    assert metrics["calibration"]["temperature"] == ckpt.temperature
+    assert metrics["calibration"]["epoch"] == trained_run.best_epoch
+    assert metrics["calibration"]["val_nll_calibrated"] <= metrics["calibration"]["val_nll"]
+    loaded, logits, y = val_logits_of(out / "best.pt", image_tree, tmp_path / "cache", out / "split.json")
+    assert loaded.temperature == ckpt.temperature
+    assert fit_temperature(logits, y) == pytest.approx(ckpt.temperature, rel=1e-2)  # the best checkpoint's val logits
+    # the recorded validation figures are the uncalibrated model's
+    assert scores(view_probabilities(logits), y, loaded.classes, loss="ce", label_smoothing=0.0)["loss"] == (
+        pytest.approx(trained_run.best["val_loss"], rel=1e-5)
+    )
+
+    files = sorted((image_tree / "green").iterdir())[:3]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    expected = (loaded.view_logits(images)[0] / ckpt.temperature).softmax(1)
+    assert torch.allclose(loaded.probabilities(images), expected, atol=1e-6)
+    predicted = predict_files(out / "best.pt", files, top=3, device="cpu")
+    for row, probs in zip(predicted, expected):
+        assert row["top"][0]["probability"] == pytest.approx(probs.max().item(), abs=1e-6)
+        assert row["top"][0]["class"] == loaded.classes[probs.argmax().item()]
+
+    old = torch.load(out / "best.pt", weights_only=True)
+    del old["temperature"]  # a checkpoint written before calibration
+    torch.save(old, tmp_path / "old.pt")
+    assert Checkpoint.load(tmp_path / "old.pt").temperature == 1.0
+    raw = loaded.view_logits(images)[0].softmax(1)
+    assert torch.allclose(load_checkpoint(tmp_path / "old.pt", "cpu").probabilities(images), raw, atol=1e-6)
+
+
+def test_each_recorded_epoch_gets_its_own_temperature(image_tree, tmp_path):
+    config = tiny_config(image_tree, tmp_path / "cache", head="linear", lr=1e-2, epochs=3, record_epochs=[1])
+    result = Trainer(config, tmp_path / "run", log=quiet).fit()
+    recorded = tmp_path / "run" / "best-epoch1.pt"
+    loaded, logits, y = val_logits_of(recorded, image_tree, tmp_path / "cache", tmp_path / "run" / "split.json")
+    assert loaded.info["epoch"] == 1
+    assert loaded.temperature == pytest.approx(fit_temperature(logits, y), rel=1e-2)
+    final, logits, y = val_logits_of(tmp_path / "run" / "best.pt", image_tree, tmp_path / "cache",
+                                     tmp_path / "run" / "split.json")  # fmt: skip
+    assert final.info["epoch"] == result.best_epoch
+    assert final.temperature == pytest.approx(fit_temperature(logits, y), rel=1e-2)
+
+
+def test_evaluate_json_reports_raw_and_calibrated_figures_with_unchanged_accuracy(trained_run, image_tree, capsys):
+    args = ["evaluate", str(trained_run.out_dir / "best.pt"), "--data", str(image_tree), "--device", "cpu"]
+    assert main([*args, "--json", "--split", "val"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("temperature", "nll", "nll_calibrated", "ece", "ece_calibrated", "reliability_calibrated"):
+        assert key in result
+    assert result["temperature"] == Checkpoint.load(trained_run.out_dir / "best.pt").temperature
+    assert result["accuracy"] == trained_run.best["val_accuracy"]  # the raw model's, as recorded
+    assert result["nll_calibrated"] <= result["nll"] + 1e-6  # T minimises the validation NLL
+    assert 0 <= result["ece_calibrated"] <= 1 and 0 <= result["ece"] <= 1
+
+    loaded = load_checkpoint(trained_run.out_dir / "best.pt", "cpu")
+    data = load_image_folder(image_tree, trained_run.out_dir.parent / "cache", progress=False)
+    raw = loaded.probabilities(data.images, calibrated=False)
+    calibrated = loaded.probabilities(data.images)
+    assert not torch.allclose(raw, calibrated)
+    assert torch.equal(raw.argmax(1), calibrated.argmax(1))
+    assert main(args) == 0  # the table says it too
+    assert "calibration: ECE" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- Grad-CAM
+@pytest.mark.parametrize(
+    "arch, layer, resolution",
+    [("squeezenet1_1", "features.12.expand3x3", 32), ("resnet18", "layer4.1.conv2", 32),
+     ("squeezenet1_1", "features.12.expand3x3", 64)],
+)  # fmt: skip
+def test_grad_cam_maps_have_the_image_size_and_lie_in_0_1(arch, layer, resolution):
+    from transferlab.augment import Preprocess
+
+    torch.manual_seed(0)
+    model, _ = build_model(arch, 3, weights="none", head="linear")
+    model.eval()
+    backbone = get_backbone(arch)
+    assert gradcam_layer(model, backbone)[0] == layer
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 36, 3), dtype=np.uint8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    maps, name, size = grad_cam(model, backbone, Preprocess(backbone.mean, backbone.std, resolution), images, [0, 1, 2])
+    assert name == layer and maps.shape == (3, 40, 36) and maps.dtype == np.float32
+    assert maps.min() >= 0 and maps.max() <= 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is left as it was
+    if resolution == 64:
+        assert size == [3, 3] and maps.max() > 0.5  # a map with a place in it
+    else:
+        assert size == [1, 1]
+
+
+# ---------------------------------------------------------------------------- a tiny study and its report
+@pytest.fixture(scope="module")
+def calibrated_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibrated-study")
+    data = make_image_tree(root / "images", per_class=12, size=16)
+    spec = write_spec(root / "spec.toml", data, root / "cache", {"strategy": ["full"], "epochs": [2]},
+                      head="linear", lr=0.01, batch_size=8)  # fmt: skip
+    directory = run_study(spec, study_dir=root / "out")
+    return directory, data, root / "cache"
+
+
+def test_the_selection_records_the_error_analysis(calibrated_study):
+    directory, data, cache = calibrated_study
+    study = load(directory)
+    selected = study.user_attrs["selected"]
+    assert len(json.dumps(study.user_attrs)) < 200_000
+    assert "errors" not in study.user_attrs["test_evaluations"][-1]  # thumbnails stored once
+    confusion = np.asarray(selected["confusion_matrix"])
+    for i, c in enumerate(selected["classes"]):
+        stats = selected["per_class"][c]
+        assert stats["support"] == confusion[i].sum()
+        if confusion[:, i].sum():
+            assert stats["precision"] == pytest.approx(confusion[i, i] / confusion[:, i].sum())
+    calibration = selected["calibration"]
+    checkpoint = directory / study.trials[selected["trial"]].user_attrs["checkpoint"]
+    assert calibration["temperature"] == Checkpoint.load(checkpoint).temperature
+    assert (
+        sum(calibration["reliability"]["count"])
+        == sum(calibration["reliability_calibrated"]["count"])
+        == (selected["n_test"])
+    )
+
+    # the stored mistakes are the checkpoint's own on the test split, most confident first
+    run_dir = checkpoint.parent
+    split = Split.from_dict(json.loads((run_dir / "split.json").read_text()))
+    test_x, test_y = split_arrays(load_image_folder(data, cache, progress=False), split, "test")
+    loaded = load_checkpoint(checkpoint, "cpu")
+    raw, calibrated = loaded.probabilities(test_x, calibrated=False), loaded.probabilities(test_x)
+    errors = selected["errors"]
+    wrong = (raw.argmax(1) != torch.as_tensor(test_y)).sum().item()
+    assert errors["n_mistakes"] == wrong == confusion.sum() - confusion.trace() > 0
+    mistakes = errors["mistakes"]
+    assert len(mistakes) == min(wrong, GALLERY)
+    confidences = [m["confidence"] for m in mistakes]
+    assert confidences == sorted(confidences, reverse=True)
+    for m in mistakes:
+        i = m["index"]
+        assert m["true"] == test_y[i] != m["predicted"] == raw[i].argmax().item()
+        assert m["confidence"] == pytest.approx(raw[i].max().item(), abs=1e-6)
+        assert m["confidence_calibrated"] == pytest.approx(calibrated[i, m["predicted"]].item(), abs=1e-6)
+        assert np.array_equal(decode_png(m["thumbnail"]), test_x[i])  # 16 px images are kept as they are
+    with_cam = [m for m in mistakes if "gradcam" in m]
+    assert len(with_cam) == min(wrong, GRADCAM) and with_cam == mistakes[: len(with_cam)]
+    assert decode_png(with_cam[0]["gradcam"]).shape == (16, 16)
+    assert errors["gradcam_layer"] == "features.12.expand3x3"
+
+
+def test_the_report_shows_the_error_analysis_and_calibration(calibrated_study):
+    directory, _, _ = calibrated_study
+    selected = load(directory).user_attrs["selected"]
+    md = (directory / "report.md").read_text()
+    page = (directory / "report.html").read_text()
+    for heading in ("### Error analysis (test split)", "### Calibration (test split)"):
+        assert heading in md
+    captions = [
+        "each row normalised to its true class",
+        "most confident mistakes",
+        "Grad-CAM of the predicted class",
+        "Reliability diagrams",
+    ]
+    for caption in captions:
+        (figure,) = re.findall(rf"!\[[^\]]*{caption}[^\]]*\]\((report_files/figure\d+\.png)\)", md)
+        assert (directory / figure).is_file()
+        assert re.search(rf"<img src='data:image/png;base64,[A-Za-z0-9+/=]+' alt='[^']*{caption}", page)
+    assert "src='http" not in page and 'src="http' not in page
+
+    for c, v in selected["per_class"].items():
+        cells = [f"{v[k]:.4f}" if v[k] is not None else "-" for k in ("precision", "recall", "f1")]
+        assert f"| {c} | {v['support']} | {' | '.join(cells)} |" in md
+    confusion, classes = selected["confusion_matrix"], selected["classes"]
+    off = sorted(
+        ((v, i, j) for i, r in enumerate(confusion) for j, v in enumerate(r) if i != j and v), key=lambda x: -x[0]
+    )
+    for v, i, j in off[:5]:
+        assert f"| {classes[i]} | {classes[j]} | {v} | {100 * v / sum(confusion[i]):.1f}% |" in md
+    c = selected["calibration"]
+    assert f"| ECE (15 bins) | {c['ece']:.4f} | {c['ece_calibrated']:.4f} |" in md
+    assert f"| NLL | {c['nll']:.4f} | {c['nll_calibrated']:.4f} |" in md
+    assert f"| temperature | 1 | {c['temperature']:.4f}" in md
+    assert "those of the uncalibrated model" in md
+    assert f"of {selected['errors']['n_mistakes']} misclassified test images" in md
