@@ -182,6 +182,13 @@ def write_atomically(path: Path, text: str) -> None:
         raise ConfigError(f"cannot write --output {path}: {' '.join(str(error).split())}") from None
 
 
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.format, args.output))
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import REGISTRY
 
@@ -284,6 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
     p.add_argument("--output", metavar="FILE", help="write the predictions to FILE (atomically) instead of stdout")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as an ONNX or TorchScript file for inference without transferlab",
+        description="The exported model takes float32 (N, 3, R, R) RGB in [0, 1] at the checkpoint's resolution R,\n"
+        "normalises inside and returns (N, classes) probabilities (flip TTA and temperature as the checkpoint says).\n"
+        "Classes, resolution, mean and std are in the file's metadata: ONNX metadata_props (JSON values),\n"
+        "TorchScript extra file transferlab.json.",
+        epilog="examples:\n  transferlab export runs/try/best.pt --format onnx -o model.onnx\n"
+        "  transferlab export runs/try/best.pt --format torchscript -o model.pt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a best.pt written by train")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="file format")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write (atomically)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the registered backbones and their layer groups")
     p.set_defaults(func=cmd_models)
