@@ -20,17 +20,46 @@ EPILOG_OFFLINE = (
 )
 
 
+TRAIN_EPILOG = f"""examples:
+  transferlab train --data photos/ --strategy partial --epochs 5 --out runs/try
+  transferlab train --data photos/ --config run.toml --set lr=0.01 --out runs/lr01
+  transferlab train --labels labels.csv --resolution 128 --tta-flip --log tensorboard --out runs/big
+
+{EPILOG_OFFLINE}"""
+
+# train --help's sections, in order: a RunConfig field's `group` metadata names its section
+RUN_GROUPS = {
+    "data": "data",
+    "model": "model",
+    "augmentation": "augmentation",
+    "training": "training",
+    "execution": "execution and output",
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("transferlab")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "0.1.0"
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(RunConfig)
+    groups = {name: parser.add_argument_group(title) for name, title in RUN_GROUPS.items()}
     for f in dataclasses.fields(RunConfig):
+        group = groups.get(f.metadata.get("group")) or groups.setdefault(None, parser.add_argument_group("other"))
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default})"
         if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             choices = f.metadata.get("choices")
-            parser.add_argument(
+            group.add_argument(
                 flag, default=None, choices=choices, metavar=None if choices else f.name.upper(), help=help_text
             )
 
@@ -238,9 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="transferlab", description="Transfer-learning studies on image classifiers.", epilog=EPILOG_OFFLINE
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune a pretrained backbone: one run", epilog=EPILOG_OFFLINE)
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a pretrained backbone: one run",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="run directory: metrics.json, best.pt, config.json, split.json")
     p.add_argument("--config", help="TOML file of run options ([run] table or top level); flags override it")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run option (repeatable)")
@@ -344,13 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before the imports below, which load torch: help stays light
     from .data import DataError
     from .evaluate import CheckpointError
     from .models import WeightsError
     from .storage import StudyError
     from .train import TrainingError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, DataError, WeightsError, CheckpointError, StudyError) as error:
