@@ -4,8 +4,9 @@ The exported model takes float32 (N, 3, R, R) RGB in [0, 1] at the checkpoint's 
 the caller, as it depends on the image source), normalises with the checkpoint's mean and std inside, and returns
 (N, K) class probabilities: the softmax of logits / temperature, averaged with the mirror's under flip TTA. It runs
 in float32; the frozen groups' output is rounded to the cached dtype as validation saw it, so the probabilities
-match `evaluate`'s. The batch dimension is dynamic. Class names and preprocessing travel in the file: ONNX
-`metadata_props` (each value a JSON string), TorchScript `_extra_files["transferlab.json"]`.
+match `evaluate`'s (but for bf16's rounding when the checkpoint was trained under autocast, on CUDA). The batch
+dimension is dynamic. Class names and preprocessing travel in the file: ONNX `metadata_props` (each value a JSON
+string), TorchScript `_extra_files["transferlab.json"]`.
 """
 
 from __future__ import annotations
