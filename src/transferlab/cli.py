@@ -20,17 +20,46 @@ EPILOG_OFFLINE = (
 )
 
 
+TRAIN_EPILOG = f"""examples:
+  transferlab train --data photos/ --strategy partial --epochs 5 --out runs/try
+  transferlab train --data photos/ --config run.toml --set lr=0.01 --out runs/lr01
+  transferlab train --labels labels.csv --resolution 128 --tta-flip --log tensorboard --out runs/big
+
+{EPILOG_OFFLINE}"""
+
+# train --help's sections, in order: a RunConfig field's `group` metadata names its section
+RUN_GROUPS = {
+    "data": "data",
+    "model": "model",
+    "augmentation": "augmentation",
+    "training": "training",
+    "execution": "execution and output",
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("transferlab")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "0.1.0"
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(RunConfig)
+    groups = {name: parser.add_argument_group(title) for name, title in RUN_GROUPS.items()}
     for f in dataclasses.fields(RunConfig):
+        group = groups.get(f.metadata.get("group")) or groups.setdefault(None, parser.add_argument_group("other"))
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default})"
         if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             choices = f.metadata.get("choices")
-            parser.add_argument(
+            group.add_argument(
                 flag, default=None, choices=choices, metavar=None if choices else f.name.upper(), help=help_text
             )
 
@@ -207,6 +236,13 @@ def write_atomically(path: Path, text: str) -> None:
         raise ConfigError(f"cannot write --output {path}: {' '.join(str(error).split())}") from None
 
 
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.format, args.output))
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import REGISTRY
 
@@ -256,9 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="transferlab", description="Transfer-learning studies on image classifiers.", epilog=EPILOG_OFFLINE
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune a pretrained backbone: one run", epilog=EPILOG_OFFLINE)
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a pretrained backbone: one run",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="run directory: metrics.json, best.pt, config.json, split.json")
     p.add_argument("--config", help="TOML file of run options ([run] table or top level); flags override it")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run option (repeatable)")
@@ -315,6 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE", help="write the predictions to FILE (atomically) instead of stdout")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as an ONNX or TorchScript file for inference without transferlab",
+        description="The exported model takes float32 (N, 3, R, R) RGB in [0, 1] at the checkpoint's resolution R,\n"
+        "normalises inside and returns (N, classes) probabilities (flip TTA and temperature as the checkpoint says).\n"
+        "Classes, resolution, mean and std are in the file's metadata: ONNX metadata_props (JSON values),\n"
+        "TorchScript extra file transferlab.json.",
+        epilog="examples:\n  transferlab export runs/try/best.pt --format onnx -o model.onnx\n"
+        "  transferlab export runs/try/best.pt --format torchscript -o model.pt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a best.pt written by train")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="file format")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write (atomically)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("models", help="list the registered backbones and their layer groups")
     p.set_defaults(func=cmd_models)
 
@@ -351,13 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before the imports below, which load torch: help stays light
     from .data import DataError
     from .evaluate import CheckpointError
     from .models import WeightsError
     from .storage import StudyError
     from .train import TrainingError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, DataError, WeightsError, CheckpointError, StudyError) as error:

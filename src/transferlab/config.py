@@ -27,12 +27,24 @@ class ConfigError(ValueError):
 METRICS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1")
 
 
+TRACKERS = ("mlflow", "tensorboard")  # the values of RunConfig.log
+
+
 def higher_is_better(metric: str) -> bool:
     return metric != "val_loss"
 
 
-def _opt(default, help: str, choices: tuple | None = None, min: float | None = None, max: float | None = None):
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
+def _opt(
+    default,
+    help: str,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    group: str | None = None,
+    each: tuple | None = None,
+):
+    """A RunConfig field; `group` is its section in `train --help` (data, model, augmentation, training, execution)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "group": group, "each": each}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -46,63 +58,89 @@ def default_cache_dir() -> str:
 class RunConfig:
     # data
     data: str = _opt(
-        "cifar10", "'cifar10' (torchvision's CIFAR-10) or the path of an ImageFolder tree <root>/<class>/<image>"
+        "cifar10",
+        "'cifar10' (torchvision's CIFAR-10) or the path of an ImageFolder tree <root>/<class>/<image>",
+        group="data",
     )
     labels: str | None = _opt(
         None,
         "a CSV or TSV file (header row) of image paths and labels, instead of --data (leave --data unset); "
         "paths relative to the file's folder",
+        group="data",
     )
-    labels_path_column: str = _opt("path", "--labels: the column holding each image's path")
-    labels_label_column: str = _opt("label", "--labels: the column holding each image's label (its class name)")
+    labels_path_column: str = _opt("path", "--labels: the column holding each image's path", group="data")
+    labels_label_column: str = _opt(
+        "label", "--labels: the column holding each image's label (its class name)", group="data"
+    )
     labels_split_column: str | None = _opt(
         "split",
         "--labels: the column giving each row's part (train, val or test), used instead of carving a split when the "
         "file has it; 'none' to ignore it",
+        group="data",
     )
     data_dir: str | None = _opt(
         None,
         "where CIFAR-10 is downloaded, or where a local cifar-10-batches-py folder lies (env TRANSFERLAB_DATA_DIR)",
+        group="data",
     )
-    download: bool = _opt(True, "download CIFAR-10 when it is not in --data-dir")
+    download: bool = _opt(True, "download CIFAR-10 when it is not in --data-dir", group="data")
     cache_dir: str | None = _opt(
-        None, "cache of decoded images and frozen features (env TRANSFERLAB_CACHE, default ~/.cache/transferlab)"
+        None,
+        "cache of decoded images and frozen features (env TRANSFERLAB_CACHE, default ~/.cache/transferlab)",
+        group="execution",
     )
-    skip_bad_images: bool = _opt(False, "skip unreadable images with a counted warning instead of stopping")
-    limit: int | None = _opt(None, "use a stratified subset of N images (quick tries)", min=10)
-    test_fraction: float = _opt(0.1, "fraction of all images held out as the test split", min=0.0, max=0.9)
-    val_fraction: float = _opt(0.1, "fraction of all images used for validation", min=0.01, max=0.9)
-    official_test: bool = _opt(False, "use the source's official test split (CIFAR-10 only) instead of carving one")
+    skip_bad_images: bool = _opt(
+        False, "skip unreadable images with a counted warning instead of stopping", group="data"
+    )
+    limit: int | None = _opt(None, "use a stratified subset of N images (quick tries)", min=10, group="data")
+    test_fraction: float = _opt(
+        0.1, "fraction of all images held out as the test split", min=0.0, max=0.9, group="data"
+    )
+    val_fraction: float = _opt(0.1, "fraction of all images used for validation", min=0.01, max=0.9, group="data")
+    official_test: bool = _opt(
+        False, "use the source's official test split (CIFAR-10 only) instead of carving one", group="data"
+    )
     split_seed: int = _opt(
         0,
         "seed of the test and validation splits (kept apart from --seed so seeds share one split)",
         min=0,
         max=2**32 - 2,  # scikit-learn's seeds end at 2**32 - 1, and validation uses split_seed + 1
+        group="data",
     )
     # model
-    arch: str = _opt("squeezenet1_1", "backbone architecture (see `transferlab models`)")
+    arch: str = _opt("squeezenet1_1", "backbone architecture (see `transferlab models`)", group="model")
     weights: str = _opt(
         "imagenet",
         "'imagenet' (torchvision's published weights), a local state-dict path, or 'none' (env TRANSFERLAB_WEIGHTS)",
+        group="model",
     )
     head: str = _opt(
         "paper",
         "classifier head: 'paper' (dropout, 1x1 conv, ReLU, average pool, as in the study), "
         "'linear' (average pool, dropout, linear) or 'mlp' (1x1 conv, BatchNorm, ReLU, average pool, dropout, linear)",
         choices=("paper", "linear", "mlp"),
+        group="model",
     )
-    dropout: float = _opt(0.5, "dropout before the head's classifier layer", min=0.0, max=0.99)
+    dropout: float = _opt(0.5, "dropout before the head's classifier layer", min=0.0, max=0.99, group="model")
     strategy: str = _opt(
         "frozen",
         "which layers train: frozen (head only), partial (last --unfreeze groups + head), full",
         choices=("frozen", "partial", "full"),
+        group="model",
     )
     unfreeze: int = _opt(
-        2, "number of last backbone groups (Fire modules for SqueezeNet) that train under 'partial'", min=1
+        2,
+        "number of last backbone groups (Fire modules for SqueezeNet) that train under 'partial'",
+        min=1,
+        group="model",
     )
     # input
     resolution: int = _opt(
-        32, "side in pixels the images are resized to before the backbone (32 reproduces the study)", min=8, max=1024
+        32,
+        "side in pixels the images are resized to before the backbone (32 reproduces the study)",
+        min=8,
+        max=1024,
+        group="model",
     )
     storage_size: int | None = _opt(
         None,
@@ -110,61 +148,78 @@ class RunConfig:
         "(a study: its largest resolution)",
         min=8,
         max=4096,
+        group="data",
     )
     resize_policy: str = _opt(
         "crop",
         "how a file becomes a square: crop (shorter side, centre square), squash (whole image, aspect lost), "
         "pad (whole image, letterboxed in black); the same in training, evaluate and predict",
         choices=("crop", "squash", "pad"),
+        group="data",
     )
     normalize: str = _opt(
         "imagenet",
         "input normalisation: the backbone's ImageNet mean/std, or the training split's own statistics",
         choices=("imagenet", "dataset"),
+        group="model",
     )
-    crop_padding: int = _opt(0, "random-crop augmentation: pad by this many pixels and crop back (0 = off)", min=0)
+    crop_padding: int = _opt(
+        0, "random-crop augmentation: pad by this many pixels and crop back (0 = off)", min=0, group="augmentation"
+    )
     feature_shift: int = _opt(
         0,
         "shift the frozen groups' output by up to N cells at random in training (zero-padded): "
         "a random crop that keeps the feature cache valid (0 = off)",
         min=0,
+        group="augmentation",
     )
-    flip: bool = _opt(False, "random horizontal-flip augmentation")
-    tta_flip: bool = _opt(False, "evaluate on the mean of the image and its mirror (test-time augmentation)")
+    flip: bool = _opt(False, "random horizontal-flip augmentation", group="augmentation")
+    tta_flip: bool = _opt(
+        False, "evaluate on the mean of the image and its mirror (test-time augmentation)", group="augmentation"
+    )
     # optimisation
     loss: str = _opt(
-        "ce", "ce (cross-entropy) or mse (mean squared error of softmax vs one-hot, the study's)", choices=("ce", "mse")
+        "ce",
+        "ce (cross-entropy) or mse (mean squared error of softmax vs one-hot, the study's)",
+        choices=("ce", "mse"),
+        group="training",
     )
-    label_smoothing: float = _opt(0.0, "label smoothing for the ce loss", min=0.0, max=0.5)
+    label_smoothing: float = _opt(0.0, "label smoothing for the ce loss", min=0.0, max=0.5, group="training")
     class_weights: str = _opt(
         "none",
         "imbalanced classes: 'balanced' weights each class's training loss by n / (classes x its training count) "
         "(sklearn's formula); validation and test loss stay unweighted so they compare across options",
         choices=("none", "balanced"),
+        group="training",
     )
     sampler: str = _opt(
         "shuffle",
         "training order: 'shuffle' (each image once per epoch) or 'balanced' (as many draws, with replacement, "
         "each class equally likely)",
         choices=("shuffle", "balanced"),
+        group="training",
     )
-    optimizer: str = _opt("adamw", "optimiser", choices=("sgd", "adam", "adamw"))
-    lr: float = _opt(1e-3, "peak learning rate", min=0.0)
-    momentum: float = _opt(0.9, "SGD momentum (Nesterov)", min=0.0, max=0.999)
-    weight_decay: float = _opt(0.01, "weight decay (decoupled for adamw)", min=0.0)
+    optimizer: str = _opt("adamw", "optimiser", choices=("sgd", "adam", "adamw"), group="training")
+    lr: float = _opt(1e-3, "peak learning rate", min=0.0, group="training")
+    momentum: float = _opt(0.9, "SGD momentum (Nesterov)", min=0.0, max=0.999, group="training")
+    weight_decay: float = _opt(0.01, "weight decay (decoupled for adamw)", min=0.0, group="training")
     schedule: str = _opt(
         "constant",
         "learning-rate schedule; constant and step do not depend on --epochs, "
         "so runs that differ only in epochs share one computation",
         choices=("constant", "step", "cosine", "onecycle"),
+        group="training",
     )
-    warmup_epochs: float = _opt(0.0, "linear warm-up from 0 over this many epochs", min=0.0)
-    step_every: int = _opt(30, "'step' schedule: multiply the learning rate by 0.1 every N epochs", min=1)
+    warmup_epochs: float = _opt(0.0, "linear warm-up from 0 over this many epochs", min=0.0, group="training")
+    step_every: int = _opt(
+        30, "'step' schedule: multiply the learning rate by 0.1 every N epochs", min=1, group="training"
+    )
     gradual_unfreeze: int = _opt(
         0,
         "fastai-style gradual unfreezing: train the head alone, "
         "then unfreeze one more of the strategy's groups (backwards) every N epochs (0 = off)",
         min=0,
+        group="training",
     )
     lr_group_decay: float = _opt(
         1.0,
@@ -172,29 +227,43 @@ class RunConfig:
         "of the group after it (1 = off)",
         min=0.0,
         max=1.0,
+        group="training",
     )
-    epochs: int = _opt(10, "training epochs", min=1)
-    batch_size: int = _opt(250, "batch size", min=1)
+    epochs: int = _opt(10, "training epochs", min=1, group="training")
+    batch_size: int = _opt(250, "batch size", min=1, group="training")
     # execution
-    device: str = _opt("auto", "auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    seed: int = _opt(0, "seed of initialisation, shuffling, augmentation and dropout", min=0, max=2**32 - 1)
+    device: str = _opt(
+        "auto", "auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"), group="execution"
+    )
+    seed: int = _opt(
+        0, "seed of initialisation, shuffling, augmentation and dropout", min=0, max=2**32 - 1, group="execution"
+    )
     cache_features: str = _opt(
         "auto",
         "cache the frozen prefix's activations: auto (when no random augmentation precedes it), off",
         choices=("auto", "off"),
+        group="execution",
     )
-    compile: bool = _opt(False, "torch.compile the trainable part")
-    amp: str = _opt("auto", "bf16 autocast: auto (on CUDA), on, off", choices=("auto", "on", "off"))
+    compile: bool = _opt(False, "torch.compile the trainable part", group="execution")
+    amp: str = _opt("auto", "bf16 autocast: auto (on CUDA), on, off", choices=("auto", "on", "off"), group="execution")
     record_epochs: list = _opt(
-        [], "also record metrics and the best checkpoint at these epochs (shared epoch prefixes)"
+        [], "also record metrics and the best checkpoint at these epochs (shared epoch prefixes)", group="execution"
     )
     metric: str = _opt(
         "val_accuracy",
         "what picks the best epoch and its checkpoint (a study sets it from its own `metric`); only val_loss is "
         "lower-is-better",
         choices=METRICS,
+        group="training",
     )
-    progress: bool = _opt(True, "show a progress bar")
+    progress: bool = _opt(True, "show a progress bar", group="execution")
+    log: list = _opt(
+        [],
+        "also record the run's config, per-epoch metrics and files with mlflow and/or tensorboard "
+        "(comma-separated; MLFLOW_TRACKING_URI or <out>/mlflow.db; <out>/tensorboard)",
+        each=TRACKERS,
+        group="execution",
+    )
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -232,6 +301,9 @@ class RunConfig:
                 f"{where}test_fraction + val_fraction = {self.test_fraction + self.val_fraction}: "
                 "leaves too little to train on"
             )
+        for name in self.log:
+            if name not in TRACKERS:
+                raise ConfigError(f"{where}log = {self.log!r}: {name!r} is not one of {', '.join(TRACKERS)}")
         if any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in self.record_epochs):
             raise ConfigError(f"{where}record_epochs = {self.record_epochs!r}: expected positive integers")
         if any(e > self.epochs for e in self.record_epochs):
@@ -262,10 +334,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def training_dict(self) -> dict[str, Any]:
-        """The settings that decide a run's numbers: all but where caches live and whether a bar is drawn.
-        Every other field counts, new ones included: an option added later re-identifies earlier runs, which
-        are then trained again rather than reused under settings they never had."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("progress", "cache_dir")}
+        """The settings that decide a run's numbers: all but where caches live, whether a bar is drawn and where
+        the run is also logged. Every other field counts, new ones included: an option added later re-identifies
+        earlier runs, which are then trained again rather than reused under settings they never had."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("progress", "cache_dir", "log")}
 
     @property
     def source(self) -> str:
@@ -314,6 +386,9 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if (base is list or typing.get_origin(base) is list) and f.metadata.get("each"):  # names: "a,b", [..]
+            names = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+            return list(dict.fromkeys(str(n) for n in names if str(n).lower() != "none"))
         if base is list or typing.get_origin(base) is list:
             if isinstance(value, str):
                 value = [int(v) for v in value.replace(",", " ").split()]

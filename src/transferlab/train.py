@@ -53,6 +53,7 @@ from .models import (
     weights_identity,
 )
 from .progress import bar, console
+from .tracking import make_tracker
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -418,6 +419,7 @@ class Trainer:
             self.log(f"already finished ({self.out_dir / 'metrics.json'})")
             (self.out_dir / "state.pt").unlink(missing_ok=True)  # left by a kill just before the end
             return finished
+        tracker = make_tracker(config, self.out_dir)  # before the setup: a missing package fails at once
         self._setup()
         state = self._resume()
         if state.epoch == 0:
@@ -426,6 +428,7 @@ class Trainer:
         atomic_write_json(self.split.to_dict(), self.out_dir / "split.json")
         env = environment(self.device)
         n_train = len(self.split.train)
+        tracker.start(config)
         if state.epoch < config.epochs:
             self.log(
                 f"training {config.arch} ({config.strategy}: {', '.join(self.trainable)}) on {n_train} images, "
@@ -458,6 +461,7 @@ class Trainer:
                 }
                 self._check_finite(row, state)
                 self._end_epoch(state, row, env)
+                tracker.log_epoch(row)
                 progress.info(
                     f"epoch {epoch}/{config.epochs} loss {train_loss:.3f} acc {train_accuracy:.3f} "
                     f"val {row['val_accuracy']:.3f}"
@@ -467,6 +471,7 @@ class Trainer:
         # metrics.json now says the run is finished (a rerun returns it without training), so state.pt can go
         (self.out_dir / "state.pt").unlink(missing_ok=True)
         checkpoints = {**state.checkpoints, config.epochs: self.out_dir / "best.pt"}
+        tracker.finish({"best.pt": self.out_dir / "best.pt", "metrics.json": self.out_dir / "metrics.json"})
         return RunResult(
             self.out_dir, state.history, state.best["epoch"], config.metric, self.feature_path, checkpoints
         )

@@ -1,0 +1,143 @@
+"""Optional experiment tracking (`--log mlflow,tensorboard`): the trainer calls a Tracker at three points.
+
+start(config) before the first epoch, log_epoch(row) after each (the row metrics.json's history holds), and
+finish(artifacts) once the run is complete. The default Tracker does nothing. MLflow writes to
+MLFLOW_TRACKING_URI when set, else to <out>/mlflow.db and <out>/mlartifacts (never the network by default); TensorBoard
+writes event files to <out>/tensorboard. Each package is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+
+
+class Tracker:
+    """No tracking; the interface the trainer calls."""
+
+    def start(self, config: RunConfig) -> None:
+        pass
+
+    def log_epoch(self, row: dict) -> None:
+        pass
+
+    def finish(self, artifacts: dict[str, Path]) -> None:
+        pass
+
+
+def _require(module: str, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"--log {extra} needs the {extra} package: pip install 'transferlab[{extra}]'") from None
+
+
+def _numbers(row: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))}
+
+
+class MlflowTracker(Tracker):
+    def __init__(self, out_dir: Path):
+        _require("mlflow", "mlflow")
+        from mlflow.tracking import MlflowClient
+
+        self.out_dir = out_dir
+        # The default is MLflow's own advice (its file store is in maintenance mode and refuses to start): a SQLite
+        # database in the run directory, and the artefacts beside it rather than in the working directory.
+        self.uri = os.environ.get("MLFLOW_TRACKING_URI")
+        self.artifact_location = None
+        if not self.uri:
+            self.uri = f"sqlite:///{out_dir.resolve() / 'mlflow.db'}"
+            self.artifact_location = (out_dir.resolve() / "mlartifacts").as_uri()
+        self.client = MlflowClient(tracking_uri=self.uri)  # not the fluent API: leaves the caller's active run alone
+        self.run_id: str | None = None
+
+    def start(self, config: RunConfig) -> None:
+        from mlflow.entities import Param
+
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "transferlab")
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self.client.create_experiment(name, artifact_location=self.artifact_location)
+        )
+        run = self.client.create_run(
+            experiment_id, run_name=self.out_dir.name, tags={"transferlab.out": str(self.out_dir.resolve())}
+        )
+        self.run_id = run.info.run_id
+        params = [
+            Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in config.to_dict().items()
+        ]
+        self.client.log_batch(self.run_id, params=params)
+
+    def log_epoch(self, row: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, row["epoch"]) for k, v in _numbers(row).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def finish(self, artifacts: dict[str, Path]) -> None:
+        # A checkpoint can be large: its path is recorded; the small JSON files are copied into the run.
+        for name, path in artifacts.items():
+            if path.suffix == ".json" and path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
+            else:
+                self.client.set_tag(self.run_id, f"transferlab.{name}", str(path.resolve()))
+        self.client.set_terminated(self.run_id)
+
+
+class TensorBoardTracker(Tracker):
+    def __init__(self, out_dir: Path):
+        _require("tensorboard", "tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def start(self, config: RunConfig) -> None:
+        self.writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=1) + "\n```")
+
+    def log_epoch(self, row: dict) -> None:
+        for key, value in _numbers(row).items():
+            self.writer.add_scalar(key, value, row["epoch"])
+        self.writer.flush()
+
+    def finish(self, artifacts: dict[str, Path]) -> None:
+        self.writer.add_text("artifacts", "\n".join(f"{k}: {p.resolve()}" for k, p in artifacts.items()))
+        self.writer.close()
+
+
+class Trackers(Tracker):
+    """Several trackers as one."""
+
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def start(self, config: RunConfig) -> None:
+        for t in self.trackers:
+            t.start(config)
+
+    def log_epoch(self, row: dict) -> None:
+        for t in self.trackers:
+            t.log_epoch(row)
+
+    def finish(self, artifacts: dict[str, Path]) -> None:
+        for t in self.trackers:
+            t.finish(artifacts)
+
+
+TRACKER_CLASSES = {"mlflow": MlflowTracker, "tensorboard": TensorBoardTracker}
+
+
+def make_tracker(config: RunConfig, out_dir: str | Path) -> Tracker:
+    """The trackers config.log names (a ConfigError naming the pip extra when a package is missing)."""
+    if not config.log:
+        return Tracker()
+    return Trackers([TRACKER_CLASSES[name](Path(out_dir)) for name in config.log])

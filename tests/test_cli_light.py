@@ -1,0 +1,69 @@
+"""A light command line: help and --version never import torch; train's options come in sections."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from transferlab.cli import RUN_GROUPS, main, version
+from transferlab.config import RunConfig
+
+HELP_WITHOUT_TORCH = """
+import sys
+from transferlab.cli import main
+for command in ([], ["train"], ["evaluate"], ["predict"], ["export"], ["models"], ["study"], ["study", "run"],
+                ["study", "worker"], ["study", "report"]):
+    try:
+        main([*command, "--help"])
+    except SystemExit as exit:
+        assert exit.code == 0, (command, exit.code)
+heavy = [m for m in ("torch", "torchvision", "optuna", "matplotlib", "onnx", "mlflow") if m in sys.modules]
+assert not heavy, heavy
+import transferlab
+from transferlab import RunConfig
+assert "torch" not in sys.modules
+"""
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_help_does_not_import_torch():
+    done = run_python(HELP_WITHOUT_TORCH)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_library_api_still_imports_by_name():
+    done = run_python(
+        "import transferlab.train as module, transferlab\n"
+        "from transferlab import RunConfig, train, Trainer, load_checkpoint, export_checkpoint, REGISTRY\n"
+        "assert callable(train) and transferlab.train is train and Trainer.__module__ == 'transferlab.train'\n"
+        "assert 'squeezenet1_1' in REGISTRY and set(transferlab.__all__) <= set(dir(transferlab))\n"
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"transferlab {version()}" and version()
+
+
+def test_train_help_groups_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for title in RUN_GROUPS.values():
+        assert f"\n{title}:\n" in out
+    assert "\nother:\n" not in out  # every field names its section
+    assert "examples:\n  transferlab train" in out
+    for f in dataclasses.fields(RunConfig):
+        assert f.metadata["group"] in RUN_GROUPS, f.name
