@@ -221,6 +221,7 @@ class Worker:
         self._images: dict[str, ImageSet] = {}
         self.feature_cache: FeatureCache | None = None
         self._claimed: tuple[int, Path] | None = None  # the trial this worker trained last, and its run directory
+        self.load_seconds = 0.0  # decoding/loading the data, once per data source
 
     def images_for(self, config: RunConfig) -> ImageSet:
         key = json.dumps(
@@ -228,7 +229,9 @@ class Worker:
              config.labels_label_column, config.labels_split_column]
         )  # fmt: skip
         if key not in self._images:
+            started = time.time()
             self._images[key] = load_images(config)
+            self.load_seconds += time.time() - started
         return self._images[key]
 
     def identify(self, job: Job) -> Job:
@@ -323,6 +326,9 @@ class Worker:
             "best_epoch": summary["best_epoch"],
             "checkpoint": str((run_dir / "best.pt").relative_to(self.directory)),
             "wall_seconds": elapsed,
+            # one-off work of the run (absent when fit found it finished): not part of any epoch's seconds
+            "setup_seconds": getattr(trainer, "setup_seconds", None),
+            "feature_seconds": getattr(trainer, "feature_seconds", None),
         }.items():
             trial.set_user_attr(name, value)
         return summary["best"][metric]
@@ -409,6 +415,7 @@ def record_spec(study: optuna.Study, spec: StudySpec, spec_path, url: str, jobs:
     study.set_user_attr("spec", source)
     study.set_user_attr("spec_path", str(spec_path))
     study.set_user_attr("command", hide(command, url))
+    study.set_user_attr("cwd", os.getcwd())  # relative paths in the spec are relative to it
     study.set_user_attr("identities", sorted({i for job in jobs for i in job.identities.values()}))
 
 
@@ -432,6 +439,7 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
     """Create or resume the study, run everything still to do, select, test once, report."""
     if workers < 1:
         raise StudyError(f"--workers {workers}: expected 1 or more worker processes")
+    started = time.time()
     spec, directory, url, study = _prepare(spec_path, study_dir, storage, overrides)
     (directory / "storage.txt").write_text(without_password(url))
     (directory / "study.txt").write_text(spec.name)  # which study of a shared storage this directory reports
@@ -454,6 +462,16 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
             if p.returncode:
                 raise StudyError(f"a worker process exited with status {p.returncode}")
         select_and_test(study, spec, directory, {i for job in jobs for i in job.identities.values()})
+        finished = time.time()
+        study.set_user_attr(
+            "last_run",
+            {
+                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(finished)),
+                "wall_seconds": finished - started,
+                "load_seconds": worker.load_seconds,
+            },
+        )
         if report:
             from .report import write_report
 
@@ -508,9 +526,11 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
         )
         return selected
     test_x, test_y = split_arrays(images, split, "test")
+    started = time.time()
     loaded = load_checkpoint(directory / best.user_attrs["checkpoint"], config.device)
     result = evaluate_arrays(loaded, test_x, align_labels(loaded, ImageSet(test_x, test_y, images.classes, images.key)))
     record.update(
+        test_seconds=time.time() - started,
         test_accuracy=result["accuracy"],
         test_loss=result["loss"],
         test_balanced_accuracy=result["balanced_accuracy"],

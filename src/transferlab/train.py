@@ -290,6 +290,7 @@ class Trainer:
         )
         cached = self.feature_cache.get(key)
         if cached is None:
+            started = time.perf_counter()
             pixels = self.pixels[torch.from_numpy(used).to(self.device)]
             options = dict(
                 batch_size=max(config.batch_size, 500), device=self.device, mirror=mirror, autocast=self.autocast
@@ -300,6 +301,7 @@ class Trainer:
                     self.prefix, pixels, self.preprocess, dtype=torch.float32, progress=False, **options
                 )
             self.feature_cache.put(key, cached)
+            self.feature_seconds += time.perf_counter() - started
         return cached.to(self.device)
 
     # -------------------------------------------------------------- forward passes
@@ -349,7 +351,10 @@ class Trainer:
             self.log(f"already finished ({self.out_dir / 'metrics.json'})")
             (self.out_dir / "state.pt").unlink(missing_ok=True)  # left by a kill just before the end
             return finished
+        # one-off work, kept out of the per-epoch `seconds` (training + validation only)
+        started, self.feature_seconds = time.perf_counter(), 0.0
         self._setup()
+        self.setup_seconds = time.perf_counter() - started
         state = self._resume()
         if state.epoch == 0:
             self._clear_outputs()
@@ -487,6 +492,8 @@ class Trainer:
                 "best_val_accuracy": best["val_accuracy"],
                 "best_val_loss": best["val_loss"],
                 "input_path": self.feature_path,
+                "setup_seconds": self.setup_seconds,  # model, preprocessing, feature pass (feature_seconds of it)
+                "feature_seconds": self.feature_seconds,
                 "weights": self.weights_source,
                 "data": self.images.key,
                 "n_train": len(self.split.train),
