@@ -6,18 +6,12 @@ Library API (the CLI is a thin layer over it):
     result = train(RunConfig(data="path/to/images", strategy="partial", epochs=5), "runs/try")
 """
 
-from importlib import metadata as _metadata
-
 from .config import ConfigError, RunConfig, StudySpec
 from .data import DataError, ImageSet, load_images, make_split
 from .evaluate import evaluate_checkpoint, load_checkpoint, predict_files
 from .models import REGISTRY, WeightsError, build_model
 from .train import RunResult, Trainer, train
-
-try:
-    __version__ = _metadata.version("transferlab")
-except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "ConfigError",
@@ -29,6 +23,7 @@ __all__ = [
     "StudySpec",
     "Trainer",
     "WeightsError",
+    "__version__",
     "build_model",
     "evaluate_checkpoint",
     "load_checkpoint",

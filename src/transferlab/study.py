@@ -57,6 +57,7 @@ from .storage import (
     storage_errors,
     without_password,
 )
+from .version import build_info
 
 __all__ = ["StudyError", "grid_trials", "plan_jobs", "point_key", "run_study", "run_worker", "slug"]
 
@@ -416,6 +417,7 @@ def record_spec(study: optuna.Study, spec: StudySpec, spec_path, url: str, jobs:
     study.set_user_attr("spec_path", str(spec_path))
     study.set_user_attr("command", hide(command, url))
     study.set_user_attr("cwd", os.getcwd())  # relative paths in the spec are relative to it
+    study.set_user_attr("software", build_info())
     study.set_user_attr("identities", sorted({i for job in jobs for i in job.identities.values()}))
 
 
