@@ -263,7 +263,7 @@ def summary_table(data: StudyData) -> tuple[Block, dict]:
             if by_setting:
                 setting = max(sorted(by_setting), key=lambda k: statistics.mean(by_setting[k]))
                 cells[(regime, e)] = (statistics.mean(by_setting[setting]), setting)
-    several = any(_setting(t, data) for t in data.trials)
+    several = len({_setting(t, data) for t in data.trials}) > 1  # a setting to name
     rows = [["regime", *(f"{e} epochs" for e in epochs)]]
     for regime in _regimes(data):
         row = [regime]
@@ -677,7 +677,7 @@ def _selected_trial(data: StudyData) -> dict | None:
 
 def summary_blocks(data: StudyData) -> list[Block]:
     table, cells = summary_table(data)
-    several = any(_setting(t, data) for t in data.trials)
+    several = len({_setting(t, data) for t in data.trials}) > 1  # a setting to name
     blocks = [
         Block("h2", "Summary"),
         Block(
