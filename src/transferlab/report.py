@@ -36,6 +36,7 @@ from .storage import (  # noqa: E402
     require_existing,
     resolve_url,
     storage_errors,
+    without_password,
 )
 
 PAPER_AXES = ("strategy", "batch_size", "epochs")
@@ -443,7 +444,8 @@ def study_time_blocks(data: StudyData) -> list[Block]:
         lines.append(
             f"The last `study run` went from {last['started']} to {last['finished']}: {_duration(last['wall_seconds'])}"
             f" of wall time ({_seconds(last['wall_seconds'])} s), of which {_seconds(last['load_seconds'])} s loading "
-            "the data. A resumed study reuses trials trained by earlier runs, so this can be less than the trials' sum."
+            "the data in its own process. Trials trained by an earlier `study run` or by parallel workers make this "
+            "differ from the trials' sum."
         )
     if data.test and data.test.get("test_seconds") is not None:
         lines.append(f"The single test evaluation took {_seconds(data.test['test_seconds'])} s.")
@@ -493,15 +495,16 @@ def learning_curves(data: StudyData) -> bytes | None:
                 ax.plot(epochs, [r[f"train_{metric}"] for r in t["history"]], ":", color=colour, alpha=0.8)
         axes[0][col].set_title(strategy, color=_colour(strategy), fontweight="bold")
         axes[0][col].set_ylabel("accuracy")
-        axes[0][col].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        axes[0][col].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
         for k, loss in enumerate(losses):
             axes[1 + k][col].set_ylabel(f"{loss} loss")
         axes[-1][col].set_xlabel("epoch")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-            if not ax.lines:
-                ax.text(0.5, 0.5, "no run", ha="center", va="center", transform=ax.transAxes, color="grey")
+            if not ax.lines:  # this regime has no run of this loss kind
+                ax.axis("off")
+                ax.text(0.5, 0.5, f"no {ax.get_ylabel()} run", ha="center", va="center", transform=ax.transAxes)
         if len(mine) <= 8:  # below the column, out of the data
             handles, labels = axes[0][col].get_legend_handles_labels()
             axes[-1][col].legend(
@@ -518,7 +521,13 @@ def accuracy_vs_epochs(data: StudyData) -> bytes | None:
     epochs = _epochs_of(data)
     if len(epochs) < 2:
         return None
-    batch_sizes = sorted({_value(t, "batch_size") for t in data.trials})
+    # a panel needs two epoch budgets to draw a line, not dots
+    budgets = defaultdict(set)
+    for t in data.trials:
+        budgets[_value(t, "batch_size")].add(_value(t, "epochs"))
+    batch_sizes = sorted(bs for bs, found in budgets.items() if len(found) > 1)
+    if not batch_sizes:
+        return None
     series: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for t in data.trials:
         name = _setting(t, data, skip=("strategy", "batch_size", "epochs", "seed"))
@@ -546,7 +555,7 @@ def accuracy_vs_epochs(data: StudyData) -> bytes | None:
         ax.set_xticks(epochs)
         ax.set_xlabel("epochs")
         ax.grid(alpha=0.3)
-        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     axes[0][0].set_ylabel("validation accuracy (last epoch)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes[0][1:]:
@@ -695,7 +704,9 @@ def summary_blocks(data: StudyData) -> list[Block]:
             f"Selected by {t['metric']}: trial {t['trial']} ({t['key']}), validation accuracy {_pct(t['val_accuracy'])}"
         )
         if t.get("test_accuracy") is not None:
-            text += f"; test accuracy {_pct(t['test_accuracy'])} on {t['n_test']} test images (evaluated once)."
+            text += f"; test accuracy {_pct(t['test_accuracy'])} on {t['n_test']} test images"
+            n = data.n_test_evaluations
+            text += " (the test split evaluated once)." if n == 1 else f" ({n} test evaluations recorded)."
         else:
             text += "; not evaluated on a test set (no test split)."
         blocks.append(Block("p", text))
@@ -775,6 +786,8 @@ def _absolute_paths(table: dict, data: StudyData) -> dict:
 def reproducible_spec(data: StudyData) -> dict:
     """The recorded spec with its data, weights and cache paths absolute."""
     tree = dict(data.spec)
+    if isinstance(tree.get("storage"), str):  # its password, if any, comes from the environment (never printed)
+        tree["storage"] = without_password(tree["storage"])
     for name in ("run", "grid"):
         if isinstance(tree.get(name), dict):
             tree[name] = _absolute_paths(tree[name], data)
@@ -881,7 +894,8 @@ def build_blocks(data: StudyData) -> list[Block]:
         Block(
             "p",
             f"{len(data.trials)} grid points ({shared}). "
-            "Accuracies are in percent; the per-regime tables show each grid point's last epoch, as the study "
+            "The summary, per-regime and variant tables give accuracies in percent (the selected-trial and All "
+            "trials tables: fractions); the per-regime tables show each grid point's last epoch, as the study "
             "reported them.",
         )
     )
@@ -904,6 +918,14 @@ def build_blocks(data: StudyData) -> list[Block]:
     blocks.append(Block("h2", "Time"))
     blocks += study_time_blocks(data)
     table, times = time_table(data)
+    blocks.append(
+        Block(
+            "p",
+            "Per regime and setting: s/epoch is the training and validation seconds of every epoch its runs trained, "
+            "divided by their number; setup is building the model and, for cached inputs, the frozen-feature pass "
+            "(recorded by runs since this report version).",
+        )
+    )
     blocks.append(table)
     _figure(blocks, "Seconds per epoch by regime and setting (each trained epoch once)", timing_plot(data, times))
     blocks.append(Block("h2", "All trials"))
@@ -941,7 +963,7 @@ def render_html(blocks: list[Block], title: str) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}pre{background:#f5f5f5;padding:1em;overflow:auto}"
+        "td:first-child,th:first-child{text-align:left}pre{background:#f5f5f5;padding:1em;overflow:auto;white-space:pre-wrap;overflow-wrap:anywhere}"
         "img{max-width:100%}</style></head><body>"
     ]
     for b in blocks:
