@@ -328,8 +328,8 @@ class Worker:
             "checkpoint": str((run_dir / "best.pt").relative_to(self.directory)),
             "wall_seconds": elapsed,
             # one-off work of the run (absent when fit found it finished): not part of any epoch's seconds
-            "setup_seconds": getattr(trainer, "setup_seconds", None),
-            "feature_seconds": getattr(trainer, "feature_seconds", None),
+            "setup_seconds": trainer.setup_seconds,
+            "feature_seconds": trainer.feature_seconds if trainer.setup_seconds is not None else None,
         }.items():
             trial.set_user_attr(name, value)
         return summary["best"][metric]

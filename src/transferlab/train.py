@@ -203,6 +203,9 @@ class Trainer:
             feature_cache if feature_cache is not None else FeatureCache(config.resolved_cache_dir() / "features")
         )
         self.num_classes = len(self.images.classes)
+        # one-off work, kept apart from the epochs; setup_seconds stays None when fit finds the run finished
+        self.setup_seconds: float | None = None
+        self.feature_seconds = 0.0
 
     def _output_folder(self, out_dir: str | Path) -> Path:
         data = Path(self.config.data).expanduser()
@@ -352,7 +355,7 @@ class Trainer:
             (self.out_dir / "state.pt").unlink(missing_ok=True)  # left by a kill just before the end
             return finished
         # one-off work, kept out of the per-epoch `seconds` (training + validation only)
-        started, self.feature_seconds = time.perf_counter(), 0.0
+        started = time.perf_counter()
         self._setup()
         self.setup_seconds = time.perf_counter() - started
         state = self._resume()
