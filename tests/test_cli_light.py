@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from transferlab.cli import RUN_GROUPS, main, version
+from transferlab import __version__
+from transferlab.cli import RUN_GROUPS, main
 from transferlab.config import RunConfig
 
 HELP_WITHOUT_TORCH = """
@@ -54,7 +55,7 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out.strip()
-    assert out == f"transferlab {version()}" and version()
+    assert out == f"transferlab {__version__}" and __version__
 
 
 def test_train_help_groups_every_option(capsys):

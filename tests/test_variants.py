@@ -80,5 +80,5 @@ def test_study_with_variants_runs_and_reports_the_variant_table(tmp_path):
     }
     for t in data.trials:
         column = ["frozen", "full"].index(t["point"]["strategy"])
-        assert rows[t["point"]["variant"]][column] == f"{t['best']['val_accuracy']:.4f}"
-    assert re.search(r"\| plain \| [0-9.]+ \| [0-9.]+ \|", table)
+        assert rows[t["point"]["variant"]][column] == f"{100 * t['best']['val_accuracy']:.1f}%"
+    assert re.search(r"\| plain \| [0-9.]+% \| [0-9.]+% \|", table)

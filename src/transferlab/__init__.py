@@ -16,6 +16,7 @@ import sys
 import types
 
 from .config import ConfigError, RunConfig, StudySpec
+from .version import __version__
 
 _LAZY = {
     "DataError": "data",
@@ -44,6 +45,7 @@ __all__ = [
     "StudySpec",
     "Trainer",
     "WeightsError",
+    "__version__",
     "build_model",
     "evaluate_checkpoint",
     "export_checkpoint",

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_toml, parse_override
+from .version import __version__
 
 EPILOG_OFFLINE = (
     "offline: --data PATH (an ImageFolder tree) or --data-dir DIR holding cifar-10-batches-py; "
@@ -35,16 +36,6 @@ RUN_GROUPS = {
     "training": "training",
     "execution": "execution and output",
 }
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed("transferlab")
-    except PackageNotFoundError:  # run from a source tree without installing
-        return "0.1.0"
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -292,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="transferlab", description="Transfer-learning studies on image classifiers.", epilog=EPILOG_OFFLINE
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(

@@ -11,7 +11,9 @@ import html
 import io
 import json
 import math
+import shlex
 import statistics
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
+import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
@@ -34,6 +37,7 @@ from .storage import (  # noqa: E402
     require_existing,
     resolve_url,
     storage_errors,
+    without_password,
 )
 
 PAPER_AXES = ("strategy", "batch_size", "epochs")
@@ -59,6 +63,8 @@ class StudyData:
     n_test_evaluations: int
     environment: dict
     n_older: int = 0  # complete trials of earlier specs in the storage (not shown)
+    directory: Path | None = None
+    attrs: dict = field(default_factory=dict)  # other study user attrs: cwd, software, last_run, spec_path
 
 
 def load_study_data(directory: str | Path, storage: str | None = None, study_name: str | None = None) -> StudyData:
@@ -108,6 +114,10 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
                 "config": a["config"],
                 "input_path": a.get("input_path", ""),
                 "run_dir": a.get("run_dir", ""),
+                "checkpoint": a.get("checkpoint", ""),
+                "source_trial": a.get("source_trial"),
+                "setup_seconds": a.get("setup_seconds"),
+                "feature_seconds": a.get("feature_seconds"),
             }
         )
     evaluations = study.user_attrs.get("test_evaluations", [])
@@ -132,10 +142,16 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
         len(evaluations),
         env,
         older_trials(study, identities),
+        directory,
+        {k: study.user_attrs[k] for k in ("cwd", "software", "last_run", "spec_path") if k in study.user_attrs},
     )
 
 
-# ------------------------------------------------------------------------------ tables
+# ------------------------------------------------------------------------------ formatting
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
 def _fmt(values: list[float], digits: int = 4) -> str:
     if not values:
         return ""
@@ -144,9 +160,45 @@ def _fmt(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _fmt_pct(values: list[float]) -> str:
+    """Fractions as percent, one decimal; seeds of one setting as mean ± sample std."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return _pct(values[0])
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}%"
+
+
+def _fmt_pp(values: list[float]) -> str:
+    """Differences of fractions, in percentage points."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{100 * values[0]:+.1f} pp"
+    return f"{100 * statistics.mean(values):+.1f} ± {100 * statistics.stdev(values):.1f} pp"
+
+
 def _cell(value: float | None) -> str:
     """A figure, or blank where a trial recorded before it existed has none."""
     return "" if value is None else f"{value:.4f}"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+# ------------------------------------------------------------------------------ grouping
+REGIME_ORDER = ("frozen", "partial", "full")
+REGIME_COLOURS = {"frozen": "#1f77b4", "partial": "#ff7f0e", "full": "#2ca02c"}
+OTHER_COLOURS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
 def _final_row(trial: dict) -> dict:
@@ -162,60 +214,128 @@ def _value(trial: dict, axis: str):
     return trial["point"].get(axis, trial["config"].get(axis))
 
 
+def _natural(value) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def _regimes(data: StudyData) -> list[str]:
+    """One order in every table and figure: frozen, partial, full, then any others by name."""
+    found = {_value(t, "strategy") for t in data.trials}
+    return [r for r in REGIME_ORDER if r in found] + sorted(str(r) for r in found if r not in REGIME_ORDER)
+
+
+def _colour(regime: str) -> str:
+    """A regime's colour, the same in every figure of every report."""
+    if regime in REGIME_COLOURS:
+        return REGIME_COLOURS[regime]
+    return OTHER_COLOURS[sum(map(ord, str(regime))) % len(OTHER_COLOURS)]
+
+
+def _epochs_of(data: StudyData) -> list[int]:
+    return sorted({_value(t, "epochs") for t in data.trials})
+
+
+def _runs(data: StudyData) -> list[dict]:
+    """The trainings that actually happened: derived trials are epoch prefixes of one of these."""
+    return [t for t in data.trials if t["kind"] == "run"]
+
+
+def _setting(t: dict, data: StudyData, skip=("strategy", "epochs", "seed")) -> str:
+    """What distinguishes trials of one regime and epoch count: batch size and any other axis."""
+    return ", ".join(
+        f"batch size {_value(t, a)}" if a == "batch_size" else f"{a} = {_value(t, a)}"
+        for a in data.grid
+        if a not in skip
+    )
+
+
+# ------------------------------------------------------------------------------ tables
+def summary_table(data: StudyData) -> tuple[Block, dict]:
+    """Regime x epochs: the best setting's validation accuracy (at its best epoch, seeds averaged), in percent.
+
+    Returns the block and {(regime, epochs): (value, setting)} so that prose quotes the same numbers."""
+    epochs = _epochs_of(data)
+    cells: dict[tuple, tuple[float, str]] = {}
+    for regime in _regimes(data):
+        for e in epochs:
+            by_setting: dict[str, list[float]] = defaultdict(list)
+            for t in data.trials:
+                if _value(t, "strategy") == regime and _value(t, "epochs") == e:
+                    by_setting[_setting(t, data)].append(t["best"]["val_accuracy"])
+            if by_setting:
+                setting = max(sorted(by_setting), key=lambda k: statistics.mean(by_setting[k]))
+                cells[(regime, e)] = (statistics.mean(by_setting[setting]), setting)
+    several = len({_setting(t, data) for t in data.trials}) > 1  # a setting to name
+    rows = [["regime", *(f"{e} epochs" for e in epochs)]]
+    for regime in _regimes(data):
+        row = [regime]
+        for e in epochs:
+            if (regime, e) not in cells:
+                row.append("")
+                continue
+            value, setting = cells[(regime, e)]
+            row.append(_pct(value) + (f" ({setting})" if several and setting else ""))
+        rows.append(row)
+    return Block("table", rows=rows), cells
+
+
 def paper_tables(data: StudyData) -> list[Block]:
     """Per regime, per batch size (and per value of any other axis): columns = epochs, rows = metrics.
 
-    Seeds of one grid point are aggregated as mean ± std.
+    Accuracies in percent, losses as computed, the gap in percentage points. Seeds of one grid point are
+    aggregated as mean ± std. Time is in the Time section, each trained epoch counted once.
     """
     blocks: list[Block] = []
     others = _other_axes(data)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for t in data.trials:
         groups[(_value(t, "strategy"), *(_value(t, a) for a in others), _value(t, "batch_size"))].append(t)
-    for strategy in _ordered({k[0] for k in groups}, data.grid.get("strategy")):
+    for strategy in _regimes(data):
         blocks.append(Block("h3", f"Regime: {strategy}"))
         for key in sorted((k for k in groups if k[0] == strategy), key=lambda k: tuple(map(_natural, k))):
             trials = groups[key]
             epochs = sorted({_value(t, "epochs") for t in trials})
             extra = ", ".join(f"{a} = {v}" for a, v in zip(others, key[1:-1]))
             caption = f"batch size {key[-1]}" + (f", {extra}" if extra else "")
-            header = [caption] + [f"{e} epochs" for e in epochs]
-            rows = [header]
+            rows = [[caption] + [f"{e} epochs" for e in epochs]]
             for label, metric in (
                 ("val loss", "val_loss"),
                 ("val accuracy", "val_accuracy"),
                 ("train loss", "train_loss"),
                 ("train accuracy", "train_accuracy"),
                 ("gap (train - val accuracy)", None),
-                ("seconds per epoch", "seconds"),
             ):
                 row = [label]
                 for e in epochs:
                     at = [t for t in trials if _value(t, "epochs") == e]
                     if metric is None:
-                        vals = [_final_row(t)["train_accuracy"] - _final_row(t)["val_accuracy"] for t in at]
-                    elif metric == "seconds":
-                        vals = [statistics.mean(r["seconds"] for r in t["history"]) for t in at]
+                        row.append(
+                            _fmt_pp([_final_row(t)["train_accuracy"] - _final_row(t)["val_accuracy"] for t in at])
+                        )
+                    elif metric.endswith("accuracy"):
+                        row.append(_fmt_pct([_final_row(t)[metric] for t in at]))
                     else:
-                        vals = [_final_row(t)[metric] for t in at]
-                    row.append(_fmt(vals, 2 if metric == "seconds" else 4))
+                        row.append(_fmt([_final_row(t)[metric] for t in at]))
                 rows.append(row)
             blocks.append(Block("table", rows=rows))
     return blocks
 
 
-def _natural(value) -> tuple:
-    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+def _baseline(variants: list) -> str:
+    return "baseline" if "baseline" in variants else variants[0]
 
 
-def _ordered(values: set, preferred: list | None) -> list:
-    preferred = [v for v in (preferred or []) if v in values]
-    return preferred + sorted(v for v in values if v not in preferred)
+def _variant_means(data: StudyData) -> dict[tuple, float]:
+    """(variant, regime) -> mean best validation accuracy over its trials."""
+    found: dict[tuple, list[float]] = defaultdict(list)
+    for t in data.trials:
+        found[(_value(t, "variant"), _value(t, "strategy"))].append(t["best"]["val_accuracy"])
+    return {k: statistics.mean(v) for k, v in found.items()}
 
 
 def variant_table(data: StudyData) -> Block:
-    """Ablations: rows = variants (one change each), columns = regimes, cells = best validation accuracy."""
-    strategies = _ordered({_value(t, "strategy") for t in data.trials}, data.grid.get("strategy"))
+    """Ablations: rows = variants (one change each), columns = regimes, cells = best validation accuracy (%)."""
+    strategies = _regimes(data)
     rows = [["variant", *strategies]]
     for variant in data.grid["variant"]:
         row = [str(variant)]
@@ -225,12 +345,13 @@ def variant_table(data: StudyData) -> Block:
                 for t in data.trials
                 if _value(t, "variant") == variant and _value(t, "strategy") == strategy
             ]
-            row.append(_fmt(vals))
+            row.append(_fmt_pct(vals))
         rows.append(row)
     return Block("table", rows=rows)
 
 
 def trials_table(data: StudyData) -> Block:
+    """Every grid point at full precision. A derived trial's time is its run's (not counted again)."""
     axes = list(data.grid)
     rows = [
         [
@@ -249,6 +370,8 @@ def trials_table(data: StudyData) -> Block:
     ]
     for t in data.trials:
         h = t["history"]
+        derived = t["kind"] == "derived"
+        source = f"in run {t['source_trial']}" if t.get("source_trial") is not None else "in its run"
         rows.append(
             [
                 str(t["number"]),
@@ -259,12 +382,75 @@ def trials_table(data: StudyData) -> Block:
                 _cell(t["best"].get("val_macro_f1")),
                 f"{h[-1]['val_accuracy']:.4f}",
                 f"{h[-1]['train_accuracy']:.4f}",
-                f"{statistics.mean(r['seconds'] for r in h):.2f}",
-                f"{sum(r['seconds'] for r in h):.1f}",
-                t["input_path"] + (" (shared run)" if t["kind"] == "derived" else ""),
+                source if derived else f"{statistics.mean(r['seconds'] for r in h):.2f}",
+                source if derived else f"{sum(r['seconds'] for r in h):.1f}",
+                t["input_path"] + (" (shared run)" if derived else ""),
             ]
         )
     return Block("table", rows=rows)
+
+
+def time_table(data: StudyData) -> tuple[Block, dict]:
+    """Regime x batch size (x other axes): seconds per trained epoch, counting each run's epochs once.
+
+    s/epoch = training + validation seconds summed over the runs / epochs they trained; one-off work (model
+    setup with the frozen-feature pass, when the run recorded it) is a separate column."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for t in _runs(data):
+        groups[(_value(t, "strategy"), _setting(t, data))].append(t)
+    order = {r: i for i, r in enumerate(_regimes(data))}
+    rows = [
+        ["regime", "setting", "runs", "epochs trained", "s/epoch", "training s", "setup s", "feature pass s (in setup)"]
+    ]
+    out = {}
+    for key in sorted(groups, key=lambda k: (order[k[0]], _natural_setting(groups[k][0], data))):
+        runs = groups[key]
+        epochs = sum(len(t["history"]) for t in runs)
+        training = sum(r["seconds"] for t in runs for r in t["history"])
+        setups = [t["setup_seconds"] for t in runs if t.get("setup_seconds") is not None]
+        features = [t["feature_seconds"] for t in runs if t.get("feature_seconds") is not None]
+        out[key] = {"epochs": epochs, "training": training, "per_epoch": training / epochs if epochs else 0.0}
+        rows.append(
+            [
+                key[0],
+                key[1] or "-",
+                str(len(runs)),
+                str(epochs),
+                _seconds(out[key]["per_epoch"]),
+                _seconds(training),
+                _seconds(sum(setups)) if setups else "not recorded",
+                _seconds(sum(features)) if features else "not recorded",
+            ]
+        )
+    return Block("table", rows=rows), out
+
+
+def _natural_setting(t: dict, data: StudyData) -> tuple:
+    return tuple(_natural(_value(t, a)) for a in data.grid if a not in ("strategy", "epochs", "seed"))
+
+
+def study_time_blocks(data: StudyData) -> list[Block]:
+    """Wall time: the last `study run` as recorded, the trainings, the one-off work."""
+    runs = _runs(data)
+    training = sum(r["seconds"] for t in runs for r in t["history"])
+    epochs = sum(len(t["history"]) for t in runs)
+    walls = sum(t["wall_seconds"] for t in runs)
+    lines = [
+        f"{len(runs)} runs trained {epochs} epochs in all: {_seconds(training)} s of training and validation "
+        f"({_duration(training)}); their trials took {_seconds(walls)} s of wall time ({_duration(walls)}) including "
+        "setup, checkpoints and bookkeeping. Epochs of derived trials are those of their run and are not counted again."
+    ]
+    last = data.attrs.get("last_run")
+    if last:
+        lines.append(
+            f"The last `study run` went from {last['started']} to {last['finished']}: {_duration(last['wall_seconds'])}"
+            f" of wall time ({_seconds(last['wall_seconds'])} s), of which {_seconds(last['load_seconds'])} s loading "
+            "the data in its own process. Trials trained by an earlier `study run` or by parallel workers make this "
+            "differ from the trials' sum."
+        )
+    if data.test and data.test.get("test_seconds") is not None:
+        lines.append(f"The single test evaluation took {_seconds(data.test['test_seconds'])} s.")
+    return [Block("p", text) for text in lines]
 
 
 # ------------------------------------------------------------------------------ figures
@@ -275,86 +461,155 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _longest_per_family(data: StudyData) -> list[dict]:
-    """Learning curves: one line per run actually trained (derived trials are prefixes of it)."""
-    return [t for t in data.trials if t["kind"] == "run"]
+def _shade(colour: str, i: int, n: int) -> tuple:
+    """The i-th of n shades of a regime's colour, darkest first."""
+    rgb = matplotlib.colors.to_rgb(colour)
+    mix = 0.6 * i / max(n - 1, 1)
+    return tuple(c + (1 - c) * mix for c in rgb)
 
 
-def _label(t: dict, skip=("strategy", "epochs")) -> str:
-    return ", ".join(f"{a}={_value(t, a)}" for a in t["point"] if a not in skip) or "run"
+MARKERS = "osD^vP*Xh"
 
 
-def learning_curves(data: StudyData) -> bytes:
-    strategies = _ordered({_value(t, "strategy") for t in data.trials}, data.grid.get("strategy"))
-    fig, axes = plt.subplots(2, len(strategies), figsize=(4.6 * len(strategies), 7), squeeze=False)
+def learning_curves(data: StudyData) -> bytes | None:
+    """One column per regime (its colour); rows: accuracy, then one loss row per loss kind (ce and mse differ in
+    scale). One line per run actually trained: derived trials are prefixes of it."""
+    runs = _runs(data)
+    if not runs or max(len(t["history"]) for t in runs) < 2:
+        return None  # a single epoch is a dot, not a curve: the tables hold it
+    strategies = _regimes(data)
+    losses = sorted({t["config"].get("loss", "ce") for t in runs})
+    fig, axes = plt.subplots(
+        1 + len(losses), len(strategies), figsize=(4.2 * len(strategies), 2.8 * (1 + len(losses))), squeeze=False
+    )
     for col, strategy in enumerate(strategies):
-        for t in (t for t in _longest_per_family(data) if _value(t, "strategy") == strategy):
+        mine = sorted((t for t in runs if _value(t, "strategy") == strategy), key=lambda t: _natural_setting(t, data))
+        for i, t in enumerate(mine):
+            colour, marker = _shade(_colour(strategy), i, len(mine)), MARKERS[i % len(MARKERS)]
             epochs = [r["epoch"] for r in t["history"]]
-            for row, metric in enumerate(("accuracy", "loss")):
-                (line,) = axes[row][col].plot(
-                    epochs, [r[f"val_{metric}"] for r in t["history"]], label=f"{_label(t)} val"
-                )
-                axes[row][col].plot(
-                    epochs,
-                    [r[f"train_{metric}"] for r in t["history"]],
-                    "--",
-                    color=line.get_color(),
-                    alpha=0.7,
-                    label=f"{_label(t)} train",
-                )
-        axes[0][col].set_title(f"{strategy}")
+            label = _setting(t, data, skip=("strategy", "epochs")) or "run"
+            rows = [("accuracy", axes[0][col])]
+            rows.append(("loss", axes[1 + losses.index(t["config"].get("loss", "ce"))][col]))
+            for metric, ax in rows:
+                ax.plot(epochs, [r[f"val_{metric}"] for r in t["history"]], "-", color=colour, marker=marker,
+                        markersize=3, label=label if metric == "accuracy" else None)  # fmt: skip
+                ax.plot(epochs, [r[f"train_{metric}"] for r in t["history"]], ":", color=colour, alpha=0.8)
+        axes[0][col].set_title(strategy, color=_colour(strategy), fontweight="bold")
         axes[0][col].set_ylabel("accuracy")
-        axes[1][col].set_ylabel("loss")
-        axes[1][col].set_xlabel("epoch")
-        axes[0][col].legend(fontsize=7)
+        axes[0][col].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        for k, loss in enumerate(losses):
+            axes[1 + k][col].set_ylabel(f"{loss} loss")
+        axes[-1][col].set_xlabel("epoch")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    fig.suptitle("Learning curves (solid: validation, dashed: train)")
+            if not ax.lines:  # this regime has no run of this loss kind
+                ax.axis("off")
+                ax.text(0.5, 0.5, f"no {ax.get_ylabel()} run", ha="center", va="center", transform=ax.transAxes)
+        if len(mine) <= 8:  # below the column, out of the data
+            handles, labels = axes[0][col].get_legend_handles_labels()
+            axes[-1][col].legend(
+                handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.28), fontsize=7, ncol=2, frameon=False
+            )
+    fig.suptitle("Learning curves per regime (solid: validation, dotted: train)")
+    fig.tight_layout()
     return _png(fig)
 
 
-def accuracy_vs_epochs(data: StudyData) -> bytes:
-    batch_sizes = sorted({_value(t, "batch_size") for t in data.trials})
-    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5 * len(batch_sizes), 3.8), squeeze=False, sharey=True)
+def accuracy_vs_epochs(data: StudyData) -> bytes | None:
+    """Final validation accuracy against the epoch budget, per batch size; None when there is one budget only or
+    too many settings to tell apart (the tables and the variant chart hold them)."""
+    epochs = _epochs_of(data)
+    if len(epochs) < 2:
+        return None
+    # a panel needs two epoch budgets to draw a line, not dots
+    budgets = defaultdict(set)
+    for t in data.trials:
+        budgets[_value(t, "batch_size")].add(_value(t, "epochs"))
+    batch_sizes = sorted(bs for bs, found in budgets.items() if len(found) > 1)
+    if not batch_sizes:
+        return None
+    series: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for t in data.trials:
+        name = _setting(t, data, skip=("strategy", "batch_size", "epochs", "seed"))
+        series[(_value(t, "batch_size"), _value(t, "strategy"), name)][_value(t, "epochs")].append(
+            _final_row(t)["val_accuracy"]
+        )
+    names = sorted({k[2] for k in series})
+    if len(names) * len(_regimes(data)) > 9:
+        return None
+    fig, axes = plt.subplots(
+        1, len(batch_sizes), figsize=(4.2 * len(batch_sizes) + 1.5, 3.4), squeeze=False, sharey=True
+    )
     for col, bs in enumerate(batch_sizes):
         ax = axes[0][col]
-        lines: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for t in (t for t in data.trials if _value(t, "batch_size") == bs):
-            lines[_label(t, skip=("batch_size", "epochs", "seed"))][_value(t, "epochs")].append(
-                _final_row(t)["val_accuracy"]
-            )
-        for name, by_epoch in sorted(lines.items()):
-            xs = sorted(by_epoch)
-            ax.plot(xs, [statistics.mean(by_epoch[x]) for x in xs], "o-", label=name)
+        for strategy in _regimes(data):
+            for j, name in enumerate(names):
+                by_epoch = series.get((bs, strategy, name))
+                if not by_epoch:
+                    continue
+                xs = sorted(by_epoch)
+                label = strategy + (f" ({name})" if name else "")
+                ax.plot(xs, [statistics.mean(by_epoch[x]) for x in xs], marker=MARKERS[j % len(MARKERS)],
+                        linestyle=("-", "--", ":", "-.")[j % 4], color=_colour(strategy), label=label)  # fmt: skip
         ax.set_title(f"batch size {bs}")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xticks(epochs)
         ax.set_xlabel("epochs")
-        ax.set_ylabel("validation accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    axes[0][0].set_ylabel("validation accuracy (last epoch)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
     return _png(fig)
 
 
-def timing_plot(data: StudyData) -> bytes:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    groups: dict[tuple, list[float]] = defaultdict(list)
-    for t in data.trials:
-        groups[(_value(t, "strategy"), _value(t, "batch_size"))] += [r["seconds"] for r in t["history"]]
-    strategies = _ordered({k[0] for k in groups}, data.grid.get("strategy"))
-    batch_sizes = sorted({k[1] for k in groups})
-    width = 0.8 / max(len(batch_sizes), 1)
-    for i, bs in enumerate(batch_sizes):
-        ax.bar(
-            [s + i * width for s in range(len(strategies))],
-            [statistics.mean(groups[(st, bs)]) if groups[(st, bs)] else 0 for st in strategies],
-            width,
-            label=f"batch {bs}",
-        )
-    ax.set_xticks([s + width * (len(batch_sizes) - 1) / 2 for s in range(len(strategies))], strategies)
-    ax.set_ylabel("seconds per epoch")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
+def variant_chart(data: StudyData) -> bytes | None:
+    """Each variant's difference in best validation accuracy against the baseline, per regime, sorted."""
+    variants = list(data.grid.get("variant", []))
+    if len(variants) < 2:
+        return None
+    base, means = _baseline(variants), _variant_means(data)
+    strategies = _regimes(data)
+    diffs = {
+        v: {s: means[(v, s)] - means[(base, s)] for s in strategies if (v, s) in means and (base, s) in means}
+        for v in variants
+        if v != base
+    }
+    order = sorted(diffs, key=lambda v: statistics.mean(diffs[v].values()) if diffs[v] else 0.0)
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.32 * len(order)))
+    for y, v in enumerate(order):
+        ax.plot([min(diffs[v].values(), default=0) * 100, max(diffs[v].values(), default=0) * 100], [y, y],
+                color="#cccccc", zorder=1)  # fmt: skip
+        for s, d in diffs[v].items():
+            ax.scatter(100 * d, y, color=_colour(s), s=28, zorder=2, label=s if y == 0 else None)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(order)), [str(v) for v in order], fontsize=8)
+    ax.set_xlabel(f"best validation accuracy minus {base}'s (percentage points)")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def timing_plot(data: StudyData, times: dict) -> bytes | None:
+    """Seconds per trained epoch, one bar per regime and setting (regime colours); None for a single bar."""
+    if len(times) < 2:
+        return None
+    keys = list(times)
+    fig, ax = plt.subplots(figsize=(6.5, 1.0 + 0.3 * len(keys)))
+    ax.barh(range(len(keys)), [times[k]["per_epoch"] for k in keys], color=[_colour(k[0]) for k in keys])
+    ax.set_yticks(range(len(keys)), [f"{k[0]}, {k[1]}" if k[1] else k[0] for k in keys], fontsize=8)
+    for y, k in enumerate(keys):  # short bars stay readable
+        ax.text(times[k]["per_epoch"], y, f" {_seconds(times[k]['per_epoch'])} s", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.margins(x=0.12)
+    ax.set_xlabel("seconds per epoch (training + validation)")
+    ax.grid(alpha=0.3, axis="x")
     return _png(fig)
 
 
@@ -602,10 +857,214 @@ def calibration_blocks(t: dict) -> list[Block]:
     ]
 
 
+# ------------------------------------------------------------------------------ summary and reuse
+def _selected_trial(data: StudyData) -> dict | None:
+    if not data.test:
+        return None
+    return next((t for t in data.trials if t["number"] == data.test["trial"]), None)
+
+
+def summary_blocks(data: StudyData) -> list[Block]:
+    table, cells = summary_table(data)
+    several = len({_setting(t, data) for t in data.trials}) > 1  # a setting to name
+    blocks = [
+        Block("h2", "Summary"),
+        Block(
+            "p",
+            "Best validation accuracy per regime and epoch budget, at each trial's best epoch"
+            + (", of the best setting (in brackets)" if several else "")
+            + ("; seeds averaged" if "seed" in data.grid else "")
+            + ".",
+        ),
+        table,
+    ]
+    t = data.test
+    if t:
+        text = (
+            f"Selected by {t['metric']}: trial {t['trial']} ({t['key']}), validation accuracy {_pct(t['val_accuracy'])}"
+        )
+        if t.get("test_accuracy") is not None:
+            text += f"; test accuracy {_pct(t['test_accuracy'])} on {t['n_test']} test images"
+            n = data.n_test_evaluations
+            text += " (the test split evaluated once)." if n == 1 else f" ({n} test evaluations recorded)."
+        else:
+            text += "; not evaluated on a test set (no test split)."
+        blocks.append(Block("p", text))
+        blocks += use_model_blocks(data)
+    return blocks
+
+
+def _quote(path: str | Path) -> str:
+    return shlex.quote(str(path))
+
+
+def use_model_blocks(data: StudyData) -> list[Block]:
+    """Where the selected checkpoint is and the commands that use it."""
+    trial = _selected_trial(data)
+    if trial is None or not trial["checkpoint"] or data.directory is None:
+        return []
+    ckpt = (data.directory / trial["checkpoint"]).resolve()
+    config = trial["config"]
+    if config.get("labels"):
+        source = f"--labels {_quote(_absolute(config['labels'], data))}"
+    else:
+        source = f"--data {_quote(_absolute(config['data'], data) if config['data'] != 'cifar10' else 'cifar10')}"
+        if config.get("data_dir"):
+            source += f" --data-dir {_quote(_absolute(config['data_dir'], data))}"
+    commands = [
+        f"transferlab predict {_quote(ckpt)} images/",
+        f"transferlab evaluate {_quote(ckpt)} {source}",
+        f"transferlab export {_quote(ckpt)} --format onnx -o model.onnx",
+    ]
+    exists = "" if ckpt.is_file() else " (not found where the report was written: the study directory was moved?)"
+    return [
+        Block("h3", "Use this model"),
+        Block("p", f"Checkpoint: {ckpt}{exists}; in the study directory: {trial['checkpoint']}."),
+        Block("code", "\n".join(commands)),
+        Block("p", "evaluate scores the run's own test split by default; give other data to score that instead."),
+    ]
+
+
+# ------------------------------------------------------------------------------ reproduce
+PATH_KEYS = ("data", "labels", "data_dir", "cache_dir", "weights")
+NOT_PATHS = {"data": ("cifar10",), "weights": ("imagenet", "none")}
+
+
+def run_from(data: StudyData) -> tuple[Path, str]:
+    """The directory relative paths of the spec are relative to, and how it is known."""
+    if data.attrs.get("cwd"):
+        return Path(data.attrs["cwd"]), "the directory the study was run from"
+    # studies recorded before the directory was: the default layout <cwd>/studies-out/<name>, if the data is there
+    data_path = str(data.spec.get("run", {}).get("data", ""))
+    if data.directory is not None and data_path and data_path != "cifar10":
+        guess = data.directory.resolve().parent.parent
+        if (guess / data_path).exists():
+            return guess, "not recorded; the study directory's grandparent (the default layout), where the data is"
+    return Path.cwd(), "not recorded; the current directory"
+
+
+def _absolute(value: str, data: StudyData) -> str:
+    """A path as recorded, made absolute against the directory the study was run from."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    return str((run_from(data)[0] / path).resolve())
+
+
+def _absolute_paths(table: dict, data: StudyData) -> dict:
+    out = {}
+    for key, value in table.items():
+        fix = key in PATH_KEYS and isinstance(value, str) and value not in NOT_PATHS.get(key, ())
+        if key in PATH_KEYS and isinstance(value, list):
+            out[key] = [_absolute(v, data) if isinstance(v, str) and v not in NOT_PATHS.get(key, ()) else v
+                        for v in value]  # fmt: skip
+        else:
+            out[key] = _absolute(value, data) if fix else value
+    return out
+
+
+def reproducible_spec(data: StudyData) -> dict:
+    """The recorded spec with its data, weights and cache paths absolute."""
+    tree = dict(data.spec)
+    if isinstance(tree.get("storage"), str):  # its password, if any, comes from the environment (never printed)
+        tree["storage"] = without_password(tree["storage"])
+    for name in ("run", "grid"):
+        if isinstance(tree.get(name), dict):
+            tree[name] = _absolute_paths(tree[name], data)
+    if isinstance(tree.get("variants"), dict):
+        tree["variants"] = {k: _absolute_paths(v, data) for k, v in tree["variants"].items()}
+    return tree
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)  # inf, -inf, nan: as TOML writes them
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(tree: dict, prefix: str = "") -> str:
+    """A spec tree as TOML: scalars and arrays first, then a [table] per nested table. None (unset) is left out."""
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in tree.items() if v is not None and not isinstance(v, dict)]
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            name = f"{prefix}.{_toml_key(key)}" if prefix else _toml_key(key)
+            body = to_toml(value, name)
+            lines += ["", f"[{name}]", *([body] if body else [])]
+    return "\n".join(lines).strip("\n")
+
+
+def reproduce_blocks(data: StudyData) -> list[Block]:
+    from .version import build_info
+
+    blocks = [Block("h2", "Reproduce")]
+    blocks.append(Block("p", "The command that ran the study (passwords hidden):"))
+    blocks.append(Block("code", data.command or "(command not recorded)"))
+    base, how = run_from(data)
+    blocks.append(
+        Block(
+            "p",
+            f"The spec as the study recorded it (overrides applied), relative paths made absolute against {base} "
+            f"({how}); save it as spec.toml and run `transferlab study run spec.toml`:",
+        )
+    )
+    blocks.append(Block("code", to_toml(reproducible_spec(data))))
+    rows = [["", "value"]]
+    ran = data.attrs.get("software", {})
+    if ran:
+        rows.append(["transferlab that ran the study", ran.get("version", "")])
+        if ran.get("commit"):
+            rows.append(["its git commit", ran["commit"]])
+    now = build_info()
+    rows.append(["transferlab that wrote this report", now["version"]])
+    if now.get("commit"):
+        rows.append(["its git commit", now["commit"]])
+    rows.append(["report written", time.strftime("%Y-%m-%d %H:%M:%S %Z")])
+    if data.attrs.get("last_run"):
+        rows.append(["last study run", f"{data.attrs['last_run']['started']} to {data.attrs['last_run']['finished']}"])
+    trial = _selected_trial(data) or (data.trials[0] if data.trials else None)
+    if trial:
+        config = trial["config"]
+        source = config.get("labels") or config.get("data", "")
+        rows.append(["data source", source if source == "cifar10" else _absolute(source, data)])
+        rows.append(["data fingerprint", _data_key(data, trial)])
+    blocks.append(Block("table", rows=rows))
+    if data.environment:
+        blocks.append(Block("table", rows=[["environment", ""]] + [[k, str(v)] for k, v in data.environment.items()]))
+    return blocks
+
+
+def _data_key(data: StudyData, trial: dict) -> str:
+    if data.directory is None or not trial["run_dir"]:
+        return "not recorded"
+    metrics = data.directory / trial["run_dir"] / "metrics.json"
+    if not metrics.is_file():
+        return "not recorded"
+    return str(json.loads(metrics.read_text()).get("data", "not recorded"))
+
+
 # ------------------------------------------------------------------------------ assembling
+def _figure(blocks: list[Block], caption: str, png: bytes | None) -> None:
+    if png:
+        blocks.append(Block("figure", caption, png=png))
+
+
 def build_blocks(data: StudyData) -> list[Block]:
     blocks = [Block("h2", f"Study {data.name}")]
-    trained = sum(t["kind"] == "run" for t in data.trials)
+    trained = len(_runs(data))
     shared = (
         f"{trained} runs trained; the others are epoch prefixes of a longer run with the same settings"
         if trained < len(data.trials)
@@ -615,30 +1074,43 @@ def build_blocks(data: StudyData) -> list[Block]:
         Block(
             "p",
             f"{len(data.trials)} grid points ({shared}). "
-            "Tables show each grid point's last epoch, as the study reported them.",
+            "The summary, per-regime and variant tables give accuracies in percent (the selected-trial and All "
+            "trials tables: fractions); the per-regime tables show each grid point's last epoch, as the study "
+            "reported them.",
         )
     )
     if data.n_older:
         trials = "trial" if data.n_older == 1 else "trials"
         blocks.append(Block("p", f"The storage also holds {data.n_older} {trials} from earlier specs, not shown."))
+    if data.trials:
+        blocks += summary_blocks(data)
     if data.test:
         blocks += selection_blocks(data.test, data.n_test_evaluations)
     if "variant" in data.grid:
         blocks.append(Block("h2", "Variants: best validation accuracy per regime"))
         blocks.append(variant_table(data))
+        base = _baseline(list(data.grid["variant"]))
+        _figure(blocks, f"Each variant against {base}, per regime (sorted)", variant_chart(data))
     blocks.append(Block("h2", "Results per regime"))
     blocks += paper_tables(data)
-    blocks.append(Block("figure", "Learning curves per regime", png=learning_curves(data)))
-    blocks.append(Block("figure", "Validation accuracy vs epochs, per batch size", png=accuracy_vs_epochs(data)))
+    _figure(blocks, "Learning curves per regime", learning_curves(data))
+    _figure(blocks, "Validation accuracy vs epochs, per batch size", accuracy_vs_epochs(data))
     blocks.append(Block("h2", "Time"))
-    blocks.append(Block("figure", "Seconds per epoch by regime and batch size", png=timing_plot(data)))
+    blocks += study_time_blocks(data)
+    table, times = time_table(data)
+    blocks.append(
+        Block(
+            "p",
+            "Per regime and setting: s/epoch is the training and validation seconds of every epoch its runs trained, "
+            "divided by their number; setup is building the model and, for cached inputs, the frozen-feature pass "
+            "(recorded by runs since this report version).",
+        )
+    )
+    blocks.append(table)
+    _figure(blocks, "Seconds per epoch by regime and setting (each trained epoch once)", timing_plot(data, times))
     blocks.append(Block("h2", "All trials"))
     blocks.append(trials_table(data))
-    blocks.append(Block("h2", "Reproduce"))
-    blocks.append(Block("code", data.command or "(command not recorded)"))
-    blocks.append(Block("code", json.dumps(data.spec, indent=1)))
-    if data.environment:
-        blocks.append(Block("table", rows=[["environment", ""]] + [[k, str(v)] for k, v in data.environment.items()]))
+    blocks += reproduce_blocks(data)
     return blocks
 
 
@@ -671,7 +1143,7 @@ def render_html(blocks: list[Block], title: str) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}pre{background:#f5f5f5;padding:1em;overflow:auto}"
+        "td:first-child,th:first-child{text-align:left}pre{background:#f5f5f5;padding:1em;overflow:auto;white-space:pre-wrap;overflow-wrap:anywhere}"
         "img{max-width:100%}</style></head><body>"
     ]
     for b in blocks:

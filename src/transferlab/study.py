@@ -58,6 +58,7 @@ from .storage import (
     storage_errors,
     without_password,
 )
+from .version import build_info
 
 __all__ = ["StudyError", "grid_trials", "plan_jobs", "point_key", "run_study", "run_worker", "slug"]
 
@@ -235,12 +236,15 @@ class Worker:
         self._images: dict[str, ImageSet] = {}
         self.feature_cache: FeatureCache | None = None
         self._claimed: tuple[int, Path] | None = None  # the trial this worker trained last, and its run directory
+        self.load_seconds = 0.0  # decoding/loading the data, once per data source
 
     def images_for(self, config: RunConfig) -> ImageSet:
         """The data a trial trains on: decoded once per worker at the study's largest storage size for it."""
         key = json.dumps(data_identity(config))
         if key not in self._images:
+            started = time.time()
             self._images[key] = load_images(config, study_storage_size(self.spec, config))
+            self.load_seconds += time.time() - started
         return self._images[key]
 
     def identify(self, job: Job) -> Job:
@@ -338,6 +342,9 @@ class Worker:
             "best_epoch": summary["best_epoch"],
             "checkpoint": str((run_dir / "best.pt").relative_to(self.directory)),
             "wall_seconds": elapsed,
+            # one-off work of the run (absent when fit found it finished): not part of any epoch's seconds
+            "setup_seconds": trainer.setup_seconds,
+            "feature_seconds": trainer.feature_seconds if trainer.setup_seconds is not None else None,
         }.items():
             trial.set_user_attr(name, value)
         return summary["best"][metric]
@@ -431,6 +438,8 @@ def record_spec(study: optuna.Study, spec: StudySpec, spec_path, url: str, jobs:
     study.set_user_attr("spec", source)
     study.set_user_attr("spec_path", str(spec_path))
     study.set_user_attr("command", hide(command, url))
+    study.set_user_attr("cwd", os.getcwd())  # relative paths in the spec are relative to it
+    study.set_user_attr("software", build_info())
     study.set_user_attr("identities", sorted({i for job in jobs for i in job.identities.values()}))
 
 
@@ -454,6 +463,7 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
     """Create or resume the study, run everything still to do, select, test once, report."""
     if workers < 1:
         raise StudyError(f"--workers {workers}: expected 1 or more worker processes")
+    started = time.time()
     spec, directory, url, study = _prepare(spec_path, study_dir, storage, overrides)
     (directory / "storage.txt").write_text(without_password(url))
     (directory / "study.txt").write_text(spec.name)  # which study of a shared storage this directory reports
@@ -476,6 +486,16 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
             if p.returncode:
                 raise StudyError(f"a worker process exited with status {p.returncode}")
         select_and_test(study, spec, directory, {i for job in jobs for i in job.identities.values()})
+        finished = time.time()
+        study.set_user_attr(
+            "last_run",
+            {
+                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(finished)),
+                "wall_seconds": finished - started,
+                "load_seconds": worker.load_seconds,
+            },
+        )
         if report:
             from .report import write_report
 
@@ -534,6 +554,7 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
         )
         return selected
     test_x, test_y = split_arrays(images, split, "test")
+    started = time.time()
     loaded = load_checkpoint(directory / best.user_attrs["checkpoint"], config.device)
     test_y = torch.as_tensor(align_labels(loaded, ImageSet(test_x, test_y, images.classes, images.key)))
     logits = loaded.view_logits(test_x)
@@ -553,6 +574,7 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
         view_probabilities(logits), view_probabilities(logits, loaded.temperature),
     )  # fmt: skip
     record.update(
+        test_seconds=time.time() - started,
         test_accuracy=result["accuracy"],
         test_loss=result["loss"],
         test_balanced_accuracy=result["balanced_accuracy"],

@@ -221,6 +221,9 @@ class Trainer:
         )
         self.num_classes = len(self.images.classes)
         self.calibration: dict | None = None
+        # one-off work, kept apart from the epochs; setup_seconds stays None when fit finds the run finished
+        self.setup_seconds: float | None = None
+        self.feature_seconds = 0.0
 
     def _output_folder(self, folder: str | Path, what: str) -> Path:
         """A folder this run writes in (--out, the cache): writable, and outside the data folder, where a new
@@ -330,6 +333,7 @@ class Trainer:
         )
         cached = self.feature_cache.get(key)
         if cached is None:
+            started = time.perf_counter()
             pixels, rows = self.pixels, torch.from_numpy(used).to(self.pixels.device)  # gathered chunk by chunk
             options = dict(
                 batch_size=max(config.batch_size, 500), device=self.device, mirror=mirror, autocast=self.autocast
@@ -342,6 +346,7 @@ class Trainer:
                     self.prefix, pixels, self.preprocess, dtype=torch.float32, progress=False, rows=rows, **options
                 )
             self.feature_cache.put(key, cached)
+            self.feature_seconds += time.perf_counter() - started
         return cached.to(self.device)
 
     # -------------------------------------------------------------- forward passes
@@ -420,7 +425,10 @@ class Trainer:
             (self.out_dir / "state.pt").unlink(missing_ok=True)  # left by a kill just before the end
             return finished
         tracker = make_tracker(config, self.out_dir)  # before the setup: a missing package fails at once
+        # one-off work, kept out of the per-epoch `seconds` (training + validation only)
+        started = time.perf_counter()
         self._setup()
+        self.setup_seconds = time.perf_counter() - started
         state = self._resume()
         if state.epoch == 0:
             self._clear_outputs()
@@ -569,6 +577,8 @@ class Trainer:
                 "best_val_accuracy": best["val_accuracy"],
                 "best_val_loss": best["val_loss"],
                 "input_path": self.feature_path,
+                "setup_seconds": self.setup_seconds,  # model, preprocessing, feature pass (feature_seconds of it)
+                "feature_seconds": self.feature_seconds,
                 "weights": self.weights_source,
                 "data": self.images.key,
                 "n_train": len(self.split.train),
