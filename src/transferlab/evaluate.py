@@ -145,14 +145,14 @@ def scores(probs: torch.Tensor, y: torch.Tensor, classes: list[str], *, loss: st
 def mean_log_probabilities(view_logits: torch.Tensor) -> torch.Tensor:
     """(V, N, K) logits of V views (the image, and its mirror under flip TTA) -> (N, K) log of the mean of their
     softmaxes: the log of what `tta_probabilities` gives, computed without underflow."""
-    return torch.logsumexp(view_logits.float().log_softmax(-1), 0) - math.log(len(view_logits))
+    return torch.logsumexp(view_logits.float().log_softmax(-1), 0) - math.log(view_logits.shape[0])
 
 
 def view_probabilities(view_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(V, N, K) logits -> (N, K) probabilities: at T = 1 exactly as validation computes them (the mean of the
     views' softmaxes), else softmax(log(that mean) / T), which is softmax(logits / T) for one view."""
     if temperature == 1.0:
-        return tta_probabilities(lambda mirror: view_logits[int(mirror)], len(view_logits) == 2)
+        return tta_probabilities(lambda mirror: view_logits[int(mirror)], view_logits.shape[0] == 2)
     return (mean_log_probabilities(view_logits) / temperature).softmax(-1)
 
 
