@@ -376,3 +376,12 @@ def test_a_checkpoint_of_the_previous_format_still_evaluates(trained_run, image_
     torch.save(old, tmp_path / "broken.pt")
     with pytest.raises(Exception, match="not a complete transferlab checkpoint"):
         load_checkpoint(tmp_path / "broken.pt", "cpu")
+
+
+def test_accuracy_is_the_exact_fraction_correct():
+    from transferlab.evaluate import scores
+
+    probs = torch.eye(3)[[0, 1, 2, 0, 0, 1, 2, 2, 1, 0] * 20]  # 200 images
+    y = torch.tensor([0, 1, 2, 1, 0, 1, 2, 0, 1, 0] * 20)  # 8 of 10 right
+    result = scores(probs, y, ["a", "b", "c"], loss="ce", label_smoothing=0.0)
+    assert result["accuracy"] == 160 / 200 == 0.8

@@ -415,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as error:
         print(f"transferlab: error: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `transferlab predict ... | head`: the reader has gone; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush is silent
+        return 141
     except KeyboardInterrupt:
         print(
             "transferlab: interrupted (finished epochs and trials are saved; run the same command to resume)",

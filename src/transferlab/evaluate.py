@@ -128,7 +128,7 @@ def scores(probs: torch.Tensor, y: torch.Tensor, classes: list[str], *, loss: st
         for i, c in enumerate(classes)
     }
     return {
-        "accuracy": (pred == y).float().mean().item(),
+        "accuracy": (pred == y).sum().item() / len(y),  # exact: correct / n, not a float32 mean
         **balanced_scores(confusion),
         "loss": probability_loss(probs, y, loss=loss, label_smoothing=label_smoothing).item(),
         "nll": probability_loss(probs, y, loss="ce", label_smoothing=0.0).item(),
