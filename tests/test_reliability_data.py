@@ -353,3 +353,11 @@ def test_class_too_small_through_the_cli(make_tree, tmp_path, capsys):
         path.unlink()
     assert main(train_args(root, tmp_path / "run", tmp_path / "cache")) == 2
     assert_one_line_error(capsys.readouterr(), "has 2 images", "needs at least 3 per class", "--test-fraction")
+
+
+def test_one_file_in_two_class_folders_is_refused(make_tree, tmp_path):
+    """A class folder linked to another (or one file linked into two classes) would give its images two labels."""
+    root = make_tree("linked", per_class=3, size=16)
+    os.symlink(root / "red", root / "redcopy")
+    with pytest.raises(DataError, match="one file in two classes"):
+        load_image_folder(root, tmp_path / "cache", progress=False)

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_toml, parse_override
@@ -399,8 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings meant for users (skipped images, a rebuilt cache) as one line, without Python's source location."""
+    return f"transferlab: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the imports below, which load torch: help stays light
+    warnings.formatwarning = _one_line_warning
     from .data import DataError
     from .evaluate import CheckpointError
     from .models import WeightsError

@@ -210,12 +210,20 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], str
         raise DataError(f"data folder {root} has no class folders (expected <root>/<class>/<image>)")
     digest = hashlib.sha256(f"{root.resolve()}".encode())
     files: list[tuple[str, int]] = []  # plain strings: 50,000 Path objects alone cost a second
+    owner: dict[tuple[int, int], tuple[str, int]] = {}  # (device, inode) -> first file and its class
     for label, name in enumerate(classes):
         entries = _image_entries(root / name)
         if not entries:
             raise DataError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
         for entry in entries:
             stat = _stat(entry)
+            if stat.st_ino:  # one file reached from two classes (a linked folder or file) would carry two labels
+                first, first_label = owner.setdefault((stat.st_dev, stat.st_ino), (entry.path, label))
+                if first_label != label:
+                    raise DataError(
+                        f"{entry.path} and {first} are one file in two classes ({classes[first_label]}, "
+                        f"{name}): a link between class folders?"
+                    )
             digest.update(f"{entry.path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
             files.append((entry.path, label))
     return classes, files, digest.hexdigest()

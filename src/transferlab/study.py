@@ -175,7 +175,8 @@ def study_directory(spec: StudySpec, study_dir: str | Path | None) -> Path:
 
 def open_study(spec: StudySpec, url: str, lock: Path) -> optuna.Study:
     """Create or load the study; `lock` serialises processes creating a new SQLite file's tables at once."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial's exception reaches the CLI, which says it in one line; optuna would add a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are documented
     heartbeat = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": grace_seconds()}
     direction = "maximize" if higher_is_better(spec.metric) else "minimize"
