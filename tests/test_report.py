@@ -195,11 +195,11 @@ def test_selected_trial_and_all_trials_tables(seeds_study):
     (_, selected), (_, per_class) = tables_in(section(text, "Selected trial and test evaluation"))[:2]
     values = dict(selected[1:])
     assert values["trial"] == f"{record['trial']} ({record['key']})"
-    assert values["validation accuracy (best epoch)"] == f"{record['val_accuracy']:.4f}"
-    assert values["test accuracy"] == f"{record['test_accuracy']:.4f}"
+    assert values["validation accuracy (best epoch)"] == f"{100 * record['val_accuracy']:.2f}%"
+    assert values["test accuracy"] == f"{100 * record['test_accuracy']:.2f}%"
     assert values["test images"] == str(record["n_test"]) and values["test evaluations recorded"] == "1"
     assert per_class[0] == ["class", "test images", "test accuracy"]
-    expected = {c: "" if v is None else f"{v:.4f}" for c, v in record["per_class_accuracy"].items()}
+    expected = {c: "" if v is None else f"{100 * v:.2f}%" for c, v in record["per_class_accuracy"].items()}
     assert {r[0]: r[2] for r in per_class[1:]} == expected
     assert [int(r[1]) for r in per_class[1:]] == [sum(row) for row in record["confusion_matrix"]]
     ((_, rows),) = tables_in(section(text, "All trials"))

@@ -628,34 +628,39 @@ def class_counts_table(t: dict) -> list[Block]:
     return [Block("p", "Images per class and split (the selected trial's data):"), Block("table", rows=rows)]
 
 
+def _pct2(value: float | None) -> str:
+    """The selected trial's figures: percent with two decimals (one test image in 2,000 is 0.05 points)."""
+    return "" if value is None else f"{100 * value:.2f}%"
+
+
 def selection_blocks(t: dict, n_evaluations: int) -> list[Block]:
     """The selected trial, and its test evaluation (or why there is none)."""
     rows = [
         ["", "value"],
         ["trial", f"{t['trial']} ({t['key']})"],
         ["selection metric", t["metric"]],
-        ["validation accuracy (best epoch)", f"{t['val_accuracy']:.4f}"],
+        ["validation accuracy (best epoch)", _pct2(t["val_accuracy"])],
         ["validation loss (best epoch)", f"{t['val_loss']:.4f}"],
     ]
     if t.get("val_balanced_accuracy") is not None:  # absent from selections recorded before these metrics
-        rows.append(["validation balanced accuracy (best epoch)", _cell(t["val_balanced_accuracy"])])
-        rows.append(["validation macro-F1 (best epoch)", _cell(t["val_macro_f1"])])
+        rows.append(["validation balanced accuracy (best epoch)", _pct2(t["val_balanced_accuracy"])])
+        rows.append(["validation macro-F1 (best epoch)", _pct2(t["val_macro_f1"])])
     blocks = [Block("h2", "Selected trial and test evaluation"), Block("table", rows=rows)]
     counts = class_counts_table(t)
     if t.get("test_accuracy") is None:
         rows.append(["test", "no test split (test_fraction = 0): not evaluated on a test set"])
         return blocks + counts
     rows += [
-        ["test accuracy", f"{t['test_accuracy']:.4f}"],
-        *([["test balanced accuracy", _cell(t["test_balanced_accuracy"])]] if "test_balanced_accuracy" in t else []),
-        *([["test macro-F1", _cell(t["test_macro_f1"])]] if "test_macro_f1" in t else []),
+        ["test accuracy", _pct2(t["test_accuracy"])],
+        *([["test balanced accuracy", _pct2(t["test_balanced_accuracy"])]] if "test_balanced_accuracy" in t else []),
+        *([["test macro-F1", _pct2(t["test_macro_f1"])]] if "test_macro_f1" in t else []),
         ["test loss", f"{t['test_loss']:.4f}"],
-        ["drop from validation", f"{t['val_accuracy'] - t['test_accuracy']:+.4f}"],
+        ["drop from validation", f"{100 * (t['val_accuracy'] - t['test_accuracy']):+.2f} pp"],
         ["test images", str(t["n_test"])],
         ["test evaluations recorded", str(n_evaluations)],
     ]
     per_class = [
-        [c, str(sum(row)), _cell(v)] for (c, v), row in zip(t["per_class_accuracy"].items(), t["confusion_matrix"])
+        [c, str(sum(row)), _pct2(v)] for (c, v), row in zip(t["per_class_accuracy"].items(), t["confusion_matrix"])
     ]
     blocks.append(Block("table", rows=[["class", "test images", "test accuracy"], *per_class]))
     blocks += counts
@@ -1074,9 +1079,8 @@ def build_blocks(data: StudyData) -> list[Block]:
         Block(
             "p",
             f"{len(data.trials)} grid points ({shared}). "
-            "The summary, per-regime and variant tables give accuracies in percent (the selected-trial and All "
-            "trials tables: fractions); the per-regime tables show each grid point's last epoch, as the study "
-            "reported them.",
+            "Accuracies are in percent (the All trials table: fractions, in full); the per-regime tables show each "
+            "grid point's last epoch, as the study reported them.",
         )
     )
     if data.n_older:
