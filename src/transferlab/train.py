@@ -45,8 +45,8 @@ from .freezing import (
     trainable_groups,
 )
 from .models import (
-    as_sequential,
     build_model,
+    check_head,
     check_resolution,
     get_backbone,
     resolve_device,
@@ -204,6 +204,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.backbone = get_backbone(config.arch)
         check_resolution(config.arch, config.resolution)
+        check_head(self.backbone, config.head)
         self.trainable = trainable_groups(self.backbone, config.strategy, config.unfreeze)
         self.out_dir = self._output_folder(out_dir, "--out")
         cache = self._output_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)")
@@ -252,8 +253,7 @@ class Trainer:
             mean, std = self.backbone.mean, self.backbone.std
         self.preprocess = Preprocess(mean, std, config.resolution, config.crop_padding, config.flip, channels_last=True)
         self.cut = frozen_prefix_length(self.backbone, self.trainable)
-        self.prefix = as_sequential(self.model, self.backbone, 0, self.cut)
-        self.suffix = as_sequential(self.model, self.backbone, self.cut)
+        self.prefix, self.suffix = self.backbone.split(self.model, self.cut)
         self.step_suffix = torch.compile(self.suffix) if config.compile else self.suffix
         train_counts = list(self.class_counts["train"].values())
         self.class_weights = balanced_class_weights(train_counts) if config.class_weights == "balanced" else None
