@@ -302,6 +302,20 @@ def _timm_state_dict(backbone: Backbone) -> tuple[dict[str, torch.Tensor], str]:
     return _file_state_dict(Path(found)), f"timm {backbone.timm_name}.{info['tag']} ({found})"
 
 
+def pretrained_on_disk(backbone: Backbone) -> str:
+    """Where the backbone's pretrained weights already lie on this machine ('' when they do not)."""
+    if backbone.source == "timm":
+        from .timm_backbone import hf_cached_file
+
+        return hf_cached_file(backbone.timm_name) or ""
+    import torchvision
+
+    enum_name, member = backbone.torchvision_weights.split(".")
+    url = getattr(torchvision.models, enum_name)[member].url
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    return str(hub) if hub.is_file() else ""
+
+
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise WeightsError(f"weights file {path} does not exist: pass --weights imagenet|none|PATH")

@@ -251,8 +251,7 @@ def split(model: nn.Module, groups: tuple, name: str, cut: int) -> tuple[nn.Modu
         if cut == last:
             return _Features(model), _Head(model)
         raise ConfigError(
-            f"timm/{name} ({type(model).__name__}) can be cut only before its head: "
-            "use strategy = frozen or full"
+            f"timm/{name} ({type(model).__name__}) can be cut only before its head: use strategy = frozen or full"
         )
     prefix = [m for m, g in steps if g < cut]
     suffix = [m for m, g in steps if g >= cut]
