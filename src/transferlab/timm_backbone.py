@@ -133,7 +133,8 @@ def _group_name(paths: list[str], index: int, last: int) -> str:
 def describe(name: str) -> dict:
     """Groups, tunable groups, preprocessing and pretrained tag of one timm model (one random-weight build)."""
     check_name(name)
-    model = create(name)
+    with torch.device("meta"):  # structure only: no memory, no random initialisation (milliseconds)
+        model = create(name)
     owner = _param_groups(model)
     covers = _cover(model, owner)
     last = len(covers) - 1
