@@ -185,3 +185,26 @@ def test_models_lists_timm_matches(capsys):
     assert "timm/regnetx_002: groups stem, s1, s2" in out
     assert "timm, 2.7M parameters, pretrained at 224 px" in out
     assert "more timm models match" in out
+
+
+def test_checkpoints_export_and_grad_cam_layers(small_tree, tmp_path):
+    from transferlab.analysis import gradcam_layer
+    from transferlab.export import export_checkpoint
+
+    config = config_for(small_tree, tmp_path / "cache", "mobilenetv3_small_100", strategy="partial", unfreeze=2)
+    train(config, tmp_path / "run", log=quiet)
+    assert export_checkpoint(tmp_path / "run" / "best.pt", "torchscript", tmp_path / "m.pt").is_file()
+    expected = {"resnet18": "layer4.1.conv2", "efficientnet_b0": "conv_head", "regnetx_002": "s4.b7.conv3.conv"}
+    for name, layer in expected.items():
+        model, _ = build_model(f"timm/{name}", 2)
+        assert gradcam_layer(model, get_backbone(f"timm/{name}"))[0] == layer
+    model, _ = build_model("timm/vit_tiny_patch16_224", 2)
+    with pytest.raises(ValueError, match="no Conv2d"):  # error_analysis then skips Grad-CAM and says why
+        gradcam_layer(model, get_backbone("timm/vit_tiny_patch16_224"))
+
+
+def test_gradual_unfreezing_of_timm_blocks(small_tree, tmp_path):
+    config = config_for(small_tree, tmp_path / "cache", "resnet18", strategy="partial", unfreeze=2, epochs=2,
+                        gradual_unfreeze=1)  # fmt: skip
+    result = train(config, tmp_path / "run", log=quiet)
+    assert len(result.history) == 2 and result.feature_path == "cached"
