@@ -248,12 +248,13 @@ def cmd_models(args) -> int:
     if pattern and not any(c in pattern for c in "*?["):
         pattern = f"*{pattern}*"
     names = [n for n in sorted(REGISTRY) if not pattern or fnmatch.fnmatch(n, pattern)]
-    if pattern:
+    try:
         import timm
-
-        found = timm.list_models(pattern.removeprefix("timm/"))
+    except ImportError:
+        found = []
+        print("(timm is not installed: only torchvision's backbones)")
     else:
-        found = list(timm_backbone.CURATED)
+        found = timm.list_models(pattern.removeprefix("timm/")) if pattern else list(timm_backbone.CURATED)
     shown = [f"timm/{n}" for n in found[: args.limit]]
     for name in names + shown:
         backbone = get_backbone(name)
