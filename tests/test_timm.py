@@ -21,6 +21,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import make_image_tree, quiet, tiny_config
@@ -48,7 +50,7 @@ def small_tree(tmp_path_factory):
 
 
 def config_for(tree, cache, name, **overrides):
-    values = dict(arch=f"timm/{name}", resolution=side(name), head="linear", flip=False, val_fraction=0.2)
+    values = dict(arch=f"timm/{name}", resolution=side(name), head="paper", flip=False, val_fraction=0.2)
     values.update(overrides)
     return tiny_config(tree, cache, **values)
 
@@ -102,6 +104,10 @@ def test_every_family_trains_in_every_regime(small_tree, tmp_path, name, strateg
     assert ckpt.arch == f"timm/{name}"
     expected_mean = (0.5, 0.5, 0.5) if name.startswith("vit") else (0.485, 0.456, 0.406)
     assert tuple(ckpt.mean) == pytest.approx(expected_mean)
+    assert ckpt.head == "linear"
+    recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["preprocessing"]
+    assert recorded["resolution"] == side(name) and recorded["pretrained_resolution"] == 224
+    assert recorded["interpolation"] == "bicubic" and recorded["crop_pct"] > 0
     if strategy == "partial":  # the checkpoint evaluates and predicts through the same registry
         scores = evaluate_checkpoint(tmp_path / "run" / "best.pt", load_images(config), device="cpu")
         assert 0.0 <= scores["accuracy"] <= 1.0

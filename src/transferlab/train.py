@@ -580,6 +580,7 @@ class Trainer:
                 "setup_seconds": self.setup_seconds,  # model, preprocessing, feature pass (feature_seconds of it)
                 "feature_seconds": self.feature_seconds,
                 "weights": self.weights_source,
+                **({"preprocessing": self._preprocessing()} if self.backbone.source == "timm" else {}),
                 "data": self.images.key,
                 "n_train": len(self.split.train),
                 "n_val": len(self.split.val),
@@ -597,10 +598,21 @@ class Trainer:
             self.out_dir / "metrics.json",
         )
 
+    def _preprocessing(self) -> dict:
+        """A timm run's preprocessing as used, with timm's pretrained_cfg entries it did not apply (crop_pct and
+        interpolation: images are resized by transferlab's --resize-policy)."""
+        used = {
+            "mean": list(self.preprocess.mean),
+            "std": list(self.preprocess.std),
+            "resolution": self.preprocess.resolution,
+        }
+        return {**used, "pretrained_resolution": self.backbone.resolution, **dict(self.backbone.preprocessing)}
+
     def _checkpoint(self, state: RunState, temperature: float = 1.0) -> Checkpoint:
         c, best = self.config, state.best
         return Checkpoint(
-            arch=c.arch, head=c.head, dropout=c.dropout, classes=list(self.images.classes), model=state.best_state,
+            arch=c.arch, head=check_head(self.backbone, c.head), dropout=c.dropout, classes=list(self.images.classes),
+            model=state.best_state,
             resize_policy=self.images.resize_policy, storage_size=self.images.storage_size,
             resolution=c.resolution, mean=list(self.preprocess.mean), std=list(self.preprocess.std), cut=self.cut,
             feature_dtype=str(self.feature_dtype).removeprefix("torch.") if self.feature_dtype else None,
