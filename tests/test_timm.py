@@ -13,7 +13,10 @@
 - BatchNorm in frozen groups stays in eval mode: its running statistics do not move (ResNet, EfficientNet).
 - Preprocessing comes from timm's pretrained_cfg (ViT: mean = std = 0.5) and is recorded in the checkpoint.
 - Weights: a local .safetensors file loads into the body (head excluded); a file of another model is a one-line
-  error; --weights imagenet offline without the Hugging Face cache is a one-line error naming --weights PATH.
+  error; --weights imagenet reads timm's file from the local Hugging Face cache (identity: model name + pretrained
+  tag), and without it is a one-line error naming --weights PATH (nothing is downloaded).
+- Export (TorchScript) of a timm checkpoint; Grad-CAM's layer is a CNN's last conv before the head (ViT: none).
+- Gradual unfreezing walks timm's blocks.
 - Bad input, one line each: an unknown timm name (with a close match), an unsupported head, --unfreeze beyond the
   blocks, a resolution a fixed-size ViT cannot take.
 - `transferlab models PATTERN` lists matching timm models with source, parameters and groups.
@@ -162,6 +165,7 @@ def test_weights_from_a_safetensors_file(tmp_path):
 
 def test_imagenet_weights_offline_without_cache_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
     assert weights_identity("timm/resnet18", "imagenet") == "timm:resnet18.a1_in1k"
     with pytest.raises(WeightsError, match=r"not in the local Hugging Face cache .* --weights PATH") as error:
         build_model("timm/resnet18", 2, weights="imagenet")
@@ -214,3 +218,21 @@ def test_gradual_unfreezing_of_timm_blocks(small_tree, tmp_path):
                         gradual_unfreeze=1)  # fmt: skip
     result = train(config, tmp_path / "run", log=quiet)
     assert len(result.history) == 2 and result.feature_path == "cached"
+
+
+def test_imagenet_weights_from_the_local_hugging_face_cache(monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    published, _ = build_model("timm/regnetx_002", 1000)
+    repo = tmp_path / "hf" / "models--timm--regnetx_002.pycls_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(published.state_dict(), str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    model, described = build_model("timm/regnetx_002", 3, weights="imagenet")
+    assert described.startswith("timm regnetx_002.pycls_in1k")
+    assert torch.equal(model.s4.b7.conv3.conv.weight, published.s4.b7.conv3.conv.weight)
+    assert model.head.fc.out_features == 3
