@@ -1,7 +1,7 @@
 """Freezing strategies: which layer groups train, and where the frozen prefix ends.
 
 frozen   only the re-initialised head trains
-partial  the last `unfreeze` tunable groups (Fire modules for SqueezeNet) and the head train
+partial  the last `unfreeze` tunable groups (Fire modules for SqueezeNet, ResNet stages, timm blocks) and the head train
 full     everything trains
 """
 
