@@ -70,7 +70,7 @@ def check_name(name: str) -> None:
     try:
         import timm
     except ImportError:
-        raise ConfigError(f"timm/{name}: the timm package is not installed (pip install 'timm>=1.0.15,<1.1')") from None
+        raise ConfigError(f"timm/{name}: the timm package is not installed (pip install 'timm>=1.0.31,<1.1')") from None
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
