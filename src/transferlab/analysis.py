@@ -27,9 +27,12 @@ THUMBNAIL = 48  # largest side of a stored thumbnail, px
 
 def gradcam_layer(model: nn.Module, backbone: Backbone) -> tuple[str, nn.Module]:
     """The last Conv2d of the backbone's last group before the head, by the registry's layer groups (squeezenet:
-    fire9's expand3x3; resnet: layer4's last block's last conv)."""
+    fire9's expand3x3; resnet: layer4's last block's last conv; timm CNNs: their last block's or conv_head). A ViT has
+    none: ValueError (error_analysis then skips Grad-CAM and says why)."""
     _, paths = backbone.groups[-2]
     for path in reversed(paths):
+        if path.rpartition(".")[2] in model.get_submodule(path.rpartition(".")[0])._parameters:
+            continue  # a bare parameter
         convs = [(n, m) for n, m in model.get_submodule(path).named_modules() if isinstance(m, nn.Conv2d)]
         if convs:
             name, module = convs[-1]
@@ -118,7 +121,12 @@ def error_analysis(
         for i in chosen
     ]
     cam_rows = chosen[:gradcam]
-    maps, layer, shape = grad_cam(model, backbone, preprocess, images[cam_rows], predicted[cam_rows].tolist())
+    try:
+        gradcam_layer(model, backbone)
+    except ValueError as error:  # a ViT: no convolutional feature map to weight; Grad-CAM is skipped with the reason
+        maps, layer, shape = [], f"none ({error})", []
+    else:
+        maps, layer, shape = grad_cam(model, backbone, preprocess, images[cam_rows], predicted[cam_rows].tolist())
     for mistake, cam in zip(mistakes, maps):
         mistake["gradcam"] = png_base64(thumbnail(np.round(cam * 255).astype(np.uint8)))
     return {

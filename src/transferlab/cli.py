@@ -236,10 +236,44 @@ def cmd_export(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import REGISTRY
+    """Each backbone: its layer groups, then source, parameters, pretrained resolution and whether its pretrained
+    weights are already on this machine. torchvision's registry, then a curated set of timm models (or, with a
+    PATTERN, timm's models matching it; at most --limit shown, each built once with random weights)."""
+    import fnmatch
 
-    for name, backbone in sorted(REGISTRY.items()):
+    from . import timm_backbone
+    from .models import REGISTRY, get_backbone, pretrained_on_disk
+
+    pattern = args.pattern
+    if pattern and not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
+    names = [n for n in sorted(REGISTRY) if not pattern or fnmatch.fnmatch(n, pattern)]
+    try:
+        import timm
+    except ImportError:
+        found = []
+        print("(timm is not installed: only torchvision's backbones)")
+    else:
+        found = timm.list_models(pattern.removeprefix("timm/")) if pattern else list(timm_backbone.CURATED)
+    shown = [f"timm/{n}" for n in found[: args.limit]]
+    for name in names + shown:
+        backbone = get_backbone(name)
+        if backbone.source == "timm":
+            count = timm_backbone.describe(backbone.timm_name)["parameters"]
+        else:
+            count = sum(p.numel() for p in backbone.build().parameters())
+        resolution = (
+            f"{backbone.resolution} px (fixed)" if backbone.fixed_resolution else f"{backbone.resolution or 224} px"
+        )
         print(f"{name}: groups {', '.join(backbone.group_names)}")
+        print(
+            f"    {backbone.source}, {count / 1e6:.1f}M parameters, pretrained at {resolution}, "
+            f"pretrained weights on this machine: {pretrained_on_disk(backbone) or 'no'}"
+        )
+    if len(found) > len(shown):
+        print(f"... and {len(found) - len(shown)} more timm models match (--limit N shows more)")
+    if pattern and not names and not found:
+        print(f"no model matches {args.pattern!r}")
     return 0
 
 
@@ -365,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write (atomically)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("models", help="list the registered backbones and their layer groups")
+    p = sub.add_parser("models", help="list backbones (torchvision, timm/...) and their layer groups")
+    p.add_argument("pattern", nargs="?", help="only names matching it (fnmatch; timm: timm.list_models(PATTERN))")
+    p.add_argument("--limit", type=int, default=30, help="show at most N timm models (default 30)")
     p.set_defaults(func=cmd_models)
 
     study = sub.add_parser("study", help="grids of runs stored in Optuna: run, worker, report")

@@ -108,16 +108,20 @@ class RunConfig:
         group="data",
     )
     # model
-    arch: str = _opt("squeezenet1_1", "backbone architecture (see `transferlab models`)", group="model")
+    arch: str = _opt(
+        "squeezenet1_1", "backbone: a torchvision name or timm/<name> (see `transferlab models`)", group="model"
+    )
     weights: str = _opt(
         "imagenet",
-        "'imagenet' (torchvision's published weights), a local state-dict path, or 'none' (env TRANSFERLAB_WEIGHTS)",
+        "'imagenet' (torchvision's published weights; timm's from the local Hugging Face cache), a local state-dict "
+        "or .safetensors path, or 'none' (env TRANSFERLAB_WEIGHTS)",
         group="model",
     )
     head: str = _opt(
         "paper",
         "classifier head: 'paper' (dropout, 1x1 conv, ReLU, average pool, as in the study), "
-        "'linear' (average pool, dropout, linear) or 'mlp' (1x1 conv, BatchNorm, ReLU, average pool, dropout, linear)",
+        "'linear' (average pool, dropout, linear) or 'mlp' (1x1 conv, BatchNorm, ReLU, average pool, dropout, linear); "
+        "ResNet and timm models have only their own linear classifier ('paper' means it)",
         choices=("paper", "linear", "mlp"),
         group="model",
     )

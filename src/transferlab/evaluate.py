@@ -27,7 +27,7 @@ from .augment import Preprocess
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError
 from .data import IMAGE_EXTENSIONS, DataError, ImageSet, _image_entries, decode_image
-from .models import as_sequential, build_model, get_backbone, resolve_device
+from .models import build_model, get_backbone, resolve_device
 from .progress import track
 
 __all__ = ["CheckpointError", "LoadedModel", "evaluate_checkpoint", "expand_inputs", "load_checkpoint", "predict_files"]
@@ -250,12 +250,13 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
         raise CheckpointError(f"checkpoint {path} does not fit {ckpt.arch}: {str(error).splitlines()[0]}") from None
     model.to(dev, memory_format=torch.channels_last).eval()
     backbone = get_backbone(ckpt.arch)
+    prefix, suffix = backbone.split(model, ckpt.cut)
     info = {k: getattr(ckpt, k) for k in ("arch", "epoch", "metric", "val_accuracy", "val_loss", "resolution",
                                           "weights", "config", "data", "resize_policy", "storage_size")}  # fmt: skip
     return LoadedModel(
         model=model,
-        prefix=as_sequential(model, backbone, 0, ckpt.cut),
-        suffix=as_sequential(model, backbone, ckpt.cut),
+        prefix=prefix,
+        suffix=suffix,
         preprocess=Preprocess(tuple(ckpt.mean), tuple(ckpt.std), ckpt.resolution, channels_last=True),
         classes=ckpt.classes,
         loss=ckpt.loss,

@@ -1,7 +1,7 @@
 """Freezing strategies: which layer groups train, and where the frozen prefix ends.
 
 frozen   only the re-initialised head trains
-partial  the last `unfreeze` tunable groups (Fire modules for SqueezeNet) and the head train
+partial  the last `unfreeze` tunable groups (Fire modules for SqueezeNet, ResNet stages, timm blocks) and the head train
 full     everything trains
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .config import ConfigError
-from .models import Backbone, group_modules
+from .models import Backbone, group_modules, group_parameters
 
 
 def trainable_groups(backbone: Backbone, strategy: str, unfreeze: int = 2) -> list[str]:
@@ -38,9 +38,9 @@ def frozen_prefix_length(backbone: Backbone, trainable: list[str]) -> int:
 
 def apply_freezing(model: nn.Module, backbone: Backbone, trainable: list[str]) -> None:
     """requires_grad follows the strategy; frozen groups also stay in eval mode (BatchNorm statistics)."""
-    for name, modules in group_modules(model, backbone):
-        for module in modules:
-            module.requires_grad_(name in trainable)
+    for name, params in group_parameters(model, backbone):
+        for param in params:
+            param.requires_grad_(name in trainable)
 
 
 def set_train_mode(model: nn.Module, backbone: Backbone, trainable: list[str]) -> None:
@@ -58,9 +58,9 @@ def parameter_groups(model: nn.Module, backbone: Backbone, trainable: list[str],
     The head gets `lr`, the group before it `lr * decay`, the one before that `lr * decay**2`, ...
     """
     groups = []
-    ordered = [(n, ms) for n, ms in group_modules(model, backbone) if n in trainable]
-    for depth, (name, modules) in enumerate(reversed(ordered)):
-        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    ordered = [(n, ps) for n, ps in group_parameters(model, backbone) if n in trainable]
+    for depth, (name, group) in enumerate(reversed(ordered)):
+        params = [p for p in group if p.requires_grad]
         if params:
             groups.append({"params": params, "lr": lr * decay**depth, "name": name})
     return groups

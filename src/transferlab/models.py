@@ -1,9 +1,12 @@
 """Backbone registry: how to build each architecture, load its weights, and name its layer groups.
 
-A backbone's layer groups are data: an ordered table `group name -> module paths`, in forward
-order, ending with the group `head`. Running the modules of all groups one after another is the
-model's forward pass; freezing strategies, discriminative learning rates and the frozen-prefix
-cache all read the same table (see `freezing.py`).
+A backbone's layer groups are data: an ordered table `group name -> module paths` (or bare parameter
+paths), in forward order, ending with the group `head`. Freezing strategies, discriminative learning
+rates and the frozen-prefix cache all read the same table (see `freezing.py`), and `Backbone.split`
+cuts the model between two groups into a prefix and a suffix whose composition is the forward pass.
+
+Two sources: torchvision (squeezenet1_0/1_1, resnet18/50, registered below; running the groups' modules
+in order is their forward pass) and timm (`timm/<name>`, any model of timm's zoo, see timm_backbone.py).
 """
 
 from __future__ import annotations
@@ -41,10 +44,27 @@ class Backbone:
     tunable: tuple[str, ...] = field(default=())  # groups that `partial` counts back from (Fire modules, ResNet stages)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    heads: tuple[str, ...] = ("paper", "linear", "mlp")  # --head values it builds; the config default 'paper' means
+    # the backbone's own classifier where it has no paper head (ResNet, timm)
+    source: str = "torchvision"
+    timm_name: str = ""  # the timm model name (source timm)
+    head_keys: tuple[str, ...] = ()  # state-dict prefixes pretrained weights skip; default: the head group's paths
+    resolution: int | None = None  # the input side its pretrained weights were trained at (timm's input_size)
+    fixed_resolution: bool = False  # takes only `resolution` (ViT's patch grid and position embedding)
+    preprocessing: tuple[tuple[str, object], ...] = ()  # further pretrained_cfg entries, recorded (crop_pct, ...)
 
     @property
     def group_names(self) -> list[str]:
         return [name for name, _ in self.groups]
+
+    def split(self, model: nn.Module, cut: int) -> tuple[nn.Module, nn.Module]:
+        """(prefix, suffix) sharing the model's modules, with suffix(prefix(x)) == model(x); the prefix runs the
+        groups [0, cut). torchvision: the groups' modules in order; timm: pieces of forward_features."""
+        if self.source == "timm":
+            from . import timm_backbone
+
+            return timm_backbone.split(model, self.groups, self.timm_name, cut)
+        return as_sequential(model, self, 0, cut), as_sequential(model, self, cut)
 
 
 REGISTRY: dict[str, Backbone] = {}
@@ -64,16 +84,63 @@ def resolve_device(name: str) -> torch.device:
 
 
 def get_backbone(name: str) -> Backbone:
+    if name.startswith("timm/"):
+        return _timm_backbone(name)
     if name not in REGISTRY:
-        raise WeightsError(f"unknown architecture {name!r}: choose one of {', '.join(sorted(REGISTRY))}")
+        raise WeightsError(f"unknown architecture {name!r}: choose one of {', '.join(sorted(REGISTRY))} or timm/<name>")
     return REGISTRY[name]
+
+
+def _timm_head(model: nn.Module, num_classes: int, kind: str, dropout: float) -> None:
+    model.reset_classifier(num_classes)  # timm's own classifier (and pooling), re-initialised for K classes
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_backbone(arch: str) -> Backbone:
+    from . import timm_backbone
+
+    name = timm_backbone.timm_name(arch)
+    info = timm_backbone.describe(name)
+    return Backbone(
+        name=arch,
+        build=functools.partial(timm_backbone.create, name),
+        torchvision_weights="",
+        groups=info["groups"],
+        make_head=_timm_head,
+        tunable=info["tunable"],
+        mean=info["mean"],
+        std=info["std"],
+        heads=("linear",),
+        source="timm",
+        timm_name=name,
+        head_keys=info["classifier"],
+        resolution=info["input_size"][-1],
+        fixed_resolution=info["fixed_size"],
+        preprocessing=(("crop_pct", info["crop_pct"]), ("interpolation", info["interpolation"])),
+    )
+
+
+def check_head(backbone: Backbone, head: str) -> str:
+    """The head kind to build: one the backbone has, or a one-line ConfigError. The config's default 'paper'
+    means the backbone's own classifier where it has no paper head."""
+    if head in backbone.heads:
+        return head
+    if head == "paper":
+        return backbone.heads[0]
+    raise ConfigError(
+        f"head = {head!r}: {backbone.name} supports only {', '.join(map(repr, backbone.heads))} "
+        f"(its own classifier); pass --head {backbone.heads[0]}"
+    )
 
 
 @functools.lru_cache(maxsize=None)
 def min_resolution(name: str, start: int = 8, stop: int = 1024) -> int:
     """The smallest input side the backbone's body turns into a feature map (its pooling needs some pixels left);
     found once per process by a forward pass of a randomly initialised body at growing sides (milliseconds)."""
-    model = get_backbone(name).build().eval()
+    backbone = get_backbone(name)
+    if backbone.fixed_resolution:
+        return backbone.resolution
+    model = backbone.build().eval()
     side = start
     with torch.no_grad():
         while side < stop:
@@ -87,6 +154,12 @@ def min_resolution(name: str, start: int = 8, stop: int = 1024) -> int:
 
 def check_resolution(name: str, resolution: int) -> None:
     """A resolution the backbone cannot take is a one-line ConfigError before any data is loaded."""
+    backbone = get_backbone(name)
+    if backbone.fixed_resolution and resolution != backbone.resolution:
+        raise ConfigError(
+            f"resolution = {resolution}: {name} takes only {backbone.resolution} px (fixed patch grid); "
+            f"pass --resolution {backbone.resolution}"
+        )
     smallest = min_resolution(name)
     if resolution < smallest:
         raise ConfigError(f"resolution = {resolution}: too small for {name}, whose layers need at least {smallest} px")
@@ -118,6 +191,7 @@ def _squeezenet_head(model: nn.Module, num_classes: int, kind: str, dropout: flo
 
 
 def _resnet_head(model: nn.Module, num_classes: int, kind: str, dropout: float) -> None:
+    """ResNet's own head: average pool, then its fc (dropout, linear) for K classes (--head linear)."""
     width = model.fc.in_features
     model.fc = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, num_classes))
 
@@ -187,6 +261,7 @@ def _resnet(depth: int) -> Backbone:
             ("head", ("avgpool", "fc")),
         ),
         make_head=_resnet_head,
+        heads=("linear",),
         tunable=("layer1", "layer2", "layer3", "layer4"),
     )
 
@@ -212,9 +287,42 @@ def _torchvision_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _timm_state_dict(backbone: Backbone) -> tuple[dict[str, torch.Tensor], str]:
+    """timm's pretrained weights from the local Hugging Face cache only: offline, nothing is downloaded."""
+    from . import timm_backbone
+
+    info = timm_backbone.describe(backbone.timm_name)
+    found = timm_backbone.hf_cached_file(backbone.timm_name)
+    if found is None:
+        raise WeightsError(
+            f"ImageNet weights for {backbone.name} ({info['hf_hub_id'] or 'no hub id'}) are not in the local Hugging "
+            "Face cache and are not downloaded here: pass --weights PATH to a local state dict or .safetensors file, "
+            "or --weights none"
+        )
+    return _file_state_dict(Path(found)), f"timm {backbone.timm_name}.{info['tag']} ({found})"
+
+
+def pretrained_on_disk(backbone: Backbone) -> str:
+    """Where the backbone's pretrained weights already lie on this machine ('' when they do not)."""
+    if backbone.source == "timm":
+        from .timm_backbone import hf_cached_file
+
+        return hf_cached_file(backbone.timm_name) or ""
+    import torchvision
+
+    enum_name, member = backbone.torchvision_weights.split(".")
+    url = getattr(torchvision.models, enum_name)[member].url
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    return str(hub) if hub.is_file() else ""
+
+
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise WeightsError(f"weights file {path} does not exist: pass --weights imagenet|none|PATH")
+    if path.suffix == ".safetensors":
+        from .timm_backbone import load_state_file
+
+        return load_state_file(path, WeightsError)
     state = read_torch_file(path, "weights file", WeightsError)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a transferlab checkpoint or a similar wrapper
@@ -236,7 +344,12 @@ def weights_identity(arch: str, weights: str, seed: int | None = None) -> str:
     if weights == "none":
         return "none" if seed is None else f"none|seed={seed}"
     if weights == "imagenet":
-        return f"torchvision:{get_backbone(arch).torchvision_weights}"
+        backbone = get_backbone(arch)
+        if backbone.source == "timm":
+            from .timm_backbone import describe
+
+            return f"timm:{backbone.timm_name}.{describe(backbone.timm_name)['tag']}"
+        return f"torchvision:{backbone.torchvision_weights}"
     path = Path(weights).expanduser()
     if path.is_dir():
         raise WeightsError(f"weights file {path} is a directory, not a file")
@@ -261,11 +374,13 @@ def load_backbone_weights(model: nn.Module, backbone: Backbone, weights: str) ->
     weights = resolve_weights(weights)
     if weights == "none":
         return "none (random initialisation)"
-    if weights == "imagenet":
+    if weights == "imagenet" and backbone.source == "timm":
+        state, source = _timm_state_dict(backbone)
+    elif weights == "imagenet":
         state, source = _torchvision_state_dict(backbone), f"torchvision {backbone.torchvision_weights}"
     else:
         state, source = _file_state_dict(Path(weights).expanduser()), str(weights)
-    head_prefixes = dict(backbone.groups)["head"]
+    head_prefixes = backbone.head_keys or dict(backbone.groups)["head"]
     own = model.state_dict()
     wanted = {k for k in own if not k.startswith(tuple(p + "." for p in head_prefixes))}
     body = {k: v for k, v in state.items() if not k.startswith(tuple(p + "." for p in head_prefixes))}
@@ -290,8 +405,9 @@ def load_backbone_weights(model: nn.Module, backbone: Backbone, weights: str) ->
 def build_model(
     arch: str, num_classes: int, *, weights: str = "none", head: str = "paper", dropout: float = 0.5
 ) -> tuple[nn.Module, str]:
-    """torchvision architecture + pretrained body + a re-initialised head for `num_classes`."""
+    """torchvision or timm architecture + pretrained body + a re-initialised head for `num_classes`."""
     backbone = get_backbone(arch)
+    head = check_head(backbone, head)
     model = backbone.build()
     source = load_backbone_weights(model, backbone, weights)
     backbone.make_head(model, num_classes, head, dropout)
@@ -299,7 +415,31 @@ def build_model(
 
 
 def group_modules(model: nn.Module, backbone: Backbone) -> list[tuple[str, list[nn.Module]]]:
-    return [(name, [model.get_submodule(path) for path in paths]) for name, paths in backbone.groups]
+    """The modules of each group (bare parameters, such as ViT's cls_token, are left out: see group_parameters)."""
+    return [
+        (name, [model.get_submodule(p) for p in paths if not _is_parameter(model, p)])
+        for name, paths in backbone.groups
+    ]
+
+
+def group_parameters(model: nn.Module, backbone: Backbone) -> list[tuple[str, list[nn.Parameter]]]:
+    """The parameters of each group, its modules' and its bare ones."""
+    out = []
+    for name, paths in backbone.groups:
+        params = []
+        for path in paths:
+            params += (
+                [model.get_parameter(path)]
+                if _is_parameter(model, path)
+                else list(model.get_submodule(path).parameters())
+            )
+        out.append((name, params))
+    return out
+
+
+def _is_parameter(model: nn.Module, path: str) -> bool:
+    owner, _, leaf = path.rpartition(".")
+    return leaf in model.get_submodule(owner)._parameters
 
 
 def as_sequential(model: nn.Module, backbone: Backbone, start: int = 0, stop: int | None = None) -> nn.Sequential:

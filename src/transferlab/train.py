@@ -45,8 +45,8 @@ from .freezing import (
     trainable_groups,
 )
 from .models import (
-    as_sequential,
     build_model,
+    check_head,
     check_resolution,
     get_backbone,
     resolve_device,
@@ -204,6 +204,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.backbone = get_backbone(config.arch)
         check_resolution(config.arch, config.resolution)
+        check_head(self.backbone, config.head)
         self.trainable = trainable_groups(self.backbone, config.strategy, config.unfreeze)
         self.out_dir = self._output_folder(out_dir, "--out")
         cache = self._output_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)")
@@ -252,8 +253,7 @@ class Trainer:
             mean, std = self.backbone.mean, self.backbone.std
         self.preprocess = Preprocess(mean, std, config.resolution, config.crop_padding, config.flip, channels_last=True)
         self.cut = frozen_prefix_length(self.backbone, self.trainable)
-        self.prefix = as_sequential(self.model, self.backbone, 0, self.cut)
-        self.suffix = as_sequential(self.model, self.backbone, self.cut)
+        self.prefix, self.suffix = self.backbone.split(self.model, self.cut)
         self.step_suffix = torch.compile(self.suffix) if config.compile else self.suffix
         train_counts = list(self.class_counts["train"].values())
         self.class_weights = balanced_class_weights(train_counts) if config.class_weights == "balanced" else None
@@ -580,6 +580,7 @@ class Trainer:
                 "setup_seconds": self.setup_seconds,  # model, preprocessing, feature pass (feature_seconds of it)
                 "feature_seconds": self.feature_seconds,
                 "weights": self.weights_source,
+                **({"preprocessing": self._preprocessing()} if self.backbone.source == "timm" else {}),
                 "data": self.images.key,
                 "n_train": len(self.split.train),
                 "n_val": len(self.split.val),
@@ -597,10 +598,21 @@ class Trainer:
             self.out_dir / "metrics.json",
         )
 
+    def _preprocessing(self) -> dict:
+        """A timm run's preprocessing as used, with timm's pretrained_cfg entries it did not apply (crop_pct and
+        interpolation: images are resized by transferlab's --resize-policy)."""
+        used = {
+            "mean": list(self.preprocess.mean),
+            "std": list(self.preprocess.std),
+            "resolution": self.preprocess.resolution,
+        }
+        return {**used, "pretrained_resolution": self.backbone.resolution, **dict(self.backbone.preprocessing)}
+
     def _checkpoint(self, state: RunState, temperature: float = 1.0) -> Checkpoint:
         c, best = self.config, state.best
         return Checkpoint(
-            arch=c.arch, head=c.head, dropout=c.dropout, classes=list(self.images.classes), model=state.best_state,
+            arch=c.arch, head=check_head(self.backbone, c.head), dropout=c.dropout, classes=list(self.images.classes),
+            model=state.best_state,
             resize_policy=self.images.resize_policy, storage_size=self.images.storage_size,
             resolution=c.resolution, mean=list(self.preprocess.mean), std=list(self.preprocess.std), cut=self.cut,
             feature_dtype=str(self.feature_dtype).removeprefix("torch.") if self.feature_dtype else None,
