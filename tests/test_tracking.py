@@ -49,6 +49,7 @@ def test_mlflow_follows_the_tracking_uri(image_tree, tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the user's own store keeps MLflow's default artifact root, ./mlruns: not the repo's
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
     tracked_run(image_tree, tmp_path, "mlflow")
     assert not (tmp_path / "run" / "mlflow.db").exists()
