@@ -1136,7 +1136,7 @@ def backbone_table(data: StudyData, points: list[BackbonePoint]) -> Block:
                 f"{p.gflops:.4g}" if c else "not recorded",
                 _rate(c.get("train_images_per_second") if c else None),
                 _rate(c.get("inference_images_per_second") if c else None),
-                _seconds(p.seconds_per_epoch),
+                f"{p.seconds_per_epoch:.3g}",
                 _pct(p.accuracy),
                 test,
             ]
@@ -1180,16 +1180,18 @@ def accuracy_vs_cost(points: list[BackbonePoint]) -> bytes | None:
     panels = [(axes[0], "gflops", "GFLOPs per image (forward, one image; log)"),
               (axes[1], "seconds_per_epoch", "seconds per epoch, training + validation (log)")]  # fmt: skip
     for ax, attr, label in panels:
-        for p in points:
+        shown = [p for p in points if getattr(p, attr) > 0]  # a log axis has no 0
+        for p in shown:
             x = getattr(p, attr)
             ax.scatter(x, 100 * p.accuracy, color=_colour(p.regime), marker=MARKERS[archs.index(p.arch) % len(MARKERS)],
                        s=50, zorder=3, edgecolor="black", linewidth=0.5)  # fmt: skip
             ax.annotate(f"{p.arch}/{p.regime}", (x, 100 * p.accuracy), textcoords="offset points", xytext=(5, 4),
                         fontsize=7)  # fmt: skip
-        front = pareto_front([(getattr(p, attr), 100 * p.accuracy) for p in points])
+        front = pareto_front([(getattr(p, attr), 100 * p.accuracy) for p in shown])
         xs, ys = [f[0] for f in front], [f[1] for f in front]
         ax.step(xs, ys, where="post", color="black", linestyle="--", linewidth=1, zorder=2, label="Pareto front")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short range
         ax.set_xlabel(label)
         ax.set_ylabel("best validation accuracy (%)")
         ax.grid(alpha=0.3, which="both")
@@ -1220,7 +1222,9 @@ def backbone_blocks(data: StudyData) -> list[Block]:
             + ", ".join(sorted({str(p.cost["inference_batch"]) for p in points if p.cost}) or ["?"])
             + " on "
             + ", ".join(sorted({p.cost["inference_device"] for p in points if p.cost}) or ["?"])
-            + "), seconds per epoch of that trial.",
+            + "), seconds per epoch of that trial. Frozen prefixes whose output is cached (features.py) run once "
+            "per image before the first epoch, as setup: the epochs, and so the training img/s, do not include "
+            "them (the Time section's setup column does).",
         ),
         backbone_table(data, points),
         Block("p", backbone_prose(points)),
