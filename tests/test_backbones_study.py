@@ -9,7 +9,8 @@ The specification, as tests on synthetic data (3 classes x 12 coloured-noise PNG
   * the report has a "Backbones" section: one row per backbone x regime whose numbers equal the storage's
     (its best trial's), a sentence naming the most accurate one, and the accuracy-vs-cost figure;
   * `pareto_front` keeps exactly the points no other point dominates (cheaper or equal and at least as accurate);
-  * a single-backbone study has no Backbones section.
+  * a single-backbone study has no Backbones section;
+  * studies/backbones.toml is a backbone x regime grid at 64 px.
 """
 
 from __future__ import annotations
@@ -160,3 +161,13 @@ def test_single_backbone_study_has_no_backbones_section(tmp_path):
     assert "## Backbones" not in text and "## Results per regime" in text
     (t,) = grid_trials(load(directory))
     assert t.user_attrs["cost"]["flops"] > 0  # the cost is recorded all the same
+
+
+def test_bundled_backbones_spec_is_a_backbone_by_regime_grid():
+    from helpers import REPO_ROOT
+
+    from transferlab.config import StudySpec
+
+    spec = StudySpec.load(REPO_ROOT / "studies" / "backbones.toml", ["weights=none"])
+    assert len(spec.grid["arch"]) >= 2 and spec.grid["strategy"] == ["frozen", "partial", "full"]
+    assert {spec.config_for(p).resolution for p in spec.points()} == {64}
