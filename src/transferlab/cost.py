@@ -6,14 +6,16 @@ Recorded once per trained run (a study trial's user attr "cost"; derived trials 
                              counted by torch.utils.flop_counter.FlopCounterMode (a multiply-add is 2 FLOPs)
   train_images_per_second    n_train * epochs trained / the epochs' seconds (training + validation, as recorded)
   inference_images_per_second  the full model in eval mode on the run's device: INFERENCE_WARMUP batches, then
-                             up to INFERENCE_BATCHES timed batches of INFERENCE_BATCH images (fewer when a batch is
-                             slow: at most INFERENCE_SECONDS of timing), random input at the run's resolution
+                             up to INFERENCE_BATCHES timed batches of INFERENCE_BATCH images (fewer when batches are
+                             slow: about INFERENCE_SECONDS of timing at most), random input at the run's resolution;
+                             INFERENCE_BATCH / the median batch's seconds (robust to other processes on shared cores)
 The model is built from the run's config (arch, head, the strategy's trainable groups) with no pretrained weights:
 the cost depends on the architecture, not on the weights, and a finished run needs no model of its own.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -65,17 +67,16 @@ def inference_throughput(
             for _ in range(INFERENCE_WARMUP):
                 model(x)
             _sync(device)
-            timed, started = 0, time.perf_counter()
-            while timed < INFERENCE_BATCHES:
+            times: list[float] = []
+            while len(times) < INFERENCE_BATCHES and sum(times) <= INFERENCE_SECONDS:
+                started = time.perf_counter()
                 model(x)
                 _sync(device)
-                timed += 1
-                if time.perf_counter() - started > INFERENCE_SECONDS:
-                    break
-            elapsed = time.perf_counter() - started
+                times.append(time.perf_counter() - started)
     finally:
         model.train(was_training)
-    return timed * batch / elapsed if elapsed > 0 else float("nan")
+    middle = statistics.median(times)  # the median batch: a batch slowed by other processes on shared cores is not it
+    return batch / middle if middle > 0 else float("nan")
 
 
 def training_throughput(n_train: int, history: list[dict]) -> float | None:

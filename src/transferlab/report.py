@@ -1136,7 +1136,7 @@ def backbone_table(data: StudyData, points: list[BackbonePoint]) -> Block:
                 f"{p.gflops:.4g}" if c else "not recorded",
                 _rate(c.get("train_images_per_second") if c else None),
                 _rate(c.get("inference_images_per_second") if c else None),
-                f"{p.seconds_per_epoch:.3g}",
+                f"{p.seconds_per_epoch:.3g}" if p.seconds_per_epoch < 10 else _seconds(p.seconds_per_epoch),
                 _pct(p.accuracy),
                 test,
             ]
@@ -1218,7 +1218,8 @@ def backbone_blocks(data: StudyData) -> list[Block]:
             "Per backbone and regime, the trial of best validation accuracy and the cost of its run: parameters "
             "(all / those the regime trains), GFLOPs of one forward pass of one image at the run's resolution "
             "(a multiply-add counts 2), training images per second (training images x epochs / the epochs' "
-            "training + validation seconds), inference images per second (the whole model in eval mode, batches of "
+            "training + validation seconds), inference images per second (the whole model in eval mode, "
+            "the median of a few timed batches of "
             + ", ".join(sorted({str(p.cost["inference_batch"]) for p in points if p.cost}) or ["?"])
             + " on "
             + ", ".join(sorted({p.cost["inference_device"] for p in points if p.cost}) or ["?"])
