@@ -1169,6 +1169,9 @@ def backbone_prose(points: list[BackbonePoint]) -> str:
     return text
 
 
+LABEL_OFFSETS = (((5, 4), "left"), ((-5, 4), "right"), ((5, -10), "left"), ((-5, -10), "right"))
+
+
 def accuracy_vs_cost(points: list[BackbonePoint]) -> bytes | None:
     """Best validation accuracy of each backbone x regime against GFLOPs/image and against s/epoch (log x axes):
     regime colours, a marker per backbone, each panel's Pareto front as a dashed step line."""
@@ -1176,7 +1179,8 @@ def accuracy_vs_cost(points: list[BackbonePoint]) -> bytes | None:
     if len(points) < 2:
         return None
     archs = sorted({p.arch for p in points})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    regimes = list(dict.fromkeys(p.regime for p in points))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     panels = [(axes[0], "gflops", "GFLOPs per image (forward, one image; log)"),
               (axes[1], "seconds_per_epoch", "seconds per epoch, training + validation (log)")]  # fmt: skip
     for ax, attr, label in panels:
@@ -1185,12 +1189,15 @@ def accuracy_vs_cost(points: list[BackbonePoint]) -> bytes | None:
             x = getattr(p, attr)
             ax.scatter(x, 100 * p.accuracy, color=_colour(p.regime), marker=MARKERS[archs.index(p.arch) % len(MARKERS)],
                        s=50, zorder=3, edgecolor="black", linewidth=0.5)  # fmt: skip
-            ax.annotate(f"{p.arch}/{p.regime}", (x, 100 * p.accuracy), textcoords="offset points", xytext=(5, 4),
-                        fontsize=7)  # fmt: skip
+            # regimes of one backbone share its FLOPs: their labels go to different sides
+            (dx, dy), ha = LABEL_OFFSETS[regimes.index(p.regime) % len(LABEL_OFFSETS)]
+            ax.annotate(f"{p.arch}/{p.regime}", (x, 100 * p.accuracy), textcoords="offset points", xytext=(dx, dy),
+                        ha=ha, fontsize=7)  # fmt: skip
         front = pareto_front([(getattr(p, attr), 100 * p.accuracy) for p in shown])
         xs, ys = [f[0] for f in front], [f[1] for f in front]
         ax.step(xs, ys, where="post", color="black", linestyle="--", linewidth=1, zorder=2, label="Pareto front")
         ax.set_xscale("log")
+        ax.margins(x=0.35, y=0.08)  # room for the labels left of a point
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short range
         ax.set_xlabel(label)
         ax.set_ylabel("best validation accuracy (%)")
@@ -1200,9 +1207,9 @@ def accuracy_vs_cost(points: list[BackbonePoint]) -> bytes | None:
     handles += [matplotlib.lines.Line2D([], [], linestyle="", marker=MARKERS[i % len(MARKERS)], color="grey", label=a)
                 for i, a in enumerate(archs)]  # fmt: skip
     handles.append(matplotlib.lines.Line2D([], [], color="black", linestyle="--", label="Pareto front"))
-    axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     fig.suptitle("Accuracy against cost, one point per backbone x regime")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     return _png(fig)
 
 
