@@ -10,7 +10,8 @@ The specification, as tests on synthetic data (3 classes x 12 coloured-noise PNG
     (its best trial's), a sentence naming the most accurate one, and the accuracy-vs-cost figure;
   * `pareto_front` keeps exactly the points no other point dominates (cheaper or equal and at least as accurate);
   * a single-backbone study has no Backbones section;
-  * studies/backbones.toml is a backbone x regime grid at 64 px.
+  * studies/backbones.toml is a backbone x regime grid at 64 px;
+  * measuring a cost leaves the global random state as it was (the study's seeds are unaffected).
 """
 
 from __future__ import annotations
@@ -171,3 +172,19 @@ def test_bundled_backbones_spec_is_a_backbone_by_regime_grid():
     spec = StudySpec.load(REPO_ROOT / "studies" / "backbones.toml", ["weights=none"])
     assert len(spec.grid["arch"]) >= 2 and spec.grid["strategy"] == ["frozen", "partial", "full"]
     assert {spec.config_for(p).resolution for p in spec.points()} == {64}
+
+
+def test_measuring_a_cost_leaves_the_random_state_as_it_was():
+    import torch
+
+    from transferlab.config import RunConfig
+    from transferlab.cost import measure_cost
+
+    config = RunConfig.from_dict({"arch": "squeezenet1_1", "strategy": "partial", "resolution": 32, "device": "cpu"})
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    cost = measure_cost(config, 3, 10, [{"seconds": 2.0}, {"seconds": 3.0}])
+    assert torch.equal(torch.rand(3), expected)
+    assert cost["train_images_per_second"] == pytest.approx(10 * 2 / 5.0)
+    assert 0 < cost["trainable_params"] < cost["params"] and cost["flops"] > 0

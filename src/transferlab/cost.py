@@ -6,9 +6,10 @@ Recorded once per trained run (a study trial's user attr "cost"; derived trials 
                              counted by torch.utils.flop_counter.FlopCounterMode (a multiply-add is 2 FLOPs)
   train_images_per_second    n_train * epochs trained / the epochs' seconds (training + validation, as recorded)
   inference_images_per_second  the full model in eval mode on the run's device: INFERENCE_WARMUP batches, then
-                             up to INFERENCE_BATCHES timed batches of INFERENCE_BATCH images (fewer when batches are
-                             slow: about INFERENCE_SECONDS of timing at most), random input at the run's resolution;
-                             INFERENCE_BATCH / the median batch's seconds (robust to other processes on shared cores)
+                             up to INFERENCE_BATCHES timed batches of INFERENCE_BATCH images of random input at the
+                             run's resolution (fewer when batches are slow: about INFERENCE_SECONDS of timing at
+                             most, half that of warm-up); INFERENCE_BATCH / the median batch's seconds (robust to
+                             other processes on shared cores)
 The model is built from the run's config (arch, head, the strategy's trainable groups) with no pretrained weights:
 the cost depends on the architecture, not on the weights, and a finished run needs no model of its own.
 """
@@ -64,9 +65,12 @@ def inference_throughput(
     x = torch.rand(batch, 3, resolution, resolution, device=device).contiguous(memory_format=torch.channels_last)
     try:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            for _ in range(INFERENCE_WARMUP):
+            warm = time.perf_counter()
+            for _ in range(INFERENCE_WARMUP):  # fewer when a batch is slow (a large model on a CPU)
                 model(x)
-            _sync(device)
+                _sync(device)
+                if time.perf_counter() - warm > INFERENCE_SECONDS / 2:
+                    break
             times: list[float] = []
             while len(times) < INFERENCE_BATCHES and sum(times) <= INFERENCE_SECONDS:
                 started = time.perf_counter()
@@ -87,11 +91,19 @@ def training_throughput(n_train: int, history: list[dict]) -> float | None:
 
 def measure_cost(config: RunConfig, num_classes: int, n_train: int, history: list[dict]) -> dict:
     """The cost record of a run trained with `config` (see the module docstring)."""
+    from .models import resolve_device
+
+    device = resolve_device(config.device)
+    # a fresh model's initialisation and the random input draw from their own RNG state: the study's stays as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _measure(config, num_classes, n_train, history, device)
+
+
+def _measure(config: RunConfig, num_classes: int, n_train: int, history: list[dict], device: torch.device) -> dict:
     from .freezing import apply_freezing, trainable_groups
-    from .models import build_model, get_backbone, resolve_device
+    from .models import build_model, get_backbone
 
     backbone = get_backbone(config.arch)
-    device = resolve_device(config.device)
     model, _ = build_model(config.arch, num_classes, weights="none", head=config.head, dropout=config.dropout)
     apply_freezing(model, backbone, trainable_groups(backbone, config.strategy, config.unfreeze))
     model.to(device, memory_format=torch.channels_last)
