@@ -23,6 +23,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.colors  # noqa: E402
+import matplotlib.lines  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
@@ -118,6 +119,7 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
                 "source_trial": a.get("source_trial"),
                 "setup_seconds": a.get("setup_seconds"),
                 "feature_seconds": a.get("feature_seconds"),
+                "cost": a.get("cost"),  # absent from trials recorded before costs were (cost.py)
             }
         )
     evaluations = study.user_attrs.get("test_evaluations", [])
@@ -1061,6 +1063,190 @@ def _data_key(data: StudyData, trial: dict) -> str:
     return str(json.loads(metrics.read_text()).get("data", "not recorded"))
 
 
+# ------------------------------------------------------------------------------ backbones: accuracy against cost
+def pareto_front(points: list) -> list:
+    """The points no other point dominates, by cost (ascending). A point is (cost, accuracy, ...anything); q dominates
+    p when q costs no more and is no less accurate, and is cheaper or more accurate. Equal points are all kept."""
+    front = [
+        p for p in points if not any(q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1]) for q in points)
+    ]
+    return sorted(front, key=lambda p: (p[0], -p[1]))
+
+
+def _archs(data: StudyData) -> list[str]:
+    return sorted({str(_value(t, "arch")) for t in data.trials})
+
+
+@dataclass
+class BackbonePoint:
+    """One backbone x regime: its most accurate trial (best validation accuracy) and that trial's run cost."""
+
+    arch: str
+    regime: str
+    trial: dict
+    cost: dict | None
+
+    @property
+    def accuracy(self) -> float:
+        return self.trial["best"]["val_accuracy"]
+
+    @property
+    def gflops(self) -> float | None:
+        return self.cost["flops"] / 1e9 if self.cost else None
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        history = self.trial["history"]
+        return sum(r["seconds"] for r in history) / len(history)
+
+
+def backbone_points(data: StudyData) -> list[BackbonePoint]:
+    """Per backbone x regime, in backbone then regime order, the trial of best validation accuracy (lowest number
+    on a tie) with its cost record (None for trials recorded before costs were)."""
+    out = []
+    for arch in _archs(data):
+        for regime in _regimes(data):
+            mine = [t for t in data.trials if str(_value(t, "arch")) == arch and _value(t, "strategy") == regime]
+            if mine:
+                best = max(mine, key=lambda t: (t["best"]["val_accuracy"], -t["number"]))
+                out.append(BackbonePoint(arch, regime, best, best.get("cost")))
+    return out
+
+
+def _rate(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:,.1f}"
+
+
+def backbone_table(data: StudyData, points: list[BackbonePoint]) -> Block:
+    rows = [
+        ["backbone", "regime", "trial", "resolution", "parameters", "trainable parameters", "GFLOPs/image",
+         "training img/s", "inference img/s", "s/epoch", "best val accuracy", "test accuracy (selected)"]
+    ]  # fmt: skip
+    selected = data.test or {}
+    chosen = _selected_trial(data)
+    for p in points:
+        c = p.cost
+        test = ""
+        if chosen is not None and selected.get("test_accuracy") is not None:
+            if (str(_value(chosen, "arch")), _value(chosen, "strategy")) == (p.arch, p.regime):
+                test = f"{_pct(selected['test_accuracy'])} (trial {selected['trial']})"
+        rows.append(
+            [
+                p.arch,
+                p.regime,
+                str(p.trial["number"]),
+                str(c["resolution"] if c else _value(p.trial, "resolution")),
+                f"{c['params']:,}" if c else "not recorded",
+                f"{c['trainable_params']:,}" if c else "not recorded",
+                f"{p.gflops:.4g}" if c else "not recorded",
+                _rate(c.get("train_images_per_second") if c else None),
+                _rate(c.get("inference_images_per_second") if c else None),
+                f"{p.seconds_per_epoch:.3g}" if p.seconds_per_epoch < 10 else _seconds(p.seconds_per_epoch),
+                _pct(p.accuracy),
+                test,
+            ]
+        )
+    return Block("table", rows=rows)
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
+def backbone_prose(points: list[BackbonePoint]) -> str:
+    """What the table shows, in words: the most accurate point and the cheaper points on the FLOPs front."""
+    best = max(points, key=lambda p: (p.accuracy, -p.trial["number"]))
+    text = (
+        f"On this study's data, {best.arch} in regime {best.regime} is the most accurate "
+        f"({_pct(best.accuracy)} best validation accuracy"
+        + (f", {best.gflops:.4g} GFLOPs/image)." if best.gflops is not None else ").")
+    )
+    costed = [p for p in points if p.gflops]
+    if best.gflops:
+        front = pareto_front([(p.gflops, p.accuracy, i) for i, p in enumerate(costed)])
+        cheaper = [costed[i] for _, _, i in front if costed[i].gflops < best.gflops]
+        for p in cheaper:
+            fewer, less = _ratio(best.gflops / p.gflops), f"{100 * (best.accuracy - p.accuracy):.1f}"
+            text += (
+                f" {p.arch} in regime {p.regime} is on the accuracy-vs-FLOPs front at {fewer}x fewer FLOPs "
+                f"({_pct(p.accuracy)}, {less} percentage points less)."
+            )
+    return text
+
+
+LABEL_OFFSETS = (((5, 4), "left"), ((-5, 4), "right"), ((5, -10), "left"), ((-5, -10), "right"))
+
+
+def accuracy_vs_cost(points: list[BackbonePoint]) -> bytes | None:
+    """Best validation accuracy of each backbone x regime against GFLOPs/image and against s/epoch (log x axes):
+    regime colours, a marker per backbone, each panel's Pareto front as a dashed step line."""
+    points = [p for p in points if p.gflops]
+    if len(points) < 2:
+        return None
+    archs = sorted({p.arch for p in points})
+    regimes = list(dict.fromkeys(p.regime for p in points))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    panels = [(axes[0], "gflops", "GFLOPs per image (forward, one image; log)"),
+              (axes[1], "seconds_per_epoch", "seconds per epoch, training + validation (log)")]  # fmt: skip
+    for ax, attr, label in panels:
+        shown = [p for p in points if getattr(p, attr) > 0]  # a log axis has no 0
+        for p in shown:
+            x = getattr(p, attr)
+            ax.scatter(x, 100 * p.accuracy, color=_colour(p.regime), marker=MARKERS[archs.index(p.arch) % len(MARKERS)],
+                       s=50, zorder=3, edgecolor="black", linewidth=0.5)  # fmt: skip
+            # regimes of one backbone share its FLOPs: their labels go to different sides
+            (dx, dy), ha = LABEL_OFFSETS[regimes.index(p.regime) % len(LABEL_OFFSETS)]
+            ax.annotate(f"{p.arch}/{p.regime}", (x, 100 * p.accuracy), textcoords="offset points", xytext=(dx, dy),
+                        ha=ha, fontsize=7)  # fmt: skip
+        front = pareto_front([(getattr(p, attr), 100 * p.accuracy) for p in shown])
+        xs, ys = [f[0] for f in front], [f[1] for f in front]
+        ax.step(xs, ys, where="post", color="black", linestyle="--", linewidth=1, zorder=2, label="Pareto front")
+        ax.set_xscale("log")
+        ax.margins(x=0.35, y=0.08)  # room for the labels left of a point
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short range
+        ax.set_xlabel(label)
+        ax.set_ylabel("best validation accuracy (%)")
+        ax.grid(alpha=0.3, which="both")
+    handles = [matplotlib.lines.Line2D([], [], linestyle="", marker="o", color=_colour(r), label=r)
+               for r in dict.fromkeys(p.regime for p in points)]  # fmt: skip
+    handles += [matplotlib.lines.Line2D([], [], linestyle="", marker=MARKERS[i % len(MARKERS)], color="grey", label=a)
+                for i, a in enumerate(archs)]  # fmt: skip
+    handles.append(matplotlib.lines.Line2D([], [], color="black", linestyle="--", label="Pareto front"))
+    fig.suptitle("Accuracy against cost, one point per backbone x regime")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def backbone_blocks(data: StudyData) -> list[Block]:
+    """The Backbones section: only when the trials differ in arch."""
+    if len(_archs(data)) < 2:
+        return []
+    points = backbone_points(data)
+    blocks = [
+        Block("h2", "Backbones"),
+        Block(
+            "p",
+            "Per backbone and regime, the trial of best validation accuracy and the cost of its run: parameters "
+            "(all / those the regime trains), GFLOPs of one forward pass of one image at the run's resolution "
+            "(a multiply-add counts 2), training images per second (training images x epochs / the epochs' "
+            "training + validation seconds), inference images per second (the whole model in eval mode, "
+            "the median of a few timed batches of "
+            + ", ".join(sorted({str(p.cost["inference_batch"]) for p in points if p.cost}) or ["?"])
+            + " on "
+            + ", ".join(sorted({p.cost["inference_device"] for p in points if p.cost}) or ["?"])
+            + "), seconds per epoch of that trial. Frozen prefixes whose output is cached (features.py) run once "
+            "per image before the first epoch, as setup: the epochs, and so the training img/s, do not include "
+            "them (the Time section's setup column does).",
+        ),
+        backbone_table(data, points),
+        Block("p", backbone_prose(points)),
+    ]
+    _figure(blocks, "Best validation accuracy against GFLOPs/image and s/epoch; dashed: the Pareto front",
+            accuracy_vs_cost(points))  # fmt: skip
+    return blocks
+
+
 # ------------------------------------------------------------------------------ assembling
 def _figure(blocks: list[Block], caption: str, png: bytes | None) -> None:
     if png:
@@ -1095,6 +1281,7 @@ def build_blocks(data: StudyData) -> list[Block]:
         blocks.append(variant_table(data))
         base = _baseline(list(data.grid["variant"]))
         _figure(blocks, f"Each variant against {base}, per regime (sorted)", variant_chart(data))
+    blocks += backbone_blocks(data)
     blocks.append(Block("h2", "Results per regime"))
     blocks += paper_tables(data)
     _figure(blocks, "Learning curves per regime", learning_curves(data))

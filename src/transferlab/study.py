@@ -4,7 +4,8 @@ Storage layout (Optuna, SQLite in the study directory by default, any RDB URL to
   study user attrs   spec (the resolved TOML tree), spec_path, command, identities (the current spec's grid
                      points), selected (the selected trial), test_evaluations
   one trial per job  user attrs: kind="run", key, point, record (epochs recorded), identity, identities (of each
-                     recorded grid point), job, config, history, best, checkpoint
+                     recorded grid point), job, config, history, best, checkpoint, cost (cost.py: parameters,
+                     FLOPs/image, training and inference images/s; measured once per run)
   derived trials     kind="derived": a grid point whose epochs are a prefix of a longer job's run
 
 A trial's identity is its grid point plus a hash of everything that trains it (the run config, the data's
@@ -291,6 +292,7 @@ class Worker:
         return config
 
     def objective(self, trial: optuna.Trial) -> float:
+        from .cost import measure_cost
         from .train import Trainer
 
         attrs = trial.user_attrs
@@ -332,6 +334,8 @@ class Worker:
             "config": config.to_dict(),
             "input_path": result.feature_path,
             "run_dir": str(run_dir.relative_to(self.directory)),
+            # parameters, FLOPs/image, training and inference throughput: measured once per run (cost.py)
+            "cost": measure_cost(config, trainer.num_classes, len(trainer.split.train), result.history),
         }
         for epochs in job.record[:-1]:
             self._add_derived(trial, job, epochs, result, base_attrs)
