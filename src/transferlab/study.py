@@ -324,9 +324,8 @@ class Worker:
             reported.add(row["epoch"])
 
         result = trainer.fit(on_epoch=on_epoch)
-        for row in (
-            result.history
-        ):  # a retry resumed from state.pt: the killed attempt reported the first epochs, not this trial
+        # a retry resumed from state.pt: the killed attempt reported the first epochs, not this trial
+        for row in result.history:
             if row["epoch"] not in reported:
                 trial.report(row[metric], row["epoch"])
         elapsed = time.time() - started
