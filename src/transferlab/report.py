@@ -150,8 +150,9 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
 
 
 # ------------------------------------------------------------------------------ formatting
-def _pct(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.1f}%"
+def _pct(value: float | None, digits: int = 1, missing: str = "") -> str:
+    """A fraction as percent; the selected trial's figures use two digits (one test image in 2,000 is 0.05 points)."""
+    return missing if value is None else f"{100 * value:.{digits}f}%"
 
 
 def _fmt(values: list[float], digits: int = 4) -> str:
@@ -630,39 +631,34 @@ def class_counts_table(t: dict) -> list[Block]:
     return [Block("p", "Images per class and split (the selected trial's data):"), Block("table", rows=rows)]
 
 
-def _pct2(value: float | None) -> str:
-    """The selected trial's figures: percent with two decimals (one test image in 2,000 is 0.05 points)."""
-    return "" if value is None else f"{100 * value:.2f}%"
-
-
 def selection_blocks(t: dict, n_evaluations: int) -> list[Block]:
     """The selected trial, and its test evaluation (or why there is none)."""
     rows = [
         ["", "value"],
         ["trial", f"{t['trial']} ({t['key']})"],
         ["selection metric", t["metric"]],
-        ["validation accuracy (best epoch)", _pct2(t["val_accuracy"])],
+        ["validation accuracy (best epoch)", _pct(t["val_accuracy"], 2)],
         ["validation loss (best epoch)", f"{t['val_loss']:.4f}"],
     ]
     if t.get("val_balanced_accuracy") is not None:  # absent from selections recorded before these metrics
-        rows.append(["validation balanced accuracy (best epoch)", _pct2(t["val_balanced_accuracy"])])
-        rows.append(["validation macro-F1 (best epoch)", _pct2(t["val_macro_f1"])])
+        rows.append(["validation balanced accuracy (best epoch)", _pct(t["val_balanced_accuracy"], 2)])
+        rows.append(["validation macro-F1 (best epoch)", _pct(t["val_macro_f1"], 2)])
     blocks = [Block("h2", "Selected trial and test evaluation"), Block("table", rows=rows)]
     counts = class_counts_table(t)
     if t.get("test_accuracy") is None:
         rows.append(["test", "no test split (test_fraction = 0): not evaluated on a test set"])
         return blocks + counts
     rows += [
-        ["test accuracy", _pct2(t["test_accuracy"])],
-        *([["test balanced accuracy", _pct2(t["test_balanced_accuracy"])]] if "test_balanced_accuracy" in t else []),
-        *([["test macro-F1", _pct2(t["test_macro_f1"])]] if "test_macro_f1" in t else []),
+        ["test accuracy", _pct(t["test_accuracy"], 2)],
+        *([["test balanced accuracy", _pct(t["test_balanced_accuracy"], 2)]] if "test_balanced_accuracy" in t else []),
+        *([["test macro-F1", _pct(t["test_macro_f1"], 2)]] if "test_macro_f1" in t else []),
         ["test loss", f"{t['test_loss']:.4f}"],
         ["drop from validation", f"{100 * (t['val_accuracy'] - t['test_accuracy']):+.2f} pp"],
         ["test images", str(t["n_test"])],
         ["test evaluations recorded", str(n_evaluations)],
     ]
     per_class = [
-        [c, str(sum(row)), _pct2(v)] for (c, v), row in zip(t["per_class_accuracy"].items(), t["confusion_matrix"])
+        [c, str(sum(row)), _pct(v, 2)] for (c, v), row in zip(t["per_class_accuracy"].items(), t["confusion_matrix"])
     ]
     blocks.append(Block("table", rows=[["class", "test images", "test accuracy"], *per_class]))
     blocks += counts
@@ -671,10 +667,6 @@ def selection_blocks(t: dict, n_evaluations: int) -> list[Block]:
 
 
 # ------------------------------------------------------------------------------ error analysis and calibration
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def normalised_confusion_plot(t: dict) -> bytes:
     """Rows normalised to their true class, with a colour scale; cells show the row's % and the count."""
     matrix, classes = t["confusion_matrix"], t["classes"]
@@ -767,7 +759,7 @@ def error_analysis_blocks(t: dict) -> list[Block]:
     pairs = confused_pairs(t)
     if pairs:
         rows = [["true class", "predicted as", "images", "% of the true class"]]
-        rows += [[a, b, str(n), _percent(f)] for a, b, n, f in pairs]
+        rows += [[a, b, str(n), _pct(f, missing="-")] for a, b, n, f in pairs]
         blocks += [Block("p", f"The {len(pairs)} most confused pairs (largest off-diagonal cells):")]
         blocks.append(Block("table", rows=rows))
     else:
