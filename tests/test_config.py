@@ -16,7 +16,8 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 def test_defaults_are_valid():
     config = RunConfig()
     config.validate()
-    assert config.strategy == "frozen" and config.resolution == 32 and config.arch == "squeezenet1_1"
+    assert config.strategy == "frozen" and config.resolution is None and config.arch == "squeezenet1_1"
+    assert config.resolved().resolution == 32 and config.resolved().dropout == 0.5  # the study's, for torchvision
 
 
 def test_unknown_key_is_one_line_with_suggestion():

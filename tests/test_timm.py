@@ -15,7 +15,8 @@
 - Weights: a local .safetensors file loads into the body (head excluded); a file of another model is a one-line
   error; --weights imagenet reads timm's file from the local Hugging Face cache (identity: model name + pretrained
   tag), and without it is a one-line error naming --weights PATH (nothing is downloaded).
-- Export (TorchScript) of a timm checkpoint; Grad-CAM's layer is a CNN's last conv before the head (ViT: none).
+- Export (TorchScript) of a timm checkpoint; Grad-CAM's layer is a CNN's last conv before the head, a ViT's last
+  block's norm1 with its patch tokens laid on the 14 x 14 grid (a model with neither, MLP-Mixer: none).
 - Gradual unfreezing walks timm's blocks.
 - Bad input, one line each: an unknown timm name (with a close match), an unsupported head, --unfreeze beyond the
   blocks, a resolution a fixed-size ViT cannot take.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_image_tree, quiet, tiny_config
@@ -53,7 +55,9 @@ def small_tree(tmp_path_factory):
 
 
 def config_for(tree, cache, name, **overrides):
-    values = dict(arch=f"timm/{name}", resolution=side(name), head="paper", flip=False, val_fraction=0.2)
+    """CNNs at 32 px; the ViT at its default, timm's pretrained input size (224 px)."""
+    values = dict(arch=f"timm/{name}", head="paper", flip=False, val_fraction=0.2)
+    values["resolution"] = None if name.startswith("vit") else 32
     values.update(overrides)
     return tiny_config(tree, cache, **values)
 
@@ -109,8 +113,10 @@ def test_every_family_trains_in_every_regime(small_tree, tmp_path, name, strateg
     assert tuple(ckpt.mean) == pytest.approx(expected_mean)
     assert ckpt.head == "linear"
     recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["preprocessing"]
-    assert recorded["resolution"] == side(name) and recorded["pretrained_resolution"] == 224
-    assert recorded["interpolation"] == "bicubic" and recorded["crop_pct"] > 0
+    assert recorded["resolution"] == side(name) and recorded["pretrained"]["resolution"] == 224
+    # timm's crop fraction and interpolation are applied, not only recorded
+    assert recorded["interpolation"] == recorded["pretrained"]["interpolation"] == ckpt.interpolation == "bicubic"
+    assert recorded["crop_fraction"] == recorded["pretrained"]["crop_pct"] == ckpt.crop_fraction < 1
     if strategy == "partial":  # the checkpoint evaluates and predicts through the same registry
         scores = evaluate_checkpoint(tmp_path / "run" / "best.pt", load_images(config), device="cpu")
         assert 0.0 <= scores["accuracy"] <= 1.0
@@ -208,9 +214,23 @@ def test_checkpoints_export_and_grad_cam_layers(small_tree, tmp_path):
     for name, layer in expected.items():
         model, _ = build_model(f"timm/{name}", 2)
         assert gradcam_layer(model, get_backbone(f"timm/{name}"))[0] == layer
-    model, _ = build_model("timm/vit_tiny_patch16_224", 2)
+    model, _ = build_model("timm/mixer_s16_224", 2)  # tokens without a ViT's patch grid: no layer to weight
     with pytest.raises(ValueError, match="no Conv2d"):  # error_analysis then skips Grad-CAM and says why
-        gradcam_layer(model, get_backbone("timm/vit_tiny_patch16_224"))
+        gradcam_layer(model, get_backbone("timm/mixer_s16_224"))
+
+
+def test_vit_grad_cam_lays_patch_tokens_on_the_grid():
+    from transferlab.analysis import grad_cam, gradcam_layer
+    from transferlab.augment import Preprocess
+
+    torch.manual_seed(0)
+    model, _ = build_model("timm/vit_tiny_patch16_224", 3)
+    backbone = get_backbone("timm/vit_tiny_patch16_224")
+    assert gradcam_layer(model.eval(), backbone)[0] == "blocks.11.norm1"
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 36, 3), dtype=np.uint8)
+    maps, name, size = grad_cam(model, backbone, Preprocess(backbone.mean, backbone.std, 224), images, [0, 2])
+    assert name == "blocks.11.norm1" and size == [14, 14]  # 224 / 16 patches a side, the class token dropped
+    assert maps.shape == (2, 40, 36) and 0 <= maps.min() and maps.max() <= 1 and maps.std() > 0.05  # not uniform
 
 
 def test_gradual_unfreezing_of_timm_blocks(small_tree, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import math
 
 import numpy as np
 import torch
@@ -25,10 +26,18 @@ GRADCAM = 4  # of which this many get a Grad-CAM map
 THUMBNAIL = 48  # largest side of a stored thumbnail, px
 
 
+def _is_vit(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("patch_embed", "blocks", "num_prefix_tokens"))
+
+
 def gradcam_layer(model: nn.Module, backbone: Backbone) -> tuple[str, nn.Module]:
-    """The last Conv2d of the backbone's last group before the head, by the registry's layer groups (squeezenet:
-    fire9's expand3x3; resnet: layer4's last block's last conv; timm CNNs: their last block's or conv_head). A ViT has
-    none: ValueError (error_analysis then skips Grad-CAM and says why)."""
+    """The layer Grad-CAM weights: the last Conv2d of the backbone's last group before the head, by the registry's
+    layer groups (squeezenet: fire9's expand3x3; resnet: layer4's last block's last conv; timm CNNs: their last
+    block's or conv_head); a ViT: its last block's first norm, whose patch tokens `token_grid` lays back on the patch
+    grid. ValueError when there is none (error_analysis then skips Grad-CAM and says why)."""
+    if _is_vit(model):
+        last = len(model.blocks) - 1
+        return f"blocks.{last}.norm1", model.blocks[last].norm1
     _, paths = backbone.groups[-2]
     for path in reversed(paths):
         if path.rpartition(".")[2] in model.get_submodule(path.rpartition(".")[0])._parameters:
@@ -38,6 +47,22 @@ def gradcam_layer(model: nn.Module, backbone: Backbone) -> tuple[str, nn.Module]
             name, module = convs[-1]
             return f"{path}.{name}" if name else path, module
     raise ValueError(f"{backbone.name}: group {backbone.groups[-2][0]} holds no Conv2d for Grad-CAM")
+
+
+def token_grid(model: nn.Module):
+    """For a ViT: (N, tokens, C) -> (N, C, h, w), the patch tokens (class and register tokens dropped) on the patch
+    grid, so that Grad-CAM can pool their gradients per channel as it does a conv's; None for a CNN."""
+    if not _is_vit(model):
+        return None
+
+    def to_map(tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, model.num_prefix_tokens :]
+        h, w = model.patch_embed.grid_size
+        if h * w != patches.shape[1]:  # a dynamic-size ViT at another resolution: a square grid
+            h = w = math.isqrt(patches.shape[1])
+        return patches.reshape(patches.shape[0], h, w, patches.shape[-1]).permute(0, 3, 1, 2)
+
+    return to_map
 
 
 def grad_cam(
@@ -58,11 +83,16 @@ def grad_cam(
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     name, layer = gradcam_layer(model, backbone)
+    to_map = token_grid(model)
     shape: list[int] = []
-    hook = layer.register_forward_hook(lambda _m, _i, out: shape.__setitem__(slice(None), list(out.shape[-2:])))
+
+    def record(_module, _inputs, out):
+        shape[:] = list((to_map(out) if to_map else out).shape[-2:])
+
+    hook = layer.register_forward_hook(record)
     device = next(model.parameters()).device
     x = preprocess(torch.as_tensor(np.ascontiguousarray(images)).to(device))
-    with GradCAM(model=model, target_layers=[layer]) as cam:
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=to_map) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     hook.remove()
     maps = torch.as_tensor(maps)[:, None]
@@ -123,7 +153,7 @@ def error_analysis(
     cam_rows = chosen[:gradcam]
     try:
         gradcam_layer(model, backbone)
-    except ValueError as error:  # a ViT: no convolutional feature map to weight; Grad-CAM is skipped with the reason
+    except ValueError as error:  # no convolutional feature map to weight: Grad-CAM is skipped with the reason
         maps, layer, shape = [], f"none ({error})", []
     else:
         maps, layer, shape = grad_cam(model, backbone, preprocess, images[cam_rows], predicted[cam_rows].tolist())

@@ -1,7 +1,7 @@
 """Batched, device-side preprocessing: uint8 NHWC in, normalised float NCHW out.
 
-Order: scale to [0, 1] -> random crop / flip at the stored resolution -> resize to the model's
-resolution -> normalise. Every step is one tensor op over the whole batch.
+Order: scale to [0, 1] -> random crop / flip at the stored resolution -> the central crop fraction -> resize to the
+model's resolution -> normalise. Every step is one tensor op over the whole batch.
 """
 
 from __future__ import annotations
@@ -36,11 +36,20 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
-def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+def centre_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The central square of `fraction` of the side (a view)."""
+    h, w = x.shape[-2:]
+    side = max(1, round(min(h, w) * fraction))
+    top, left = (h - side) // 2, (w - side) // 2
+    return x[..., top : top + side, left : left + side]
+
+
+def resize(x: torch.Tensor, resolution: int, mode: str = "bilinear") -> torch.Tensor:
     if x.shape[-1] == resolution and x.shape[-2] == resolution:
         return x
     downsample = x.shape[-1] > resolution
-    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=downsample)
+    x = F.interpolate(x, size=(resolution, resolution), mode=mode, align_corners=False, antialias=downsample)
+    return x.clamp_(0.0, 1.0) if mode == "bicubic" else x  # bicubic overshoots at edges; pixels stay in [0, 1]
 
 
 @dataclass
@@ -51,6 +60,14 @@ class Preprocess:
     crop_padding: int = 0
     flip: bool = False
     channels_last: bool = False
+    crop_fraction: float = 1.0
+    interpolation: str = "bilinear"
+
+    def identity(self) -> dict:
+        """What the evaluation-time output depends on (the feature cache's key): all but the training
+        augmentations and the memory layout."""
+        return {"resolution": self.resolution, "mean": list(self.mean), "std": list(self.std),
+                "crop_fraction": self.crop_fraction, "interpolation": self.interpolation}  # fmt: skip
 
     def __call__(
         self,
@@ -67,7 +84,9 @@ class Preprocess:
             x = random_flip(x, generator)
         if mirror:
             x = x.flip(3)
-        x = resize(x, self.resolution)
+        if self.crop_fraction < 1.0:
+            x = centre_crop(x, self.crop_fraction)
+        x = resize(x, self.resolution, self.interpolation)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std

@@ -98,6 +98,10 @@ class Checkpoint:
     # calibration: probabilities = softmax(logits / temperature), fitted on the validation split after training;
     # optional in every format (1.0 when absent), so the format number is unchanged
     temperature: float = 1.0
+    # the square's central fraction kept before resizing to `resolution`, and the resizing; optional likewise (what
+    # every checkpoint written before them used)
+    crop_fraction: float = 1.0
+    interpolation: str = "bilinear"
 
     def save(self, path: Path) -> None:
         atomic_save({"format": CHECKPOINT_FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}, path)
@@ -123,7 +127,7 @@ class Checkpoint:
             }
         if raw["format"] != CHECKPOINT_FORMAT:  # before format 3: a centre square at the image's own size
             raw = {"resize_policy": "crop", "storage_size": None, **raw}
-        raw = {"temperature": 1.0, **raw}
+        raw = {"temperature": 1.0, "crop_fraction": 1.0, "interpolation": "bilinear", **raw}
         missing = [f.name for f in fields(cls) if f.name not in raw]
         if missing:
             raise CheckpointError(f"{path} is not a complete transferlab checkpoint (no {missing[0]!r})")

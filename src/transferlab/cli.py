@@ -236,13 +236,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_models(args) -> int:
-    """Each backbone: its layer groups, then source, parameters, pretrained resolution and whether its pretrained
-    weights are already on this machine. torchvision's registry, then a curated set of timm models (or, with a
-    PATTERN, timm's models matching it; at most --limit shown, each built once with random weights)."""
+    """Each backbone: its layer groups, then source, parameters, pretrained resolution, a run's default input
+    (resolution, crop fraction, interpolation) and whether its pretrained weights are already on this machine.
+    torchvision's registry, then a curated set of timm models (or, with a PATTERN, timm's models matching it; at
+    most --limit shown, each built once with random weights)."""
     import fnmatch
 
     from . import timm_backbone
-    from .models import REGISTRY, get_backbone, pretrained_on_disk
+    from .models import REGISTRY, backbone_defaults, get_backbone, pretrained_on_disk
 
     pattern = args.pattern
     if pattern and not any(c in pattern for c in "*?["):
@@ -265,10 +266,15 @@ def cmd_models(args) -> int:
         resolution = (
             f"{backbone.resolution} px (fixed)" if backbone.fixed_resolution else f"{backbone.resolution or 224} px"
         )
+        default = backbone_defaults(name)
         print(f"{name}: groups {', '.join(backbone.group_names)}")
         print(
             f"    {backbone.source}, {count / 1e6:.1f}M parameters, pretrained at {resolution}, "
             f"pretrained weights on this machine: {pretrained_on_disk(backbone) or 'no'}"
+        )
+        print(
+            f"    default input: {default['resolution']} px, centre {default['crop_fraction']:g} of the square, "
+            f"{default['interpolation']}"
         )
     if len(found) > len(shown):
         print(f"... and {len(found) - len(shown)} more timm models match (--limit N shows more)")

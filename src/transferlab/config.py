@@ -125,7 +125,14 @@ class RunConfig:
         choices=("paper", "linear", "mlp"),
         group="model",
     )
-    dropout: float = _opt(0.5, "dropout before the head's classifier layer", min=0.0, max=0.99, group="model")
+    dropout: float | None = _opt(
+        None,
+        "dropout before the head's classifier layer; default: the backbone's (0.5, the study's, for torchvision "
+        "heads; timm's default, 0, for timm models, passed to timm as drop_rate)",
+        min=0.0,
+        max=0.99,
+        group="model",
+    )
     strategy: str = _opt(
         "frozen",
         "which layers train: frozen (head only), partial (last --unfreeze groups + head), full",
@@ -139,11 +146,27 @@ class RunConfig:
         group="model",
     )
     # input
-    resolution: int = _opt(
-        32,
-        "side in pixels the images are resized to before the backbone (32 reproduces the study)",
+    resolution: int | None = _opt(
+        None,
+        "side in pixels the images are resized to before the backbone; default: the backbone's (32 for torchvision "
+        "backbones, which reproduces the study; the pretrained input size for timm models)",
         min=8,
         max=1024,
+        group="model",
+    )
+    crop_fraction: float | None = _opt(
+        None,
+        "central fraction of each stored square kept before resizing (timm's crop_pct: 0.875 at 224 px reads the "
+        "centre 224 of 256); default: the backbone's (1 for torchvision backbones, timm's pretrained crop_pct)",
+        min=0.1,
+        max=1.0,
+        group="model",
+    )
+    interpolation: str | None = _opt(
+        None,
+        "how the square is resized to --resolution; default: the backbone's (bilinear for torchvision backbones, "
+        "timm's pretrained interpolation)",
+        choices=("bilinear", "bicubic"),
         group="model",
     )
     storage_size: int | None = _opt(
@@ -288,7 +311,7 @@ class RunConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             meta = f.metadata
-            if meta.get("choices") and value not in meta["choices"]:
+            if meta.get("choices") and value is not None and value not in meta["choices"]:
                 raise ConfigError(
                     f"{where}{f.name} = {value!r}: expected one of {', '.join(map(str, meta['choices']))}"
                 )
@@ -338,15 +361,24 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def training_dict(self) -> dict[str, Any]:
-        """The settings that decide a run's numbers: all but where caches live, whether a bar is drawn and where
-        the run is also logged. Every other field counts, new ones included: an option added later re-identifies
-        earlier runs, which are then trained again rather than reused under settings they never had."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("progress", "cache_dir", "log")}
+        """The settings that decide a run's numbers, with the backbone's defaults filled in: all but where caches
+        live, whether a bar is drawn and where the run is also logged. Every other field counts, new ones included:
+        an option added later re-identifies earlier runs, which are then trained again rather than reused under
+        settings they never had."""
+        return {k: v for k, v in self.resolved().to_dict().items() if k not in ("progress", "cache_dir", "log")}
 
     @property
     def source(self) -> str:
         """The data source as the user named it: the labels file, 'cifar10' or the image folder."""
         return self.labels if self.labels is not None else self.data
+
+    def resolved(self) -> RunConfig:
+        """This config with the backbone's defaults in the fields left unset (None): resolution, crop_fraction,
+        interpolation, dropout (see `models.backbone_defaults`). What a run trains with and is identified by."""
+        from .models import backbone_defaults
+
+        unset = {k: v for k, v in backbone_defaults(self.arch).items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **unset) if unset else self
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir or default_cache_dir()).expanduser()
@@ -549,4 +581,4 @@ class StudySpec:
     def config_for(self, point: dict[str, Any]) -> RunConfig:
         point = dict(point)
         variant = self.variants.get(point.pop("variant", None), {})
-        return RunConfig.from_dict({**variant, **point, "metric": self.metric}, base=self.base)
+        return RunConfig.from_dict({**variant, **point, "metric": self.metric}, base=self.base).resolved()

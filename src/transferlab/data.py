@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import secrets
@@ -726,8 +727,10 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
 
 
 def storage_size_for(config) -> int:
-    """The side a run's images are stored at, at most: --storage-size, else the run's resolution."""
-    return config.storage_size or config.resolution
+    """The side a run's images are stored at, at most: --storage-size, else what its centre crop of --resolution
+    needs (timm's 224 px at crop_pct 0.875: 256)."""
+    config = config.resolved()
+    return config.storage_size or math.ceil(config.resolution / config.crop_fraction - 1e-9)
 
 
 def load_images(config, storage_size: int | None = None) -> ImageSet:

@@ -252,12 +252,20 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
     backbone = get_backbone(ckpt.arch)
     prefix, suffix = backbone.split(model, ckpt.cut)
     info = {k: getattr(ckpt, k) for k in ("arch", "epoch", "metric", "val_accuracy", "val_loss", "resolution",
-                                          "weights", "config", "data", "resize_policy", "storage_size")}  # fmt: skip
+                                          "weights", "config", "data", "resize_policy", "storage_size",
+                                          "crop_fraction", "interpolation")}  # fmt: skip
     return LoadedModel(
         model=model,
         prefix=prefix,
         suffix=suffix,
-        preprocess=Preprocess(tuple(ckpt.mean), tuple(ckpt.std), ckpt.resolution, channels_last=True),
+        preprocess=Preprocess(
+            tuple(ckpt.mean),
+            tuple(ckpt.std),
+            ckpt.resolution,
+            channels_last=True,
+            crop_fraction=ckpt.crop_fraction,
+            interpolation=ckpt.interpolation,
+        ),  # fmt: skip
         classes=ckpt.classes,
         loss=ckpt.loss,
         label_smoothing=ckpt.label_smoothing,

@@ -58,7 +58,10 @@ def metadata(ckpt) -> dict:
         "std": list(ckpt.std),
         "resize_policy": getattr(ckpt, "resize_policy", None),
         "storage_size": getattr(ckpt, "storage_size", None),
-        "input": "float32 (N, 3, resolution, resolution), RGB in [0, 1]; normalised inside",
+        "crop_fraction": getattr(ckpt, "crop_fraction", 1.0),
+        "interpolation": getattr(ckpt, "interpolation", "bilinear"),
+        "input": "float32 (N, 3, resolution, resolution), RGB in [0, 1]: the image's square (resize_policy), its "
+        "central crop_fraction, resized to resolution (interpolation); normalised inside",
         "output": "float32 (N, classes) probabilities",
         "tta_flip": ckpt.tta_flip,
         "temperature": getattr(ckpt, "temperature", 1.0),

@@ -50,9 +50,7 @@ def feature_key(
         "arch": arch,
         "weights": weights,
         "cut": cut,
-        "resolution": preprocess.resolution,
-        "mean": list(preprocess.mean),
-        "std": list(preprocess.std),
+        "preprocess": preprocess.identity(),
         "mirror": mirror,
         "autocast": autocast,
     }

@@ -92,7 +92,7 @@ def get_backbone(name: str) -> Backbone:
 
 
 def _timm_head(model: nn.Module, num_classes: int, kind: str, dropout: float) -> None:
-    model.reset_classifier(num_classes)  # timm's own classifier (and pooling), re-initialised for K classes
+    model.reset_classifier(num_classes)  # timm's own classifier (and pooling), re-initialised; dropout: see build_model
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,6 +118,26 @@ def _timm_backbone(arch: str) -> Backbone:
         fixed_resolution=info["fixed_size"],
         preprocessing=(("crop_pct", info["crop_pct"]), ("interpolation", info["interpolation"])),
     )
+
+
+STUDY_RESOLUTION = 32  # torchvision backbones' default input side: the study's CIFAR-10 size
+
+
+def backbone_defaults(arch: str) -> dict:
+    """What a run uses where it leaves resolution, crop_fraction, interpolation or dropout unset: the study's
+    settings for torchvision backbones, timm's pretrained config (input size, crop_pct, interpolation) and its
+    default head dropout for timm models."""
+    backbone = get_backbone(arch)
+    if backbone.source != "timm":
+        return {"resolution": STUDY_RESOLUTION, "crop_fraction": 1.0, "interpolation": "bilinear", "dropout": 0.5}
+    cfg = dict(backbone.preprocessing)
+    interpolation = cfg.get("interpolation")
+    return {
+        "resolution": backbone.resolution,
+        "crop_fraction": float(cfg.get("crop_pct") or 1.0),
+        "interpolation": interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
+        "dropout": 0.0,
+    }
 
 
 def check_head(backbone: Backbone, head: str) -> str:
@@ -403,12 +423,15 @@ def load_backbone_weights(model: nn.Module, backbone: Backbone, weights: str) ->
 
 
 def build_model(
-    arch: str, num_classes: int, *, weights: str = "none", head: str = "paper", dropout: float = 0.5
+    arch: str, num_classes: int, *, weights: str = "none", head: str = "paper", dropout: float | None = None
 ) -> tuple[nn.Module, str]:
-    """torchvision or timm architecture + pretrained body + a re-initialised head for `num_classes`."""
+    """torchvision or timm architecture + pretrained body + a re-initialised head for `num_classes` (dropout None:
+    the backbone's default)."""
     backbone = get_backbone(arch)
+    dropout = backbone_defaults(arch)["dropout"] if dropout is None else dropout
     head = check_head(backbone, head)
-    model = backbone.build()
+    # timm fixes a model's head dropout at construction (drop_rate), where each family's forward_head reads it
+    model = backbone.build(drop_rate=dropout) if backbone.source == "timm" else backbone.build()
     source = load_backbone_weights(model, backbone, weights)
     backbone.make_head(model, num_classes, head, dropout)
     return model, source

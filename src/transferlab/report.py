@@ -784,12 +784,18 @@ def error_analysis_blocks(t: dict) -> list[Block]:
         blocks.append(
             Block(
                 "figure",
-                f"Grad-CAM of the predicted class on the first mistakes (layer {errors['gradcam_layer']}, the last "
-                f"convolution before the head{note})",
+                f"Grad-CAM of the predicted class on the first mistakes (layer {errors['gradcam_layer']}, "
+                f"{_gradcam_layer_kind(errors['gradcam_layer'])}{note})",
                 png=gradcam_plot(errors, t["classes"]),
             )
         )
     return blocks
+
+
+def _gradcam_layer_kind(layer: str) -> str:
+    if layer.startswith("blocks.") and layer.endswith(".norm1"):
+        return "the last transformer block's input norm, its patch tokens on the patch grid"
+    return "the last convolution before the head"
 
 
 def reliability_plot(calibration: dict) -> bytes:

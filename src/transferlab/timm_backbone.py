@@ -78,10 +78,17 @@ def check_name(name: str) -> None:
         raise UnknownModel(f"unknown timm model {name!r}{hint}: see `transferlab models PATTERN`")
 
 
-def create(name: str, num_classes: int = 1000) -> nn.Module:
+def create(name: str, num_classes: int = 1000, drop_rate: float = 0.0) -> nn.Module:
     import timm
 
-    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if not drop_rate:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    except TypeError:  # the family's constructor has no head dropout
+        raise ConfigError(
+            f"dropout = {drop_rate}: timm/{name} takes no head dropout (drop_rate); pass --dropout 0"
+        ) from None
 
 
 def _param_groups(model: nn.Module) -> dict[str, int]:

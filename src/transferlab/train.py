@@ -199,7 +199,7 @@ class Trainer:
         feature_cache: FeatureCache | None = None,
         log: Callable[[str], None] | None = None,
     ):
-        self.config = config
+        self.config = config = config.resolved()  # the backbone's defaults where the config leaves them unset
         self.log = log or (lambda text: console.print(text, highlight=False))
         self.device = resolve_device(config.device)
         self.backbone = get_backbone(config.arch)
@@ -251,7 +251,10 @@ class Trainer:
             mean, std = dataset_statistics(self.images.images, self.split.train)
         else:
             mean, std = self.backbone.mean, self.backbone.std
-        self.preprocess = Preprocess(mean, std, config.resolution, config.crop_padding, config.flip, channels_last=True)
+        self.preprocess = Preprocess(
+            mean, std, config.resolution, config.crop_padding, config.flip, channels_last=True,
+            crop_fraction=config.crop_fraction, interpolation=config.interpolation,
+        )  # fmt: skip
         self.cut = frozen_prefix_length(self.backbone, self.trainable)
         self.prefix, self.suffix = self.backbone.split(self.model, self.cut)
         self.step_suffix = torch.compile(self.suffix) if config.compile else self.suffix
@@ -580,7 +583,7 @@ class Trainer:
                 "setup_seconds": self.setup_seconds,  # model, preprocessing, feature pass (feature_seconds of it)
                 "feature_seconds": self.feature_seconds,
                 "weights": self.weights_source,
-                **({"preprocessing": self._preprocessing()} if self.backbone.source == "timm" else {}),
+                "preprocessing": self._preprocessing(),
                 "data": self.images.key,
                 "n_train": len(self.split.train),
                 "n_val": len(self.split.val),
@@ -599,14 +602,9 @@ class Trainer:
         )
 
     def _preprocessing(self) -> dict:
-        """A timm run's preprocessing as used, with timm's pretrained_cfg entries it did not apply (crop_pct and
-        interpolation: images are resized by transferlab's --resize-policy)."""
-        used = {
-            "mean": list(self.preprocess.mean),
-            "std": list(self.preprocess.std),
-            "resolution": self.preprocess.resolution,
-        }
-        return {**used, "pretrained_resolution": self.backbone.resolution, **dict(self.backbone.preprocessing)}
+        """The preprocessing as used, beside the backbone's pretrained one (timm's pretrained_cfg) to compare."""
+        pretrained = {"resolution": self.backbone.resolution, **dict(self.backbone.preprocessing)}
+        return {**self.preprocess.identity(), "resize_policy": self.images.resize_policy, "pretrained": pretrained}
 
     def _checkpoint(self, state: RunState, temperature: float = 1.0) -> Checkpoint:
         c, best = self.config, state.best
@@ -615,6 +613,7 @@ class Trainer:
             model=state.best_state,
             resize_policy=self.images.resize_policy, storage_size=self.images.storage_size,
             resolution=c.resolution, mean=list(self.preprocess.mean), std=list(self.preprocess.std), cut=self.cut,
+            crop_fraction=c.crop_fraction, interpolation=c.interpolation,
             feature_dtype=str(self.feature_dtype).removeprefix("torch.") if self.feature_dtype else None,
             autocast=self.autocast, loss=c.loss, label_smoothing=c.label_smoothing, tta_flip=c.tta_flip,
             epoch=best["epoch"], metric=c.metric, val_accuracy=best["val_accuracy"], val_loss=best["val_loss"],
