@@ -7,8 +7,8 @@
 - In a study, resolution unset in [run] resolves per trial: a grid over arch gives each backbone its own size.
 - Images are stored large enough for the centre crop: timm's 224 px at crop_pct 0.95 stores 236 px squares.
 - The crop and the interpolation are applied on the device (centre crop, then resize), in training and in evaluate
-  (they travel in the checkpoint; a checkpoint written before them reads as the whole square, bilinear), and they are
-  part of the feature cache's key.
+  (they travel in the checkpoint and an export's metadata; a checkpoint written before them reads as the whole
+  square, bilinear), and they are part of the feature cache's key.
 - --dropout reaches timm's heads (drop_rate), in every family.
 - Bad values are one line, exit 2: --crop-fraction 0 or 1.5, --interpolation nearest.
 """
@@ -30,6 +30,7 @@ from transferlab.cli import main
 from transferlab.config import StudySpec
 from transferlab.data import load_images, split_for, storage_size_for
 from transferlab.evaluate import evaluate_checkpoint, load_checkpoint
+from transferlab.export import metadata
 from transferlab.features import feature_key
 from transferlab.models import build_model
 
@@ -106,6 +107,8 @@ def test_evaluate_repeats_the_crop_and_interpolation_of_training(tmp_path):
     assert (ckpt.crop_fraction, ckpt.interpolation, ckpt.resolution) == (0.6, "bicubic", 20)
     recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["preprocessing"]
     assert (recorded["crop_fraction"], recorded["interpolation"]) == (0.6, "bicubic")
+    exported = metadata(ckpt)  # what an exported model's user is told to do to an image
+    assert (exported["crop_fraction"], exported["interpolation"], exported["resolution"]) == (0.6, "bicubic", 20)
     images = load_images(config)
     val = split_for(images, config).val
     scores = evaluate_checkpoint(tmp_path / "run" / "best.pt", images, indices=val, device="cpu")
