@@ -23,6 +23,7 @@ from test_report import section, tables_in
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
 
 from transferlab.report import backbone_points, load_study_data, pareto_front
+from transferlab.stats import percent_with_interval
 from transferlab.study import grid_trials, run_study
 
 ARCHS = ["squeezenet1_1", "resnet18"]
@@ -115,7 +116,8 @@ def test_report_backbones_table_equals_the_storage(backbones):
     assert len(tested) == 1
     assert (
         tested[0][col["test accuracy (selected)"]]
-        == f"{100 * selected['test_accuracy']:.1f}% (trial {selected['trial']})"
+        == f"{percent_with_interval(round(selected['test_accuracy'] * selected['n_test']), selected['n_test'])} "
+        f"(trial {selected['trial']})"
     )
     assert "Accuracy against cost" in part or "against GFLOPs/image" in part
     assert re.search(r"!\[Best validation accuracy against GFLOPs/image[^\]]*\]\(report_files/figure\d+\.png\)", part)

@@ -5,7 +5,8 @@
   folder; absolute paths work too. Class names are the sorted unique labels.
 - With a split column (--labels-split-column, default `split` when the file has one; `none` ignores it) the run's
   split.json follows it exactly: every value train/val/test, at least one train and one val row, test may be empty
-  (then "no test split"). --limit with a given split is refused (subsampling would no longer be the user's split).
+  (then "no test split"). --limit with a given split is refused (subsampling would no longer be the user's split),
+  and so is --folds (the file gives the validation split).
 - --labels and a non-default --data together are refused: one data source per run.
 - The decode cache is keyed by the file's content and each image's size and modification time: editing either
   decodes again. --skip-bad-images skips (and counts) unreadable or missing images, keeping the given split aligned.
@@ -199,6 +200,12 @@ BAD = {
     "short row": (["path", "label", "split"], lambda r: [r[0], r[1][:1]], [], ["row 3", "1 of 3 columns"]),
     "header only": (["path", "label"], lambda r: [], [], ["no rows"]),
     "limit with a given split": (["path", "label", "split"], lambda r: r, ["--limit", "12"], ["limit 12", "--limit"]),
+    "folds with a given split": (
+        ["path", "label", "split"],
+        lambda r: r,
+        ["--folds", "3"],
+        ["folds 3", "split column"],
+    ),
 }
 
 

@@ -16,6 +16,7 @@ import pytest
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
 
 from transferlab.config import StudySpec
+from transferlab.stats import percent_with_interval
 from transferlab.study import grid_trials, run_study
 
 ROWS = {
@@ -194,9 +195,12 @@ def test_selected_trial_and_all_trials_tables(seeds_study):
     (record,) = study.user_attrs["test_evaluations"]
     (_, selected), (_, per_class) = tables_in(section(text, "Selected trial and test evaluation"))[:2]
     values = dict(selected[1:])
-    assert values["trial"] == f"{record['trial']} ({record['key']})"
+    # two seeds per grid point: the configuration chosen by its mean, then the replicate whose checkpoint was tested
+    assert values["configuration"] == record["configuration"]["key"]
+    assert values["trial tested (its replicate of best val_accuracy)"] == f"{record['trial']} ({record['key']})"
     assert values["validation accuracy (best epoch)"] == f"{100 * record['val_accuracy']:.2f}%"
-    assert values["test accuracy"] == f"{100 * record['test_accuracy']:.2f}%"
+    k, n = round(record["test_accuracy"] * record["n_test"]), record["n_test"]
+    assert values["test accuracy"] == percent_with_interval(k, n)  # Wilson interval, justified precision
     assert values["test images"] == str(record["n_test"]) and values["test evaluations recorded"] == "1"
     assert per_class[0] == ["class", "test images", "test accuracy"]
     expected = {c: "" if v is None else f"{100 * v:.2f}%" for c, v in record["per_class_accuracy"].items()}

@@ -33,6 +33,7 @@ from transferlab.report import (
     to_toml,
     variant_chart,
 )
+from transferlab.stats import percent_with_interval
 from transferlab.study import grid_trials, run_study
 
 
@@ -72,7 +73,9 @@ def test_summary_names_the_selected_trial_and_its_test_accuracy(tiny):
     summary = section(text, "Summary")
     assert f"trial {selected['trial']} ({selected['key']})" in summary
     assert f"validation accuracy {100 * selected['val_accuracy']:.1f}%" in summary
-    assert f"test accuracy {100 * selected['test_accuracy']:.1f}% on {selected['n_test']} test images" in summary
+    n = selected["n_test"]
+    shown = percent_with_interval(round(selected["test_accuracy"] * n), n)  # with its Wilson interval
+    assert f"test accuracy {shown} on {n} test images" in summary and "Wilson score interval" in summary
 
 
 def test_use_this_model_commands_name_the_selected_checkpoint(tiny):
@@ -258,7 +261,8 @@ def test_seed_spread_in_the_summary_is_averaged():
     trials[1]["best"] = {**trials[1]["best"], "val_accuracy": 0.7}
     data = study_of(trials, {"strategy": ["frozen"], "epochs": [1], "seed": [0, 1]})
     (summary,) = [b for b in build_blocks(data) if b.kind == "table" and b.rows[0][0] == "regime"][:1]
-    assert summary.rows[1] == ["frozen", f"{100 * statistics.mean([0.5, 0.7]):.1f}%"]
+    mean, std = 100 * statistics.mean([0.5, 0.7]), 100 * statistics.stdev([0.5, 0.7])
+    assert summary.rows[1] == ["frozen", f"{mean:.1f} ± {std:.1f}%, n = 2"]
 
 
 def test_load_study_data_reads_the_new_time_attributes(tiny):

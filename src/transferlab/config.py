@@ -107,6 +107,15 @@ class RunConfig:
         max=2**32 - 2,  # scikit-learn's seeds end at 2**32 - 1, and validation uses split_seed + 1
         group="data",
     )
+    folds: int = _opt(
+        0,
+        "cross-validation: cut the images left after the test split into this many stratified folds (shuffled with "
+        "--split-seed), fold --fold being the validation split, instead of --val-fraction (0 = off; the test split "
+        "is the same either way)",
+        min=0,
+        group="data",
+    )
+    fold: int = _opt(0, "with --folds: which fold (0 .. folds - 1) is the validation split", min=0, group="data")
     # model
     arch: str = _opt(
         "squeezenet1_1", "backbone: a torchvision name or timm/<name> (see `transferlab models`)", group="model"
@@ -351,6 +360,14 @@ class RunConfig:
             raise ConfigError(
                 f"{where}class_weights = 'balanced' with sampler = 'balanced' corrects the imbalance twice: choose one"
             )
+        if self.folds == 1:
+            raise ConfigError(f"{where}folds = 1: cross-validation needs at least 2 folds (0 turns it off)")
+        if self.fold and not self.folds:
+            raise ConfigError(f"{where}fold = {self.fold} without folds: set folds = K (2 or more) to cut K folds")
+        if self.folds and self.fold >= self.folds:
+            raise ConfigError(
+                f"{where}fold = {self.fold}: with folds = {self.folds} the folds are 0 .. {self.folds - 1}"
+            )
         if self.feature_shift and self.strategy == "full":
             raise ConfigError(
                 f"{where}feature_shift = {self.feature_shift}: strategy 'full' freezes nothing whose output could be "
@@ -478,7 +495,31 @@ STUDY_KEYS = {
     "run": "table of RunConfig keys shared by every trial",
     "grid": "table of axes: RunConfig key -> list of values; every combination is one trial",
     "variants": "named bundles of RunConfig keys; the grid axis `variant` picks one (ablations: one change at a time)",
+    "repeat": "seeds per grid point: K runs every grid point with seeds seed, seed + 1, ... (1 = once, the default)",
+    "folds": "cross-validation: K stratified folds, every grid point run once per fold (0 = off, the default)",
 }
+
+# Grid axes whose values are replicates of one configuration rather than configurations of their own: a study
+# selects by the mean over them, and the report pairs configurations on them.
+REPLICATE_AXES = ("seed", "fold")
+
+
+def replicate_axes(grid) -> list[str]:
+    """The axes of a grid (its keys, in order) that are replicates: `seed` and `fold` (from `repeat`, `folds` or
+    given as grid axes)."""
+    return [axis for axis in grid if axis in REPLICATE_AXES]
+
+
+def configuration_of(point: dict[str, Any], replicates) -> dict[str, Any]:
+    """A grid point's configuration: the point without its replicate axes."""
+    return {k: v for k, v in point.items() if k not in replicates}
+
+
+def _whole(tree: dict, key: str, default: int, where: str) -> int:
+    value = tree.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}{key} = {value!r}: expected a whole number")
+    return value
 
 
 @dataclass
@@ -491,6 +532,8 @@ class StudySpec:
     storage_password_env: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    repeat: int = 1
+    folds: int = 0
 
     @classmethod
     def from_dict(cls, tree: dict[str, Any], *, name: str = "study", where: str = "") -> StudySpec:
@@ -509,7 +552,23 @@ class StudySpec:
                 f"{where}metric picks the study's best trial and each trial's best epoch alike: "
                 'set it once at the top level (metric = "val_loss")'
             )
-        base = RunConfig.from_dict(tree.get("run", {}), where=f"{where}[run] ")
+        repeat, folds = _whole(tree, "repeat", 1, where), _whole(tree, "folds", 0, where)
+        if repeat < 1:
+            raise ConfigError(f"{where}repeat = {repeat}: expected 1 or more runs per grid point (1 = once)")
+        if folds == 1 or folds < 0:
+            raise ConfigError(f"{where}folds = {folds}: cross-validation needs 2 or more folds (0 turns it off)")
+        if "repeat" in tree and "seed" in tree.get("grid", {}):
+            raise ConfigError(f"{where}repeat = {repeat} and a [grid] seed axis: give the seeds one way, not both")
+        if folds and any(isinstance(t, dict) and ("folds" in t or "fold" in t) for t in tables):
+            raise ConfigError(
+                f"{where}folds = {folds} makes the fold axis itself: leave folds and fold out of [run], [grid] and "
+                "[variants]"
+            )
+        if repeat > 1 and any(isinstance(v, dict) and "seed" in v for v in tree.get("variants", {}).values()):
+            raise ConfigError(f"{where}repeat = {repeat} sets each trial's seed: leave seed out of [variants]")
+        base = RunConfig.from_dict(
+            {**tree.get("run", {}), **({"folds": folds} if folds else {})}, where=f"{where}[run] "
+        )
         variants = tree.get("variants", {})
         for vname, values in variants.items():
             if not isinstance(values, dict):
@@ -542,6 +601,12 @@ class StudySpec:
                 if value in resolved[:i]:
                     raise ConfigError(f"{where}[grid] {axis}: value {values[i]!r} is given twice")
             checked[key] = values
+        if repeat > 1:  # the replicate axes go last: the points of one configuration are neighbours
+            seeds = [base.seed + i for i in range(repeat)]
+            RunConfig.from_dict({"seed": seeds[-1]}, base=base, where=f"{where}repeat = {repeat} from [run] ")
+            checked["seed"] = seeds
+        if folds:
+            checked["fold"] = list(range(folds))
         metric = tree.get("metric", "val_accuracy")
         if metric not in METRICS:
             raise ConfigError(f"{where}metric = {metric!r}: expected one of {', '.join(METRICS)}")
@@ -559,6 +624,8 @@ class StudySpec:
             storage_password_env=password_env,
             source=tree,
             variants=variants,
+            repeat=repeat,
+            folds=folds,
         )
 
     @classmethod
@@ -577,6 +644,11 @@ class StudySpec:
 
         axes = list(self.grid)
         return [dict(zip(axes, combo)) for combo in itertools.product(*(self.grid[a] for a in axes))]
+
+    @property
+    def replicates(self) -> list[str]:
+        """The grid's replicate axes (seed, fold): a configuration is a grid point without them."""
+        return replicate_axes(self.grid)
 
     def config_for(self, point: dict[str, Any]) -> RunConfig:
         point = dict(point)

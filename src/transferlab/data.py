@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sklearn.model_selection import StratifiedShuffleSplit
+from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 CACHE_FORMAT = 3  # 3: square storage size and policy in the key, images.npy written and read memory-mapped
@@ -834,12 +834,16 @@ def make_split(
     limit: int | None = None,
     official_test: bool = False,
     classes: list[str] | None = None,
+    folds: int = 0,
+    fold: int = 0,
 ) -> Split:
     """Hold out a test fraction, then a validation fraction, both stratified and seeded.
 
     With `official_test`, the test indices are left empty (the source's own test set is used) and
     validation is carved from the training images. Fractions are of the images in play. `classes` (the label
-    names) lets the error for a class too small for the split name it.
+    names) lets the error for a class too small for the split name it. With `folds` (2 or more), the images left
+    after the test split are cut into that many stratified folds (shuffled with `seed`) and fold `fold` is the
+    validation split instead of `val_fraction`; the test split is the same images as without folds.
     """
     indices = np.arange(len(labels))
     if limit is not None and limit < len(indices):
@@ -852,8 +856,31 @@ def make_split(
         indices, test = _stratified_take(
             indices, labels, max(int(round(test_fraction * n)), len(np.unique(labels))), seed
         )
-    train, val = _stratified_take(indices, labels, max(int(round(val_fraction * n)), len(np.unique(labels))), seed + 1)
+    if folds:
+        train, val = _fold_take(indices, labels, folds, fold, seed, classes)
+    else:
+        train, val = _stratified_take(
+            indices, labels, max(int(round(val_fraction * n)), len(np.unique(labels))), seed + 1
+        )
     return Split(train, val, test, official_test=official_test)
+
+
+def _fold_take(
+    indices: np.ndarray, labels: np.ndarray, folds: int, fold: int, seed: int, classes: list[str] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) of `indices` when fold `fold` of `folds` stratified, seeded folds is the validation split.
+    Every fold holds every class, so a class needs at least `folds` images here."""
+    present, counts = np.unique(labels[indices], return_counts=True)
+    if counts.min() < folds:
+        label, count = int(present[counts.argmin()]), int(counts.min())
+        name = repr(classes[label]) if classes is not None else f"#{label}"
+        raise DataError(
+            f"class {name} has {count} image{'s' * (count != 1)} left after the test split; {folds} stratified folds "
+            f"need at least {folds} per class (add images, or lower folds or --test-fraction)"
+        )
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    keep, take = list(splitter.split(np.zeros(len(indices)), labels[indices]))[fold]
+    return np.sort(indices[keep]), np.sort(indices[take])
 
 
 def split_for(images: ImageSet, config) -> Split:
@@ -873,6 +900,11 @@ def split_for(images: ImageSet, config) -> Split:
                 f"limit {config.limit}: {source} gives its own split (its {config.labels_split_column} column); "
                 "drop --limit, or ignore the column with --labels-split-column none"
             )
+        if config.folds:
+            raise DataError(
+                f"folds {config.folds}: {source} gives its own validation split (its {config.labels_split_column} "
+                "column); drop folds, or ignore the column with --labels-split-column none"
+            )
         check_given_split(images.given_split, source, config.labels_split_column)
         train, val, test = (np.flatnonzero(images.given_split == code) for code in range(3))
         return Split(train, val, test)
@@ -884,6 +916,8 @@ def split_for(images: ImageSet, config) -> Split:
         limit=config.limit,
         official_test=config.official_test,
         classes=images.classes,
+        folds=config.folds,
+        fold=config.fold,
     )
 
 

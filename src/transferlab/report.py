@@ -27,6 +27,8 @@ import matplotlib.lines  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from .config import REPLICATE_AXES, configuration_of, higher_is_better, replicate_axes  # noqa: E402
+from .stats import difference_verdict, format_difference, paired_difference, percent_with_interval  # noqa: E402
 from .storage import (  # noqa: E402
     StudyError,
     current_identities,
@@ -155,6 +157,19 @@ def _pct(value: float | None, digits: int = 1, missing: str = "") -> str:
     return missing if value is None else f"{100 * value:.{digits}f}%"
 
 
+def _test_accuracy(t: dict) -> str:
+    """The selected trial's test accuracy with its Wilson 95% interval, at the precision the interval justifies
+    ("67.4% (95% CI 65.3-69.4)"): accuracy is k correct of n_test images."""
+    n = t["n_test"]
+    return percent_with_interval(round(t["test_accuracy"] * n), n)
+
+
+WILSON_NOTE = (
+    "The 95% CI of a test accuracy is the Wilson score interval of a proportion measured on that many images: how "
+    "far the figure could move on another test set of the same size, so digits finer than it are not printed."
+)
+
+
 def _fmt(values: list[float], digits: int = 4) -> str:
     if not values:
         return ""
@@ -210,7 +225,7 @@ def _final_row(trial: dict) -> dict:
 
 
 def _other_axes(data: StudyData) -> list[str]:
-    return [a for a in data.grid if a not in PAPER_AXES and a != "seed"]
+    return [a for a in data.grid if a not in PAPER_AXES and a not in REPLICATE_AXES]
 
 
 def _value(trial: dict, axis: str):
@@ -243,7 +258,7 @@ def _runs(data: StudyData) -> list[dict]:
     return [t for t in data.trials if t["kind"] == "run"]
 
 
-def _setting(t: dict, data: StudyData, skip=("strategy", "epochs", "seed")) -> str:
+def _setting(t: dict, data: StudyData, skip=("strategy", "epochs", *REPLICATE_AXES)) -> str:
     """What distinguishes trials of one regime and epoch count: batch size and any other axis."""
     return ", ".join(
         f"batch size {_value(t, a)}" if a == "batch_size" else f"{a} = {_value(t, a)}"
@@ -256,7 +271,8 @@ def _setting(t: dict, data: StudyData, skip=("strategy", "epochs", "seed")) -> s
 def summary_table(data: StudyData) -> tuple[Block, dict]:
     """Regime x epochs: the best setting's validation accuracy (at its best epoch, seeds averaged), in percent.
 
-    Returns the block and {(regime, epochs): (value, setting)} so that prose quotes the same numbers."""
+    Returns the block and {(regime, epochs): (mean, setting, its values)} so that prose quotes the same numbers.
+    With replicates (seeds, folds) a cell is their mean ± sample std and n."""
     epochs = _epochs_of(data)
     cells: dict[tuple, tuple[float, str]] = {}
     for regime in _regimes(data):
@@ -267,7 +283,7 @@ def summary_table(data: StudyData) -> tuple[Block, dict]:
                     by_setting[_setting(t, data)].append(t["best"]["val_accuracy"])
             if by_setting:
                 setting = max(sorted(by_setting), key=lambda k: statistics.mean(by_setting[k]))
-                cells[(regime, e)] = (statistics.mean(by_setting[setting]), setting)
+                cells[(regime, e)] = (statistics.mean(by_setting[setting]), setting, by_setting[setting])
     several = len({_setting(t, data) for t in data.trials}) > 1  # a setting to name
     rows = [["regime", *(f"{e} epochs" for e in epochs)]]
     for regime in _regimes(data):
@@ -276,8 +292,9 @@ def summary_table(data: StudyData) -> tuple[Block, dict]:
             if (regime, e) not in cells:
                 row.append("")
                 continue
-            value, setting = cells[(regime, e)]
-            row.append(_pct(value) + (f" ({setting})" if several and setting else ""))
+            value, setting, values = cells[(regime, e)]
+            shown = _pct(value) if len(values) == 1 else f"{_fmt_pct(values)}, n = {len(values)}"
+            row.append(shown + (f" ({setting})" if several and setting else ""))
         rows.append(row)
     return Block("table", rows=rows), cells
 
@@ -348,7 +365,8 @@ def variant_table(data: StudyData) -> Block:
                 for t in data.trials
                 if _value(t, "variant") == variant and _value(t, "strategy") == strategy
             ]
-            row.append(_fmt_pct(vals))
+            several = replicate_axes(data.grid) and len(vals) > 1
+            row.append(_fmt_pct(vals) + (f", n = {len(vals)}" if several else ""))
         rows.append(row)
     return Block("table", rows=rows)
 
@@ -393,6 +411,128 @@ def trials_table(data: StudyData) -> Block:
     return Block("table", rows=rows)
 
 
+# ------------------------------------------------------------------------------ replicates (seeds, folds)
+def _metric(data: StudyData) -> str:
+    return data.spec.get("metric", "val_accuracy")
+
+
+def _configuration_axes(data: StudyData) -> list[str]:
+    return [a for a in data.grid if a not in REPLICATE_AXES]
+
+
+def configurations(data: StudyData) -> list[tuple[dict, list[dict]]]:
+    """Each configuration (a grid point without its replicate axes) with its trials, in order of first trial."""
+    groups: dict[str, tuple[dict, list[dict]]] = {}
+    for t in sorted(data.trials, key=lambda t: t["number"]):
+        config = configuration_of(t["point"], replicate_axes(data.grid))
+        groups.setdefault(json.dumps(config, sort_keys=True, default=str), (config, []))[1].append(t)
+    return list(groups.values())
+
+
+def _replicate_words(data: StudyData) -> str:
+    """'3 replicates (seed 0, 1, 2)': how many replicates a configuration has, and what they are."""
+    axes = replicate_axes(data.grid)
+    n = math.prod(len(data.grid[a]) for a in axes)
+    return (
+        f"{n} replicate{'s' * (n != 1)} (" + "; ".join(f"{a} {', '.join(map(str, data.grid[a]))}" for a in axes) + ")"
+    )
+
+
+def _mean_std(values: list[float], metric: str) -> str:
+    return _fmt(values) if metric == "val_loss" else _fmt_pct(values)
+
+
+def configurations_table(data: StudyData) -> Block:
+    """One row per configuration, best mean selection metric first: its n replicates and their mean ± std."""
+    metric, axes = _metric(data), _configuration_axes(data)
+    sign = 1 if higher_is_better(metric) else -1
+    chosen = configuration_of(data.test["point"], replicate_axes(data.grid)) if data.test else None
+    columns = ["val_accuracy"] + ([metric] if metric != "val_accuracy" else [])
+    rows = [[*axes, "n", *(f"{c.replace('_', ' ')} (best epoch, mean ± std)" for c in columns), "selected"]]
+    found = configurations(data)
+    found.sort(key=lambda c: -sign * statistics.fmean(t["best"][metric] for t in c[1]))
+    for config, trials in found:
+        cells = [_mean_std([t["best"][c] for t in trials], c) for c in columns]
+        mark = "selected" if config == chosen else ""
+        rows.append([*(str(config.get(a, "")) for a in axes), str(len(trials)), *cells, mark])
+    return Block("table", rows=rows)
+
+
+def _difference_metric(data: StudyData) -> str:
+    """What paired differences compare, in points: the selection metric, or validation accuracy when that is the
+    loss (a loss has no points)."""
+    return _metric(data) if higher_is_better(_metric(data)) else "val_accuracy"
+
+
+def _name(axis: str, value) -> str:
+    return str(value) if axis in ("strategy", "variant", "arch") else f"{axis} {value}"
+
+
+def paired_rows(data: StudyData) -> list[list[str]]:
+    """Every two configurations that differ in one grid axis only, paired on their shared replicates: the later
+    value of the axis (grid order) minus the earlier, in points of `_difference_metric`, and the verdict."""
+    metric, axes, replicates = _difference_metric(data), _configuration_axes(data), replicate_axes(data.grid)
+    found = configurations(data)
+
+    def by_replicate(trials: list[dict]) -> dict[tuple, float | None]:
+        values = {tuple(str(t["point"].get(a)) for a in replicates): t["best"].get(metric) for t in trials}
+        return {k: None if v is None else 100 * v for k, v in values.items()}
+
+    rows = []
+    for axis in axes:
+        order = {json.dumps(v, default=str): i for i, v in enumerate(data.grid[axis])}
+        rest: dict[str, list[tuple[dict, list[dict]]]] = defaultdict(list)
+        for config, trials in found:
+            others = {k: v for k, v in config.items() if k != axis}
+            rest[json.dumps(others, sort_keys=True, default=str)].append((config, trials))
+        for group in rest.values():
+            group.sort(key=lambda c: order.get(json.dumps(c[0].get(axis), default=str), len(order)))
+            for i, (first, first_trials) in enumerate(group):
+                for second, second_trials in group[i + 1 :]:
+                    a, b = by_replicate(second_trials), by_replicate(first_trials)
+                    shared = sorted(set(a) & set(b))
+                    if not shared or any(v is None for v in (*a.values(), *b.values())):
+                        continue
+                    d = paired_difference([a[k] for k in shared], [b[k] for k in shared])
+                    name_a, name_b = _name(axis, second.get(axis)), _name(axis, first.get(axis))
+                    held = ", ".join(f"{k} = {v}" for k, v in first.items() if k != axis) or "-"
+                    rows.append([axis, held, f"{second.get(axis)} - {first.get(axis)}", str(d.n), format_difference(d),
+                                 difference_verdict(name_a, name_b, d)])  # fmt: skip
+    return rows
+
+
+def replicate_blocks(data: StudyData) -> list[Block]:
+    """With replicate axes: the configurations (mean ± std over replicates) and their paired differences."""
+    if not replicate_axes(data.grid) or not data.trials:
+        return []
+    metric, diff_metric = _metric(data), _difference_metric(data)
+    blocks = [
+        Block("h2", "Configurations: mean over replicates"),
+        Block(
+            "p",
+            f"A configuration is a grid point without its replicate axes; each has {_replicate_words(data)}. "
+            f"Figures are each trial's best epoch, as mean ± sample standard deviation over the replicates; the "
+            f"study selects the configuration of best mean {metric}.",
+        ),
+        configurations_table(data),
+    ]
+    rows = paired_rows(data)
+    if rows:
+        blocks += [
+            Block("h2", "Paired differences"),
+            Block(
+                "p",
+                f"Configurations that differ in one grid axis, compared on the same replicates: the mean of the "
+                f"per-replicate differences in {diff_metric} (best epoch), in percentage points, ± the half-width of "
+                "its 95% t interval. The interval is the range of true mean differences consistent with these "
+                "replicates at 95% confidence: when it contains 0, the replicates cannot tell the two apart "
+                '("no measurable difference"), and with one replicate there is no interval.',
+            ),
+            Block("table", rows=[["axis", "held fixed", "difference", "n", "points", "verdict"], *rows]),
+        ]
+    return blocks
+
+
 def time_table(data: StudyData) -> tuple[Block, dict]:
     """Regime x batch size (x other axes): seconds per trained epoch, counting each run's epochs once.
 
@@ -429,7 +569,7 @@ def time_table(data: StudyData) -> tuple[Block, dict]:
 
 
 def _natural_setting(t: dict, data: StudyData) -> tuple:
-    return tuple(_natural(_value(t, a)) for a in data.grid if a not in ("strategy", "epochs", "seed"))
+    return tuple(_natural(_value(t, a)) for a in data.grid if a not in ("strategy", "epochs", *REPLICATE_AXES))
 
 
 def study_time_blocks(data: StudyData) -> list[Block]:
@@ -534,7 +674,7 @@ def accuracy_vs_epochs(data: StudyData) -> bytes | None:
         return None
     series: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for t in data.trials:
-        name = _setting(t, data, skip=("strategy", "batch_size", "epochs", "seed"))
+        name = _setting(t, data, skip=("strategy", "batch_size", "epochs", *REPLICATE_AXES))
         series[(_value(t, "batch_size"), _value(t, "strategy"), name)][_value(t, "epochs")].append(
             _final_row(t)["val_accuracy"]
         )
@@ -631,6 +771,10 @@ def class_counts_table(t: dict) -> list[Block]:
     return [Block("p", "Images per class and split (the selected trial's data):"), Block("table", rows=rows)]
 
 
+def _metric_value(value: float, metric: str) -> str:
+    return f"{value:.4f}" if metric == "val_loss" else _pct(value, 2)
+
+
 def selection_blocks(t: dict, n_evaluations: int) -> list[Block]:
     """The selected trial, and its test evaluation (or why there is none)."""
     rows = [
@@ -644,12 +788,20 @@ def selection_blocks(t: dict, n_evaluations: int) -> list[Block]:
         rows.append(["validation balanced accuracy (best epoch)", _pct(t["val_balanced_accuracy"], 2)])
         rows.append(["validation macro-F1 (best epoch)", _pct(t["val_macro_f1"], 2)])
     blocks = [Block("h2", "Selected trial and test evaluation"), Block("table", rows=rows)]
+    conf = t.get("configuration")
+    if conf:  # chosen by its mean over replicates; the row `trial` is the replicate whose checkpoint was tested
+        rows[1:1] = [
+            ["configuration", conf["key"]],
+            [f"mean {t['metric']} over its {len(conf['trials'])} replicates", _metric_value(conf["mean"], t["metric"])],
+            ["its replicates (trials)", ", ".join(map(str, conf["trials"]))],
+        ]
+        rows[4][0] = f"trial tested (its replicate of best {t['metric']})"
     counts = class_counts_table(t)
     if t.get("test_accuracy") is None:
         rows.append(["test", "no test split (test_fraction = 0): not evaluated on a test set"])
         return blocks + counts
     rows += [
-        ["test accuracy", _pct(t["test_accuracy"], 2)],
+        ["test accuracy", _test_accuracy(t)],
         *([["test balanced accuracy", _pct(t["test_balanced_accuracy"], 2)]] if "test_balanced_accuracy" in t else []),
         *([["test macro-F1", _pct(t["test_macro_f1"], 2)]] if "test_macro_f1" in t else []),
         ["test loss", f"{t['test_loss']:.4f}"],
@@ -878,20 +1030,31 @@ def summary_blocks(data: StudyData) -> list[Block]:
             "p",
             "Best validation accuracy per regime and epoch budget, at each trial's best epoch"
             + (", of the best setting (in brackets)" if several else "")
-            + ("; seeds averaged" if "seed" in data.grid else "")
+            + (f"; the mean ± std over {_replicate_words(data)}" if replicate_axes(data.grid) else "")
             + ".",
         ),
         table,
     ]
     t = data.test
     if t:
-        text = (
-            f"Selected by {t['metric']}: trial {t['trial']} ({t['key']}), validation accuracy {_pct(t['val_accuracy'])}"
-        )
+        conf = t.get("configuration")
+        if conf:
+            text = (
+                f"Selected by mean {t['metric']} over replicates: configuration {conf['key']} "
+                f"(mean {_metric_value(conf['mean'], t['metric'])} over {len(conf['trials'])} replicates); tested "
+                f"with the checkpoint of its replicate of best {t['metric']}, trial {t['trial']} ({t['key']}), "
+                f"validation accuracy {_pct(t['val_accuracy'])}"
+            )
+        else:
+            text = (
+                f"Selected by {t['metric']}: trial {t['trial']} ({t['key']}), "
+                f"validation accuracy {_pct(t['val_accuracy'])}"
+            )
         if t.get("test_accuracy") is not None:
-            text += f"; test accuracy {_pct(t['test_accuracy'])} on {t['n_test']} test images"
+            text += f"; test accuracy {_test_accuracy(t)} on {t['n_test']} test images"
             n = data.n_test_evaluations
             text += " (the test split evaluated once)." if n == 1 else f" ({n} test evaluations recorded)."
+            text += " " + WILSON_NOTE
         else:
             text += "; not evaluated on a test set (no test split)."
         blocks.append(Block("p", text))
@@ -1083,10 +1246,11 @@ class BackbonePoint:
     regime: str
     trial: dict
     cost: dict | None
+    values: list[float] = field(default_factory=list)  # with replicates: its configuration's, one per replicate
 
     @property
     def accuracy(self) -> float:
-        return self.trial["best"]["val_accuracy"]
+        return statistics.fmean(self.values) if self.values else self.trial["best"]["val_accuracy"]
 
     @property
     def gflops(self) -> float | None:
@@ -1100,14 +1264,23 @@ class BackbonePoint:
 
 def backbone_points(data: StudyData) -> list[BackbonePoint]:
     """Per backbone x regime, in backbone then regime order, the trial of best validation accuracy (lowest number
-    on a tie) with its cost record (None for trials recorded before costs were)."""
+    on a tie) with its cost record (None for trials recorded before costs were). With replicates, the configuration
+    of best mean validation accuracy, its best replicate's trial and the replicates' values."""
     out = []
     for arch in _archs(data):
         for regime in _regimes(data):
-            mine = [t for t in data.trials if str(_value(t, "arch")) == arch and _value(t, "strategy") == regime]
+            mine = [
+                trials
+                for _, trials in configurations(data)
+                if str(_value(trials[0], "arch")) == arch and _value(trials[0], "strategy") == regime
+            ]
             if mine:
-                best = max(mine, key=lambda t: (t["best"]["val_accuracy"], -t["number"]))
-                out.append(BackbonePoint(arch, regime, best, best.get("cost")))
+                values = max(mine, key=lambda ts: (statistics.fmean(t["best"]["val_accuracy"] for t in ts),
+                                                   -ts[0]["number"]))  # fmt: skip
+                best = max(values, key=lambda t: (t["best"]["val_accuracy"], -t["number"]))
+                out.append(
+                    BackbonePoint(arch, regime, best, best.get("cost"), [t["best"]["val_accuracy"] for t in values])
+                )
     return out
 
 
@@ -1127,7 +1300,7 @@ def backbone_table(data: StudyData, points: list[BackbonePoint]) -> Block:
         test = ""
         if chosen is not None and selected.get("test_accuracy") is not None:
             if (str(_value(chosen, "arch")), _value(chosen, "strategy")) == (p.arch, p.regime):
-                test = f"{_pct(selected['test_accuracy'])} (trial {selected['trial']})"
+                test = f"{_test_accuracy(selected)} (trial {selected['trial']})"
         rows.append(
             [
                 p.arch,
@@ -1140,7 +1313,7 @@ def backbone_table(data: StudyData, points: list[BackbonePoint]) -> Block:
                 _rate(c.get("train_images_per_second") if c else None),
                 _rate(c.get("inference_images_per_second") if c else None),
                 f"{p.seconds_per_epoch:.3g}" if p.seconds_per_epoch < 10 else _seconds(p.seconds_per_epoch),
-                _pct(p.accuracy),
+                _fmt_pct(p.values) if len(p.values) > 1 else _pct(p.accuracy),
                 test,
             ]
         )
@@ -1274,6 +1447,7 @@ def build_blocks(data: StudyData) -> list[Block]:
         blocks += summary_blocks(data)
     if data.test:
         blocks += selection_blocks(data.test, data.n_test_evaluations)
+    blocks += replicate_blocks(data)
     if "variant" in data.grid:
         blocks.append(Block("h2", "Variants: best validation accuracy per regime"))
         blocks.append(variant_table(data))
@@ -1281,6 +1455,8 @@ def build_blocks(data: StudyData) -> list[Block]:
         _figure(blocks, f"Each variant against {base}, per regime (sorted)", variant_chart(data))
     blocks += backbone_blocks(data)
     blocks.append(Block("h2", "Results per regime"))
+    if replicate_axes(data.grid):
+        blocks.append(Block("p", f"Each cell is the mean ± sample std over its {_replicate_words(data)}."))
     blocks += paper_tables(data)
     _figure(blocks, "Learning curves per regime", learning_curves(data))
     _figure(blocks, "Validation accuracy vs epochs, per batch size", accuracy_vs_epochs(data))

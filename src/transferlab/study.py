@@ -2,7 +2,7 @@
 
 Storage layout (Optuna, SQLite in the study directory by default, any RDB URL to share):
   study user attrs   spec (the resolved TOML tree), spec_path, command, identities (the current spec's grid
-                     points), selected (the selected trial), test_evaluations
+                     points), selected (the selected trial; with replicates its configuration too), test_evaluations
   one trial per job  user attrs: kind="run", key, point, record (epochs recorded), identity, identities (of each
                      recorded grid point), job, config, history, best, checkpoint, cost (cost.py: parameters,
                      FLOPs/image, training and inference images/s; measured once per run)
@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from .config import ConfigError, RunConfig, StudySpec, higher_is_better
+from .config import ConfigError, RunConfig, StudySpec, configuration_of, higher_is_better
 from .data import ImageSet, load_images, storage_size_for
 from .features import FeatureCache
 from .progress import console
@@ -509,9 +510,22 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
 
 
 # ---------------------------------------------------------------------- selection and the single test evaluation
+def best_configuration(trials: list, spec: StudySpec) -> tuple[Any, list]:
+    """The configuration (a grid point without its replicate axes: seed, fold) of best mean metric over its
+    replicates, and of those the trial of best metric, whose checkpoint is the one tested; ties go to the lowest
+    trial number. Returns (that trial, the configuration's trials). Without replicates: the best trial, alone."""
+    sign = 1 if higher_is_better(spec.metric) else -1
+    groups: dict[str, list] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        groups.setdefault(point_key(configuration_of(t.user_attrs["point"], spec.replicates)), []).append(t)
+    chosen = max(groups.values(), key=lambda g: (sign * statistics.fmean(t.value for t in g), -g[0].number))
+    return max(chosen, key=lambda t: (sign * t.value, -t.number)), chosen
+
+
 def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, identities: set[str] | None = None) -> dict:
     """Best of the spec's trials (`identities`, default: those recorded in the study) by the study's metric; its
-    checkpoint is evaluated once on the test split."""
+    checkpoint is evaluated once on the test split. With replicate axes (seed, fold) the best configuration by its
+    mean (`best_configuration`) and, of its replicates, the best trial's checkpoint."""
     import torch
 
     from .analysis import error_analysis
@@ -525,8 +539,7 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
         raise StudyError(
             f"{len(spec.points()) - len(trials)} grid points are not complete; run the study again to finish them"
         )
-    sign = 1 if higher_is_better(spec.metric) else -1
-    best = max(trials, key=lambda t: (sign * t.value, -t.number))
+    best, replicates = best_configuration(trials, spec)
     selected = study.user_attrs.get("selected")
     if selected and selected.get("identity") == best.user_attrs["identity"]:
         return selected
@@ -548,6 +561,13 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
         "metric": spec.metric,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if spec.replicates:  # the configuration chosen by its mean; `trial` is its replicate whose checkpoint is tested
+        record["configuration"] = {
+            "key": point_key(configuration_of(best.user_attrs["point"], spec.replicates)),
+            "replicate_axes": spec.replicates,
+            "trials": [t.number for t in replicates],
+            "mean": statistics.fmean(t.value for t in replicates),
+        }
     record["class_counts"] = split_class_counts(images, split)
     if len(split.test) == 0 and not split.official_test:
         selected = {**record, "test": None}
@@ -593,8 +613,14 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
     # the thumbnails and Grad-CAM maps only in `selected`: the list of evaluations keeps the figures
     study.set_user_attr("test_evaluations", previous + [record])
     study.set_user_attr("selected", {**record, "errors": errors})
+    chosen = (
+        f"configuration {record['configuration']['key']} (best mean {spec.metric} over {len(replicates)} "
+        f"replicates), its best replicate trial {best.number} ({record['key']})"
+        if spec.replicates
+        else f"trial {best.number} ({record['key']})"
+    )
     log(
-        f"selected trial {best.number} ({record['key']}): val accuracy {record['val_accuracy']:.4f}, "
+        f"selected {chosen}: val accuracy {record['val_accuracy']:.4f}, "
         f"test accuracy {record['test_accuracy']:.4f} on {record['n_test']} images (test split used once)"
     )
     return {**record, "errors": errors}
