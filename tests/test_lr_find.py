@@ -9,11 +9,15 @@ The specification, on synthetic data (coloured-noise images, a frozen random Squ
   * it takes the training step training takes (Trainer.train_step), on training images only, and is deterministic:
     the same seed gives the same curve;
   * `transferlab lr-find --out DIR` writes lr_find.png and lr_find.json and prints the suggestion in one line; bad
-    inputs (steps below 10, start >= end, a rate that is not positive) are one line, exit 2.
+    inputs (steps below 10, start >= end, a rate that is not positive, lr = "fnd" in a spec) are one line, exit 2;
+  * in a study, lr = "find" runs the test once per configuration needing it (here: per regime) before training, the
+    trials train at the rate found and their identities hold it; a rerun reuses the finding stored in the study;
+    a curve that gives no rate stops the study in one line before anything is queued.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -23,12 +27,13 @@ import pytest
 import torch
 from helpers import make_image_tree, quiet, tiny_config
 from test_cli import assert_one_line_error
-from test_study import _one_thread  # noqa: F401 (autouse fixture)
+from test_study import _one_thread, load, write_spec  # noqa: F401 (_one_thread: autouse fixture)
 
 import transferlab
 from transferlab.cli import main
-from transferlab.config import RunConfig
+from transferlab.config import ConfigError, RunConfig, StudySpec
 from transferlab.lr_find import LRFindResult, lr_find, smooth, suggest
+from transferlab.study import grid_trials, run_study, trial_identity
 from transferlab.train import Trainer, train
 
 lr_find_module = importlib.import_module("transferlab.lr_find")  # the package's `lr_find` is the function
@@ -200,3 +205,93 @@ def test_cli_bad_range_is_one_line_exit_2_and_writes_nothing(problem, tmp_path, 
     assert status == 2
     assert_one_line_error(capsys.readouterr(), fragment)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- lr = "find" in a study
+@pytest.mark.parametrize(
+    "where",
+    ['[run]\nlr = "fnd"', '[grid]\nlr = [0.01, "fnd"]', '[variants]\nv = { lr = "fnd" }\n[grid]\nvariant = ["v"]'],
+)
+def test_an_lr_neither_a_number_nor_find_is_one_line(tmp_path, where, capsys):
+    path = tmp_path / "spec.toml"
+    path.write_text(f"{where}\n")
+    with pytest.raises(ConfigError, match=r'lr = \'fnd\': expected a number or "find"') as error:
+        StudySpec.load(path)
+    assert "\n" not in str(error.value)
+    assert main(["study", "run", str(path), "--dir", str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys.readouterr(), "'fnd'", '"find"')
+
+
+def test_find_in_run_grid_or_variant_marks_those_points_only(tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text(
+        'name = "s"\n[run]\nlr = "find"\n[variants]\nfixed = { lr = 0.05 }\nplain = {}\n'
+        '[grid]\nvariant = ["fixed", "plain"]\nstrategy = ["frozen", "full"]\n'
+    )
+    spec = StudySpec.load(path)
+    finds = {(p["variant"], p["strategy"]): spec.finds_lr(p) for p in spec.points()}
+    assert finds == {("fixed", "frozen"): False, ("fixed", "full"): False, ("plain", "frozen"): True,
+                     ("plain", "full"): True}  # fmt: skip
+    assert spec.config_for({"variant": "fixed", "strategy": "full"}).lr == 0.05
+    point = {"variant": "plain", "strategy": "full"}
+    with pytest.raises(ConfigError, match="has not chosen its rate yet"):
+        spec.config_for(point)  # never a placeholder lr where a rate was to be found
+    spec.found_lr[spec.point_id(point)] = 0.0123
+    assert spec.config_for(point).lr == 0.0123
+    grid = StudySpec.from_dict({"run": {"lr": 0.1}, "grid": {"lr": ["find", 0.01]}})
+    assert [grid.finds_lr(p) for p in grid.points()] == [True, False]
+    with pytest.raises(ConfigError, match="given twice"):
+        StudySpec.from_dict({"grid": {"lr": ["find", "find"]}})
+
+
+def test_study_finds_once_per_regime_trains_at_it_and_reuses_the_finding(problem, tmp_path, monkeypatch):
+    tree, cache = problem
+    calls = []
+    real = lr_find_module.lr_find
+
+    def counted(config, *args, **kwargs):
+        calls.append(config.strategy)
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(lr_find_module, "lr_find", counted)
+    spec = write_spec(tmp_path / "spec.toml", tree, cache, {"strategy": ["frozen", "full"], "epochs": [1, 2]},
+                      lr="find", head="linear", batch_size=8)  # fmt: skip
+    directory = run_study(spec, study_dir=tmp_path / "study")
+    assert sorted(calls) == ["frozen", "full"]  # once per regime, whatever its epochs
+    study = load(directory)
+    found = {f["label"]: f["lr"] for f in study.user_attrs["lr_found"]}
+    assert set(found) == {"strategy=frozen", "strategy=full"}
+    for f in study.user_attrs["lr_found"]:
+        assert study.user_attrs[f["key"]]["suggestion"] == f["lr"]
+    trials = grid_trials(study)
+    assert len(trials) == 4
+    for t in trials:
+        config = RunConfig.from_dict(t.user_attrs["config"])
+        assert config.lr == found[f"strategy={config.strategy}"]  # trained at the rate found for its regime
+        data_key = json.loads((directory / t.user_attrs["run_dir"] / "metrics.json").read_text())["data"]
+        point = t.user_attrs["point"]
+        as_point = dataclasses.replace(config, epochs=point["epochs"], record_epochs=[])  # a derived trial's too
+        assert t.user_attrs["identity"] == trial_identity(point, as_point, data_key)  # its identity holds that rate
+        assert t.user_attrs["identity"] != trial_identity(point, dataclasses.replace(as_point, lr=1e-3), data_key)
+    report = (directory / "report.md").read_text()
+    table = report.split('## Learning rates found (lr = "find")')[1].split("\n## ")[0]
+    for label, lr in found.items():
+        assert f"| {label} | {lr:.3g} |" in table
+
+    before = {t.number for t in study.get_trials(deepcopy=False)}
+    run_study(spec, study_dir=tmp_path / "study", report=False)
+    assert sorted(calls) == ["frozen", "full"]  # read from the storage: no test run again
+    assert {t.number for t in load(directory).get_trials(deepcopy=False)} == before  # nothing trained again
+
+
+def test_a_study_whose_curve_gives_no_rate_stops_in_one_line_before_queueing(problem, tmp_path, monkeypatch, capsys):
+    tree, cache = problem
+    monkeypatch.setattr(lr_find_module, "suggest", lambda lrs, smoothed, steps: (None, "no descent, as scripted"))
+    spec = write_spec(tmp_path / "spec.toml", tree, cache, {"strategy": ["frozen"]}, lr="find", batch_size=8)
+    assert main(["study", "run", str(spec), "--dir", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("transferlab: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err  # the study's log lines before it, then one error line
+    for fragment in ('lr = "find" (strategy=frozen)', "no descent, as scripted", "set lr to a number"):
+        assert fragment in errors[0]
+    assert not load(tmp_path / "study").get_trials(deepcopy=False)  # nothing queued, nothing trained
