@@ -10,6 +10,7 @@ The specification, on synthetic data (coloured-noise images, a frozen random Squ
     the same seed gives the same curve;
   * `transferlab lr-find --out DIR` writes lr_find.png and lr_find.json and prints the suggestion in one line; bad
     inputs (steps below 10, start >= end, a rate that is not positive, lr = "fnd" in a spec) are one line, exit 2;
+    a curve without a descent prints why, in one line, and exits 1;
   * in a study, lr = "find" runs the test once per configuration needing it (here: per regime) before training, the
     trials train at the rate found and their identities hold it; a rerun reuses the finding stored in the study;
     a curve that gives no rate stops the study in one line before anything is queued.
@@ -182,6 +183,17 @@ def test_cli_writes_the_plot_and_the_curve_and_prints_the_suggestion(problem, tm
     assert f"{record['suggestion']:.3g}" in lines[0]
     assert len(record["lrs"]) == len(record["losses"]) == len(record["smoothed"]) <= record["steps"] == 60
     assert record["config"]["strategy"] == "frozen" and record["config"]["data"] == str(problem[0])
+
+
+def test_cli_without_a_descent_says_why_exits_1_and_still_writes_the_curve(problem, tmp_path, capsys):
+    out = tmp_path / "lr"
+    assert (
+        main(lr_find_args(problem, "--out", str(out), "--start-lr", "1e-9", "--end-lr", "1e-8", "--steps", "20")) == 1
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("no suggested lr: ") and "no descent to read" in lines[0]
+    assert json.loads((out / "lr_find.json").read_text())["suggestion"] is None
+    assert (out / "lr_find.png").is_file()
 
 
 @pytest.mark.parametrize(

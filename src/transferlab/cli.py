@@ -33,7 +33,7 @@ LR_FIND_EPILOG = f"""examples:
   transferlab lr-find --data photos/ --strategy partial --resolution 128 --out runs/lr
   transferlab lr-find --data photos/ --config run.toml --steps 200 --start-lr 1e-6 --end-lr 1
 
-its lr, --schedule, --warmup-epochs and --epochs are not used: the test sets the lr itself.
+its --lr, --schedule, --warmup-epochs, --epochs and --log are not used: the test sets the lr itself.
 in a study spec, lr = "find" runs it per configuration before training.
 
 {EPILOG_OFFLINE}"""
