@@ -4,8 +4,8 @@ From a run's config the model, data, split, preprocessing, loss, optimiser and f
 exactly as training builds them (train.Trainer), and training steps (Trainer.train_step, the one training step) are
 taken at a learning rate growing exponentially from `start_lr` to `end_lr` over `steps` steps; when one pass over
 the training split has fewer batches, the test cycles over it, a fresh seeded order each pass. Every step's batch loss
-is recorded and smoothed (an exponential moving average, beta 0.98, bias-corrected, so the first values are plain
-means); the test stops early when the smoothed loss exceeds 4 times its minimum so far, or when a loss is not
+is recorded and smoothed (an exponential moving average, beta 0.98, bias-corrected so that it does not start
+near zero); the test stops early when the smoothed loss exceeds 4 times its minimum so far, or when a loss is not
 finite. The model is thrown away afterwards; only the feature cache, which training shares, keeps anything.
 
 The config's schedule, warm-up and epochs are not used (the test sets the lr itself); discriminative learning rates
@@ -13,8 +13,8 @@ The config's schedule, warm-up and epochs are not used (the test sets the lr its
 
 The suggested rate (`suggest`): the lr at which the smoothed loss falls fastest against log10(lr), looked for after
 the first tenth of the steps (the average's first values rest on few batches) and up to the smoothed loss's minimum.
-There is none, with the reason, when the curve holds no descent to read: its minimum lies in that first tenth, or the
-smoothed loss falls by less than 5% of its value there.
+There is none, with the reason, when the curve holds no descent to read: its minimum lies at the start of that
+window, or the smoothed loss falls by less than 5% of its value there.
 """
 
 from __future__ import annotations
@@ -113,13 +113,22 @@ def learning_rates(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
     return np.geomspace(start_lr, end_lr, steps)
 
 
+class SmoothedLoss:
+    """The exponential moving average of the losses so far, bias-corrected (divided by 1 - beta**n): a weighted mean
+    of them (nearly equal weights at first), never pulled towards the zero the average starts from."""
+
+    def __init__(self, beta: float = BETA):
+        self.beta, self.average, self.n = beta, 0.0, 0
+
+    def add(self, loss: float) -> float:
+        self.n += 1
+        self.average = self.beta * self.average + (1 - self.beta) * loss
+        return self.average / (1 - self.beta**self.n)
+
+
 def smooth(losses: list[float], beta: float = BETA) -> list[float]:
-    """The exponential moving average of the losses, bias-corrected (divided by 1 - beta**n), as the test keeps it."""
-    average, out = 0.0, []
-    for n, loss in enumerate(losses, 1):
-        average = beta * average + (1 - beta) * loss
-        out.append(average / (1 - beta**n))
-    return out
+    smoothed = SmoothedLoss(beta)
+    return [smoothed.add(loss) for loss in losses]
 
 
 def suggest(lrs: list[float], smoothed: list[float], steps: int) -> tuple[float | None, str]:
@@ -185,7 +194,7 @@ def lr_find(
     lrs: list[float] = []
     losses: list[float] = []
     smoothed: list[float] = []
-    order, position, average, lowest, stop = None, n, 0.0, math.inf, None
+    order, position, ema, lowest, stop = None, n, SmoothedLoss(), math.inf, None
     with bar(steps, "lr range test", unit="step", enabled=trainer.config.progress) as progress:
         for lr in rates.tolist():
             if position >= n:  # a new pass over the training split
@@ -196,8 +205,7 @@ def lr_find(
             if not math.isfinite(loss):
                 stop = f"the loss is {loss} at lr {lr:.3g}"
                 break
-            average = BETA * average + (1 - BETA) * loss
-            value = average / (1 - BETA ** (len(losses) + 1))
+            value = ema.add(loss)
             lrs.append(lr)
             losses.append(loss)
             smoothed.append(value)
