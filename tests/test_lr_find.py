@@ -254,6 +254,9 @@ def test_find_in_run_grid_or_variant_marks_those_points_only(tmp_path):
     assert [grid.finds_lr(p) for p in grid.points()] == [True, False]
     with pytest.raises(ConfigError, match="given twice"):
         StudySpec.from_dict({"grid": {"lr": ["find", "find"]}})
+    epochs = StudySpec.from_dict({"run": {"lr": "find"}, "grid": {"epochs": ["1", 2]}})
+    epochs.found_lr.update({epochs.point_id(p): 0.5 for p in epochs.points()})
+    assert epochs.config_for({"epochs": 1}).lr == 0.5  # a job's recorded point holds the epochs as a number
 
 
 def test_study_finds_once_per_regime_trains_at_it_and_reuses_the_finding(problem, tmp_path, monkeypatch):

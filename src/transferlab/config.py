@@ -614,8 +614,9 @@ class StudySpec:
 
     @staticmethod
     def point_id(point: dict[str, Any]) -> str:
-        """A grid point as text: the key of `found_lr`."""
-        return json.dumps(point, sort_keys=True, default=str)
+        """A grid point as text, the key of `found_lr`: values as strings, as the grid compares them (epochs 2 and
+        "2" are one point)."""
+        return json.dumps({k: str(v) for k, v in point.items()}, sort_keys=True)
 
     def config_for(self, point: dict[str, Any], *, lr_unused: bool = False) -> RunConfig:
         """The grid point's run config: [run], then its variant, then its other axes. Where its lr is "find", the

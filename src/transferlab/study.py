@@ -272,15 +272,19 @@ class Worker:
         it is in their configs and identities. -> [{label, key, lr}] for the report. Under `lock`: two `study run`
         at once test once."""
         from .lr_find import NOT_READ, finding_key, lr_find
+        from .models import check_resolution
 
         groups: dict[str, list[dict]] = {}
         configs: dict[str, RunConfig] = {}
-        for point in self.spec.points():
-            if self.spec.finds_lr(point):
-                config = self.spec.config_for(point, lr_unused=True)
-                key = finding_key(config, self.images_for(config).key)
-                groups.setdefault(key, []).append(point)
-                configs[key] = config
+        needing = [p for p in self.spec.points() if self.spec.finds_lr(p)]
+        for point in self.spec.points() if needing else []:  # what identify checks, before any test takes time
+            config = self.spec.config_for(point, lr_unused=True)
+            check_resolution(config.arch, config.resolution)
+        for point in needing:
+            config = self.spec.config_for(point, lr_unused=True)
+            key = finding_key(config, self.images_for(config).key)
+            groups.setdefault(key, []).append(point)
+            configs[key] = config
         found = []
         for key, points in groups.items():
             shared = {k: v for k, v in points[0].items() if k not in NOT_READ and all(p.get(k) == v for p in points)}
