@@ -18,6 +18,7 @@ from transferlab.cli import main
 SUBCOMMANDS = [
     [],
     ["train"],
+    ["lr-find"],
     ["evaluate"],
     ["predict"],
     ["models"],

@@ -16,8 +16,8 @@ from transferlab.config import RunConfig
 HELP_WITHOUT_TORCH = """
 import sys
 from transferlab.cli import main
-for command in ([], ["train"], ["evaluate"], ["predict"], ["export"], ["models"], ["study"], ["study", "run"],
-                ["study", "worker"], ["study", "report"]):
+for command in ([], ["train"], ["lr-find"], ["evaluate"], ["predict"], ["export"], ["models"], ["study"],
+                ["study", "run"], ["study", "worker"], ["study", "report"]):
     try:
         main([*command, "--help"])
     except SystemExit as exit:

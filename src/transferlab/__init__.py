@@ -2,8 +2,9 @@
 
 Library API (the CLI is a thin layer over it):
 
-    from transferlab import RunConfig, train, evaluate_checkpoint, predict_files, run_study
+    from transferlab import RunConfig, train, lr_find, evaluate_checkpoint, predict_files, run_study
     result = train(RunConfig(data="path/to/images", strategy="partial", epochs=5), "runs/try")
+    print(lr_find(RunConfig(data="path/to/images", strategy="partial")).suggestion)   # the lr range test
 
 The names are imported on first use (module __getattr__), so `import transferlab` and `transferlab --help` do not
 load torch.
@@ -27,6 +28,8 @@ _LAZY = {
     "load_checkpoint": "evaluate",
     "predict_files": "evaluate",
     "export_checkpoint": "export",
+    "LRFindResult": "lr_find",
+    "lr_find": "lr_find",
     "REGISTRY": "models",
     "WeightsError": "models",
     "build_model": "models",
@@ -39,6 +42,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "ImageSet",
+    "LRFindResult",
     "REGISTRY",
     "RunConfig",
     "RunResult",
@@ -51,6 +55,7 @@ __all__ = [
     "export_checkpoint",
     "load_checkpoint",
     "load_images",
+    "lr_find",
     "make_split",
     "predict_files",
     "run_study",

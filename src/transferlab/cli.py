@@ -29,6 +29,15 @@ TRAIN_EPILOG = f"""examples:
 
 {EPILOG_OFFLINE}"""
 
+LR_FIND_EPILOG = f"""examples:
+  transferlab lr-find --data photos/ --strategy partial --resolution 128 --out runs/lr
+  transferlab lr-find --data photos/ --config run.toml --steps 200 --start-lr 1e-6 --end-lr 1
+
+its --lr, --schedule, --warmup-epochs, --epochs and --log are not used: the test sets the lr itself.
+in a study spec, lr = "find" runs it per configuration before training.
+
+{EPILOG_OFFLINE}"""
+
 # train --help's sections, in order: a RunConfig field's `group` metadata names its section
 RUN_GROUPS = {
     "data": "data",
@@ -87,6 +96,17 @@ def cmd_train(args) -> int:
         f"val loss {best['val_loss']:.4f} -> {Path(args.out) / 'best.pt'}"
     )
     return 0
+
+
+def cmd_lr_find(args) -> int:
+    """The suggestion in one line (exit 0), or why the curve gives none (exit 1); the files either way with --out."""
+    from .lr_find import check_range, lr_find
+
+    check_range(args.start_lr, args.end_lr, args.steps)  # before the data is read
+    result = lr_find(_run_config(args), args.out, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+    where = f" -> {Path(args.out) / 'lr_find.png'}, lr_find.json" if args.out else ""
+    print(result.summary() + where)
+    return 0 if result.suggestion is not None else 1
 
 
 def cmd_evaluate(args) -> int:
@@ -338,6 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run option (repeatable)")
     _add_run_flags(p)
     p.set_defaults(func=cmd_train)
+
+    from .lr_find import END_LR, MIN_STEPS, START_LR, STEPS
+
+    p = sub.add_parser(
+        "lr-find",
+        help="learning-rate range test: the loss as the lr grows, and a suggested lr for a run's config",
+        description="Trains the run's config (same options as train) at a learning rate growing exponentially from\n"
+        "--start-lr to --end-lr, records the smoothed training loss, stops once it passes 4x its minimum, and\n"
+        "suggests the lr where it falls fastest against log(lr). The model is not kept.",
+        epilog=LR_FIND_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", help="folder for lr_find.png (the curve, suggestion marked) and lr_find.json")
+    p.add_argument("--steps", type=int, default=STEPS, help=f"training steps (at least {MIN_STEPS}; default {STEPS})")
+    p.add_argument("--start-lr", type=float, default=START_LR, help=f"first learning rate (default {START_LR:g})")
+    p.add_argument("--end-lr", type=float, default=END_LR, help=f"last learning rate (default {END_LR:g})")
+    p.add_argument("--config", help="TOML file of run options ([run] table or top level); flags override it")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run option (repeatable)")
+    _add_run_flags(p)
+    p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix of a checkpoint")
     p.add_argument("checkpoint", help="a best.pt written by train")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import tomllib
@@ -522,6 +523,25 @@ def _whole(tree: dict, key: str, default: int, where: str) -> int:
     return value
 
 
+# lr = "find" in a study spec ([run], a [grid] lr value or a variant): the learning-rate range test (lr_find.py)
+# chooses the rate of each configuration before it trains; RunConfig.lr itself is always a number
+LR_FIND = "find"
+
+
+def _without_find(values: dict[str, Any], where: str) -> tuple[dict[str, Any], bool]:
+    """A spec table's run keys without lr = "find", and whether it was there; any other lr that is no number is
+    refused in one line."""
+    lr = values.get("lr")
+    if lr == LR_FIND:
+        return {k: v for k, v in values.items() if k != "lr"}, True
+    if isinstance(lr, str):
+        try:
+            float(lr)
+        except ValueError:
+            raise ConfigError(f'{where}lr = {lr!r}: expected a number or "{LR_FIND}" (the lr range test)') from None
+    return values, False
+
+
 @dataclass
 class StudySpec:
     name: str
@@ -534,6 +554,8 @@ class StudySpec:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     repeat: int = 1
     folds: int = 0
+    # lr = "find": the rate found for each such grid point (its JSON text), filled by the study before it plans
+    found_lr: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, tree: dict[str, Any], *, name: str = "study", where: str = "") -> StudySpec:
@@ -566,14 +588,14 @@ class StudySpec:
             )
         if repeat > 1 and any(isinstance(v, dict) and "seed" in v for v in tree.get("variants", {}).values()):
             raise ConfigError(f"{where}repeat = {repeat} sets each trial's seed: leave seed out of [variants]")
-        base = RunConfig.from_dict(
-            {**tree.get("run", {}), **({"folds": folds} if folds else {})}, where=f"{where}[run] "
-        )
+        run = _without_find(tree.get("run", {}), f"{where}[run] ")[0]
+        base = RunConfig.from_dict({**run, **({"folds": folds} if folds else {})}, where=f"{where}[run] ")
         variants = tree.get("variants", {})
         for vname, values in variants.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{where}[variants] {vname}: expected a table of run keys")
-            RunConfig.from_dict(values, base=base, where=f"{where}[variants.{vname}] ")
+            inside = f"{where}[variants.{vname}] "
+            RunConfig.from_dict(_without_find(values, inside)[0], base=base, where=inside)
         grid = tree.get("grid", {})
         if variants and "variant" not in grid:
             raise ConfigError(f"{where}[variants] given but [grid] has no 'variant' axis")
@@ -593,6 +615,9 @@ class StudySpec:
                             f"{where}[grid] variant {value!r} is not defined under [variants]"
                             f"{_suggest(str(value), variants)}"
                         )
+                    resolved.append(value)
+                    continue
+                if key == "lr" and _without_find({"lr": value}, f"{where}[grid] ")[1]:  # lr = "find"
                     resolved.append(value)
                     continue
                 config = RunConfig.from_dict({axis: value}, base=base, where=f"{where}[grid] ")
@@ -650,7 +675,33 @@ class StudySpec:
         """The grid's replicate axes (seed, fold): a configuration is a grid point without them."""
         return replicate_axes(self.grid)
 
-    def config_for(self, point: dict[str, Any]) -> RunConfig:
+    def finds_lr(self, point: dict[str, Any]) -> bool:
+        """Is this grid point's lr "find"? Its own lr axis, else its variant's lr, else [run]'s decides."""
         point = dict(point)
         variant = self.variants.get(point.pop("variant", None), {})
-        return RunConfig.from_dict({**variant, **point, "metric": self.metric}, base=self.base).resolved()
+        for values in ({k.replace("-", "_"): v for k, v in point.items()}, variant, self.source.get("run", {})):
+            if "lr" in values:
+                return values["lr"] == LR_FIND
+        return False
+
+    @staticmethod
+    def point_id(point: dict[str, Any]) -> str:
+        """A grid point as text, the key of `found_lr`: values as strings, as the grid compares them (epochs 2 and
+        "2" are one point)."""
+        return json.dumps({k: str(v) for k, v in point.items()}, sort_keys=True)
+
+    def config_for(self, point: dict[str, Any], *, lr_unused: bool = False) -> RunConfig:
+        """The grid point's run config: [run], then its variant, then its other axes. Where its lr is "find", the
+        rate found for it (`found_lr`); asked before that rate is found, it is an error, unless `lr_unused`: the
+        caller reads nothing lr decides (the range test itself, the data settings), and lr is left a placeholder."""
+        finds, found = self.finds_lr(point), self.found_lr.get(self.point_id(point))
+        values = dict(point)
+        variant = self.variants.get(values.pop("variant", None), {})
+        values = {**variant, **values, "metric": self.metric}
+        if finds:
+            values.pop("lr", None)
+            if found is not None:
+                values["lr"] = found
+            elif not lr_unused:
+                raise ConfigError(f'lr = "{LR_FIND}" at {point}: the range test has not chosen its rate yet')
+        return RunConfig.from_dict(values, base=self.base).resolved()

@@ -68,6 +68,7 @@ class StudyData:
     n_older: int = 0  # complete trials of earlier specs in the storage (not shown)
     directory: Path | None = None
     attrs: dict = field(default_factory=dict)  # other study user attrs: cwd, software, last_run, spec_path
+    lr_found: list[dict] = field(default_factory=list)  # lr = "find": {label, key, lr, finding (the range test)}
 
 
 def load_study_data(directory: str | Path, storage: str | None = None, study_name: str | None = None) -> StudyData:
@@ -148,6 +149,7 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
         older_trials(study, identities),
         directory,
         {k: study.user_attrs[k] for k in ("cwd", "software", "last_run", "spec_path") if k in study.user_attrs},
+        [{**f, "finding": study.user_attrs.get(f["key"])} for f in study.user_attrs.get("lr_found", [])],
     )
 
 
@@ -1418,6 +1420,38 @@ def backbone_blocks(data: StudyData) -> list[Block]:
     return blocks
 
 
+def lr_found_blocks(data: StudyData) -> list[Block]:
+    """lr = "find": the rate the range test chose per configuration, and its curves."""
+    from .lr_find import curves_figure, figure_png
+
+    if not data.lr_found:
+        return []
+    rows = [["configuration", "lr found", "steps", "stopped early"]]
+    curves = []
+    for f in data.lr_found:
+        finding = f.get("finding") or {}
+        steps = f"{len(finding['lrs'])} of {finding['steps']}" if finding else ""
+        rows.append([f["label"], f"{f['lr']:.3g}", steps, finding.get("stop") or "no"])
+        if finding:
+            curves.append({"label": f["label"], "lrs": finding["lrs"], "smoothed": finding["smoothed"],
+                           "suggestion": f["lr"]})  # fmt: skip
+    blocks = [
+        Block("h2", 'Learning rates found (lr = "find")'),
+        Block(
+            "p",
+            'Before training, an lr range test ran once per configuration whose lr is "find" (configurations '
+            "differing only in epochs or the lr schedule share one): training steps at a learning rate growing "
+            "exponentially, the loss smoothed, stopped once it passed 4x its minimum. The lr found is where the "
+            "smoothed loss falls fastest against log(lr); those grid points trained at it, and their identities "
+            "hold it (a rerun reads the finding from the storage).",
+        ),
+        Block("table", rows=rows),
+    ]
+    _figure(blocks, "Smoothed training loss against the learning rate; dots: the rates found",
+            figure_png(curves_figure(curves)) if curves else None)  # fmt: skip
+    return blocks
+
+
 # ------------------------------------------------------------------------------ assembling
 def _figure(blocks: list[Block], caption: str, png: bytes | None) -> None:
     if png:
@@ -1454,6 +1488,7 @@ def build_blocks(data: StudyData) -> list[Block]:
         base = _baseline(list(data.grid["variant"]))
         _figure(blocks, f"Each variant against {base}, per regime (sorted)", variant_chart(data))
     blocks += backbone_blocks(data)
+    blocks += lr_found_blocks(data)
     blocks.append(Block("h2", "Results per regime"))
     if replicate_axes(data.grid):
         blocks.append(Block("p", f"Each cell is the mean ± sample std over its {_replicate_words(data)}."))

@@ -2,7 +2,9 @@
 
 Storage layout (Optuna, SQLite in the study directory by default, any RDB URL to share):
   study user attrs   spec (the resolved TOML tree), spec_path, command, identities (the current spec's grid
-                     points), selected (the selected trial; with replicates its configuration too), test_evaluations
+                     points), selected (the selected trial; with replicates its configuration too), test_evaluations,
+                     lr_found (the current spec's lr = "find" findings: label, key, lr), lr_find:<hash> (one lr range
+                     test: curve, suggestion)
   one trial per job  user attrs: kind="run", key, point, record (epochs recorded), identity, identities (of each
                      recorded grid point), job, config, history, best, checkpoint, cost (cost.py: parameters,
                      FLOPs/image, training and inference images/s; measured once per run)
@@ -227,7 +229,8 @@ def data_identity(config: RunConfig) -> list:
 def study_storage_size(spec: StudySpec, config: RunConfig) -> int:
     """The largest storage size among the spec's configs reading the same data as `config`: trials at 64 and 128 px
     share one decode (at 128), and the test evaluation reads the same arrays."""
-    same = [c for c in map(spec.config_for, spec.points()) if data_identity(c) == data_identity(config)]
+    configs = [spec.config_for(p, lr_unused=True) for p in spec.points()]
+    same = [c for c in configs if data_identity(c) == data_identity(config)]
     return max(storage_size_for(c) for c in [config, *same])
 
 
@@ -264,6 +267,49 @@ class Worker:
     def plan(self) -> list[Job]:
         """The spec's jobs with the identity of each grid point (loads the data the spec names)."""
         return [self.identify(job) for job in plan_jobs(self.spec)]
+
+    def find_learning_rates(self, lock: Path) -> list[dict]:
+        """lr = "find": the range test (lr_find.py) once per distinct configuration needing it, stored in the study
+        under its `finding_key` (a rerun reads it), its suggestion set for each such grid point (spec.found_lr), so
+        it is in their configs and identities. -> [{label, key, lr}] for the report. Under `lock`: two `study run`
+        at once test once."""
+        from .lr_find import NOT_READ, finding_key, lr_find
+        from .models import check_resolution
+
+        groups: dict[str, list[dict]] = {}
+        configs: dict[str, RunConfig] = {}
+        needing = [p for p in self.spec.points() if self.spec.finds_lr(p)]
+        for point in self.spec.points() if needing else []:  # what identify checks, before any test takes time
+            config = self.spec.config_for(point, lr_unused=True)
+            check_resolution(config.arch, config.resolution)
+        for point in needing:
+            config = self.spec.config_for(point, lr_unused=True)
+            key = finding_key(config, self.images_for(config).key)
+            groups.setdefault(key, []).append(point)
+            configs[key] = config
+        found = []
+        for key, points in groups.items():
+            shared = {k: v for k, v in points[0].items() if k not in NOT_READ and all(p.get(k) == v for p in points)}
+            label = point_key(shared) or "every grid point"
+            with exclusive(lock):
+                record = self.study.user_attrs.get(key)
+                if record is None:
+                    log(f'lr = "find" ({label}): learning-rate range test')
+                    if self.feature_cache is None:
+                        self.feature_cache = FeatureCache(configs[key].resolved_cache_dir() / "features")
+                    config = configs[key]
+                    result = lr_find(config, images=self.images_for(config), feature_cache=self.feature_cache, log=log)
+                    if result.suggestion is None:
+                        raise StudyError(f'lr = "find" ({label}): {result.summary()}; set lr to a number for it')
+                    record = {**result.to_dict(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                    self.study.set_user_attr(key, record)
+                    log(f'lr = "find" ({label}): {result.summary()}')
+                else:
+                    log(f'lr = "find" ({label}): lr {record["suggestion"]:.3g}, found by an earlier run ({key})')
+            for point in points:
+                self.spec.found_lr[self.spec.point_id(point)] = record["suggestion"]
+            found.append({"label": label, "key": key, "lr": record["suggestion"]})
+        return found
 
     def _duplicate_of(self, trial: optuna.Trial, job: Job) -> int | None:
         """The trial that finished this job or claimed it first, when that is another trial (it was queued twice)."""
@@ -474,8 +520,10 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
     (directory / "study.txt").write_text(spec.name)  # which study of a shared storage this directory reports
     with storage_errors(url):
         worker = Worker(spec, directory, study)
+        found_lr = worker.find_learning_rates(lock_path(url, directory))  # before the plan: identities hold the rates
         jobs = worker.plan()
         record_spec(study, spec, spec_path, url, jobs)
+        study.set_user_attr("lr_found", found_lr)
         added = enqueue_missing(study, jobs, lock_path(url, directory))
         log(
             f"study {spec.name}: {len(spec.points())} grid points as {len(jobs)} runs; {added} queued now; "

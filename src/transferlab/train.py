@@ -193,7 +193,7 @@ class Trainer:
     def __init__(
         self,
         config: RunConfig,
-        out_dir: str | Path,
+        out_dir: str | Path | None,
         *,
         images: ImageSet | None = None,
         feature_cache: FeatureCache | None = None,
@@ -206,7 +206,8 @@ class Trainer:
         check_resolution(config.arch, config.resolution)
         check_head(self.backbone, config.head)
         self.trainable = trainable_groups(self.backbone, config.strategy, config.unfreeze)
-        self.out_dir = self._output_folder(out_dir, "--out")
+        # None: a run that writes nothing (the lr range test, lr_find.py); fit() needs a folder
+        self.out_dir = self._output_folder(out_dir, "--out") if out_dir is not None else None
         cache = self._output_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)")
         writable_folder(cache, "cache folder (--cache-dir)", ConfigError)
         self.images = images if images is not None else load_images(config)
@@ -216,7 +217,8 @@ class Trainer:
         for option in ("class_weights", "sampler"):
             if getattr(config, option) == "balanced" and empty:  # its weight would be n / 0
                 raise ConfigError(f"{option} = 'balanced': class {empty[0]!r} has no training images to balance")
-        writable_folder(self.out_dir, "--out", ConfigError)  # created only once the data is known to be usable
+        if self.out_dir is not None:  # created only once the data is known to be usable
+            writable_folder(self.out_dir, "--out", ConfigError)
         self.feature_cache = (
             feature_cache if feature_cache is not None else FeatureCache(config.resolved_cache_dir() / "features")
         )
@@ -490,6 +492,27 @@ class Trainer:
     def _train_epoch(self, epoch: int, progress) -> tuple[float, float, dict]:
         """One epoch of len(train) images in a seeded random order -> (mean loss, accuracy, balanced_scores)."""
         config = self.config
+        order = self.start_epoch(epoch)
+        n = len(order)
+        steps = math.ceil(n / config.batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        confusion = torch.zeros(self.num_classes, self.num_classes, device=self.device, dtype=torch.long)
+        for step in range(steps):
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            loss, logits = self.train_step(idx, lr_factor(config, (epoch - 1) * steps + step, steps))
+            y = self.labels[idx]
+            loss_sum += loss * len(idx)
+            pred = logits.argmax(1)
+            correct += (pred == y).sum()
+            confusion += confusion_matrix(y, pred, self.num_classes)
+            progress.advance(len(idx))
+        return loss_sum.item() / n, correct.item() / n, balanced_scores(confusion)
+
+    def start_epoch(self, epoch: int) -> torch.Tensor:
+        """Ready the model for training epoch `epoch` (which groups train, train or eval mode) -> the epoch's order
+        of the training images: seeded, shuffled or drawn by the balanced sampler."""
+        config = self.config
         # The prefix cut and the optimiser follow the strategy's full set of groups; gradual unfreezing only
         # withholds gradients from the deeper ones (the optimiser skips parameters without a gradient).
         active = active_groups(self.trainable, epoch, config.gradual_unfreeze)
@@ -504,30 +527,21 @@ class Trainer:
             c = torch.randint(self.num_classes, (n,), device=self.device, generator=self.generator)
             u = torch.rand(n, device=self.device, generator=self.generator, dtype=torch.float64)
             within = (u * self.class_size[c]).long().clamp_max(self.class_size[c] - 1)
-            order = self.by_class[self.class_start[c] + within]
-        else:
-            order = train_idx[torch.randperm(n, device=self.device, generator=self.generator)]
-        steps = math.ceil(len(train_idx) / config.batch_size)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        confusion = torch.zeros(self.num_classes, self.num_classes, device=self.device, dtype=torch.long)
-        for step in range(steps):
-            factor = lr_factor(config, (epoch - 1) * steps + step, steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            logits = self._logits(idx, train=True)
-            y = self.labels[idx]
-            loss = self.loss_fn(logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            loss_sum += loss.detach() * len(idx)
-            pred = logits.detach().argmax(1)
-            correct += (pred == y).sum()
-            confusion += confusion_matrix(y, pred, self.num_classes)
-            progress.advance(len(idx))
-        return loss_sum.item() / n, correct.item() / n, balanced_scores(confusion)
+            return self.by_class[self.class_start[c] + within]
+        return train_idx[torch.randperm(n, device=self.device, generator=self.generator)]
+
+    def train_step(self, idx: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on the training images `idx`, each parameter group at `factor` times its peak lr ->
+        the batch's loss and logits (detached). The only training step: epochs and the lr range test (lr_find.py)
+        both take it."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        logits = self._logits(idx, train=True)
+        loss = self.loss_fn(logits, self.labels[idx])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), logits.detach()
 
     def _check_finite(self, row: dict, state: RunState) -> None:
         bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(row[k])]
