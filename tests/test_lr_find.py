@@ -83,6 +83,16 @@ def test_suggest_reads_the_steepest_descent_against_log_lr():
     assert suggest(lrs.tolist()[:5], falling[:5], 100)[0] is None  # stopped before there was a curve
 
 
+def test_a_steepest_descent_next_to_the_minimum_is_capped_at_a_tenth_of_it():
+    lrs = np.geomspace(1e-6, 1, 100)
+    x = np.log10(lrs)
+    cliff = (1 / (1 + np.exp(8 * (x + 1.2)))).tolist()  # steepest at 10**-1.2, bottoming out near 1e-1
+    cliff = cliff[:90] + [cliff[89] + 0.5 * i for i in range(1, 11)]  # then it turns up (divergence)
+    lr, how = suggest(lrs.tolist(), cliff, 100)
+    low = lrs[int(np.argmin(cliff))]
+    assert lr == pytest.approx(low / 10) and lr < 10**-1.2 and "a tenth" in how
+
+
 def test_smoothing_is_a_bias_corrected_moving_average():
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards the zero it starts from
     assert smooth([1.0, 3.0]) == pytest.approx([1.0, (0.98 * 0.02 * 1 + 0.02 * 3) / (1 - 0.98**2)])

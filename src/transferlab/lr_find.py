@@ -14,7 +14,9 @@ The config's schedule, warm-up and epochs are not used (the test sets the lr its
 The suggested rate (`suggest`): the lr at which the smoothed loss falls fastest against log10(lr), looked for after
 the first tenth of the steps (the average's first values rest on few batches) and up to the smoothed loss's minimum.
 There is none, with the reason, when the curve holds no descent to read: its minimum lies at the start of that
-window, or the smoothed loss falls by less than 5% of its value there.
+window, or the smoothed loss falls by less than 5% of its value there. The steepest point can sit just before the
+loss turns up (a cliff before divergence), so the suggestion is capped at a tenth of the lr of the smoothed loss's
+minimum (fastai's older `lr_min / 10` rule): the smaller of the two.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ MIN_STEPS = 10
 BETA = 0.98  # the loss average's decay
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
 MIN_FALL = 0.05  # a descent must take at least this fraction off the smoothed loss
-RULE = "steepest-descent-1"  # names the rule above in stored findings: change it when the rule changes
+RULE = "steepest-descent-capped-2"  # names the rule above in stored findings: change it when the rule changes
 # RunConfig fields the range test never reads (only the epochs' lr schedule and the run's bookkeeping do): configs
 # differing in them share one finding
 NOT_READ = ("lr", "epochs", "schedule", "warmup_epochs", "step_every", "record_epochs", "metric")
@@ -151,7 +153,14 @@ def suggest(lrs: list[float], smoothed: list[float], steps: int) -> tuple[float 
         )
     slopes = np.gradient(s[skip : low + 1], x[skip : low + 1])
     best = int(np.argmin(slopes))
-    return float(lrs[skip + best]), f"steepest descent of the smoothed loss, {slopes[best]:.3g} per decade of lr"
+    steepest, cap = float(lrs[skip + best]), float(lrs[low]) / 10
+    if cap < steepest:  # the steepest descent lies within a decade of the minimum, next to where the loss turns up
+        return (
+            cap,
+            f"a tenth of the lr of the smoothed loss's minimum ({lrs[low]:.3g}); the steepest descent was at "
+            f"{steepest:.3g}",
+        )
+    return steepest, f"steepest descent of the smoothed loss, {slopes[best]:.3g} per decade of lr"
 
 
 def finding_key(config: RunConfig, data_key: str, *, start_lr=START_LR, end_lr=END_LR, steps=STEPS) -> str:
