@@ -4,9 +4,10 @@ The specification, as tests on synthetic data (3 classes x 12 coloured-noise PNG
   * [search] is validated at load, one line naming the cause (exit 2 from the CLI): unknown keys (in [search] or
     [search.space]), an unknown sampler or pruner, low >= high, log with low <= 0, n_trials 0, neither n_trials nor
     timeout, an option both on the grid and searched, a listed value that is not a valid value of its option;
-  * a search runs until n_trials of its trials have finished; each trial's config is its grid point's plus the
-    sampled values, its run directory named by its identity; the best complete trial is selected and the test split
-    evaluated once; running the study again trains nothing;
+  * a search runs until n_trials of its trials have finished (or its trials have taken `timeout` seconds); each
+    trial's config is its grid point's plus the sampled values, its run directory named by its identity; the best
+    complete trial is selected and the test split evaluated once; running the study again trains nothing; a worker
+    whose spec, data or weights differ from those recorded does not join;
   * with a [grid], each grid point has its own Optuna study (named from the study and the point) in the same storage,
     whose trials all train at that point;
   * the pruner's verdict stops a run after an epoch, cleanly: the trial is pruned, what it trained recorded, its
@@ -287,6 +288,27 @@ def test_the_report_has_the_search_section(searched):
     assert f"| lr | {selected['point']['lr']:.6g} | searched: log range 0.001 .. 0.03 |" in chosen
     assert f"| dropout | {selected['point']['dropout']:.6g} | searched: one of 0.0, 0.3 |" in chosen
     assert "## Results per regime" in text and "### Regime: frozen" not in text  # no per-setting seed tables
+
+
+def test_a_worker_with_another_spec_does_not_join_the_search(searched, capsys):
+    spec, directory = searched
+    (search,) = search_studies(directory).values()
+    args = ["study", "worker", str(spec), "--dir", str(directory)]
+    assert main(args) == 0  # the same spec: nothing left to do
+    assert "search all: 3 trials finished" in capsys.readouterr().err
+    assert main(args + ["--set", "search.space.lr={low = 0.002, high = 0.03, log = true}"]) == 2
+    assert_one_line_error(capsys.readouterr(), "search all: the spec, data or weights here differ")
+    assert len(search.trials) == 3 and len(optuna.get_all_study_names(storage_url(directory))) == 2
+
+
+def test_a_timeout_ends_a_search_once_its_trials_have_taken_that_long(tmp_path):
+    spec = search_spec(tmp_path / "s.toml", make_tree(tmp_path / "images"), tmp_path / "cache",
+                       {"sampler": "random", "timeout": 0.001, "pruner": "none"})  # fmt: skip
+    directory = run_study(spec, study_dir=tmp_path / "out", report=False)
+    (search,) = search_studies(directory).values()
+    assert [t.state for t in search.trials] == [COMPLETE]  # the first trial starts; after it the time is spent
+    run_study(spec, study_dir=directory, report=False)
+    assert len(search.trials) == 1  # and stays spent when the study runs again
 
 
 # ---------------------------------------------------------------------------- a search per grid point

@@ -79,6 +79,7 @@ class SearchData:
     trials: list[dict]  # every trial: number, state, value, params, seconds, completed, stopped, stopped_at, ...
     importances: dict[str, float] | None  # Optuna's parameter importances, or None with `no_importances` saying why
     no_importances: str = ""
+    constant: list[str] = field(default_factory=list)  # searched options all its complete trials share a value of
 
 
 def load_study_data(directory: str | Path, storage: str | None = None, study_name: str | None = None) -> StudyData:
@@ -206,7 +207,9 @@ def _read_search(url: str, record: dict) -> dict:
         )
     complete = [t for t in frozen if t.state == TrialState.COMPLETE and t.user_attrs.get("kind") == "search"]
     importances, why = _importances(study, complete)
-    return {**fields, "trials": trials, "complete": complete, "importances": importances, "no_importances": why}
+    constant = [k for k in (complete[0].params if complete else {}) if len({repr(t.params[k]) for t in complete}) == 1]
+    return {**fields, "trials": trials, "complete": complete, "importances": importances, "no_importances": why,
+            "constant": constant if len(complete) > 1 else []}  # fmt: skip
 
 
 def _importances(study, complete: list) -> tuple[dict[str, float] | None, str]:
@@ -1428,8 +1431,9 @@ def search_blocks(data: StudyData) -> list[Block]:
     pruner = settings.get("pruner", "median")
     ends = [f"{settings['n_trials']} finished trials" if settings.get("n_trials") else None,
             f"{_seconds(settings['timeout'])} s of trial time" if settings.get("timeout") else None]  # fmt: skip
+    who = "Each grid point starts its own Optuna search" if data.spec.get("grid") else "The study is an Optuna search"
     text = (
-        f"Each grid point starts its own Optuna search (sampler {settings.get('sampler', 'tpe')}, seed "
+        f"{who} (sampler {settings.get('sampler', 'tpe')}, seed "
         f"{settings.get('seed', 0)}), which ends at {' or '.join(e for e in ends if e)}; trials that differ only in "
         "the searched options share their grid point's settings. Searched: "
         + "; ".join(f"{k} ({_describe(v)})" for k, v in space.items())
@@ -1510,6 +1514,9 @@ def _importance_blocks(data: StudyData) -> list[Block]:
     for s in data.searches:
         if not s.importances:
             blocks.append(Block("p", f"Search {s.label}: no importances: {s.no_importances}."))
+        elif s.constant:
+            blocks.append(Block("p", f"Search {s.label}: {', '.join(s.constant)} left out (the same in every "
+                                     "complete trial)."))  # fmt: skip
     return blocks
 
 

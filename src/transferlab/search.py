@@ -209,23 +209,31 @@ def verify_searches(study: optuna.Study, searches: list[Search]) -> None:
 
 
 # ------------------------------------------------------------------------------ running a search
-def run_search(worker: runner.Worker, search: Search, wait_for_others: bool) -> None:
-    """Trials of `search` until it has what it wants (retried trials first)."""
+def run_searches(worker: runner.Worker, searches: list[Search], wait_for_others: bool) -> None:
+    """Every trial the searches still want, search after search; then, with `wait_for_others`, wait for other
+    workers' trials (one of which may die and come back to be retried)."""
+    while True:
+        running = [search for search in searches if run_search(worker, search)]
+        if not (running and wait_for_others):
+            break
+        time.sleep(runner.HEARTBEAT_SECONDS)
+    for search in searches:
+        finished = counted(search.study.get_trials(deepcopy=False))
+        pruned = sum(t.state == PRUNED for t in finished)
+        runner.log(f"search {search.label}: {len(finished)} trials finished ({pruned} pruned)")
+
+
+def run_search(worker: runner.Worker, search: Search) -> bool:
+    """Trials of `search` until it wants no more (retried trials first); whether other workers still run some."""
     study = search.study
     while True:
         fail_stale_trials(study)  # a dead worker's trial is queued again, with its parameters
         trials = study.get_trials(deepcopy=False)
-        if any(t.state == WAITING for t in trials) or search.wants_another(trials):
-            study.sampler = make_sampler(search.settings, len(trials))
-            study.optimize(lambda trial: objective(worker, search, trial), n_trials=1, catch=(), gc_after_trial=False)
-            worker.drop_resume_state(study)
-            continue
-        if not wait_for_others or not any(t.state == RUNNING for t in trials):
-            finished = counted(trials)
-            pruned = sum(t.state == PRUNED for t in finished)
-            runner.log(f"search {search.label}: {len(finished)} trials finished ({pruned} pruned)")
-            return
-        time.sleep(runner.HEARTBEAT_SECONDS)
+        if not (any(t.state == WAITING for t in trials) or search.wants_another(trials)):
+            return any(t.state == RUNNING for t in trials)
+        study.sampler = make_sampler(search.settings, len(trials))
+        study.optimize(lambda trial: objective(worker, search, trial), n_trials=1, catch=(), gc_after_trial=False)
+        worker.drop_resume_state(study)
 
 
 def _skip(trial: optuna.Trial, why: str) -> None:

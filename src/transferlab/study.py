@@ -463,11 +463,10 @@ class Worker:
                 break
             time.sleep(HEARTBEAT_SECONDS)
         if self.spec.search is not None:
-            from .search import run_search, verify_searches
+            from .search import run_searches, verify_searches
 
             verify_searches(self.study, self.plan_searches())
-            for search in self.searches:
-                run_search(self, search, wait_for_others)
+            run_searches(self, self.searches, wait_for_others)
 
 
 def _prepare(
