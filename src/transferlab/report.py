@@ -587,7 +587,8 @@ def learning_curves(data: StudyData) -> bytes | None:
         for i, t in enumerate(mine):
             colour, marker = _shade(_colour(strategy), i, len(mine)), MARKERS[i % len(MARKERS)]
             epochs = [r["epoch"] for r in t["history"]]
-            label = _setting(t, data, skip=("strategy", "epochs")) or "run"
+            # a search's trials differ in every sampled value: named by number (the All trials table has the values)
+            label = f"trial {t['number']}" if data.searches else _setting(t, data, skip=("strategy", "epochs")) or "run"
             rows = [("accuracy", axes[0][col])]
             rows.append(("loss", axes[1 + losses.index(t["config"].get("loss", "ce"))][col]))
             for metric, ax in rows:
