@@ -15,7 +15,8 @@ The specification, as tests on synthetic data (3 classes x 12 coloured-noise PNG
     the best; the median pruner never judges the first trials of a search or a trial's first epochs;
   * an interrupted search continues: finished trials are never trained again, new trials propose new values, and
     the total reaches n_trials; a trial killed with its worker (kill -9) is retried with the same parameters and
-    resumes from its run's state.pt;
+    resumes from its run's state.pt; a trial whose run directory another process is training in is skipped, not
+    trained a second time there, and counts nowhere;
   * the report has a Search section: counts, best so far against trial number and time, Optuna's parameter
     importances (or why there are none), the pruned trials and the selected trial's parameters.
 """
@@ -419,6 +420,38 @@ def test_an_interrupted_search_continues_without_redoing_a_finished_trial(tmp_pa
     calls.clear()
     run_study(spec, study_dir=directory, report=False)
     assert calls == []
+
+
+def test_a_run_directory_is_claimed_by_one_process_at_a_time(tmp_path):
+    from transferlab.storage import claimed
+
+    lock = tmp_path / "run" / "claim.lock"
+    with claimed(lock) as first:
+        with claimed(lock) as second:
+            assert (first, second) == (True, False)
+    with claimed(lock) as again:
+        assert again
+
+
+def test_a_trial_whose_run_directory_another_worker_holds_is_skipped_not_trained(tmp_path, monkeypatch):
+    import contextlib
+
+    denied = []
+
+    @contextlib.contextmanager
+    def claimed_elsewhere_once(lock_file):
+        denied.append(lock_file)
+        yield len(denied) > 1
+
+    monkeypatch.setattr(search_module, "claimed", claimed_elsewhere_once)
+    spec = search_spec(tmp_path / "s.toml", make_tree(tmp_path / "images"), tmp_path / "cache",
+                       {"sampler": "random", "n_trials": 1, "pruner": "none"})  # fmt: skip
+    calls = fit_calls(monkeypatch)
+    directory = run_study(spec, study_dir=tmp_path / "out", report=False)
+    (search,) = search_studies(directory).values()
+    skipped, trained = search.trials
+    assert skipped.state == PRUNED and skipped.user_attrs["skipped"] == "another worker is training the same parameters"
+    assert trained.state == COMPLETE and len(calls) == 1  # the skipped one counts nowhere: one trial still wanted
 
 
 @pytest.mark.slow

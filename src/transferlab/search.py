@@ -20,9 +20,11 @@ grid trial's. A search ends when n_trials of its trials have finished (complete 
 (kill -9) fails by heartbeat and Optuna's retry queues it again with the same parameters: the same identity, the
 same run directory, resumed from its state.pt.
 
-Sampling: TPE and random draw trial k of a search with the seed `seed + k`: the same spec proposes the same trials,
-and a continued search new ones rather than its first ones again (a sampler made afresh with one seed would repeat
-them). QMC and grid keep the seed: their position comes from the trials in the storage.
+Sampling: TPE and random draw trial number k of a search with the seed `seed + k`: the same spec proposes the same
+trials, a continued search new ones rather than its first ones again (a sampler made afresh with one seed would repeat
+them), and parallel workers different ones. QMC and grid keep the seed: their position comes from the trials in the
+storage. Two workers that still pick the same parameters at once do not share a run directory: the second sees the
+first's claim on it (a file lock) and skips the trial.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from optuna.trial import TrialState
 
 from . import study as runner
 from .config import SearchRange, SearchSpec, StudySpec, higher_is_better
-from .storage import StudyError
+from .storage import StudyError, claimed
 
 WAITING, RUNNING, COMPLETE, PRUNED = TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED
 
@@ -231,7 +233,7 @@ def run_search(worker: runner.Worker, search: Search) -> bool:
         trials = study.get_trials(deepcopy=False)
         if not (any(t.state == WAITING for t in trials) or search.wants_another(trials)):
             return any(t.state == RUNNING for t in trials)
-        study.sampler = make_sampler(search.settings, len(trials))
+        study.sampler = make_sampler(search.settings, len(trials))  # objective() reseeds it by trial number
         study.optimize(lambda trial: objective(worker, search, trial), n_trials=1, catch=(), gc_after_trial=False)
         worker.drop_resume_state(study)
 
@@ -244,13 +246,16 @@ def _skip(trial: optuna.Trial, why: str) -> None:
 
 def objective(worker: runner.Worker, search: Search, trial: optuna.Trial) -> float:
     retry = "identity" in trial.user_attrs  # Optuna's retry of a dead worker's trial carries its attributes
+    mine = (trial.datetime_start, trial.number)
     others = [t for t in search.study.get_trials(deepcopy=False) if t.number != trial.number]
-    if not retry and not search.wants_another(others):  # another worker took the search's last trial first
+    before = [t for t in others if t.state != RUNNING or (t.datetime_start, t.number) < mine]
+    if not retry and not search.wants_another(before):  # another worker took the search's last trial first
         _skip(trial, "the search had all its trials when this one started")
+    # seeded by the trial's number, unique across workers: two workers never draw from one seed
+    search.study.sampler = make_sampler(search.settings, trial.number)
     params = suggest(trial, search.settings.space)
     point = {**search.point, **params}
     job = worker.identify(runner.Job(point, [worker.spec.config_for(point).epochs]))
-    mine = (trial.datetime_start, trial.number)
     for t in others:
         if t.state == RUNNING and t.user_attrs.get("identity") == job.identity and (t.datetime_start, t.number) < mine:
             _skip(trial, f"trial {t.number} is training the same parameters")
@@ -259,4 +264,8 @@ def objective(worker: runner.Worker, search: Search, trial: optuna.Trial) -> flo
         trial.set_user_attr(name, value)
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     runner.log(f"search {search.label}: trial {trial.number}{' (retried)' if retry else ''}: {shown}")
-    return worker.train_job(trial, job, prune=True)
+    # the check above misses a trial that started at the same moment: its run directory says it
+    with claimed(worker.directory / "trials" / runner.slug(job.key, job.job_id) / "claim.lock") as mine:
+        if not mine:
+            _skip(trial, "another worker is training the same parameters")
+        return worker.train_job(trial, job, prune=True)
