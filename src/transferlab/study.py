@@ -7,6 +7,8 @@ Storage layout (Optuna, SQLite in the study directory by default, any RDB URL to
                      recorded grid point), job, config, history, best, checkpoint, cost (cost.py: parameters,
                      FLOPs/image, training and inference images/s; measured once per run)
   derived trials     kind="derived": a grid point whose epochs are a prefix of a longer job's run
+  searches           a spec with [search] queues no grid point: each starts an Optuna search of its own, in an
+                     Optuna study of its own in the same storage (search.py; study user attr "searches")
 
 A trial's identity is its grid point plus a hash of everything that trains it (the run config, the data's
 fingerprint, the pretrained weights): a changed spec trains the changed points and reuses the others.
