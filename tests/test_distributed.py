@@ -5,7 +5,9 @@ starts a throwaway one and prints it). Each test works in a database of its own,
 server and dropped afterwards.
   * two `study worker` processes empty one queue: every job trains exactly once, none fails;
   * a worker killed with SIGKILL in the middle of a trial: `study run` finishes the study without
-    re-running a finished trial and without losing one.
+    re-running a finished trial and without losing one;
+  * two `study worker` processes share a study's searches: each search ends with exactly n_trials finished trials,
+    none trained twice, none failed.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from test_study import (
 
 from transferlab import study as study_module
 from transferlab.config import StudySpec
-from transferlab.study import Worker, enqueue_missing, open_study, point_key
+from transferlab.study import Worker, enqueue_missing, open_study, point_key, record_spec
 
 URL = os.environ.get("TRANSFERLAB_TEST_POSTGRES_URL", "")
 
@@ -195,3 +197,33 @@ def test_killed_worker_resumes_without_rerunning_or_losing_trials(tmp_path, data
     assert len(full_run.user_attrs["history"]) == 12
     assert len(study.user_attrs["test_evaluations"]) == 1
     assert (directory / "storage.txt").read_text().strip() == database
+
+
+def test_two_workers_share_the_searches_and_finish_each_at_n_trials(tmp_path, database):
+    from test_search import search_spec
+
+    spec_path = search_spec(tmp_path / "study.toml", make_tree(tmp_path / "images"), tmp_path / "cache",
+                            {"sampler": "random", "n_trials": 4, "pruner": "none"}, grid={"batch_size": [4, 8]},
+                            name="searches", epochs=2)  # fmt: skip
+    directory = tmp_path / "out"
+    spec = StudySpec.load(spec_path)  # what `study run` does before it starts working: the study, its searches
+    directory.mkdir()
+    study = open_study(spec, database, directory / "study.lock")
+    searches = Worker(spec, directory, study).plan_searches()
+    record_spec(study, spec, spec_path, database, [], searches)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    procs = [worker(spec_path, directory, database, log) for log in logs]
+    for p in procs:
+        p.wait(timeout=240)
+    texts = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], texts
+    trained = []
+    for search in searches:
+        trials = optuna.load_study(study_name=search.name, storage=database).get_trials(deepcopy=False)
+        assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+        finished = [t for t in trials if "skipped" not in t.user_attrs]
+        assert len(finished) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in finished)
+        trained += [t.user_attrs["identity"] for t in finished]
+    assert len(set(trained)) == 8  # 2 searches x 4 trials, each trained once
+    assert sum(len(re.findall(r"\d\d:\d\d:\d\d training ", t)) for t in texts) == 8, texts
+    print("trials per worker:", [len(re.findall(r"\d\d:\d\d:\d\d training ", t)) for t in texts])

@@ -69,6 +69,20 @@ class StudyData:
     directory: Path | None = None
     attrs: dict = field(default_factory=dict)  # other study user attrs: cwd, software, last_run, spec_path
     lr_found: list[dict] = field(default_factory=list)  # lr = "find": {label, key, lr, finding (the range test)}
+    searches: list[SearchData] = field(default_factory=list)  # a spec with [search]: one per grid point
+
+
+@dataclass
+class SearchData:
+    """One search of the study as its Optuna study holds it (search.py)."""
+
+    name: str
+    label: str  # its grid point's key, or "all"
+    point: dict
+    trials: list[dict]  # every trial: number, state, value, params, seconds, completed, stopped, stopped_at, ...
+    importances: dict[str, float] | None  # Optuna's parameter importances, or None with `no_importances` saying why
+    no_importances: str = ""
+    constant: list[str] = field(default_factory=list)  # searched options all its complete trials share a value of
 
 
 def load_study_data(directory: str | Path, storage: str | None = None, study_name: str | None = None) -> StudyData:
@@ -102,13 +116,19 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
         raise StudyError(f"no study {name!r} in {redact(url)}")
     study = optuna.load_study(study_name=name, storage=open_storage(url))
     spec = StudySpec.from_dict(study.user_attrs.get("spec", {}), name=study.study_name)
-    trials = []
     identities = current_identities(study)
-    for t in sorted(grid_trials(study, identities), key=lambda t: t.number):
+    searches = [_read_search(url, r) for r in study.user_attrs.get("searches", [])] if spec.search else []
+    found = sorted(grid_trials(study, identities), key=lambda t: t.number)
+    found += [t for s in searches for t in s.pop("complete")]  # the searches' complete trials, in search order
+    searches = [SearchData(**s) for s in searches]
+    trials = []
+    for t in found:
         a = t.user_attrs
         trials.append(
             {
                 "number": t.number,
+                "identity": a.get("identity"),
+                "search": a.get("search"),
                 "kind": a["kind"],
                 "key": a["key"],
                 "point": a["point"],
@@ -127,7 +147,8 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
         )
     evaluations = study.user_attrs.get("test_evaluations", [])
     selected = study.user_attrs.get("selected", evaluations[-1] if evaluations else None)
-    if selected and identities is not None and selected.get("identity") not in identities:
+    searched = {t["identity"] for t in trials if t["kind"] == "search"}  # the current searches' complete trials
+    if selected and identities is not None and selected.get("identity") not in identities | searched:
         selected = None  # selected under an earlier spec
     env = {}
     if trials:
@@ -137,12 +158,16 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
     spec_tree = dict(study.user_attrs.get("spec", {}))
     if "storage" in spec_tree:  # studies recorded before passwords were kept out of the storage
         spec_tree["storage"] = redact(str(spec_tree["storage"]))
+    grid = dict(spec.grid)
+    if spec.search is not None:  # the searched options are the axes that tell a search's trials apart
+        for key in spec.search.space:
+            grid[key] = sorted({_value(t, key) for t in trials}, key=_natural)
     return StudyData(
         study.study_name,
         spec_tree,
         hide(study.user_attrs.get("command", ""), url),
         trials,
-        spec.grid,
+        grid,
         selected,
         len(evaluations),
         env,
@@ -150,7 +175,63 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
         directory,
         {k: study.user_attrs[k] for k in ("cwd", "software", "last_run", "spec_path") if k in study.user_attrs},
         [{**f, "finding": study.user_attrs.get(f["key"])} for f in study.user_attrs.get("lr_found", [])],
+        searches=searches,
     )
+
+
+def _read_search(url: str, record: dict) -> dict:
+    """A search's trials (all states), its complete trials (FrozenTrials, under "complete") and the importances."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = open_storage(url)
+    fields = {"name": record["name"], "label": record["key"] or "all", "point": record["point"]}
+    if record["name"] not in optuna.get_all_study_names(storage):  # recorded, never started
+        return {**fields, "trials": [], "complete": [], "importances": None, "no_importances": "no trial yet"}
+    study = optuna.load_study(study_name=record["name"], storage=storage)
+    frozen = study.get_trials(deepcopy=False)
+    trials = []
+    for t in frozen:
+        a = t.user_attrs
+        ended = t.datetime_complete
+        trials.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "params": a.get("params", t.params),
+                "seconds": (ended - t.datetime_start).total_seconds() if ended and t.datetime_start else None,
+                "completed": ended,
+                "stopped": a.get("stopped"),
+                "stopped_at": a.get("stopped_at"),
+                "reason": a.get("reason", ""),
+                "skipped": a.get("skipped"),
+                "history": a.get("history", []),
+            }
+        )
+    complete = [t for t in frozen if t.state == TrialState.COMPLETE and t.user_attrs.get("kind") == "search"]
+    importances, why = _importances(study, complete)
+    constant = [k for k in (complete[0].params if complete else {}) if len({repr(t.params[k]) for t in complete}) == 1]
+    return {**fields, "trials": trials, "complete": complete, "importances": importances, "no_importances": why,
+            "constant": constant if len(complete) > 1 else []}  # fmt: skip
+
+
+def _importances(study, complete: list) -> tuple[dict[str, float] | None, str]:
+    """Optuna's parameter importances (fANOVA, seeded) over the options the complete trials vary, or why none."""
+    import optuna
+
+    if len(complete) < 2:
+        return None, f"{len(complete)} complete trial{'' if len(complete) == 1 else 's'} (importances need 2 or more)"
+    varied = [k for k in complete[0].params if len({repr(t.params.get(k)) for t in complete}) > 1]
+    if not varied:
+        return None, f"its {len(complete)} complete trials share every parameter value"
+    if len({t.value for t in complete}) < 2:
+        return None, f"its {len(complete)} complete trials all scored {complete[0].value:.4f}: no variance to explain"
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    try:
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied)), ""
+    except RuntimeError as error:  # fANOVA's trees found no variance (a handful of trials)
+        return None, f"fANOVA could not attribute its {len(complete)} complete trials' variance ({error})"
 
 
 # ------------------------------------------------------------------------------ formatting
@@ -256,8 +337,9 @@ def _epochs_of(data: StudyData) -> list[int]:
 
 
 def _runs(data: StudyData) -> list[dict]:
-    """The trainings that actually happened: derived trials are epoch prefixes of one of these."""
-    return [t for t in data.trials if t["kind"] == "run"]
+    """The trainings that actually happened: derived trials are epoch prefixes of one of these (a search's pruned
+    trials trained too, and are not among the trials)."""
+    return [t for t in data.trials if t["kind"] in ("run", "search")]
 
 
 def _setting(t: dict, data: StudyData, skip=("strategy", "epochs", *REPLICATE_AXES)) -> str:
@@ -541,8 +623,10 @@ def time_table(data: StudyData) -> tuple[Block, dict]:
     s/epoch = training + validation seconds summed over the runs / epochs they trained; one-off work (model
     setup with the frozen-feature pass, when the run recorded it) is a separate column."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for t in _runs(data):
-        groups[(_value(t, "strategy"), _setting(t, data))].append(t)
+    for t in _runs(data):  # a search's trials: one group per search, not one per sampled setting
+        groups[
+            (_value(t, "strategy"), _setting(t, data, skip=("strategy", "epochs", "seed", *_searched(data))))
+        ].append(t)
     order = {r: i for i, r in enumerate(_regimes(data))}
     rows = [
         ["regime", "setting", "runs", "epochs trained", "s/epoch", "training s", "setup s", "feature pass s (in setup)"]
@@ -570,6 +654,11 @@ def time_table(data: StudyData) -> tuple[Block, dict]:
     return Block("table", rows=rows), out
 
 
+def _searched(data: StudyData) -> list[str]:
+    """The options the study's searches sample (none without [search])."""
+    return [k.replace("-", "_") for k in data.spec.get("search", {}).get("space", {})]
+
+
 def _natural_setting(t: dict, data: StudyData) -> tuple:
     return tuple(_natural(_value(t, a)) for a in data.grid if a not in ("strategy", "epochs", *REPLICATE_AXES))
 
@@ -592,6 +681,14 @@ def study_time_blocks(data: StudyData) -> list[Block]:
             f" of wall time ({_seconds(last['wall_seconds'])} s), of which {_seconds(last['load_seconds'])} s loading "
             "the data in its own process. Trials trained by an earlier `study run` or by parallel workers make this "
             "differ from the trials' sum."
+        )
+    stopped = [t for s in data.searches for t in s.trials if t["stopped"]]
+    if stopped:
+        epochs = sum(len(t["history"]) for t in stopped)
+        seconds = sum(r["seconds"] for t in stopped for r in t["history"])
+        lines.append(
+            f"The searches' {len(stopped)} pruned or diverged trials trained {epochs} more epochs "
+            f"({_seconds(seconds)} s), not counted above."
         )
     if data.test and data.test.get("test_seconds") is not None:
         lines.append(f"The single test evaluation took {_seconds(data.test['test_seconds'])} s.")
@@ -632,7 +729,8 @@ def learning_curves(data: StudyData) -> bytes | None:
         for i, t in enumerate(mine):
             colour, marker = _shade(_colour(strategy), i, len(mine)), MARKERS[i % len(MARKERS)]
             epochs = [r["epoch"] for r in t["history"]]
-            label = _setting(t, data, skip=("strategy", "epochs")) or "run"
+            # a search's trials differ in every sampled value: named by number (the All trials table has the values)
+            label = f"trial {t['number']}" if data.searches else _setting(t, data, skip=("strategy", "epochs")) or "run"
             rows = [("accuracy", axes[0][col])]
             rows.append(("loss", axes[1 + losses.index(t["config"].get("loss", "ce"))][col]))
             for metric, ax in rows:
@@ -1020,6 +1118,8 @@ def calibration_blocks(t: dict) -> list[Block]:
 def _selected_trial(data: StudyData) -> dict | None:
     if not data.test:
         return None
+    if data.test.get("identity"):  # trial numbers repeat across a study's searches; identities do not
+        return next((t for t in data.trials if t.get("identity") == data.test["identity"]), None)
     return next((t for t in data.trials if t["number"] == data.test["trial"]), None)
 
 
@@ -1442,7 +1542,8 @@ def lr_found_blocks(data: StudyData) -> list[Block]:
             'Before training, an lr range test ran once per configuration whose lr is "find" (configurations '
             "differing only in epochs or the lr schedule share one): training steps at a learning rate growing "
             "exponentially, the loss smoothed, stopped once it passed 4x its minimum. The lr found is where the "
-            "smoothed loss falls fastest against log(lr); those grid points trained at it, and their identities "
+            "smoothed loss falls fastest against log(lr), at most a tenth of the lr at its minimum; those grid points "
+            "trained at it, and their identities "
             "hold it (a rerun reads the finding from the storage).",
         ),
         Block("table", rows=rows),
@@ -1450,6 +1551,218 @@ def lr_found_blocks(data: StudyData) -> list[Block]:
     _figure(blocks, "Smoothed training loss against the learning rate; dots: the rates found",
             figure_png(curves_figure(curves)) if curves else None)  # fmt: skip
     return blocks
+
+
+# ------------------------------------------------------------------------------ searches
+def _finished(search: SearchData) -> list[dict]:
+    """The trials that count towards n_trials: complete or pruned, not skipped, by number."""
+    return sorted(
+        (t for t in search.trials if t["state"] in ("COMPLETE", "PRUNED") and not t["skipped"]),
+        key=lambda t: t["number"],
+    )
+
+
+def _improves(value: float, best: float | None, metric: str) -> bool:
+    from .config import higher_is_better
+
+    return best is None or (value > best if higher_is_better(metric) else value < best)
+
+
+def _search_style(data: StudyData, i: int, search: SearchData) -> dict:
+    """A search's line: its regime's colour when its grid point names one; a line style per search."""
+    regime = search.point.get("strategy")
+    colour = _colour(regime) if regime is not None else OTHER_COLOURS[i % len(OTHER_COLOURS)]
+    return {"color": colour, "linestyle": ("-", "--", ":", "-.")[i % 4], "marker": MARKERS[i % len(MARKERS)]}
+
+
+def best_so_far_plot(data: StudyData, metric: str) -> bytes | None:
+    """Per search, the best complete trial's metric so far against the trial number, and against the seconds its
+    trials had taken when each finished (the clock `timeout` reads). Pruned trials move the line on, never up."""
+    lines = []
+    for i, search in enumerate(data.searches):
+        by_number, best = [], None
+        for t in _finished(search):
+            if t["state"] == "COMPLETE" and _improves(t["value"], best, metric):
+                best = t["value"]
+            if best is not None:
+                by_number.append((t["number"], best))
+        by_time, best, clock = [], None, 0.0
+        for t in sorted(
+            (t for t in search.trials if t["completed"] and not t["skipped"]), key=lambda t: t["completed"]
+        ):
+            clock += t["seconds"] or 0.0
+            if t["state"] == "COMPLETE" and _improves(t["value"], best, metric):
+                best = t["value"]
+            if best is not None and t["state"] in ("COMPLETE", "PRUNED"):
+                by_time.append((clock, best))
+        if by_number:
+            lines.append((search, _search_style(data, i, search), by_number, by_time))
+    if not lines:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), sharey=True)
+    for search, style, by_number, by_time in lines:
+        for ax, points in zip(axes, (by_number, by_time)):
+            ax.step([x for x, _ in points], [y for _, y in points], where="post", label=search.label, markersize=4,
+                    **style)  # fmt: skip
+    axes[0].set_xlabel("trial number (in its search)")
+    axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[1].set_xlabel("seconds of its trials (cumulative, each trial's wall time)")
+    axes[0].set_ylabel(f"best {metric} so far")
+    if metric != "val_loss":
+        axes[0].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _describe(dimension) -> str:
+    """A [search.space] entry in words."""
+    if isinstance(dimension, list):
+        return "one of " + ", ".join(map(str, dimension))
+    text = f"{'log ' if dimension.get('log') else ''}range {dimension['low']} .. {dimension['high']}"
+    return text + (f", step {dimension['step']}" if dimension.get("step") is not None else "")
+
+
+def _value_text(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def search_blocks(data: StudyData) -> list[Block]:
+    """The Search section: the searches' counts, best so far, the selected trial's parameters, importances and
+    the pruned trials."""
+    if not data.searches:
+        return []
+    settings = data.spec.get("search", {})
+    space = {k.replace("-", "_"): v for k, v in settings.get("space", {}).items()}
+    metric = data.spec.get("metric", "val_accuracy")
+    pruner = settings.get("pruner", "median")
+    ends = [f"{settings['n_trials']} finished trials" if settings.get("n_trials") else None,
+            f"{_seconds(settings['timeout'])} s of trial time" if settings.get("timeout") else None]  # fmt: skip
+    who = "Each grid point starts its own Optuna search" if data.spec.get("grid") else "The study is an Optuna search"
+    text = (
+        f"{who} (sampler {settings.get('sampler', 'tpe')}, seed "
+        f"{settings.get('seed', 0)}), which ends at {' or '.join(e for e in ends if e)}; trials that differ only in "
+        "the searched options share their grid point's settings. Searched: "
+        + "; ".join(f"{k} ({_describe(v)})" for k, v in space.items())
+        + ". "
+        + (
+            f"Pruner: {pruner}, consulted once {settings.get('startup_trials', 5)} trials of a search have completed "
+            f"and never during a trial's first {settings.get('warmup_epochs', 1)} epoch(s); a pruned trial stops "
+            "after the epoch it was judged at. "
+            if pruner != "none"
+            else "No pruner: every trial trains all its epochs. "
+        )
+        + f"The selected trial is the best complete trial of all searches by {metric}; pruned and diverged trials are "
+        "counted but never selected."
+    )
+    rows = [["search", "complete", "pruned", "diverged", "failed (not counted)", "trial time", f"best {metric}"]]
+    for search in data.searches:
+        states = [t["state"] for t in search.trials if not t["skipped"]]
+        stopped = [t["stopped"] for t in search.trials if not t["skipped"]]
+        seconds = sum(t["seconds"] or 0.0 for t in search.trials if not t["skipped"])
+        best = None
+        for t in _finished(search):
+            if t["state"] == "COMPLETE" and _improves(t["value"], best and best["value"], metric):
+                best = t
+        rows.append(
+            [
+                search.label,
+                str(states.count("COMPLETE")),
+                str(stopped.count("pruned")),
+                str(stopped.count("diverged")),
+                str(states.count("FAIL")),
+                _duration(seconds),
+                f"{best['value']:.4f} (trial {best['number']})" if best else "none complete",
+            ]
+        )
+    blocks = [Block("h2", "Search"), Block("p", text), Block("table", rows=rows)]
+    skipped = sum(1 for s in data.searches for t in s.trials if t["skipped"])
+    if skipped:
+        blocks.append(Block("p", f"{skipped} trials were claimed but not run (their search was full, or another "
+                                 "worker was training the same parameters); they count nowhere."))  # fmt: skip
+    _figure(blocks, f"Best {metric} so far per search, against the trial number and against its trials' time",
+            best_so_far_plot(data, metric))  # fmt: skip
+    blocks += _chosen_parameters(data, space)
+    blocks += _importance_blocks(data)
+    blocks += _pruned_blocks(data, metric)
+    return blocks
+
+
+def _chosen_parameters(data: StudyData, space: dict) -> list[Block]:
+    t = data.test
+    if not t:
+        return []
+    search = next((s for s in data.searches if (_selected_trial(data) or {}).get("search") == s.name), None)
+    rows = [["option", "value", "from"]]
+    for key, value in t["point"].items():
+        rows.append([key, _value_text(value), f"searched: {_describe(space[key])}" if key in space else "grid point"])
+    where = f" (search {search.label}, trial {t['trial']})" if search else ""
+    return [Block("h3", "Selected trial's parameters"), Block("p", f"The selected trial{where}:"),
+            Block("table", rows=rows)]  # fmt: skip
+
+
+def _importance_blocks(data: StudyData) -> list[Block]:
+    blocks = [
+        Block("h3", "Parameter importances"),
+        Block(
+            "p",
+            "Optuna's fANOVA importances (optuna.importance.get_param_importances, seeded): the share of the "
+            "variance of the complete trials' objective each searched option explains, within its search; they "
+            "describe these trials, not a law, and are rough with few trials.",
+        ),
+    ]
+    found = [s for s in data.searches if s.importances]
+    if found:
+        params = list(dict.fromkeys(k for s in found for k in s.importances))
+        rows = [["option", *(s.label for s in found)]]
+        for key in params:
+            rows.append([key, *(f"{s.importances[key]:.3f}" if key in s.importances else "-" for s in found)])
+        blocks.append(Block("table", rows=rows))
+    for s in data.searches:
+        if not s.importances:
+            blocks.append(Block("p", f"Search {s.label}: no importances: {s.no_importances}."))
+        elif s.constant:
+            blocks.append(Block("p", f"Search {s.label}: {', '.join(s.constant)} left out (the same in every "
+                                     "complete trial)."))  # fmt: skip
+    return blocks
+
+
+def _pruned_blocks(data: StudyData, metric: str) -> list[Block]:
+    blocks = [Block("h3", "Pruned trials")]
+    stopped = [(s, t) for s in data.searches for t in s.trials if t["stopped"] and not t["skipped"]]
+    if not stopped:
+        return blocks + [Block("p", "No trial was pruned or diverged.")]
+    rows = [["search", "pruned", "stopped after epoch (trials)", "diverged"]]
+    for search in data.searches:
+        mine = [t for s, t in stopped if s is search]
+        epochs = defaultdict(int)
+        for t in mine:
+            if t["stopped"] == "pruned":
+                epochs[t["stopped_at"]] += 1
+        rows.append(
+            [
+                search.label,
+                str(sum(t["stopped"] == "pruned" for t in mine)),
+                ", ".join(f"{e} ({n})" for e, n in sorted(epochs.items())) or "-",
+                str(sum(t["stopped"] == "diverged" for t in mine)),
+            ]
+        )
+    detail = [["search", "trial", "parameters", "epochs trained", f"{metric} at its last epoch", "why"]]
+    for search, t in stopped:
+        last = t["history"][-1][metric] if t["history"] else None
+        detail.append(
+            [
+                search.label,
+                str(t["number"]),
+                ", ".join(f"{k}={_value_text(v)}" for k, v in t["params"].items()),
+                str(t["stopped_at"]),
+                _cell(last),
+                t["reason"],
+            ]
+        )
+    return blocks + [Block("table", rows=rows), Block("table", rows=detail)]
 
 
 # ------------------------------------------------------------------------------ assembling
@@ -1466,14 +1779,24 @@ def build_blocks(data: StudyData) -> list[Block]:
         if trained < len(data.trials)
         else "each trained separately"
     )
-    blocks.append(
-        Block(
-            "p",
-            f"{len(data.trials)} grid points ({shared}). "
-            "Accuracies are in percent (the All trials table: fractions, in full); the per-regime tables show each "
-            "grid point's last epoch, as the study reported them.",
+    if data.searches:
+        blocks.append(
+            Block(
+                "p",
+                f"{len(data.trials)} complete trials of {len(data.searches)} "
+                f"search{'es' if len(data.searches) > 1 else ''} (the Search section: pruned trials, progress, "
+                "importances). Accuracies are in percent (the All trials table: fractions, in full).",
+            )
         )
-    )
+    else:
+        blocks.append(
+            Block(
+                "p",
+                f"{len(data.trials)} grid points ({shared}). "
+                "Accuracies are in percent (the All trials table: fractions, in full); the per-regime tables show "
+                "each grid point's last epoch, as the study reported them.",
+            )
+        )
     if data.n_older:
         trials = "trial" if data.n_older == 1 else "trials"
         blocks.append(Block("p", f"The storage also holds {data.n_older} {trials} from earlier specs, not shown."))
@@ -1482,6 +1805,7 @@ def build_blocks(data: StudyData) -> list[Block]:
     if data.test:
         blocks += selection_blocks(data.test, data.n_test_evaluations)
     blocks += replicate_blocks(data)
+    blocks += search_blocks(data)
     if "variant" in data.grid:
         blocks.append(Block("h2", "Variants: best validation accuracy per regime"))
         blocks.append(variant_table(data))
@@ -1493,6 +1817,8 @@ def build_blocks(data: StudyData) -> list[Block]:
     if replicate_axes(data.grid):
         blocks.append(Block("p", f"Each cell is the mean ± sample std over its {_replicate_words(data)}."))
     blocks += paper_tables(data)
+    if not data.searches:  # a search's trials differ in sampled values: the All trials table lists them
+        blocks += paper_tables(data)
     _figure(blocks, "Learning curves per regime", learning_curves(data))
     _figure(blocks, "Validation accuracy vs epochs, per batch size", accuracy_vs_epochs(data))
     blocks.append(Block("h2", "Time"))

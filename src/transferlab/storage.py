@@ -161,6 +161,22 @@ def exclusive(lock_file: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def claimed(lock_file: Path):
+    """Yields whether this process holds `lock_file` (never waits): one training per run directory at a time."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def open_storage(url: str, **heartbeat: Any) -> RDBStorage:
     """An Optuna RDB storage; an invalid, unreachable or corrupt one is a one-line StudyError."""
     import optuna

@@ -9,6 +9,8 @@ Storage layout (Optuna, SQLite in the study directory by default, any RDB URL to
                      recorded grid point), job, config, history, best, checkpoint, cost (cost.py: parameters,
                      FLOPs/image, training and inference images/s; measured once per run)
   derived trials     kind="derived": a grid point whose epochs are a prefix of a longer job's run
+  searches           a spec with [search] queues no grid point: each starts an Optuna search of its own, in an
+                     Optuna study of its own in the same storage (search.py; study user attr "searches")
 
 A trial's identity is its grid point plus a hash of everything that trains it (the run config, the data's
 fingerprint, the pretrained weights): a changed spec trains the changed points and reuses the others.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -35,7 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
@@ -105,15 +108,20 @@ def slug(key: str, identity: str) -> str:
 
 def trial_identity(point: dict[str, Any], config: RunConfig, data_key: str) -> str:
     """The grid point plus a hash of everything that trains it: the run config, the data, the pretrained weights."""
+    return f"{point_key(point)}#{training_hash(config, data_key)}"
+
+
+def training_hash(config: RunConfig, data_key: str, leave_out=(), **extra) -> str:
+    """A hash of everything that trains `config` but the fields in `leave_out`, and of `extra`."""
     from .models import weights_identity
 
-    trains = {k: v for k, v in config.training_dict().items() if k not in NOT_TRAINING}
+    trains = {k: v for k, v in config.training_dict().items() if k not in NOT_TRAINING and k not in leave_out}
     blob = json.dumps(
-        {"config": trains, "data": data_key, "weights": weights_identity(config.arch, config.weights)},
+        {"config": trains, "data": data_key, "weights": weights_identity(config.arch, config.weights), **extra},
         sort_keys=True,
         default=str,
     )
-    return f"{point_key(point)}#{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -228,8 +236,14 @@ def data_identity(config: RunConfig) -> list:
 
 def study_storage_size(spec: StudySpec, config: RunConfig) -> int:
     """The largest storage size among the spec's configs reading the same data as `config`: trials at 64 and 128 px
-    share one decode (at 128), and the test evaluation reads the same arrays."""
-    configs = [spec.config_for(p, lr_unused=True) for p in spec.points()]
+    share one decode (at 128), and the test evaluation reads the same arrays. A search counts at the values of its
+    space that set the size."""
+    points = spec.points()
+    if spec.search is not None:
+        sizing = [k for k in ("resolution", "crop_fraction", "storage_size") if k in spec.search.space]
+        corners = itertools.product(*(spec.search.candidates(k) for k in sizing))
+        points = [{**p, **dict(zip(sizing, corner))} for corner in corners for p in points]
+    configs = [spec.config_for(p, lr_unused=True) for p in points]
     same = [c for c in configs if data_identity(c) == data_identity(config)]
     return max(storage_size_for(c) for c in [config, *same])
 
@@ -242,6 +256,7 @@ class Worker:
         self._images: dict[str, ImageSet] = {}
         self.feature_cache: FeatureCache | None = None
         self._claimed: tuple[int, Path] | None = None  # the trial this worker trained last, and its run directory
+        self.searches: list | None = None  # the spec's searches, once planned
         self.load_seconds = 0.0  # decoding/loading the data, once per data source
 
     def images_for(self, config: RunConfig) -> ImageSet:
@@ -265,7 +280,10 @@ class Worker:
         return job
 
     def plan(self) -> list[Job]:
-        """The spec's jobs with the identity of each grid point (loads the data the spec names)."""
+        """The spec's jobs with the identity of each grid point (loads the data the spec names); none when the spec
+        searches (its grid points are where searches start, not trials)."""
+        if self.spec.search is not None:
+            return []
         return [self.identify(job) for job in plan_jobs(self.spec)]
 
     def find_learning_rates(self, lock: Path) -> list[dict]:
@@ -339,9 +357,6 @@ class Worker:
         return config
 
     def objective(self, trial: optuna.Trial) -> float:
-        from .cost import measure_cost
-        from .train import Trainer
-
         attrs = trial.user_attrs
         if attrs.get("kind") != "run":  # the queue emptied between our look and our claim: not a grid point
             raise optuna.TrialPruned("no waiting grid point was left to claim")
@@ -354,28 +369,50 @@ class Worker:
             trial.set_user_attr("duplicate_of", duplicate)
             log(f"trial {trial.number}: {job.key} is trial {duplicate}'s job (queued twice): not trained again")
             raise optuna.TrialPruned(f"a duplicate of trial {duplicate}")
+        log(f"trial {trial.number}: {job.key}" + (f" (recording epochs {job.record})" if len(job.record) > 1 else ""))
+        return self.train_job(trial, job)
+
+    def train_job(self, trial: optuna.Trial, job: Job, prune: bool = False) -> float:
+        """Train a claimed trial's job in its run directory (resuming its state.pt) and record it in the trial.
+        With `prune` (a search's trial) the study's pruner may stop it after an epoch: what it trained is recorded
+        and the trial is pruned; a run whose loss stops being finite is pruned too (`stopped`: "diverged")."""
+        from .cost import measure_cost
+        from .train import Trainer, TrainingError, improves
+
         config = self._config(trial, job)
         if self.feature_cache is None:
             self.feature_cache = FeatureCache(config.resolved_cache_dir() / "features")
         run_dir = self.directory / "trials" / slug(job.key, job.job_id)
         self._claimed = (trial.number, run_dir)
-        log(f"trial {trial.number}: {job.key}" + (f" (recording epochs {job.record})" if len(job.record) > 1 else ""))
         started = time.time()
         trainer = Trainer(config, run_dir, images=self.images_for(config), feature_cache=self.feature_cache, log=log)
         metric = self.spec.metric
 
-        reported: set[int] = set()
+        reported: dict[int, dict] = {}
 
-        def on_epoch(row: dict) -> None:
+        def on_epoch(row: dict) -> bool:
             trial.report(row[metric], row["epoch"])
-            reported.add(row["epoch"])
+            reported[row["epoch"]] = row
+            # the last epoch is never cut: the run is complete, its result valid
+            return prune and row["epoch"] < config.epochs and trial.should_prune()
 
-        result = trainer.fit(on_epoch=on_epoch)
+        try:
+            result = trainer.fit(on_epoch=on_epoch)
+        except TrainingError as error:
+            if not prune:
+                raise
+            best = None
+            for row in reported.values():
+                best = row if improves(row, best, metric) else best
+            self._stop(trial, "diverged", str(error), list(reported.values()), best, time.time() - started, run_dir)
         # a retry resumed from state.pt: the killed attempt reported the first epochs, not this trial
         for row in result.history:
             if row["epoch"] not in reported:
                 trial.report(row[metric], row["epoch"])
         elapsed = time.time() - started
+        if result.stopped:
+            reason = f"pruned after epoch {len(result.history)} of {config.epochs}"
+            self._stop(trial, "pruned", reason, result.history, result.best, elapsed, run_dir)
         base_attrs = {
             "config": config.to_dict(),
             "input_path": result.feature_path,
@@ -399,6 +436,21 @@ class Worker:
         }.items():
             trial.set_user_attr(name, value)
         return summary["best"][metric]
+
+    def _stop(self, trial, why: str, reason: str, history: list, best, elapsed: float, run_dir: Path) -> NoReturn:
+        """Record what a search trial trained before it was stopped, then prune it (never selected)."""
+        for name, value in {
+            "stopped": why,
+            "reason": reason,
+            "stopped_at": len(history),  # epochs trained, restored ones included
+            "history": history,
+            "best": best,
+            "run_dir": str(run_dir.relative_to(self.directory)),
+            "wall_seconds": elapsed,
+        }.items():
+            trial.set_user_attr(name, value)
+        log(f"trial {trial.number}: {reason}")
+        raise optuna.TrialPruned(reason)
 
     def _add_derived(self, trial, job: Job, epochs: int, result, base_attrs: dict) -> None:
         point = job.recorded_point(epochs)
@@ -428,14 +480,24 @@ class Worker:
             )
         )
 
-    def _drop_resume_state(self) -> None:
-        """Once its trial is recorded complete, a run needs no state.pt (fit keeps it for a retry until then)."""
+    def drop_resume_state(self, study: optuna.Study | None = None) -> None:
+        """Once its trial is recorded complete (or pruned by a search), a run needs no state.pt (fit keeps it for a
+        retry until then)."""
         if self._claimed is None:
             return
         number, run_dir = self._claimed
         self._claimed = None
-        if any(t.number == number for t in self.study.get_trials(deepcopy=False, states=(COMPLETE,))):
+        finished = (study or self.study).get_trials(deepcopy=False, states=(COMPLETE, TrialState.PRUNED))
+        if any(t.number == number for t in finished):
             (run_dir / "state.pt").unlink(missing_ok=True)
+
+    def plan_searches(self) -> list:
+        """The spec's searches (one per grid point), their Optuna studies opened (see search.py)."""
+        from .search import plan_searches
+
+        if self.searches is None:
+            self.searches = plan_searches(self)
+        return self.searches
 
     def run(self, wait_for_others: bool) -> None:
         while True:
@@ -443,12 +505,17 @@ class Worker:
             waiting = self.study.get_trials(deepcopy=False, states=(WAITING,))
             if waiting:
                 self.study.optimize(self.objective, n_trials=1, catch=(), gc_after_trial=False)
-                self._drop_resume_state()
+                self.drop_resume_state()
                 continue
             running = self.study.get_trials(deepcopy=False, states=(RUNNING,))
             if not running or not wait_for_others:
-                return
+                break
             time.sleep(HEARTBEAT_SECONDS)
+        if self.spec.search is not None:
+            from .search import run_searches, verify_searches
+
+            verify_searches(self.study, self.plan_searches())
+            run_searches(self, self.searches, wait_for_others)
 
 
 def _prepare(
@@ -479,8 +546,8 @@ def run_worker(spec_path, *, study_dir=None, storage=None, overrides=(), wait_fo
         Worker(spec, directory, study).run(wait_for_others)
 
 
-def record_spec(study: optuna.Study, spec: StudySpec, spec_path, url: str, jobs: list[Job]) -> None:
-    """The current spec, how it was run (no password) and the identities of its grid points."""
+def record_spec(study: optuna.Study, spec: StudySpec, spec_path, url: str, jobs: list[Job], searches=()) -> None:
+    """The current spec, how it was run (no password), the identities of its grid points and its searches."""
     source = dict(spec.source)
     if "storage" in source:
         source["storage"] = redact(str(source["storage"]))
@@ -492,6 +559,7 @@ def record_spec(study: optuna.Study, spec: StudySpec, spec_path, url: str, jobs:
     study.set_user_attr("cwd", os.getcwd())  # relative paths in the spec are relative to it
     study.set_user_attr("software", build_info())
     study.set_user_attr("identities", sorted({i for job in jobs for i in job.identities.values()}))
+    study.set_user_attr("searches", [s.record() for s in searches])
 
 
 def start_workers(n: int, spec_path, directory: Path, url: str, overrides) -> list[subprocess.Popen]:
@@ -522,13 +590,17 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
         worker = Worker(spec, directory, study)
         found_lr = worker.find_learning_rates(lock_path(url, directory))  # before the plan: identities hold the rates
         jobs = worker.plan()
-        record_spec(study, spec, spec_path, url, jobs)
+        searches = worker.plan_searches()
+        record_spec(study, spec, spec_path, url, jobs, searches)
         study.set_user_attr("lr_found", found_lr)
         added = enqueue_missing(study, jobs, lock_path(url, directory))
-        log(
-            f"study {spec.name}: {len(spec.points())} grid points as {len(jobs)} runs; {added} queued now; "
-            f"storage {redact(url)}"
-        )
+        if searches:
+            log(f"study {spec.name}: {len(searches)} searches, one per grid point; storage {redact(url)}")
+        else:
+            log(
+                f"study {spec.name}: {len(spec.points())} grid points as {len(jobs)} runs; {added} queued now; "
+                f"storage {redact(url)}"
+            )
         procs = start_workers(workers - 1, spec_path, directory, url, overrides) if workers > 1 else []
         try:
             worker.run(wait_for_others=True)
@@ -538,7 +610,13 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
         for p in procs:
             if p.returncode:
                 raise StudyError(f"a worker process exited with status {p.returncode}")
-        select_and_test(study, spec, directory, {i for job in jobs for i in job.identities.values()})
+        if searches:
+            from .search import complete_trials
+
+            candidates = [t for search in searches for t in complete_trials(search.study)]
+            select_and_test(study, spec, directory, candidates=candidates)
+        else:
+            select_and_test(study, spec, directory, {i for job in jobs for i in job.identities.values()})
         finished = time.time()
         study.set_user_attr(
             "last_run",
@@ -563,6 +641,9 @@ def best_configuration(trials: list, spec: StudySpec) -> tuple[Any, list]:
     replicates, and of those the trial of best metric, whose checkpoint is the one tested; ties go to the lowest
     trial number. Returns (that trial, the configuration's trials). Without replicates: the best trial, alone."""
     sign = 1 if higher_is_better(spec.metric) else -1
+    if not spec.replicates:  # every trial its own configuration (a search's trials share their grid point)
+        best = max(trials, key=lambda t: (sign * t.value, -t.number))
+        return best, [best]
     groups: dict[str, list] = {}
     for t in sorted(trials, key=lambda t: t.number):
         groups.setdefault(point_key(configuration_of(t.user_attrs["point"], spec.replicates)), []).append(t)
@@ -570,9 +651,12 @@ def best_configuration(trials: list, spec: StudySpec) -> tuple[Any, list]:
     return max(chosen, key=lambda t: (sign * t.value, -t.number)), chosen
 
 
-def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, identities: set[str] | None = None) -> dict:
+def select_and_test(
+    study: optuna.Study, spec: StudySpec, directory: Path, identities: set[str] | None = None, candidates=None
+) -> dict:
     """Best of the spec's trials (`identities`, default: those recorded in the study) by the study's metric; its
-    checkpoint is evaluated once on the test split. With replicate axes (seed, fold) the best configuration by its
+    checkpoint is evaluated once on the test split. `candidates`: the complete trials to choose from instead (the
+    searches' complete trials; pruned ones never). With replicate axes (seed, fold) the best configuration by its
     mean (`best_configuration`) and, of its replicates, the best trial's checkpoint."""
     import torch
 
@@ -582,11 +666,13 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
     from .models import get_backbone
     from .train import split_class_counts
 
-    trials = grid_trials(study, identities)
-    if len(trials) < len(spec.points()):
+    trials = grid_trials(study, identities) if candidates is None else candidates
+    if candidates is None and len(trials) < len(spec.points()):
         raise StudyError(
             f"{len(spec.points()) - len(trials)} grid points are not complete; run the study again to finish them"
         )
+    if not trials:
+        raise StudyError("no search trial is complete (all pruned or diverged): nothing to select")
     best, replicates = best_configuration(trials, spec)
     selected = study.user_attrs.get("selected")
     if selected and selected.get("identity") == best.user_attrs["identity"]:

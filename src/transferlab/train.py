@@ -157,6 +157,7 @@ class RunResult:
     metric: str
     feature_path: str
     checkpoints: dict[int, Path] = field(default_factory=dict)  # recorded epoch -> best checkpoint up to it
+    stopped: bool = False  # on_epoch stopped it before its last epoch (history and best.pt: the epochs trained)
 
     @property
     def best(self) -> dict:
@@ -422,7 +423,9 @@ class Trainer:
         }
 
     # -------------------------------------------------------------- the loop
-    def fit(self, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
+    def fit(self, on_epoch: Callable[[dict], bool | None] | None = None) -> RunResult:
+        """Train (or resume, or return the finished run). `on_epoch(row)` is called after each epoch is recorded;
+        when it returns True the run stops there, resumable from its state.pt, and the result says `stopped`."""
         config = self.config
         finished = self._finished()
         if finished is not None:  # nothing to compute: not even the model or the feature cache
@@ -479,14 +482,15 @@ class Trainer:
                     f"epoch {epoch}/{config.epochs} loss {train_loss:.3f} acc {train_accuracy:.3f} "
                     f"val {row['val_accuracy']:.3f}"
                 )
-                if on_epoch is not None:
-                    on_epoch(row)
-        # metrics.json now says the run is finished (a rerun returns it without training), so state.pt can go
-        (self.out_dir / "state.pt").unlink(missing_ok=True)
-        checkpoints = {**state.checkpoints, config.epochs: self.out_dir / "best.pt"}
+                if on_epoch is not None and on_epoch(row) and epoch < config.epochs:
+                    break
+        stopped = state.epoch < config.epochs
+        if not stopped:  # metrics.json now says the run is finished (a rerun returns it without training)
+            (self.out_dir / "state.pt").unlink(missing_ok=True)
+        checkpoints = {**state.checkpoints, **({} if stopped else {config.epochs: self.out_dir / "best.pt"})}
         tracker.finish({"best.pt": self.out_dir / "best.pt", "metrics.json": self.out_dir / "metrics.json"})
         return RunResult(
-            self.out_dir, state.history, state.best["epoch"], config.metric, self.feature_path, checkpoints
+            self.out_dir, state.history, state.best["epoch"], config.metric, self.feature_path, checkpoints, stopped
         )
 
     def _train_epoch(self, epoch: int, progress) -> tuple[float, float, dict]:
