@@ -177,6 +177,7 @@ def test_one_seed_cells_are_the_stored_last_epoch_values(axis_study):
     text = (directory / "report.md").read_text()
     # one order of regimes in every report (frozen, partial, full), whatever the grid's order
     assert text.index("### Regime: frozen") < text.index("### Regime: full")
+    assert text.count("### Regime: frozen") == 1  # each section once (a merge once doubled the tables)
 
 
 def test_derived_and_run_trials_share_the_first_epoch(seeds_study):

@@ -1816,7 +1816,6 @@ def build_blocks(data: StudyData) -> list[Block]:
     blocks.append(Block("h2", "Results per regime"))
     if replicate_axes(data.grid):
         blocks.append(Block("p", f"Each cell is the mean ± sample std over its {_replicate_words(data)}."))
-    blocks += paper_tables(data)
     if not data.searches:  # a search's trials differ in sampled values: the All trials table lists them
         blocks += paper_tables(data)
     _figure(blocks, "Learning curves per regime", learning_curves(data))

@@ -48,6 +48,7 @@ from .config import ConfigError, RunConfig, StudySpec, configuration_of, higher_
 from .data import ImageSet, load_images, storage_size_for
 from .features import FeatureCache
 from .progress import console
+from .stats import percent_with_interval
 from .storage import (
     PASSWORD_ENV,
     RUN_KINDS,
@@ -753,8 +754,9 @@ def select_and_test(
         if spec.replicates
         else f"trial {best.number} ({record['key']})"
     )
+    correct = round(record["test_accuracy"] * record["n_test"])  # the exact fraction correct (evaluate.scores)
     log(
-        f"selected {chosen}: val accuracy {record['val_accuracy']:.4f}, "
-        f"test accuracy {record['test_accuracy']:.4f} on {record['n_test']} images (test split used once)"
+        f"selected {chosen}: val accuracy {100 * record['val_accuracy']:.2f}%, test accuracy "
+        f"{percent_with_interval(correct, record['n_test'])} on {record['n_test']} images (test split used once)"
     )
     return {**record, "errors": errors}
