@@ -596,7 +596,8 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
         study.set_user_attr("lr_found", found_lr)
         added = enqueue_missing(study, jobs, lock_path(url, directory))
         if searches:
-            log(f"study {spec.name}: {len(searches)} searches, one per grid point; storage {redact(url)}")
+            what = f"{len(searches)} searches, one per grid point" if len(searches) > 1 else "one search"
+            log(f"study {spec.name}: {what}; storage {redact(url)}")
         else:
             log(
                 f"study {spec.name}: {len(spec.points())} grid points as {len(jobs)} runs; {added} queued now; "
