@@ -181,8 +181,8 @@ class RunConfig:
     )
     storage_size: int | None = _opt(
         None,
-        "largest side images are stored at after decoding (never enlarged); default: --resolution "
-        "(a study: its largest resolution)",
+        "largest side images are stored at after decoding (never enlarged); default: --resolution / --crop-fraction "
+        "(a study: the largest of its trials on the same data)",
         min=8,
         max=4096,
         group="data",
