@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED, SHARED_CIFAR, SHARED_WEIGHTS, make_image_tree, quiet, tiny_config
+from helpers import SHARED, SHARED_CIFAR, SHARED_WEIGHTS, TEST_DEVICE, make_image_tree, quiet, tiny_config
 
 
 def pytest_configure(config):
@@ -18,6 +18,14 @@ def pytest_configure(config):
     # keeps float rounding fixed (MKL's dynamic threading may otherwise change it under load), so the
     # bit-for-bit determinism tests hold.
     torch.set_num_threads(1)
+    if TEST_DEVICE not in ("cpu", "cuda"):
+        pytest.exit(f"TRANSFERLAB_TEST_DEVICE={TEST_DEVICE!r}: expected cpu or cuda", returncode=4)
+    if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.exit("TRANSFERLAB_TEST_DEVICE=cuda: no CUDA device is available here", returncode=4)
+
+
+def pytest_report_header(config):
+    return f"transferlab test device: {TEST_DEVICE} (TRANSFERLAB_TEST_DEVICE)"
 
 
 # ---------------------------------------------------------------------------- fixtures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 SHARED_CIFAR = SHARED / "datasets" / "cifar10-train-jpeg"
 SHARED_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"
+
+# The device tiny_config's runs (and the tests that evaluate them on "the test device") use: the CPU unless
+# TRANSFERLAB_TEST_DEVICE says otherwise, so a GPU machine runs the same tests on CUDA (benchmarks/gpu_check.sh).
+TEST_DEVICE = os.environ.get("TRANSFERLAB_TEST_DEVICE", "cpu")
 
 # Class-dependent mean colour: a colour-noise image whose class a linear head can learn.
 CLASS_COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200), "grey": (128, 128, 128)}
@@ -35,7 +40,7 @@ def make_image_tree(
 
 
 def tiny_config(data: Path | str, cache_dir: Path | str, **overrides):
-    """A RunConfig that trains in well under a second on a CPU."""
+    """A RunConfig that trains in well under a second on a CPU (on TEST_DEVICE)."""
     from transferlab import RunConfig
 
     values = dict(
@@ -47,7 +52,7 @@ def tiny_config(data: Path | str, cache_dir: Path | str, **overrides):
         batch_size=8,
         test_fraction=0.2,
         val_fraction=0.2,
-        device="cpu",
+        device=TEST_DEVICE,
         progress=False,
     )
     values.update(overrides)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import CLASS_COLOURS, noise_image
+from helpers import CLASS_COLOURS, TEST_DEVICE, noise_image
 from PIL import Image
 
 from transferlab.data import DataError, load_image_folder
@@ -22,7 +22,7 @@ def best(trained_run):
 def test_checkpoint_reproduces_the_validation_metrics(trained_run, best, image_tree, cache_dir):
     data = load_image_folder(image_tree, cache_dir, progress=False)
     split = json.loads((trained_run.out_dir / "split.json").read_text())
-    result = evaluate_checkpoint(best, data, indices=np.asarray(split["val"]), device="cpu")
+    result = evaluate_checkpoint(best, data, indices=np.asarray(split["val"]), device=TEST_DEVICE)
     row = trained_run.history[trained_run.best_epoch - 1]
     assert result["n"] == len(split["val"])
     assert result["accuracy"] == pytest.approx(row["val_accuracy"])
@@ -34,14 +34,14 @@ def test_unseen_tree_with_a_subset_of_classes(best, make_tree, cache_dir):
     root = make_tree("unseen", classes=("red", "blue"), per_class=7, size=20, seed=99)
     data = load_image_folder(root, cache_dir, progress=False)
     assert data.classes == ["blue", "red"]
-    result = evaluate_checkpoint(best, data, device="cpu")
+    result = evaluate_checkpoint(best, data, device=TEST_DEVICE)
     assert result["n"] == 14 and result["classes"] == ["blue", "green", "red"]
     confusion = np.asarray(result["confusion_matrix"])
     assert confusion.shape == (3, 3) and confusion.sum(1).tolist() == [7, 0, 7]
     assert result["per_class_accuracy"]["green"] is None
     assert result["accuracy"] == pytest.approx((confusion[0, 0] + confusion[2, 2]) / 14)
     # the same figure computed by hand from the probabilities
-    loaded = load_checkpoint(best, "cpu")
+    loaded = load_checkpoint(best, TEST_DEVICE)
     predicted = [loaded.classes[i] for i in loaded.probabilities(data.images).argmax(1).tolist()]
     truth = [data.classes[i] for i in data.labels]
     assert result["accuracy"] == pytest.approx(np.mean([p == t for p, t in zip(predicted, truth)]))
@@ -51,7 +51,7 @@ def test_unknown_class_folder(best, make_tree, cache_dir):
     root = make_tree("other", classes=("red", "grey"), per_class=3, size=16)
     data = load_image_folder(root, cache_dir, progress=False)
     with pytest.raises(DataError, match="'grey' is not one of the checkpoint's classes"):
-        evaluate_checkpoint(best, data, device="cpu")
+        evaluate_checkpoint(best, data, device=TEST_DEVICE)
 
 
 def test_predict_files(best, tmp_path):
@@ -61,7 +61,7 @@ def test_predict_files(best, tmp_path):
         path = tmp_path / f"{name}.png"
         Image.fromarray(noise_image(CLASS_COLOURS[name], size, rng)).save(path)
         files.append(path)
-    results = predict_files(best, files, top=2, device="cpu")
+    results = predict_files(best, files, top=2, device=TEST_DEVICE)
     assert [r["file"] for r in results] == [str(f) for f in files]
     for r in results:
         assert len(r["top"]) == 2
@@ -69,20 +69,20 @@ def test_predict_files(best, tmp_path):
         assert probabilities == sorted(probabilities, reverse=True)
         assert all(0 <= p <= 1 for p in probabilities) and sum(probabilities) <= 1 + 1e-6
         assert {t["class"] for t in r["top"]} <= {"blue", "green", "red"}
-    everything = predict_files(best, files[:1], top=10, device="cpu")[0]["top"]
+    everything = predict_files(best, files[:1], top=10, device=TEST_DEVICE)[0]["top"]
     assert len(everything) == 3 and sum(t["probability"] for t in everything) == pytest.approx(1, abs=1e-5)
 
 
 def test_predict_unreadable_file_is_reported_and_the_others_still_predicted(best, tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"nope")
     Image.fromarray(noise_image(CLASS_COLOURS["red"], 24, np.random.default_rng(0))).save(tmp_path / "good.png")
-    bad, good = predict_files(best, [tmp_path / "bad.jpg", tmp_path / "good.png"], device="cpu")
+    bad, good = predict_files(best, [tmp_path / "bad.jpg", tmp_path / "good.png"], device=TEST_DEVICE)
     assert "bad.jpg" in bad["error"] and "top" not in bad
     assert good["file"].endswith("good.png") and len(good["top"]) == 3
 
 
 def test_load_checkpoint(best):
-    loaded = load_checkpoint(best, "cpu")
+    loaded = load_checkpoint(best, TEST_DEVICE)
     assert loaded.classes == ["blue", "green", "red"] and loaded.loss == "ce" and not loaded.model.training
     assert loaded.info["arch"] == "squeezenet1_1" and loaded.info["resolution"] == 32
     probs = loaded.probabilities(np.zeros((2, 32, 32, 3), np.uint8))
@@ -92,13 +92,13 @@ def test_load_checkpoint(best):
 
 def test_not_a_checkpoint(tmp_path, features_weights):
     with pytest.raises(CheckpointError, match="not a transferlab checkpoint"):
-        load_checkpoint(features_weights, "cpu")  # a state dict of tensors, but not ours
+        load_checkpoint(features_weights, TEST_DEVICE)  # a state dict of tensors, but not ours
     (tmp_path / "notes.pt").write_text("hello\n")
     with pytest.raises(CheckpointError, match="cannot read checkpoint") as error:
-        load_checkpoint(tmp_path / "notes.pt", "cpu")
+        load_checkpoint(tmp_path / "notes.pt", TEST_DEVICE)
     assert "\n" not in str(error.value)
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path / "absent.pt", "cpu")
+        load_checkpoint(tmp_path / "absent.pt", TEST_DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_checkpoint_evaluation_matches_training_validation(overrides, image_tree
     )
     data = load_image_folder(image_tree, tmp_path / "cache", progress=False)
     val = np.asarray(json.loads((tmp_path / "run" / "split.json").read_text())["val"])
-    evaluated = evaluate_checkpoint(tmp_path / "run" / "best.pt", data, indices=val, device="cpu")
+    evaluated = evaluate_checkpoint(tmp_path / "run" / "best.pt", data, indices=val, device=TEST_DEVICE)
     row = result.history[result.best_epoch - 1]
     assert evaluated["accuracy"] == pytest.approx(row["val_accuracy"])
     assert evaluated["loss"] == pytest.approx(row["val_loss"], rel=1e-3)

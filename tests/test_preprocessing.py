@@ -20,7 +20,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import make_image_tree, quiet, tiny_config
+from helpers import TEST_DEVICE, make_image_tree, quiet, tiny_config
 from test_cli import assert_one_line_error, train_args
 
 from transferlab import RunConfig, train
@@ -111,11 +111,11 @@ def test_evaluate_repeats_the_crop_and_interpolation_of_training(tmp_path):
     assert (exported["crop_fraction"], exported["interpolation"], exported["resolution"]) == (0.6, "bicubic", 20)
     images = load_images(config)
     val = split_for(images, config).val
-    scores = evaluate_checkpoint(tmp_path / "run" / "best.pt", images, indices=val, device="cpu")
+    scores = evaluate_checkpoint(tmp_path / "run" / "best.pt", images, indices=val, device=TEST_DEVICE)
     best = result.history[ckpt.epoch - 1]
     assert scores["accuracy"] == best["val_accuracy"]  # the same images seen the same way: the same loss too
     assert scores["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
-    loaded = load_checkpoint(tmp_path / "run" / "best.pt", "cpu")
+    loaded = load_checkpoint(tmp_path / "run" / "best.pt", TEST_DEVICE)
     x = torch.as_tensor(images.images[val])
     as_trained = loaded.view_logits(x)
     loaded.preprocess.crop_fraction = 1.0

@@ -6,6 +6,7 @@ model's resolution -> normalise. Every step is one tensor op over the whole batc
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,6 +53,13 @@ def resize(x: torch.Tensor, resolution: int, mode: str = "bilinear") -> torch.Te
     return x.clamp_(0.0, 1.0) if mode == "bicubic" else x  # bicubic overshoots at edges; pixels stay in [0, 1]
 
 
+@functools.lru_cache(maxsize=16)
+def normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (1, 3, 1, 1) mean and std on `device`, made once: on a GPU, a tensor made from Python numbers is a copy
+    from the host that waits for the device's queued work, and would stall every batch."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
+
+
 @dataclass
 class Preprocess:
     mean: tuple[float, float, float]
@@ -87,8 +95,7 @@ class Preprocess:
         if self.crop_fraction < 1.0:
             x = centre_crop(x, self.crop_fraction)
         x = resize(x, self.resolution, self.interpolation)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean, std = normalisation(tuple(self.mean), tuple(self.std), x.device)
         x = (x - mean) / std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 

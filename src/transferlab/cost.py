@@ -101,14 +101,14 @@ def measure_cost(config: RunConfig, num_classes: int, n_train: int, history: lis
 
 def _measure(config: RunConfig, num_classes: int, n_train: int, history: list[dict], device: torch.device) -> dict:
     from .freezing import apply_freezing, trainable_groups
-    from .models import build_model, get_backbone
+    from .models import build_model, get_backbone, uses_autocast
 
     backbone = get_backbone(config.arch)
     model, _ = build_model(config.arch, num_classes, weights="none", head=config.head, dropout=config.dropout)
     apply_freezing(model, backbone, trainable_groups(backbone, config.strategy, config.unfreeze))
     model.to(device, memory_format=torch.channels_last)
     total, trainable = parameter_counts(model)
-    autocast = config.amp == "on" or (config.amp == "auto" and device.type == "cuda")
+    autocast = uses_autocast(config.amp, device)
     return {
         "arch": config.arch,
         "strategy": config.strategy,

@@ -83,6 +83,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def uses_autocast(amp: str, device: torch.device) -> bool:
+    """Whether a run computes under bf16 autocast: `amp = "on"`, or `"auto"` on CUDA."""
+    return amp == "on" or (amp == "auto" and device.type == "cuda")
+
+
 def get_backbone(name: str) -> Backbone:
     if name.startswith("timm/"):
         return _timm_backbone(name)

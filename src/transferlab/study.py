@@ -524,7 +524,11 @@ def _prepare(
 ) -> tuple[StudySpec, Path, str, optuna.Study]:
     """The spec, the study directory, the storage URL (password in memory only) and the study, opened before
     anything is written: a bad storage leaves no trace. Without `create` (a worker) the study must exist already."""
+    from .models import resolve_device
+
     spec = StudySpec.load(spec_path, overrides)
+    for device in {spec.config_for(point, lr_unused=True).device for point in spec.points()}:
+        resolve_device(device)  # cuda where there is none: one line before anything is written, not a failed trial
     directory = study_directory(spec, study_dir)
     url = resolve_url(directory, storage, spec.storage, spec.storage_password_env)
     sys.argv[:] = [hide(arg, url) for arg in sys.argv]  # runs record their command line (metrics.json)

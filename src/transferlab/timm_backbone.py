@@ -70,7 +70,7 @@ def check_name(name: str) -> None:
     try:
         import timm
     except ImportError:
-        raise ConfigError(f"timm/{name}: the timm package is not installed (pip install 'timm>=1.0.31,<1.1')") from None
+        raise ConfigError(f"timm/{name}: the timm package is not installed (pip install 'timm>=1.0.3,<1.1')") from None
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
@@ -143,8 +143,12 @@ def _group_name(paths: list[str], index: int, last: int) -> str:
 def describe(name: str) -> dict:
     """Groups, tunable groups, preprocessing and pretrained tag of one timm model (one random-weight build)."""
     check_name(name)
-    with torch.device("meta"):  # structure only: no memory, no random initialisation (milliseconds)
-        model = create(name)
+    try:
+        with torch.device("meta"):  # structure only: no memory, no random initialisation (milliseconds)
+            model = create(name)
+    except (NotImplementedError, RuntimeError):  # timm before 1.0.30: some families' initialisation reads values
+        with torch.random.fork_rng(devices=[]):  # a real build, which leaves the caller's random numbers alone
+            model = create(name)
     owner = _param_groups(model)
     covers = _cover(model, owner)
     last = len(covers) - 1

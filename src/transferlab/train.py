@@ -50,6 +50,7 @@ from .models import (
     check_resolution,
     get_backbone,
     resolve_device,
+    uses_autocast,
     weights_identity,
 )
 from .progress import bar, console
@@ -135,6 +136,12 @@ def lr_factor(config: RunConfig, step: int, steps_per_epoch: int) -> float:
         t = (epoch - warmup) / max(config.epochs - warmup, 1e-9)
         return 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) if config.schedule == "cosine" else max(0.0, 1 - t)
     return 1.0
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` for the images, or None where it computes on host memory (the CPU): then the images
+    stay where they are, memory-mapped."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
 class TrainingError(RuntimeError):
@@ -249,7 +256,7 @@ class Trainer:
         apply_freezing(self.model, self.backbone, self.trainable)
         # channels_last: faster convolutions on CUDA and, measured here, on CPU too (oneDNN)
         self.model.to(device, memory_format=torch.channels_last)
-        self.autocast = config.amp == "on" or (config.amp == "auto" and device.type == "cuda")
+        self.autocast = uses_autocast(config.amp, device)
         if config.normalize == "dataset":
             mean, std = dataset_statistics(self.images.images, self.split.train)
         else:
@@ -307,12 +314,13 @@ class Trainer:
     def _place_pixels(self) -> torch.Tensor:
         """The uint8 images as one tensor: on the CPU the (memory-mapped) array itself, no copy; on CUDA the whole
         tensor on the device when it fits in free memory (with a quarter to spare), else left on the host and moved
-        a batch at a time (_batch_pixels)."""
+        a batch at a time (_batch_pixels; `self.streamed`)."""
         pixels = torch.from_numpy(self.images.images)
-        if self.device.type != "cuda":
+        free = free_device_memory(self.device)
+        self.streamed = free is not None and pixels.nbytes >= 0.75 * free
+        if free is None:
             return pixels
-        free, _ = torch.cuda.mem_get_info(self.device)
-        if pixels.nbytes < 0.75 * free:
+        if not self.streamed:
             return pixels.to(self.device)
         self.log(
             f"images stay in host memory ({pixels.nbytes / 2**30:.1f} GiB; the device has {free / 2**30:.1f} free)"
@@ -320,7 +328,7 @@ class Trainer:
         return pixels
 
     def _batch_pixels(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.pixels.device == self.device:
+        if not self.streamed:
             return self.pixels[idx]
         return self.pixels[idx.cpu()].to(self.device, non_blocking=True)
 
