@@ -526,10 +526,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush is silent
         return 141
     except KeyboardInterrupt:
-        print(
-            "transferlab: interrupted (finished epochs and trials are saved; run the same command to resume)",
-            file=sys.stderr,
-        )
+        if reports:
+            print(
+                "transferlab: interrupted (finished epochs and trials are saved; run the same command to resume)",
+                file=sys.stderr,
+            )
         return 130
 
 
