@@ -86,15 +86,17 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args) -> int:
+    from .distributed import from_environment
     from .train import train
 
     config = _run_config(args)
     result = train(config, args.out)
     best = result.best
-    print(
-        f"best epoch {result.best_epoch} (by {config.metric}): val accuracy {best['val_accuracy']:.4f}, "
-        f"val loss {best['val_loss']:.4f} -> {Path(args.out) / 'best.pt'}"
-    )
+    if from_environment().main:  # under torchrun: once, by rank 0
+        print(
+            f"best epoch {result.best_epoch} (by {config.metric}): val accuracy {best['val_accuracy']:.4f}, "
+            f"val loss {best['val_loss']:.4f} -> {Path(args.out) / 'best.pt'}"
+        )
     return 0
 
 
@@ -491,27 +493,44 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the imports below, which load torch: help stays light
     warnings.formatwarning = _one_line_warning
     from .data import DataError
+    from .distributed import DistributedError, from_environment
     from .evaluate import CheckpointError
     from .models import WeightsError
     from .storage import StudyError
     from .train import TrainingError
 
+    # Under torchrun every process meets bad input and a diverged run alike: rank 0 alone says so, once.
+    # A process that lost the others says so itself.
+    reports = True
     try:
+        world = from_environment()
+        reports = world.main
+        if world.active and args.func is not cmd_train:
+            raise ConfigError(
+                f"`transferlab {args.command}` runs as one process: only `train` runs across the {world.world_size} "
+                "processes torchrun starts"
+            )
         return args.func(args)
     except (ConfigError, DataError, WeightsError, CheckpointError, StudyError) as error:
-        print(f"transferlab: error: {error}", file=sys.stderr)
+        if reports:
+            print(f"transferlab: error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
+        if reports:
+            print(f"transferlab: error: {error}", file=sys.stderr)
+        return 1
+    except DistributedError as error:
         print(f"transferlab: error: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `transferlab predict ... | head`: the reader has gone; stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush is silent
         return 141
     except KeyboardInterrupt:
-        print(
-            "transferlab: interrupted (finished epochs and trials are saved; run the same command to resume)",
-            file=sys.stderr,
-        )
+        if reports:
+            print(
+                "transferlab: interrupted (finished epochs and trials are saved; run the same command to resume)",
+                file=sys.stderr,
+            )
         return 130
 
 

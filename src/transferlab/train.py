@@ -3,11 +3,13 @@
 The whole data set sits on the training device as one uint8 tensor; batches are index
 selections of it, preprocessed on the device. When the strategy leaves a prefix of the network
 frozen and no random crop precedes it, that prefix runs once per image (features.py) and the
-epochs train only the rest.
+epochs train only the rest. Started by torchrun, one run spans its processes (distributed.py): each takes its
+share of every batch, of the feature pass and of validation, and rank 0 writes the run directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,6 +28,7 @@ from .augment import Preprocess, dataset_statistics, random_crop
 from .checkpoint import Checkpoint, atomic_save, atomic_write_json, read_torch_file, writable_folder
 from .config import ConfigError, RunConfig
 from .data import ImageSet, Split, load_images, split_for
+from .distributed import SINGLE, Distributed, session
 from .evaluate import (
     balanced_scores,
     confusion_matrix,
@@ -206,10 +209,15 @@ class Trainer:
         images: ImageSet | None = None,
         feature_cache: FeatureCache | None = None,
         log: Callable[[str], None] | None = None,
+        dist: Distributed = SINGLE,
     ):
+        # one of several processes (torchrun, distributed.py): rank 0 alone logs, draws bars, tracks and writes
+        self.dist = dist
+        if not dist.main:
+            config, log = dataclasses.replace(config, progress=False, log=[]), lambda text: None
         self.config = config = config.resolved()  # the backbone's defaults where the config leaves them unset
         self.log = log or (lambda text: console.print(text, highlight=False))
-        self.device = resolve_device(config.device)
+        self.device = dist.device(resolve_device(config.device))
         self.backbone = get_backbone(config.arch)
         check_resolution(config.arch, config.resolution)
         check_head(self.backbone, config.head)
@@ -218,9 +226,15 @@ class Trainer:
         self.out_dir = self._output_folder(out_dir, "--out") if out_dir is not None else None
         cache = self._output_folder(config.resolved_cache_dir(), "cache folder (--cache-dir)")
         writable_folder(cache, "cache folder (--cache-dir)", ConfigError)
-        self.images = images if images is not None else load_images(config)
+        with dist.main_first():  # rank 0 decodes and caches the images; the others then read its cache
+            self.images = images if images is not None else load_images(config)
         self.split = split_for(self.images, config)
         self.class_counts = split_class_counts(self.images, self.split)
+        if dist.active and min(len(self.split.train), len(self.split.val)) < dist.world_size:
+            raise ConfigError(
+                f"{len(self.split.train)} training and {len(self.split.val)} validation images cannot be shared "
+                f"among {dist.world_size} processes: each needs at least one of each"
+            )
         empty = [c for c, n in self.class_counts["train"].items() if n == 0]
         for option in ("class_weights", "sampler"):
             if getattr(config, option) == "balanced" and empty:  # its weight would be n / 0
@@ -250,6 +264,9 @@ class Trainer:
         config, device = self.config, self.device
         torch.manual_seed(config.seed)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        # Augmentation draws from the same generator as the epoch's order in one process; across processes the
+        # order must be the same everywhere and the augmentation each process's own (reseeded in start_epoch)
+        self.augment_generator = torch.Generator(device=device) if self.dist.active else self.generator
         self.model, self.weights_source = build_model(
             config.arch, self.num_classes, weights=config.weights, head=config.head, dropout=config.dropout
         )
@@ -267,11 +284,13 @@ class Trainer:
         )  # fmt: skip
         self.cut = frozen_prefix_length(self.backbone, self.trainable)
         self.prefix, self.suffix = self.backbone.split(self.model, self.cut)
-        self.step_suffix = torch.compile(self.suffix) if config.compile else self.suffix
+        trained = self.dist.wrap(self.suffix, find_unused=config.gradual_unfreeze > 0)  # DDP across processes
+        self.step_suffix = torch.compile(trained) if config.compile else trained
         train_counts = list(self.class_counts["train"].values())
         self.class_weights = balanced_class_weights(train_counts) if config.class_weights == "balanced" else None
         weight = torch.tensor(self.class_weights, device=device) if self.class_weights else None
         self.loss_fn = loss_function(config, self.num_classes, weight)
+        self.loss_weight = weight
         groups = parameter_groups(self.model, self.backbone, self.trainable, config.lr, config.lr_group_decay)
         for g in groups:
             g["initial_lr"] = g["lr"]
@@ -346,20 +365,23 @@ class Trainer:
             device=self.device,
         )
         cached = self.feature_cache.get(key)
-        if cached is None:
+        if self.dist.any(cached is None):  # across processes: each computes its share of the rows, all get the whole
             started = time.perf_counter()
-            pixels, rows = self.pixels, torch.from_numpy(used).to(self.pixels.device)  # gathered chunk by chunk
+            mine = used[self.dist.part(len(used))]
+            pixels, rows = self.pixels, torch.from_numpy(mine).to(self.pixels.device)  # gathered chunk by chunk
             options = dict(
                 batch_size=max(config.batch_size, 500), device=self.device, mirror=mirror, autocast=self.autocast
             )
             cached = compute_features(
                 self.prefix, pixels, self.preprocess, progress=config.progress, rows=rows, **options
             )
-            if not all(torch.isfinite(part).all() for part in cached.split(4096)):  # fp16 overflow: keep fp32
+            if self.dist.any(not all(torch.isfinite(part).all() for part in cached.split(4096))):  # fp16 overflow
                 cached = compute_features(
                     self.prefix, pixels, self.preprocess, dtype=torch.float32, progress=False, rows=rows, **options
                 )
-            self.feature_cache.put(key, cached)
+            cached = self.dist.gather_rows(cached, len(used))
+            if self.dist.main:
+                self.feature_cache.put(key, cached)
             self.feature_seconds += time.perf_counter() - started
         return cached.to(self.device)
 
@@ -368,20 +390,20 @@ class Trainer:
         if self.feature_path == "cached":
             rows = self.view_index[idx]
             if train and self.config.flip:
-                flip = torch.rand(len(idx), device=self.device, generator=self.generator) < 0.5
+                flip = torch.rand(len(idx), device=self.device, generator=self.augment_generator) < 0.5
                 x = self.views[0][rows]
                 x[flip] = self.views[1][rows[flip]]  # gather the mirrored rows only where the coin says so
             else:
                 x = self.views[1 if mirror else 0][rows]
             x = x.float()
         else:
-            x = self.preprocess(self._batch_pixels(idx), train=train, generator=self.generator, mirror=mirror)
+            x = self.preprocess(self._batch_pixels(idx), train=train, generator=self.augment_generator, mirror=mirror)
             if self.cut:
                 with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     x = self.prefix(x)
         if train and self.config.feature_shift:
             # zeros, not reflection: a ReLU map is zero where nothing fires, and a 1x1 map has nothing to reflect
-            x = random_crop(x, self.config.feature_shift, self.generator, mode="constant")
+            x = random_crop(x, self.config.feature_shift, self.augment_generator, mode="constant")
         return x
 
     def _logits(self, idx: torch.Tensor, *, train: bool, mirror: bool = False) -> torch.Tensor:
@@ -392,12 +414,13 @@ class Trainer:
     def validation_logits(self, indices: np.ndarray) -> torch.Tensor:
         """(V, N, K) float32 logits of these images as validation computes them, V = 2 under flip TTA."""
         self.model.eval()
+        whole, indices = len(indices), indices[self.dist.part(len(indices))]  # across processes: a share each
         batch, out = max(self.config.batch_size, 500), []
         for start in range(0, len(indices), batch):
             idx = torch.from_numpy(indices[start : start + batch]).to(self.device)
             mirrors = (False, True) if self.config.tta_flip else (False,)
             out.append(torch.stack([self._logits(idx, train=False, mirror=m) for m in mirrors]))
-        return torch.cat(out, 1)
+        return self.dist.gather_rows(torch.cat(out, 1), whole, dim=1)  # every process: all the rows, in order
 
     def evaluate_indices(self, indices: np.ndarray) -> dict:
         """Validation, scored by the same code as `evaluate` (evaluate.py)."""
@@ -435,10 +458,11 @@ class Trainer:
         """Train (or resume, or return the finished run). `on_epoch(row)` is called after each epoch is recorded;
         when it returns True the run stops there, resumable from its state.pt, and the result says `stopped`."""
         config = self.config
-        finished = self._finished()
+        finished = self.dist.broadcast(self._finished() if self.dist.main else None)  # rank 0 reads for all
         if finished is not None:  # nothing to compute: not even the model or the feature cache
             self.log(f"already finished ({self.out_dir / 'metrics.json'})")
-            (self.out_dir / "state.pt").unlink(missing_ok=True)  # left by a kill just before the end
+            if self.dist.main:
+                (self.out_dir / "state.pt").unlink(missing_ok=True)  # left by a kill just before the end
             return finished
         tracker = make_tracker(config, self.out_dir)  # before the setup: a missing package fails at once
         # one-off work, kept out of the per-epoch `seconds` (training + validation only)
@@ -446,11 +470,14 @@ class Trainer:
         self._setup()
         self.setup_seconds = time.perf_counter() - started
         state = self._resume()
-        if state.epoch == 0:
-            self._clear_outputs()
-        atomic_write_json(config.to_dict(), self.out_dir / "config.json")
-        atomic_write_json(self.split.to_dict(), self.out_dir / "split.json")
-        env = environment(self.device)
+        if not self.dist.agree(state.epoch):  # every process read state.pt; none writes before all have
+            raise TrainingError(f"the processes read {self.out_dir / 'state.pt'} differently: run again")
+        if self.dist.main:
+            if state.epoch == 0:
+                self._clear_outputs()
+            atomic_write_json(config.to_dict(), self.out_dir / "config.json")
+            atomic_write_json(self.split.to_dict(), self.out_dir / "split.json")
+        env = self._environment()
         n_train = len(self.split.train)
         tracker.start(config)
         if state.epoch < config.epochs:
@@ -493,16 +520,19 @@ class Trainer:
                 if on_epoch is not None and on_epoch(row) and epoch < config.epochs:
                     break
         stopped = state.epoch < config.epochs
-        if not stopped:  # metrics.json now says the run is finished (a rerun returns it without training)
+        if not stopped and self.dist.main:  # metrics.json now says the run is finished (a rerun returns it)
             (self.out_dir / "state.pt").unlink(missing_ok=True)
         checkpoints = {**state.checkpoints, **({} if stopped else {config.epochs: self.out_dir / "best.pt"})}
         tracker.finish({"best.pt": self.out_dir / "best.pt", "metrics.json": self.out_dir / "metrics.json"})
+        self.dist.barrier()  # no process returns before rank 0 has written the run's files
         return RunResult(
             self.out_dir, state.history, state.best["epoch"], config.metric, self.feature_path, checkpoints, stopped
         )
 
     def _train_epoch(self, epoch: int, progress) -> tuple[float, float, dict]:
-        """One epoch of len(train) images in a seeded random order -> (mean loss, accuracy, balanced_scores)."""
+        """One epoch of len(train) images in a seeded random order -> (mean loss, accuracy, balanced_scores).
+        Across processes every one draws the same order, takes its share of each batch and the sums are added up,
+        so the figures are those of the whole epoch."""
         config = self.config
         order = self.start_epoch(epoch)
         n = len(order)
@@ -511,15 +541,41 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         confusion = torch.zeros(self.num_classes, self.num_classes, device=self.device, dtype=torch.long)
         for step in range(steps):
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            loss, logits = self.train_step(idx, lr_factor(config, (epoch - 1) * steps + step, steps))
-            y = self.labels[idx]
-            loss_sum += loss * len(idx)
-            pred = logits.argmax(1)
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            idx, share = self._share(batch)
+            counted = len(idx)
+            if not counted:  # too small a batch to reach this process: it steps with the others (DDP needs every
+                # process in every step) on one image, weighted 0 and in eval mode: no BatchNorm statistics, no dropout
+                idx, training = batch[:1], [m for m in self.model.modules() if m.training]
+                self.model.eval()
+            lr = lr_factor(config, (epoch - 1) * steps + step, steps)
+            loss, logits = self.train_step(idx, lr, scale=share * self.dist.world_size)
+            if not counted:
+                for module in training:
+                    module.training = True
+            y, pred = self.labels[idx[:counted]], logits[:counted].argmax(1)
+            loss_sum += loss * (share * len(batch))
             correct += (pred == y).sum()
             confusion += confusion_matrix(y, pred, self.num_classes)
-            progress.advance(len(idx))
+            progress.advance(len(batch))
+        for total in (loss_sum, correct, confusion):
+            self.dist.all_sum(total)
+        self.dist.average_buffers(self.model)
         return loss_sum.item() / n, correct.item() / n, balanced_scores(confusion)
+
+    def _share(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This process's part of a batch, and its weight in the batch's loss: its share of the images (of their
+        class weights, under class_weights), so the mean over processes of world_size x weight x its part's loss is
+        the whole batch's loss, gradients included. A batch is shared among as many processes as it holds pairs of
+        images (all of them unless batch_size / world_size < 2, or for an epoch's last, smaller batch): BatchNorm
+        cannot train on one image of a 1x1 map. One process: the batch, 1."""
+        if not self.dist.active:
+            return batch, 1.0
+        part = self.dist.part(len(batch), among=min(self.dist.world_size, max(1, len(batch) // 2)))
+        if self.loss_weight is None:
+            return batch[part], (part.stop - part.start) / len(batch)
+        weights = self.loss_weight[self.labels[batch]]
+        return batch[part], (weights[part].sum() / weights.sum()).item()
 
     def start_epoch(self, epoch: int) -> torch.Tensor:
         """Ready the model for training epoch `epoch` (which groups train, train or eval mode) -> the epoch's order
@@ -530,6 +586,10 @@ class Trainer:
         active = active_groups(self.trainable, epoch, config.gradual_unfreeze)
         apply_freezing(self.model, self.backbone, active)
         set_train_mode(self.model, self.backbone, active)
+        if self.dist.active:  # dropout and augmentation: each process's own draws (the order stays common)
+            seed = self.dist.seed(config.seed, epoch)
+            torch.manual_seed(seed)
+            self.augment_generator.manual_seed(seed)
         train_idx = torch.from_numpy(self.split.train).to(self.device)
         n = len(train_idx)
         if config.sampler == "balanced":
@@ -542,16 +602,17 @@ class Trainer:
             return self.by_class[self.class_start[c] + within]
         return train_idx[torch.randperm(n, device=self.device, generator=self.generator)]
 
-    def train_step(self, idx: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, idx: torch.Tensor, factor: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step on the training images `idx`, each parameter group at `factor` times its peak lr ->
         the batch's loss and logits (detached). The only training step: epochs and the lr range test (lr_find.py)
-        both take it."""
+        both take it. `scale` multiplies the loss whose gradient is taken (a process's weight in a shared batch;
+        DDP then averages the processes' gradients)."""
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         logits = self._logits(idx, train=True)
         loss = self.loss_fn(logits, self.labels[idx])
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if scale == 1.0 else loss * scale).backward()
         self.optimizer.step()
         return loss.detach(), logits.detach()
 
@@ -565,28 +626,32 @@ class Trainer:
             )
 
     def _end_epoch(self, state: RunState, row: dict, env: dict) -> None:
-        """Record the epoch: history, the best checkpoint by the selection metric, recorded epochs, state.pt."""
+        """Record the epoch: history, the best checkpoint by the selection metric, recorded epochs, state.pt.
+        Across processes each keeps the same record (the metrics are the whole run's) and rank 0 writes it."""
         config = self.config
+        write = self.dist.main
         state.epoch = row["epoch"]
         state.history.append(row)
         last = row["epoch"] == config.epochs
         if improves(row, state.best, config.metric):
             state.best = row
             state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            if not last:  # written below with its temperature
+            if not last and write:  # written below with its temperature
                 self._checkpoint(state).save(self.out_dir / "best.pt")
         # a run's end (and each recorded epoch, the end of a shorter run) fits the temperature of its best checkpoint,
         # before metrics.json says finished: a run killed in between is not taken for finished without it
         if last or row["epoch"] in config.record_epochs:
             self.calibration = self.calibrate(state)
-        if last:
+        if last and write:
             self._checkpoint(state, self.calibration["temperature"]).save(self.out_dir / "best.pt")
-        elif row["epoch"] in config.record_epochs:
+        elif row["epoch"] in config.record_epochs and not last:
             path = self.out_dir / f"best-epoch{row['epoch']}.pt"
-            self._checkpoint(state, self.calibration["temperature"]).save(path)
+            if write:
+                self._checkpoint(state, self.calibration["temperature"]).save(path)
             state.checkpoints[row["epoch"]] = path
-        self._write_metrics(state, env)
-        self._save_state(state)
+        if write:
+            self._write_metrics(state, env)
+            self._save_state(state)
 
     # -------------------------------------------------------------- what a run directory holds
     def _clear_outputs(self) -> None:
@@ -627,6 +692,10 @@ class Trainer:
             self.out_dir / "metrics.json",
         )
 
+    def _environment(self) -> dict:
+        """The machine, and how many processes trained (recorded only for more than one)."""
+        return {**environment(self.device), **self.dist.describe()}
+
     def _preprocessing(self) -> dict:
         """The preprocessing as used, beside the backbone's pretrained one (timm's pretrained_cfg) to compare."""
         pretrained = {"resolution": self.backbone.resolution, **dict(self.backbone.preprocessing)}
@@ -644,7 +713,7 @@ class Trainer:
             autocast=self.autocast, loss=c.loss, label_smoothing=c.label_smoothing, tta_flip=c.tta_flip,
             epoch=best["epoch"], metric=c.metric, val_accuracy=best["val_accuracy"], val_loss=best["val_loss"],
             config=c.to_dict(), weights=self.weights_source, data=self.images.key,
-            environment=environment(self.device), temperature=temperature,
+            environment=self._environment(), temperature=temperature,
         )  # fmt: skip
 
     # -------------------------------------------------------------- resuming a killed run
@@ -712,5 +781,7 @@ class Trainer:
 
 
 def train(config: RunConfig, out_dir: str | Path, **kwargs) -> RunResult:
-    """Library entry point: `transferlab.train(RunConfig(...), "runs/x")`."""
-    return Trainer(config, out_dir, **kwargs).fit()
+    """Library entry point: `transferlab.train(RunConfig(...), "runs/x")`. Started by torchrun, one run across its
+    processes (distributed.py); otherwise one process."""
+    with session(config.device, config.batch_size) as dist:
+        return Trainer(config, out_dir, dist=dist, **kwargs).fit()
