@@ -110,3 +110,22 @@ def test_dataset_statistics():
         and std[2] == pytest.approx(0.0)
         and std[1] == pytest.approx(np.std([1] * 4 + [0] * 4, ddof=1))
     )
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("resolution", [37, 64, 9])
+def test_normalising_before_resizing_gives_what_resizing_first_gives(interpolation, resolution):
+    """Preprocess normalises at the stored size (cheaper); resampling is linear with weights that sum to one, so the
+    result is the textbook order's: resize the [0, 1] pixels (bicubic clamped to [0, 1]), then normalise."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = torch.randint(0, 256, (4, 20, 20, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    x[0] = 0  # black and white edges: where bicubic overshoots and the clamp matters
+    x[0, 5:15, 5:15] = 255
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    out = Preprocess(mean, std, resolution, interpolation=interpolation, crop_fraction=0.9)(x)
+    pixels = resize(to_float(x)[..., 1:19, 1:19], resolution, interpolation)  # the 0.9 centre crop of 20 px is 18
+    assert out.shape == (4, 3, resolution, resolution)
+    torch.testing.assert_close(out, (pixels - m) / s, atol=2e-5, rtol=0)
+    if interpolation == "bicubic":
+        low, high = (0 - m) / s, (1 - m) / s
+        assert (out >= low - 1e-6).all() and (out <= high + 1e-6).all()

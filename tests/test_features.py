@@ -39,3 +39,13 @@ def test_batched_features_equal_one_pass_with_a_ragged_last_batch():
     )
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), features, atol=1e-2, rtol=1e-2)
+
+
+def test_inference_chunks_hold_about_half_a_million_pixels_on_a_cpu_and_stay_large_on_cuda():
+    from transferlab.features import inference_batch_size
+
+    cpu = torch.device("cpu")
+    assert [inference_batch_size(cpu, r) for r in (32, 64, 96, 128, 224, 512)] == [512, 128, 56, 32, 16, 16]
+    assert inference_batch_size(cpu, 8, batch_size=4096) == 512  # the training batch does not set a CPU chunk
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert inference_batch_size(cuda, 128) == 500 and inference_batch_size(cuda, 128, batch_size=1024) == 1024

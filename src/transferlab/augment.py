@@ -1,7 +1,7 @@
 """Batched, device-side preprocessing: uint8 NHWC in, normalised float NCHW out.
 
-Order: scale to [0, 1] -> random crop / flip at the stored resolution -> the central crop fraction -> resize to the
-model's resolution -> normalise. Every step is one tensor op over the whole batch.
+Order: scale to [0, 1] and normalise -> random crop / flip at the stored resolution -> the central crop fraction ->
+resize to the model's resolution. Every step is one tensor op over the whole batch.
 """
 
 from __future__ import annotations
@@ -45,12 +45,14 @@ def centre_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
     return x[..., top : top + side, left : left + side]
 
 
-def resize(x: torch.Tensor, resolution: int, mode: str = "bilinear") -> torch.Tensor:
+def resize(x: torch.Tensor, resolution: int, mode: str = "bilinear", bounds=(0.0, 1.0)) -> torch.Tensor:
+    """Resample to resolution x resolution; under bicubic, which overshoots at edges, values are clamped to `bounds`
+    (numbers or per-channel tensors: where pixels in [0, 1] lie after normalisation)."""
     if x.shape[-1] == resolution and x.shape[-2] == resolution:
         return x
     downsample = x.shape[-1] > resolution
     x = F.interpolate(x, size=(resolution, resolution), mode=mode, align_corners=False, antialias=downsample)
-    return x.clamp_(0.0, 1.0) if mode == "bicubic" else x  # bicubic overshoots at edges; pixels stay in [0, 1]
+    return x.clamp_(*bounds) if mode == "bicubic" else x
 
 
 @functools.lru_cache(maxsize=16)
@@ -85,7 +87,10 @@ class Preprocess:
         generator: torch.Generator | None = None,
         mirror: bool = False,
     ) -> torch.Tensor:
-        x = to_float(batch)
+        # Normalised first, at the stored size: crop, flip and resampling are linear with weights that sum to one, so
+        # the order does not change the result, and upsampled to the model's resolution there are 16x more pixels.
+        mean, std = normalisation(tuple(self.mean), tuple(self.std), batch.device)
+        x = (to_float(batch) - mean) / std
         if train and self.crop_padding:
             x = random_crop(x, self.crop_padding, generator)
         if train and self.flip:
@@ -94,9 +99,7 @@ class Preprocess:
             x = x.flip(3)
         if self.crop_fraction < 1.0:
             x = centre_crop(x, self.crop_fraction)
-        x = resize(x, self.resolution, self.interpolation)
-        mean, std = normalisation(tuple(self.mean), tuple(self.std), x.device)
-        x = (x - mean) / std
+        x = resize(x, self.resolution, self.interpolation, bounds=(-mean / std, (1 - mean) / std))
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 

@@ -27,6 +27,7 @@ from .augment import Preprocess
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError
 from .data import IMAGE_EXTENSIONS, DataError, ImageSet, _image_entries, decode_image
+from .features import inference_batch_size
 from .models import build_model, get_backbone, resolve_device
 from .progress import track
 
@@ -214,9 +215,11 @@ class LoadedModel:
 
     @torch.no_grad()
     def view_logits(
-        self, images: np.ndarray | torch.Tensor, batch_size: int = 500, tta_flip: bool | None = None
+        self, images: np.ndarray | torch.Tensor, batch_size: int | None = None, tta_flip: bool | None = None
     ) -> torch.Tensor:
-        """uint8 (N, H, W, 3) -> (V, N, K) float32 logits on the CPU, V = 2 under flip TTA (the mirror second)."""
+        """uint8 (N, H, W, 3) -> (V, N, K) float32 logits on the CPU, V = 2 under flip TTA (the mirror second);
+        `batch_size` images at a time (default: features.inference_batch_size)."""
+        batch_size = batch_size or inference_batch_size(self.device, self.preprocess.resolution)
         views = 2 if (self.tta_flip if tta_flip is None else tta_flip) else 1
         if isinstance(images, np.ndarray) and not images.flags.writeable:
             images = images.copy()  # Pillow's arrays are read-only; torch warns about those
@@ -230,7 +233,7 @@ class LoadedModel:
     def probabilities(
         self,
         images: np.ndarray | torch.Tensor,
-        batch_size: int = 500,
+        batch_size: int | None = None,
         tta_flip: bool | None = None,
         calibrated: bool = True,
     ) -> torch.Tensor:
@@ -287,7 +290,7 @@ def align_labels(loaded: LoadedModel, data: ImageSet) -> np.ndarray:
     return mapping[data.labels]
 
 
-def evaluate_arrays(loaded: LoadedModel, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> dict:
+def evaluate_arrays(loaded: LoadedModel, images: np.ndarray, labels: np.ndarray, batch_size: int | None = None) -> dict:
     """`scores` of the model's probabilities as validation computed them (accuracy, the checkpoint's loss, per-class
     figures, confusion matrix, NLL, ECE), plus the checkpoint's temperature and the NLL, ECE and reliability bins of
     the calibrated probabilities (accuracy is the same: T does not change the argmax)."""
@@ -314,7 +317,7 @@ def evaluate_checkpoint(
     *,
     indices: np.ndarray | None = None,
     device: str = "auto",
-    batch_size: int = 500,
+    batch_size: int | None = None,
 ) -> dict:
     loaded = load_checkpoint(checkpoint, device)
     labels = align_labels(loaded, data)

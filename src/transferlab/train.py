@@ -38,7 +38,7 @@ from .evaluate import (
     suffix_logits,
     view_probabilities,
 )
-from .features import FeatureCache, compute_features, feature_key
+from .features import FeatureCache, compute_features, feature_key, inference_batch_size
 from .freezing import (
     active_groups,
     apply_freezing,
@@ -282,6 +282,7 @@ class Trainer:
             mean, std, config.resolution, config.crop_padding, config.flip, channels_last=True,
             crop_fraction=config.crop_fraction, interpolation=config.interpolation,
         )  # fmt: skip
+        self.inference_batch = inference_batch_size(device, config.resolution, config.batch_size)
         self.cut = frozen_prefix_length(self.backbone, self.trainable)
         self.prefix, self.suffix = self.backbone.split(self.model, self.cut)
         trained = self.dist.wrap(self.suffix, find_unused=config.gradual_unfreeze > 0)  # DDP across processes
@@ -369,9 +370,7 @@ class Trainer:
             started = time.perf_counter()
             mine = used[self.dist.part(len(used))]
             pixels, rows = self.pixels, torch.from_numpy(mine).to(self.pixels.device)  # gathered chunk by chunk
-            options = dict(
-                batch_size=max(config.batch_size, 500), device=self.device, mirror=mirror, autocast=self.autocast
-            )
+            options = dict(batch_size=self.inference_batch, device=self.device, mirror=mirror, autocast=self.autocast)
             cached = compute_features(
                 self.prefix, pixels, self.preprocess, progress=config.progress, rows=rows, **options
             )
@@ -415,7 +414,7 @@ class Trainer:
         """(V, N, K) float32 logits of these images as validation computes them, V = 2 under flip TTA."""
         self.model.eval()
         whole, indices = len(indices), indices[self.dist.part(len(indices))]  # across processes: a share each
-        batch, out = max(self.config.batch_size, 500), []
+        batch, out = self.inference_batch, []
         for start in range(0, len(indices), batch):
             idx = torch.from_numpy(indices[start : start + batch]).to(self.device)
             mirrors = (False, True) if self.config.tta_flip else (False,)
