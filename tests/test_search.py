@@ -46,6 +46,7 @@ from transferlab import search as search_module
 from transferlab import study as study_module
 from transferlab.cli import main
 from transferlab.config import ConfigError, SearchRange, SearchSpec, StudySpec
+from transferlab.storage import resolve_url
 from transferlab.study import run_study, slug
 from transferlab.train import Trainer
 
@@ -76,7 +77,7 @@ def search_spec(
 
 
 def storage_url(directory: Path) -> str:
-    return (directory / "storage.txt").read_text().strip()
+    return resolve_url(directory, None)
 
 
 def main_study(directory: Path) -> optuna.Study:
@@ -264,7 +265,6 @@ def test_running_a_finished_search_again_trains_and_tests_nothing(searched, tmp_
     spec, directory = searched
     copy = tmp_path / "again"
     shutil.copytree(directory, copy)
-    (copy / "storage.txt").unlink()
     calls = fit_calls(monkeypatch)
     monkeypatch.setattr(transferlab.evaluate, "evaluate_logits", lambda *a, **k: pytest.fail("tested again"))
     run_study(spec, study_dir=copy, report=False)

@@ -29,6 +29,7 @@ from helpers import history_without_time, make_image_tree, quiet
 
 from transferlab import study as study_module
 from transferlab.config import ConfigError, StudySpec
+from transferlab.storage import resolve_url
 from transferlab.study import grid_trials, plan_jobs, point_key, run_study, slug
 
 GRID = {"strategy": ["frozen", "full"], "batch_size": [8, 16], "epochs": [1, 2]}
@@ -74,7 +75,7 @@ def make_tree(root: Path) -> Path:
 def load(directory: Path, url: str | None = None) -> optuna.Study:
     """The (only) study in a study directory's storage, or in `url`."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = url or (directory / "storage.txt").read_text().strip()
+    url = url or resolve_url(directory, None)
     (name,) = optuna.get_all_study_names(url)
     return optuna.load_study(study_name=name, storage=url)
 
@@ -308,9 +309,8 @@ def test_report_md_and_self_contained_html(finished):
 
 # ---------------------------------------------------------------------------- resuming a finished study
 def copy_study(directory: Path, target: Path) -> Path:
-    """A private copy of a study directory (its SQLite storage URL rewritten to the copy)."""
+    """A private copy of a study directory: a plain copy, which uses its own study.db."""
     shutil.copytree(directory, target)
-    (target / "storage.txt").unlink()
     return target
 
 
@@ -330,12 +330,32 @@ def test_running_again_trains_nothing_and_tests_once(finished, tmp_path, monkeyp
 
     monkeypatch.setattr(transferlab.evaluate, "evaluate_arrays", no_training)  # nor evaluated on the test split again
     monkeypatch.setattr(transferlab.evaluate, "evaluate_logits", no_training)
+    original = (directory / "study.db").read_bytes()
     run_study(spec_path, study_dir=copy, report=True)
     study = load(copy)
-    assert (copy / "storage.txt").read_text().strip() == f"sqlite:///{copy.resolve() / 'study.db'}"
+    assert not (copy / "storage.txt").exists()  # the directory's own study.db needs no pointer
+    assert (directory / "study.db").read_bytes() == original  # the copy wrote its own file, not the original
     assert snapshot(study) == before
     assert len(study.user_attrs["test_evaluations"]) == 1
     assert "test evaluations recorded | 1 |" in (copy / "report.md").read_text()
+
+
+def test_a_copy_whose_old_storage_txt_names_the_original_is_refused_in_one_line(finished, tmp_path, capsys):
+    """Older versions wrote storage.txt for the directory's own study.db too: in a copy it names the original's,
+    which a rerun would silently have written to."""
+    from transferlab.cli import main
+
+    spec_path, directory = finished
+    copy = copy_study(directory, tmp_path / "old-copy")
+    (copy / "storage.txt").write_text(f"sqlite:///{directory.resolve() / 'study.db'}")
+    original = (directory / "study.db").read_bytes()
+    for argv in (["study", "run", str(spec_path), "--dir", str(copy)], ["study", "report", str(copy)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "storage.txt" in err and "its own study.db" in err, err
+    assert (directory / "study.db").read_bytes() == original
+    (copy / "storage.txt").unlink()  # what the message says to do
+    assert main(["study", "report", str(copy)]) == 0
 
 
 # ---------------------------------------------------------------------------- shared epochs == a separate shorter run

@@ -99,15 +99,40 @@ def default_url(directory: Path) -> str:
     return f"sqlite:///{Path(directory).resolve() / 'study.db'}"
 
 
+def save_url(directory: Path, url: str) -> None:
+    """storage.txt, for reruns and `study report DIR`: only for a storage other than the directory's own study.db, so
+    that a copied or moved directory goes on using its own file, never the original's."""
+    saved = Path(directory) / "storage.txt"
+    if url == default_url(directory):
+        saved.unlink(missing_ok=True)
+    else:
+        saved.write_text(without_password(url))
+
+
+def _sqlite_file(url: str) -> Path | None:
+    parsed = _parse(url)
+    if parsed is None or parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def resolve_url(
     directory: Path, storage: str | None, spec_storage: str | None = None, password_env: str | None = None
 ) -> str:
     """--storage, else the spec's storage, else the directory's storage.txt, else SQLite in the directory."""
     saved = Path(directory) / "storage.txt"
+    own = Path(directory).resolve() / "study.db"
     if storage or spec_storage:
         url = storage or spec_storage
     elif saved.is_file():
         url = saved.read_text().strip()
+        named = _sqlite_file(url)
+        # Written by an older transferlab for the directory's own study.db: in a copy it names the original's
+        if named is not None and named.name == "study.db" and named.resolve() != own and own.is_file():
+            raise StudyError(
+                f"{saved} names {named}, but {directory} holds its own study.db (a copied or moved study folder?): "
+                f"delete {saved} to use this folder's, or pass --storage"
+            )
     else:
         url = default_url(directory)
     if _unquoted_at(_parse(url)):  # its host would be the password's tail, shown in every error
@@ -134,20 +159,16 @@ def storage_errors(url: str):
 
 def require_existing(url: str) -> None:
     """A SQLite storage file must exist to be read: opening a missing one would create an empty study.db."""
-    parsed = _parse(url)
-    if parsed is None or parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return
-    if not Path(parsed.database).is_file():
-        raise StudyError(f"no study storage: {parsed.database} does not exist")
+    named = _sqlite_file(url)
+    if named is not None and not named.is_file():
+        raise StudyError(f"no study storage: {named} does not exist")
 
 
 def lock_path(url: str, directory: Path) -> Path:
     """Where processes take turns on a storage: beside a SQLite file (whichever directories use it), else in the
     study directory (processes of this machine; workers elsewhere are covered by pruning duplicate claims)."""
-    parsed = _parse(url)
-    if parsed is not None and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        return Path(parsed.database + ".lock")
-    return Path(directory) / "study.lock"
+    named = _sqlite_file(url)
+    return Path(f"{named}.lock") if named is not None else Path(directory) / "study.lock"
 
 
 @contextlib.contextmanager

@@ -63,6 +63,7 @@ from .storage import (
     redact,
     require_existing,
     resolve_url,
+    save_url,
     storage_errors,
     without_password,
 )
@@ -589,7 +590,7 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
         raise StudyError(f"--workers {workers}: expected 1 or more worker processes")
     started = time.time()
     spec, directory, url, study = _prepare(spec_path, study_dir, storage, overrides)
-    (directory / "storage.txt").write_text(without_password(url))
+    save_url(directory, url)
     (directory / "study.txt").write_text(spec.name)  # which study of a shared storage this directory reports
     with storage_errors(url):
         worker = Worker(spec, directory, study)
