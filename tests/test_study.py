@@ -414,7 +414,7 @@ def check_resumed(
         assert [t.number for t in by_key[key]] == [number], f"{key} was run again"
     killed = [n for n, v in before.items() if v[0] == optuna.trial.TrialState.RUNNING]
     assert len(killed) == 1 and before[killed[0]][1] == killed_key
-    assert after[killed[0]][0] == FAIL  # failed by the heartbeat check ...
+    assert after[killed[0]][0] == FAIL  # failed (its process gone, or silent past the heartbeat grace) ...
     (retry,) = by_key[killed_key]  # ... and queued again, once
     assert study.trials[retry.number].system_attrs["failed_trial"] == killed[0]
 
@@ -461,10 +461,22 @@ def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monke
     assert sum(1 for v in before.values() if v[0] == optuna.trial.TrialState.COMPLETE) == 2  # frozen: run + derived
     capfd.readouterr()
 
+    # The killed process was on this machine and is gone: the rerun re-queues its trial at once, not after the
+    # heartbeat's grace period (an hour here; the wait loop would spin on until the guard below stops it).
     monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr(study_module, "GRACE_SECONDS", 2)
+    monkeypatch.setattr(study_module, "GRACE_SECONDS", 3600)
+    checks = []
+    fail_stale = study_module.fail_stale_trials
+
+    def guarded(study):
+        checks.append(1)
+        assert len(checks) < 30, "the rerun waited for the heartbeat's grace period"
+        fail_stale(study)
+
+    monkeypatch.setattr(study_module, "fail_stale_trials", guarded)
     run_study(spec_path, study_dir=directory, report=False)
     err = capfd.readouterr().err
+    assert re.search(r"trial \d+: its process \(\d+\) is gone; queued again", err), err
     assert re.search(r"resuming from epoch [1-9]", err), err  # the retry continued from state.pt
     study = load(directory)
     check_resumed(study, spec, before, long_full, directory)
@@ -474,3 +486,33 @@ def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monke
     assert full_run.intermediate_values == {r["epoch"]: r["val_accuracy"] for r in full_run.user_attrs["history"]}
     assert state_file() is None  # the study deletes a finished trial's resume state
     assert len(study.user_attrs["test_evaluations"]) == 1
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_only_a_trial_whose_own_process_is_gone_from_this_machine_is_failed_and_queued_again(tmp_path):
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    from transferlab.study import fail_orphaned_trials, owner_is_gone, process_identity
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # reaped: no process has its pid (until the system hands it out again)
+    me = process_identity()
+    assert not owner_is_gone(me) and not owner_is_gone(None) and not owner_is_gone({})
+    assert owner_is_gone({**me, "pid": ended.pid})
+    assert not owner_is_gone({**me, "pid": ended.pid, "host": me["host"] + "-elsewhere"})
+    assert not owner_is_gone({**me, "pid": ended.pid, "boot": "another boot"})
+
+    storage = RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=60, grace_period=3600,
+                         failed_trial_callback=RetryFailedTrialCallback())  # fmt: skip
+    study = optuna.create_study(storage=storage)
+    gone, alive, inherited = study.ask(), study.ask(), study.ask()
+    gone.set_user_attr("owner", {**me, "pid": ended.pid, "trial": gone.number})
+    alive.set_user_attr("owner", {**me, "trial": alive.number})
+    inherited.set_user_attr("owner", {**me, "pid": ended.pid, "trial": gone.number})  # a retry's copied attribute
+    assert fail_orphaned_trials(study) == [gone.number]
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[gone.number] == optuna.trial.TrialState.FAIL
+    assert states[alive.number] == states[inherited.number] == optuna.trial.TrialState.RUNNING
+    (retry,) = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
+    assert retry.system_attrs["failed_trial"] == gone.number
+    assert fail_orphaned_trials(study) == []  # once

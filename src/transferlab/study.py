@@ -25,12 +25,14 @@ claimed first (two `study run` queued it twice) is pruned as a duplicate, not tr
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import itertools
 import json
 import os
 import re
 import shlex
+import socket
 import statistics
 import subprocess
 import sys
@@ -95,6 +97,57 @@ def grace_seconds() -> float:
     if value <= HEARTBEAT_SECONDS:
         raise ConfigError(f"{GRACE_ENV}={text!r}: expected seconds above the heartbeat interval ({HEARTBEAT_SECONDS})")
     return value
+
+
+def process_identity() -> dict:
+    """This process as a later process can recognise it: host name, boot, pid namespace and pid."""
+
+    def read(path: str, link: bool = False) -> str | None:
+        try:
+            return os.readlink(path) if link else Path(path).read_text().strip()
+        except OSError:  # no /proc (not Linux): such owners are never taken for dead
+            return None
+
+    return {"host": socket.gethostname(), "boot": read("/proc/sys/kernel/random/boot_id"),
+            "pid_namespace": read("/proc/self/ns/pid", link=True), "pid": os.getpid()}  # fmt: skip
+
+
+def owner_is_gone(owner: dict | None) -> bool:
+    """True only when `owner` (process_identity) certainly ran on this machine since its last boot, in this pid
+    namespace, and no process has its pid now. Anything less certain is left to the heartbeat."""
+    here = process_identity()
+    if not owner or any(here[k] is None or owner.get(k) != here[k] for k in ("host", "boot", "pid_namespace")):
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return False  # alive, or its pid taken by another process: the heartbeat decides
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[int]:
+    """Fail the running trials whose process is gone (owner_is_gone: killed on this machine) and queue them again at
+    once, as fail_stale_trials does after the heartbeat's grace period. The trial numbers failed."""
+    storage = study._storage  # what optuna's own fail_stale_trials uses
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
+        owner = trial.user_attrs.get("owner") or {}
+        # a retry inherits its failed trial's attributes: an owner counts only once its claimant has written its own
+        if owner.get("trial") != trial.number or not owner_is_gone(owner):
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                failed.append(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another process failed or finished it first
+            continue
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial in failed:
+        log(f"trial {trial.number}: its process ({trial.user_attrs['owner']['pid']}) is gone; queued again")
+        if retry is not None:
+            retry(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+    return [t.number for t in failed]
 
 
 # ------------------------------------------------------------------------------ jobs
@@ -371,6 +424,7 @@ class Worker:
             trial.set_user_attr("duplicate_of", duplicate)
             log(f"trial {trial.number}: {job.key} is trial {duplicate}'s job (queued twice): not trained again")
             raise optuna.TrialPruned(f"a duplicate of trial {duplicate}")
+        trial.set_user_attr("owner", {**process_identity(), "trial": trial.number})  # killed: a rerun here re-queues it
         log(f"trial {trial.number}: {job.key}" + (f" (recording epochs {job.record})" if len(job.record) > 1 else ""))
         return self.train_job(trial, job)
 
@@ -503,7 +557,8 @@ class Worker:
 
     def run(self, wait_for_others: bool) -> None:
         while True:
-            fail_stale_trials(self.study)  # re-queues the trials of dead workers
+            fail_orphaned_trials(self.study)  # killed on this machine: re-queued now
+            fail_stale_trials(self.study)  # silent for the grace period (elsewhere, or unsure): re-queued
             waiting = self.study.get_trials(deepcopy=False, states=(WAITING,))
             if waiting:
                 self.study.optimize(self.objective, n_trials=1, catch=(), gc_after_trial=False)
