@@ -289,6 +289,8 @@ def test_the_report_has_the_search_section(searched):
     assert f"| lr | {selected['point']['lr']:.6g} | searched: log range 0.001 .. 0.03 |" in chosen
     assert f"| dropout | {selected['point']['dropout']:.6g} | searched: one of 0.0, 0.3 |" in chosen
     assert "## Results per regime" in text and "### Regime: frozen" not in text  # no per-setting seed tables
+    shown = re.findall(r"\blr = ([^,)|\s]+)", text)  # settings in tables: sampled floats at 6 significant digits
+    assert shown and all(v == f"{float(v):.6g}" for v in shown), shown
 
 
 def test_a_worker_with_another_spec_does_not_join_the_search(searched, capsys):

@@ -345,7 +345,7 @@ def _runs(data: StudyData) -> list[dict]:
 def _setting(t: dict, data: StudyData, skip=("strategy", "epochs", *REPLICATE_AXES)) -> str:
     """What distinguishes trials of one regime and epoch count: batch size and any other axis."""
     return ", ".join(
-        f"batch size {_value(t, a)}" if a == "batch_size" else f"{a} = {_value(t, a)}"
+        f"batch size {_value(t, a)}" if a == "batch_size" else f"{a} = {_value_text(_value(t, a))}"
         for a in data.grid
         if a not in skip
     )
@@ -399,7 +399,7 @@ def paper_tables(data: StudyData) -> list[Block]:
         for key in sorted((k for k in groups if k[0] == strategy), key=lambda k: tuple(map(_natural, k))):
             trials = groups[key]
             epochs = sorted({_value(t, "epochs") for t in trials})
-            extra = ", ".join(f"{a} = {v}" for a, v in zip(others, key[1:-1]))
+            extra = ", ".join(f"{a} = {_value_text(v)}" for a, v in zip(others, key[1:-1]))
             caption = f"batch size {key[-1]}" + (f", {extra}" if extra else "")
             rows = [[caption] + [f"{e} epochs" for e in epochs]]
             for label, metric in (
@@ -579,7 +579,7 @@ def paired_rows(data: StudyData) -> list[list[str]]:
                         continue
                     d = paired_difference([a[k] for k in shared], [b[k] for k in shared])
                     name_a, name_b = _name(axis, second.get(axis)), _name(axis, first.get(axis))
-                    held = ", ".join(f"{k} = {v}" for k, v in first.items() if k != axis) or "-"
+                    held = ", ".join(f"{k} = {_value_text(v)}" for k, v in first.items() if k != axis) or "-"
                     rows.append([axis, held, f"{second.get(axis)} - {first.get(axis)}", str(d.n), format_difference(d),
                                  difference_verdict(name_a, name_b, d)])  # fmt: skip
     return rows
