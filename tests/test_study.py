@@ -488,6 +488,26 @@ def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monke
     assert len(study.user_attrs["test_evaluations"]) == 1
 
 
+def test_storage_txt_keeps_a_copy_on_its_own_files_and_shared_storage_shared(tmp_path, monkeypatch):
+    from transferlab.storage import save_url
+
+    a, b, c = (tmp_path / name for name in "ABC")
+    for folder in (a, c):
+        folder.mkdir()
+        (folder / "study.db").write_bytes(b"")
+    save_url(a, f"sqlite:///{a / 'custom.db'}")  # a SQLite file of its own under another name
+    shutil.copytree(a, b)
+    assert resolve_url(b, None) == f"sqlite:///{b.resolve() / 'custom.db'}"  # the copy's, not A's
+    save_url(c, f"sqlite:///{a.resolve() / 'study.db'}")  # C, which once had its own, now shares A's on purpose
+    assert resolve_url(c, None) == f"sqlite:///{a.resolve() / 'study.db'}"
+    monkeypatch.chdir(tmp_path)
+    save_url(a, "sqlite:///A/study.db")  # its own file spelled relative to the working directory
+    assert not (a / "storage.txt").exists() and resolve_url(a, None) == f"sqlite:///{a.resolve() / 'study.db'}"
+    save_url(c, "sqlite:///A/other.db")  # another folder's file, relative: saved absolute
+    monkeypatch.chdir("/")
+    assert resolve_url(c, None) == f"sqlite:///{a.resolve() / 'other.db'}"
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_only_a_trial_whose_own_process_is_gone_from_this_machine_is_failed_and_queued_again(tmp_path):
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
@@ -499,6 +519,14 @@ def test_only_a_trial_whose_own_process_is_gone_from_this_machine_is_failed_and_
     me = process_identity()
     assert not owner_is_gone(me) and not owner_is_gone(None) and not owner_is_gone({})
     assert owner_is_gone({**me, "pid": ended.pid})
+    assert owner_is_gone({**me, "started": "1"})  # this pid, but a process started at another time: the pid reused
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not owner_is_gone({**me, "pid": killed.pid, "started": None})
+        os.kill(killed.pid, signal.SIGKILL)
+        wait_for(lambda: owner_is_gone({**me, "pid": killed.pid, "started": None}), 30, what="a zombie")
+    finally:
+        killed.wait()  # a killed worker stays a zombie until its parent reaps it: gone all the same
     assert not owner_is_gone({**me, "pid": ended.pid, "host": me["host"] + "-elsewhere"})
     assert not owner_is_gone({**me, "pid": ended.pid, "boot": "another boot"})
 

@@ -169,6 +169,27 @@ def test_dataset_normalisation_is_stored_in_the_checkpoint(image_tree, tmp_path)
     assert 0 < min(ckpt["std"]) and max(ckpt["mean"]) < 1
 
 
+def test_dataset_normalisation_of_a_constant_channel_is_refused_in_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from transferlab.cli import main
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            pixels[..., 2] = 0  # no blue anywhere
+            Image.fromarray(pixels).save(tmp_path / "tree" / name / f"{i}.png")
+    argv = ["train", "--data", str(tmp_path / "tree"), "--cache-dir", str(tmp_path / "cache"), "--weights", "none",
+            "--resolution", "32", "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+    assert main([*argv, "--normalize", "dataset"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "blue channel" in err and "std 0" in err, err
+    assert not (tmp_path / "run" / "best.pt").exists()
+    assert main(argv) == 0  # ImageNet statistics: the same images train
+
+
 def test_limit_uses_a_subset(image_tree, tmp_path):
     run(tiny_config(image_tree, tmp_path / "cache", limit=30), tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

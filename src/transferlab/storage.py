@@ -99,14 +99,25 @@ def default_url(directory: Path) -> str:
     return f"sqlite:///{Path(directory).resolve() / 'study.db'}"
 
 
+STORAGE_FILE_HEADER = "# transferlab study storage, format 2: a URL, or folder:PATH for a SQLite file in this folder"
+
+
 def save_url(directory: Path, url: str) -> None:
-    """storage.txt, for reruns and `study report DIR`: only for a storage other than the directory's own study.db, so
-    that a copied or moved directory goes on using its own file, never the original's."""
-    saved = Path(directory) / "storage.txt"
-    if url == default_url(directory):
+    """storage.txt, for reruns and `study report DIR`, for a storage other than the directory's own study.db. A SQLite
+    file inside the directory is saved relative to it, any other as an absolute path: a copied or moved directory
+    goes on using its own files, never the original's, and shared storage stays shared."""
+    saved, folder = Path(directory) / "storage.txt", Path(directory).resolve()
+    named = _sqlite_file(url)
+    if named is not None and named.resolve() == folder / "study.db":
         saved.unlink(missing_ok=True)
+        return
+    if named is None:
+        text = without_password(url)
+    elif named.resolve().is_relative_to(folder):
+        text = f"folder:{named.resolve().relative_to(folder)}"
     else:
-        saved.write_text(without_password(url))
+        text = _parse(url).set(database=str(named.resolve())).render_as_string(hide_password=False)
+    saved.write_text(f"{STORAGE_FILE_HEADER}\n{text}\n")
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -116,23 +127,31 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def _saved_url(saved: Path, directory: Path) -> str:
+    lines = [line.strip() for line in saved.read_text().splitlines() if line.strip()]
+    if lines and lines[0] == STORAGE_FILE_HEADER:
+        url = lines[-1]
+        return f"sqlite:///{Path(directory).resolve() / url[len('folder:') :]}" if url.startswith("folder:") else url
+    url = lines[-1] if lines else ""
+    # An older transferlab saved the directory's own study.db here too: in a copy it names the original's
+    named, own = _sqlite_file(url), Path(directory).resolve() / "study.db"
+    if named is not None and named.name == "study.db" and named.resolve() != own and own.is_file():
+        raise StudyError(
+            f"{saved} names {named}, but {directory} holds its own study.db (a copied or moved study folder?): "
+            f"delete {saved} to use this folder's, or pass --storage"
+        )
+    return url
+
+
 def resolve_url(
     directory: Path, storage: str | None, spec_storage: str | None = None, password_env: str | None = None
 ) -> str:
     """--storage, else the spec's storage, else the directory's storage.txt, else SQLite in the directory."""
     saved = Path(directory) / "storage.txt"
-    own = Path(directory).resolve() / "study.db"
     if storage or spec_storage:
         url = storage or spec_storage
     elif saved.is_file():
-        url = saved.read_text().strip()
-        named = _sqlite_file(url)
-        # Written by an older transferlab for the directory's own study.db: in a copy it names the original's
-        if named is not None and named.name == "study.db" and named.resolve() != own and own.is_file():
-            raise StudyError(
-                f"{saved} names {named}, but {directory} holds its own study.db (a copied or moved study folder?): "
-                f"delete {saved} to use this folder's, or pass --storage"
-            )
+        url = _saved_url(saved, directory)
     else:
         url = default_url(directory)
     if _unquoted_at(_parse(url)):  # its host would be the password's tail, shown in every error

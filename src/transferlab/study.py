@@ -99,32 +99,53 @@ def grace_seconds() -> float:
     return value
 
 
+def _process_stat(pid: int | str) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of a process from /proc, or None where there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (name) ": the name may hold spaces and parentheses
+    return fields[0], fields[19]
+
+
 def process_identity() -> dict:
-    """This process as a later process can recognise it: host name, boot, pid namespace and pid."""
+    """This process as a later process can recognise it: host name, boot, pid namespace, pid and start time."""
 
     def read(path: str, link: bool = False) -> str | None:
         try:
             return os.readlink(path) if link else Path(path).read_text().strip()
-        except OSError:  # no /proc (not Linux): such owners are never taken for dead
+        except OSError:  # no /proc (not Linux): such owners are never taken for gone
             return None
 
+    stat = _process_stat("self")
     return {"host": socket.gethostname(), "boot": read("/proc/sys/kernel/random/boot_id"),
-            "pid_namespace": read("/proc/self/ns/pid", link=True), "pid": os.getpid()}  # fmt: skip
+            "pid_namespace": read("/proc/self/ns/pid", link=True), "pid": os.getpid(),
+            "started": stat[1] if stat else None}  # fmt: skip
 
 
 def owner_is_gone(owner: dict | None) -> bool:
     """True only when `owner` (process_identity) certainly ran on this machine since its last boot, in this pid
-    namespace, and no process has its pid now. Anything less certain is left to the heartbeat."""
+    namespace, and has ended: no process has its pid, or a zombie (killed, not yet reaped by its parent), or one
+    started at another time (the pid reused). Anything less certain is left to the heartbeat."""
     here = process_identity()
     if not owner or any(here[k] is None or owner.get(k) != here[k] for k in ("host", "boot", "pid_namespace")):
         return False
     try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, KeyError, TypeError, ValueError):
+        pid = int(owner["pid"])
+    except (KeyError, TypeError, ValueError):
         return False
-    return False  # alive, or its pid taken by another process: the heartbeat decides
+    stat = _process_stat(pid)
+    if stat is None:  # not in /proc: ended, unless /proc hides other users' processes (hidepid)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+    state, started = stat
+    return state in ("Z", "X") or (owner.get("started") is not None and started != owner["started"])
 
 
 def fail_orphaned_trials(study: optuna.Study) -> list[int]:

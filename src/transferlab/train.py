@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .augment import Preprocess, dataset_statistics, random_crop
 from .checkpoint import Checkpoint, atomic_save, atomic_write_json, read_torch_file, writable_folder
 from .config import ConfigError, RunConfig
-from .data import ImageSet, Split, load_images, split_for
+from .data import DataError, ImageSet, Split, load_images, split_for
 from .distributed import SINGLE, Distributed, session
 from .evaluate import (
     balanced_scores,
@@ -276,6 +276,12 @@ class Trainer:
         self.autocast = uses_autocast(config.amp, device)
         if config.normalize == "dataset":
             mean, std = dataset_statistics(self.images.images, self.split.train)
+            flat = [name for name, value in zip(("red", "green", "blue"), std) if value == 0]
+            if flat:  # dividing by a zero std would make every input NaN
+                raise DataError(
+                    f"normalize = dataset: the {flat[0]} channel is the same in every training image (std 0); "
+                    "use --normalize imagenet"
+                )
         else:
             mean, std = self.backbone.mean, self.backbone.std
         self.preprocess = Preprocess(
