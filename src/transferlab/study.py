@@ -141,8 +141,8 @@ def owner_is_gone(owner: dict | None) -> bool:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        except OSError:
-            return False
+        except OSError:  # there, but not ours to signal
+            pass
         return False
     state, started = stat
     return state in ("Z", "X") or (owner.get("started") is not None and started != owner["started"])
