@@ -510,7 +510,7 @@ def test_storage_txt_keeps_a_copy_on_its_own_files_and_shared_storage_shared(tmp
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_only_a_trial_whose_own_process_is_gone_from_this_machine_is_failed_and_queued_again(tmp_path):
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     from transferlab.study import fail_orphaned_trials, owner_is_gone, process_identity
 
@@ -531,7 +531,7 @@ def test_only_a_trial_whose_own_process_is_gone_from_this_machine_is_failed_and_
     assert not owner_is_gone({**me, "pid": ended.pid, "boot": "another boot"})
 
     storage = RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=60, grace_period=3600,
-                         failed_trial_callback=RetryFailedTrialCallback())  # fmt: skip
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())  # fmt: skip
     study = optuna.create_study(storage=storage)
     gone, alive, inherited = study.ask(), study.ask(), study.ask()
     gone.set_user_attr("owner", {**me, "pid": ended.pid, "trial": gone.number})
