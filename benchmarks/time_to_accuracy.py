@@ -95,7 +95,8 @@ def transferlab_run(name: str, flags: list[str], args, amp: str) -> dict:
         "val_accuracy": metrics["best_val_accuracy"],
         "test_accuracy": test["accuracy"],
         "n_val": metrics["n_val"],
-        "n_test": test["n"] if "n" in test else metrics["n_test"],
+        "n_test": test["n"],
+        "resolution": metrics["config"]["resolution"],
     }
 
 
@@ -114,7 +115,7 @@ def peer_run(chosen: dict, args) -> dict:
     folder.mkdir(parents=True)
     files = folder / "files.json"
     files.write_text(json.dumps(file_lists(args.out / chosen["name"] / "run", args.data)))
-    resolution = int(chosen["command"].split("--resolution ")[1].split()[0])
+    resolution = chosen["resolution"]
     command = [str(args.peer_python), str(ROOT / "benchmarks" / "peer_fastai.py"), "--files", str(files),
                "--weights", args.weights, "--out", str(folder / "result.json"), "--resolution", str(resolution),
                "--batch-size", "250", "--epochs", str(args.peer_epochs), "--freeze-epochs", "1"]  # fmt: skip
