@@ -508,6 +508,20 @@ def test_storage_txt_keeps_a_copy_on_its_own_files_and_shared_storage_shared(tmp
     assert resolve_url(c, None) == f"sqlite:///{a.resolve() / 'other.db'}"
 
 
+def test_a_study_folder_whose_name_looks_like_url_syntax_keeps_its_study_db_inside(tmp_path):
+    from transferlab.storage import default_url, save_url, sqlite_url
+
+    folder = tmp_path / "runs?lr=1e-3 %41#1"  # '?' would start a URL's query, '%41' read as 'A', '#' a fragment
+    folder.mkdir()
+    optuna.create_study(study_name="s", storage=default_url(folder))
+    assert [p.name for p in folder.iterdir()] == ["study.db"] and list(tmp_path.iterdir()) == [folder]
+    other = sqlite_url(folder / "other.db")  # a file of the folder's under another name: storage.txt says folder:
+    save_url(folder, other)
+    assert resolve_url(folder, None) == other
+    optuna.create_study(study_name="t", storage=other)
+    assert sorted(p.name for p in folder.iterdir()) == ["other.db", "storage.txt", "study.db"]
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_only_a_trial_whose_own_process_is_gone_from_this_machine_is_failed_and_queued_again(tmp_path):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback

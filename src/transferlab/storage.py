@@ -95,8 +95,16 @@ def _with_password(url: str, password_env: str | None) -> str:
     return url
 
 
+def sqlite_url(path: Path) -> str:
+    """The URL of a SQLite file, its path escaped: in a plain f"sqlite:///{path}" a '?' in a folder's name would start
+    the query and a '%41' be read as 'A', so another file would be opened."""
+    from sqlalchemy.engine import URL
+
+    return URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+
+
 def default_url(directory: Path) -> str:
-    return f"sqlite:///{Path(directory).resolve() / 'study.db'}"
+    return sqlite_url(Path(directory).resolve() / "study.db")
 
 
 STORAGE_FILE_HEADER = "# transferlab study storage, format 2: a URL, or folder:PATH for a SQLite file in this folder"
@@ -116,7 +124,7 @@ def save_url(directory: Path, url: str) -> None:
     elif named.resolve().is_relative_to(folder):
         text = f"folder:{named.resolve().relative_to(folder)}"
     else:
-        text = _parse(url).set(database=str(named.resolve())).render_as_string(hide_password=False)
+        text = _parse(url).set(database=str(named.resolve())).render_as_string(hide_password=False)  # keeps a query
     saved.write_text(f"{STORAGE_FILE_HEADER}\n{text}\n")
 
 
@@ -131,7 +139,7 @@ def _saved_url(saved: Path, directory: Path) -> str:
     lines = [line.strip() for line in saved.read_text().splitlines() if line.strip()]
     if lines and lines[0] == STORAGE_FILE_HEADER:
         url = lines[-1]
-        return f"sqlite:///{Path(directory).resolve() / url[len('folder:') :]}" if url.startswith("folder:") else url
+        return sqlite_url(Path(directory).resolve() / url[len("folder:") :]) if url.startswith("folder:") else url
     url = lines[-1] if lines else ""
     # An older transferlab saved the directory's own study.db here too: in a copy it names the original's
     named, own = _sqlite_file(url), Path(directory).resolve() / "study.db"

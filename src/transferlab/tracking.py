@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
+from .storage import sqlite_url
 
 
 class Tracker:
@@ -53,7 +54,7 @@ class MlflowTracker(Tracker):
         self.uri = os.environ.get("MLFLOW_TRACKING_URI")
         self.artifact_location = None
         if not self.uri:
-            self.uri = f"sqlite:///{out_dir.resolve() / 'mlflow.db'}"
+            self.uri = sqlite_url(out_dir.resolve() / "mlflow.db")
             self.artifact_location = (out_dir.resolve() / "mlartifacts").as_uri()
         self.client = MlflowClient(tracking_uri=self.uri)  # not the fluent API: leaves the caller's active run alone
         self.run_id: str | None = None
