@@ -82,6 +82,24 @@ def trained_run(image_tree, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def calibration_tree(tmp_path_factory) -> Path:
+    """Read-only: 4 classes x 60 noisy 16 px PNGs, enough validation images (72 at val_fraction 0.3) for a fitted
+    temperature, and classes (grey among them) a 2-epoch run does not separate perfectly."""
+    root = tmp_path_factory.mktemp("calibration") / "images"
+    return make_image_tree(root, classes=("red", "green", "blue", "grey"), per_class=60, size=16, seed=3)
+
+
+@pytest.fixture(scope="session")
+def calibrated_run(calibration_tree, tmp_path_factory):
+    """One finished 2-epoch run on `calibration_tree` whose temperature was fitted; read-only."""
+    from transferlab import train
+
+    root = tmp_path_factory.mktemp("calibrated")
+    config = tiny_config(calibration_tree, root / "cache", head="linear", lr=1e-2, epochs=2, val_fraction=0.3)
+    return train(config, root / "run", log=quiet)
+
+
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """../shared beside the repository root (it may be absent: tests using it skip)."""
     return SHARED

@@ -5,9 +5,13 @@
   and per-class precision / recall / F1 / support equal to scikit-learn's (undefined ones None).
 - Temperature scaling: at the end of a run (and at each recorded epoch) one T > 0 is fitted on the best checkpoint's
   validation logits by minimising the NLL of softmax(logits / T) (deterministic); it recovers a known temperature
-  and never raises the validation NLL. It is stored in the checkpoint (`temperature`, 1.0 when a checkpoint has
-  none) and metrics.json; predict's probabilities are softmax(logits / T); T never changes the predicted class.
+  and never raises the validation NLL. Where validation cannot support a fit (fewer than 50 images, every image
+  right, a minimum at the search's bound) T stays 1 and the record says why: an easy data set never collapses T to
+  its lower bound. It is stored in the checkpoint (`temperature`, 1.0 when a checkpoint has none, with the record
+  in `calibration`) and metrics.json; predict's probabilities are softmax(logits / T); T never changes the
+  predicted class. A checkpoint whose T is not a positive number is refused in one line.
   Validation figures recorded per epoch stay those of the uncalibrated model.
+- One loss: history, evaluate and calibration compute the cross-entropy / NLL from log-probabilities (no clamp).
 - evaluate --json adds temperature, nll, nll_calibrated, ece, ece_calibrated; accuracy is that of the raw model.
 - A study's selection records, for the selected trial on the test split: per-class precision / recall / F1,
   calibration before and after T (ECE, NLL, reliability bins), and the most confident mistakes (test position,
@@ -38,6 +42,7 @@ from transferlab.checkpoint import Checkpoint
 from transferlab.cli import main
 from transferlab.data import Split, load_image_folder, split_arrays
 from transferlab.evaluate import (
+    TEMPERATURE_RANGE,
     fit_temperature,
     load_checkpoint,
     predict_files,
@@ -62,7 +67,7 @@ def test_ece_matches_a_hand_computed_example():
     assert [i for i, n in enumerate(bins["count"]) if n] == [9, 10, 13, 14]
     assert bins["count"][13] == 2 and bins["confidence"][13] == pytest.approx(0.89) and bins["accuracy"][13] == 1
     assert bins["accuracy"][14] == 0 and bins["confidence"][0] is None
-    scored = scores(probs.float(), y, ["a", "b"], loss="ce", label_smoothing=0.0)
+    scored = scores(probs.float().log()[None], y, ["a", "b"], loss="ce", label_smoothing=0.0)
     assert scored["ece"] == pytest.approx(expected, abs=1e-6)
     assert scored["nll"] == pytest.approx(-np.log([0.9, 0.05, 0.7, 0.38, 0.88]).mean(), rel=1e-5)
 
@@ -73,7 +78,7 @@ def test_per_class_precision_recall_f1_equal_sklearn():
     y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
     pred = torch.tensor([0, 1, 1, 1, 0, 2, 2, 0, 2, 1])  # class 3 is never predicted
     probs = F.one_hot(pred, 5).float() * 0.6 + 0.08  # class 4: no image, never predicted
-    result = scores(probs, y, list("abcde"), loss="ce", label_smoothing=0.0)["per_class"]
+    result = scores(probs.log()[None], y, list("abcde"), loss="ce", label_smoothing=0.0)["per_class"]
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=range(5), zero_division=np.nan)
     for i, c in enumerate("abcde"):
         for name, expected in (("precision", p[i]), ("recall", r[i]), ("f1", f[i])):
@@ -90,11 +95,47 @@ def test_temperature_fitting_recovers_a_known_temperature_and_lowers_nll():
     true_logits = torch.randn(5000, 6, generator=g) * 2
     y = torch.multinomial(true_logits.softmax(1), 1, generator=g).flatten()
     logits = true_logits * 3  # three times too confident
-    t = fit_temperature(logits[None], y)
-    assert t == pytest.approx(3.0, rel=0.08)
-    assert fit_temperature(logits[None], y) == t  # deterministic
-    assert F.cross_entropy(logits / t, y) < F.cross_entropy(logits, y)
-    assert fit_temperature((true_logits / 2)[None], y) == pytest.approx(0.5, rel=0.08)  # under-confident: T < 1
+    fit = fit_temperature(logits[None], y)
+    assert fit.fitted and fit.temperature == pytest.approx(3.0, rel=0.08) and fit.n == 5000
+    assert fit_temperature(logits[None], y) == fit  # deterministic
+    assert F.cross_entropy(logits / fit.temperature, y) < F.cross_entropy(logits, y)
+    assert fit.val_nll_calibrated == pytest.approx(F.cross_entropy(logits / fit.temperature, y).item(), rel=1e-5)
+    under = fit_temperature((true_logits / 2)[None], y)
+    assert under.temperature == pytest.approx(0.5, rel=0.08)  # under-confident: T < 1
+
+
+def test_a_perfect_or_tiny_validation_split_keeps_t_at_1_and_says_why():
+    g = torch.Generator().manual_seed(2)
+    y = torch.arange(200) % 4
+    separated = F.one_hot(y, 4).float() * 5 + torch.randn(200, 4, generator=g) * 0.1  # every image right
+    fit = fit_temperature(separated[None], y)
+    assert (fit.temperature, fit.fitted) == (1.0, False) and "classified correctly" in fit.reason
+    assert fit.val_nll_calibrated == fit.val_nll  # nothing applied, nothing worse
+    tiny = fit_temperature(torch.randn(1, 12, 4, generator=g), torch.arange(12) % 4)
+    assert (tiny.temperature, tiny.fitted) == (1.0, False) and "12 validation images" in tiny.reason
+
+
+def test_a_nearly_separated_split_never_runs_t_to_its_bound():
+    """One mistake among confident right answers: the unconstrained optimum sits at a tiny T, which would make every
+    prediction read 1.000; the fit says so and keeps T = 1, or keeps a T strictly inside its range."""
+    y = torch.arange(300) % 3
+    logits = F.one_hot(y, 3).float() * 40
+    logits[0] = torch.tensor([0.0, 40.1, 0.0])  # wrong, barely
+    fit = fit_temperature(logits[None], y)
+    low, high = TEMPERATURE_RANGE
+    assert low < fit.temperature < high and fit.val_nll_calibrated <= fit.val_nll
+    assert fit.fitted or "bound" in fit.reason
+
+
+def test_loss_and_nll_come_from_log_probabilities_without_a_clamp():
+    """A confident mistake costs its real log-likelihood (56 here), not a clamp's 27.6; validation, evaluate and
+    calibration agree on it."""
+    logits = torch.tensor([[[0.0, 56.0], [3.0, 0.0]]])  # image 0: class 0 at probability e**-56 (below 1e-12)
+    y = torch.tensor([0, 0])
+    expected = (56.0 + math.log1p(math.exp(-56.0)) + F.cross_entropy(torch.tensor([[3.0, 0.0]]), y[:1]).item()) / 2
+    result = scores(logits, y, ["a", "b"], loss="ce", label_smoothing=0.0)
+    assert result["nll"] == pytest.approx(expected, rel=1e-5) and result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert fit_temperature(logits, y).val_nll == pytest.approx(expected, rel=1e-5)
 
 
 def test_temperature_never_changes_the_predicted_class():
@@ -120,22 +161,25 @@ def val_logits_of(checkpoint, image_tree, cache, split_file):
 
 
 def test_the_checkpoint_stores_the_temperature_fitted_on_validation_and_predict_uses_it(
-    trained_run, image_tree, tmp_path
+    calibrated_run, calibration_tree, tmp_path
 ):
+    trained_run, image_tree = calibrated_run, calibration_tree
     out = trained_run.out_dir
     ckpt = Checkpoint.load(out / "best.pt")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert ckpt.temperature > 0 and ckpt.temperature != 1.0
+    assert ckpt.temperature > 0 and ckpt.temperature != 1.0 and ckpt.calibration["fitted"]
     assert metrics["calibration"]["temperature"] == ckpt.temperature
     assert metrics["calibration"]["epoch"] == trained_run.best_epoch
     assert metrics["calibration"]["val_nll_calibrated"] <= metrics["calibration"]["val_nll"]
     loaded, logits, y = val_logits_of(out / "best.pt", image_tree, tmp_path / "cache", out / "split.json")
     assert loaded.temperature == ckpt.temperature
-    assert fit_temperature(logits, y) == pytest.approx(ckpt.temperature, rel=1e-2)  # the best checkpoint's val logits
-    # the recorded validation figures are the uncalibrated model's
-    assert scores(view_probabilities(logits), y, loaded.classes, loss="ce", label_smoothing=0.0)["loss"] == (
+    fit = fit_temperature(logits, y)  # the best checkpoint's val logits
+    assert fit.temperature == pytest.approx(ckpt.temperature, rel=1e-2)
+    # the recorded validation figures are the uncalibrated model's, and the calibration's NLL is the same quantity
+    assert scores(logits, y, loaded.classes, loss="ce", label_smoothing=0.0)["loss"] == (
         pytest.approx(trained_run.best["val_loss"], rel=1e-5)
     )
+    assert fit.val_nll == pytest.approx(trained_run.best["val_loss"], rel=1e-5)
 
     files = sorted((image_tree / "green").iterdir())[:3]
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
@@ -154,20 +198,25 @@ def test_the_checkpoint_stores_the_temperature_fitted_on_validation_and_predict_
     assert torch.allclose(load_checkpoint(tmp_path / "old.pt", "cpu").probabilities(images), raw, atol=1e-6)
 
 
-def test_each_recorded_epoch_gets_its_own_temperature(image_tree, tmp_path):
-    config = tiny_config(image_tree, tmp_path / "cache", head="linear", lr=1e-2, epochs=3, record_epochs=[1])
+def test_each_recorded_epoch_gets_its_own_temperature(calibration_tree, tmp_path):
+    image_tree = calibration_tree
+    config = tiny_config(image_tree, tmp_path / "cache", head="linear", lr=1e-2, epochs=3, record_epochs=[1],
+                         val_fraction=0.3)  # fmt: skip
     result = Trainer(config, tmp_path / "run", log=quiet).fit()
     recorded = tmp_path / "run" / "best-epoch1.pt"
     loaded, logits, y = val_logits_of(recorded, image_tree, tmp_path / "cache", tmp_path / "run" / "split.json")
     assert loaded.info["epoch"] == 1
-    assert loaded.temperature == pytest.approx(fit_temperature(logits, y), rel=1e-2)
+    assert loaded.temperature == pytest.approx(fit_temperature(logits, y).temperature, rel=1e-2)
     final, logits, y = val_logits_of(tmp_path / "run" / "best.pt", image_tree, tmp_path / "cache",
                                      tmp_path / "run" / "split.json")  # fmt: skip
     assert final.info["epoch"] == result.best_epoch
-    assert final.temperature == pytest.approx(fit_temperature(logits, y), rel=1e-2)
+    assert final.temperature == pytest.approx(fit_temperature(logits, y).temperature, rel=1e-2)
 
 
-def test_evaluate_json_reports_raw_and_calibrated_figures_with_unchanged_accuracy(trained_run, image_tree, capsys):
+def test_evaluate_json_reports_raw_and_calibrated_figures_with_unchanged_accuracy(
+    calibrated_run, calibration_tree, capsys
+):
+    trained_run, image_tree = calibrated_run, calibration_tree
     args = ["evaluate", str(trained_run.out_dir / "best.pt"), "--data", str(image_tree), "--device", "cpu"]
     assert main([*args, "--json", "--split", "val"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -305,3 +354,31 @@ def test_the_report_shows_the_error_analysis_and_calibration(calibrated_study):
     assert f"| temperature | 1 | {c['temperature']:.4f}" in md
     assert "those of the uncalibrated model" in md
     assert f"of {selected['errors']['n_mistakes']} misclassified test images" in md
+
+
+def test_an_easy_data_set_keeps_t_in_range_and_validation_nll_no_worse(make_tree, tmp_path, capsys):
+    """Three clean colours: validation ends perfect, so the fit would run T to its lower bound (every prediction
+    1.000, ECE and NLL far worse on new images); T stays 1, the checkpoint and metrics.json say why, evaluate too."""
+    tree = make_tree("easy", per_class=60, size=16)
+    config = tiny_config(tree, tmp_path / "cache", head="linear", lr=1e-2, epochs=3, val_fraction=0.3)
+    result = Trainer(config, tmp_path / "run", log=quiet).fit()
+    assert result.best["val_accuracy"] == 1.0
+    calibration = json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"]
+    low, high = TEMPERATURE_RANGE
+    assert low < calibration["temperature"] < high and calibration["val_nll_calibrated"] <= calibration["val_nll"]
+    assert calibration == {**calibration, "temperature": 1.0, "fitted": False, "n": 54}
+    assert "classified correctly" in calibration["reason"]
+    ckpt = Checkpoint.load(tmp_path / "run" / "best.pt")
+    assert ckpt.temperature == 1.0 and ckpt.calibration == calibration
+    assert main(["evaluate", str(tmp_path / "run" / "best.pt"), "--data", str(tree), "--device", "cpu"]) == 0
+    assert "not fitted: all 54 validation images are classified correctly" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), 0.0, -1.0, float("inf")])
+def test_a_checkpoint_whose_temperature_is_not_a_positive_number_is_refused(trained_run, tmp_path, temperature, capsys):
+    raw = torch.load(trained_run.out_dir / "best.pt", weights_only=True)
+    raw["temperature"] = temperature
+    torch.save(raw, tmp_path / "bad.pt")
+    assert main(["predict", str(tmp_path / "bad.pt"), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "temperature" in err and "Traceback" not in err

@@ -205,7 +205,7 @@ def test_interrupt_exits_130(monkeypatch, image_tree, tmp_path, capsys):
 
     train_module = importlib.import_module("transferlab.train")  # the package's `train` attribute is the function
 
-    def interrupted(config, out):
+    def interrupted(config, out, **options):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "train", interrupted)

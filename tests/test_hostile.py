@@ -210,6 +210,7 @@ def test_seeds_out_of_range_are_config_errors(flag, value, image_tree, tmp_path,
 
 def test_a_grid_resolution_the_backbone_cannot_take_is_refused_before_training(spec_file, tmp_path, capsys):
     study_dir = tmp_path / "study"
+    spec_file.write_text(spec_file.read_text().replace("resolution = 32\n", ""))  # the grid axis sets it alone
     args = ["study", "run", str(spec_file), "--dir", str(study_dir), "--set", "grid.resolution=[32, 8]"]
     assert main(args) == 2
     assert_one_line_error(capsys.readouterr(), "resolution = 8", "at least 17 px")

@@ -10,8 +10,10 @@
 - --labels and a non-default --data together are refused: one data source per run.
 - The decode cache is keyed by the file's content and each image's size and modification time: editing either
   decodes again. --skip-bad-images skips (and counts) unreadable or missing images, keeping the given split aligned.
-- Every bad input (missing image, empty label, duplicate path, missing column, empty file, bad split value, ...) is
-  one line naming the file and the row (header = row 1), exit status 2, and no output folder.
+- Every bad input (missing image, empty label, one image under two labels or in two parts of the split, missing
+  column, empty file, bad split value, ...) is one line naming the file and the row (header = row 1), exit status 2,
+  and no output folder. One image named twice (another spelling of its path, a link) with the same label and part is
+  counted once, with a warning saying how many were dropped.
 - `evaluate --labels FILE` scores a checkpoint on a labelled set, classes matched by name.
 """
 
@@ -192,7 +194,18 @@ BAD = {
     # name: (header, rows as a function of the good rows, extra flags, fragments of the error)
     "missing image": (["path", "label"], lambda r: [*r[:3], ("images/nope.png", "red")], [], ["row 5", "nope.png"]),
     "empty label": (["path", "label"], lambda r: [r[0], (r[1][0], " ")], [], ["row 3", "empty label"]),
-    "duplicate path": (["path", "label"], lambda r: [*r[:4], ("./" + r[1][0], "red")], [], ["row 6", "row 3"]),
+    "one image, two labels": (
+        ["path", "label"],
+        lambda r: [*r[:4], ("./" + r[1][0], "green")],
+        [],
+        ["row 6", "row 3", "another label"],
+    ),
+    "one image, two parts": (
+        ["path", "label", "split"],
+        lambda r: [*r[:6], ("./" + r[1][0], r[1][1], "test")],
+        [],
+        ["row 8", "row 3", "another part of the split"],
+    ),
     "missing column": (["file", "label"], lambda r: r, [], ["no column 'path'", "--labels-path-column"]),
     "missing split column": (["path", "label"], lambda r: r, ["--labels-split-column", "part"], ["no column 'part'"]),
     "bad split value": (["path", "label", "split"], lambda r: [*r[:6], (r[6][0], "red", "tst")], [], ["row 8", "tst"]),

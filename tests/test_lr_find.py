@@ -260,7 +260,7 @@ def test_find_in_run_grid_or_variant_marks_those_points_only(tmp_path):
         spec.config_for(point)  # never a placeholder lr where a rate was to be found
     spec.found_lr[spec.point_id(point)] = 0.0123
     assert spec.config_for(point).lr == 0.0123
-    grid = StudySpec.from_dict({"run": {"lr": 0.1}, "grid": {"lr": ["find", 0.01]}})
+    grid = StudySpec.from_dict({"grid": {"lr": ["find", 0.01]}})
     assert [grid.finds_lr(p) for p in grid.points()] == [True, False]
     with pytest.raises(ConfigError, match="given twice"):
         StudySpec.from_dict({"grid": {"lr": ["find", "find"]}})

@@ -100,7 +100,7 @@ def test_missing_paths_and_corrupt_files_are_error_rows(photos, tmp_path, traine
 def test_csv_and_json_parse_back_and_agree(photos, trained_run, capsys):
     assert predict(trained_run, photos, "--format", "csv", "--top", "2") == 0
     rows = read_csv(capsys.readouterr().out)
-    assert list(rows[0]) == ["file", "class", "probability", "top2_class", "top2_probability", "error"]
+    assert list(rows[0]) == ["file", "class", "probability", "top2_class", "top2_probability", "tie", "error"]
     assert predict(trained_run, photos, "--json", "--top", "2") == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["file"] for r in rows] == [r["file"] for r in results] == [str(photos / f) for f in IMAGES]
@@ -117,7 +117,7 @@ def test_top_bigger_than_the_classes(photos, trained_run, capsys):
     assert predict(trained_run, photos / "5.png", "--format", "csv", "--top", "10") == 0
     (row,) = read_csv(capsys.readouterr().out)
     assert list(row) == ["file", "class", "probability", "top2_class", "top2_probability", "top3_class",
-                         "top3_probability", "error"]  # fmt: skip
+                         "top3_probability", "tie", "error"]  # fmt: skip
     assert sorted([row["class"], row["top2_class"], row["top3_class"]]) == ["blue", "green", "red"]
     assert sum(float(row[k]) for k in ("probability", "top2_probability", "top3_probability")) == pytest.approx(1)
 
@@ -148,7 +148,9 @@ def test_images_of_one_shape_are_predicted_together(photos, trained_run, monkeyp
 
     monkeypatch.setattr(evaluate_module.LoadedModel, "probabilities", counted)
     together = predict_files(trained_run.out_dir / "best.pt", files, device="cpu", progress=True)
-    assert sorted(calls) == [1, 4]  # the 20x30 image (cropped to 20x20) alone, the four 24 px images at once
+    # every file is stored at the run's side (24 px), the 20x30 image's 20 px square enlarged, as training would have
+    # stored it: one batch
+    assert calls == [5]
     for a, b in zip(alone, together):
         assert a["file"] == b["file"] and [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
         assert [t["probability"] for t in a["top"]] == pytest.approx([t["probability"] for t in b["top"]], abs=1e-5)

@@ -1,9 +1,11 @@
 """Reliability of one run and its checkpoint: every number comes from the config, data and weights it names.
 
 The spec these tests hold train / evaluate / predict to:
-- state.pt resumes only the run it belongs to: same training settings, same data fingerprint, same split. A changed
-  data folder starts over with a message, so no image trained on lands in validation or test. A rerun with another
-  config removes the earlier run's results first: config.json never sits beside another run's best.pt.
+- state.pt resumes only the run it belongs to: same training settings, same data fingerprint, same split. A run
+  folder holding another run's results (other settings, changed data) is refused in one line naming the difference;
+  with overwrite it starts over, so no image trained on lands in validation or test, and the earlier run's results
+  are removed when the new run writes its first epoch (not before: a new run that fails first loses nothing), so
+  config.json never sits beside another run's best.pt. Two processes never train in one folder at once.
 - A finished run directory rerun with the same settings returns its result without training; a kill between the
   last epoch and the end of the run does not retrain it either.
 - What cannot work is refused before training (exit 2, one line): one class, a non-finite number, official_test on
@@ -36,7 +38,8 @@ from transferlab.augment import Preprocess
 from transferlab.cli import main
 from transferlab.features import FeatureCache, feature_key
 from transferlab.models import weights_identity
-from transferlab.train import Trainer, TrainingError, improves
+from transferlab.selection import improves
+from transferlab.train import RunFolderError, Trainer, TrainingError
 
 
 def run(config, out, **kwargs):
@@ -61,9 +64,11 @@ def test_resume_with_changed_data_starts_over_on_the_new_split(make_tree, tmp_pa
     first_split = json.loads((out / "split.json").read_text())
     make_image_tree(data, classes=("red",), per_class=20, size=16, seed=7)  # more red images under the same path
 
+    with pytest.raises(RunFolderError, match="the data"):  # the killed run's state is kept
+        Trainer(config, out, log=quiet).fit()
     messages = []
-    result = Trainer(config, out, log=messages.append).fit()
-    assert any("starting over" in m and "data" in m for m in messages), messages
+    result = Trainer(config, out, log=messages.append, overwrite=True).fit()
+    assert any("replacing" in m and "data" in m for m in messages), messages
     assert not any("resuming" in m for m in messages)
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
     split = json.loads((out / "split.json").read_text())
@@ -76,7 +81,7 @@ def test_rerun_with_another_config_leaves_no_file_of_the_old_run(image_tree, tmp
     run(tiny_config(image_tree, tmp_path / "cache", epochs=2, record_epochs=[1]), out)
     assert (out / "best-epoch1.pt").is_file()
     with pytest.raises(KeyboardInterrupt):  # the new run is killed before its first epoch ends
-        Trainer(tiny_config(image_tree, tmp_path / "cache", epochs=2, lr=0.05), out, log=quiet).fit(
+        Trainer(tiny_config(image_tree, tmp_path / "cache", epochs=2, lr=0.05), out, log=quiet, overwrite=True).fit(
             on_epoch=stop_after(1)
         )
     config = json.loads((out / "config.json").read_text())
@@ -94,9 +99,11 @@ def test_rerun_with_another_config_killed_before_its_first_epoch(image_tree, tmp
 
     monkeypatch.setattr(Trainer, "_train_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_config(image_tree, tmp_path / "cache", epochs=1, lr=0.05), out)
-    assert json.loads((out / "config.json").read_text())["lr"] == 0.05
-    assert not (out / "best.pt").exists() and not (out / "metrics.json").exists()
+        run(tiny_config(image_tree, tmp_path / "cache", epochs=1, lr=0.05), out, overwrite=True)
+    # nothing of the new run was written, so nothing of the old one was lost: its config beside its own results
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.001
+    assert torch.load(out / "best.pt", weights_only=True)["config"]["lr"] == 0.001
+    assert json.loads((out / "metrics.json").read_text())["finished"]
 
 
 def test_finished_run_is_returned_without_training(image_tree, tmp_path):
@@ -383,5 +390,5 @@ def test_accuracy_is_the_exact_fraction_correct():
 
     probs = torch.eye(3)[[0, 1, 2, 0, 0, 1, 2, 2, 1, 0] * 20]  # 200 images
     y = torch.tensor([0, 1, 2, 1, 0, 1, 2, 0, 1, 0] * 20)  # 8 of 10 right
-    result = scores(probs, y, ["a", "b", "c"], loss="ce", label_smoothing=0.0)
+    result = scores(probs.log()[None], y, ["a", "b", "c"], loss="ce", label_smoothing=0.0)
     assert result["accuracy"] == 160 / 200 == 0.8

@@ -425,9 +425,9 @@ def test_an_interrupted_search_continues_without_redoing_a_finished_trial(tmp_pa
 
 
 def test_a_run_directory_is_claimed_by_one_process_at_a_time(tmp_path):
-    from transferlab.storage import claimed
+    from transferlab.fsutil import claimed
 
-    lock = tmp_path / "run" / "claim.lock"
+    lock = tmp_path / "run" / ".lock"
     with claimed(lock) as first:
         with claimed(lock) as second:
             assert (first, second) == (True, False)
@@ -437,15 +437,21 @@ def test_a_run_directory_is_claimed_by_one_process_at_a_time(tmp_path):
 
 def test_a_trial_whose_run_directory_another_worker_holds_is_skipped_not_trained(tmp_path, monkeypatch):
     import contextlib
+    import importlib
 
-    denied = []
+    train_module = importlib.import_module("transferlab.train")  # the package's `train` attribute is the function
+    denied, real = [], train_module.claimed
 
     @contextlib.contextmanager
-    def claimed_elsewhere_once(lock_file):
+    def claimed_elsewhere_once(lock_file):  # the first run folder asked for is held by another process
         denied.append(lock_file)
-        yield len(denied) > 1
+        if len(denied) == 1:
+            yield False
+            return
+        with real(lock_file) as mine:
+            yield mine
 
-    monkeypatch.setattr(search_module, "claimed", claimed_elsewhere_once)
+    monkeypatch.setattr(train_module, "claimed", claimed_elsewhere_once)
     spec = search_spec(tmp_path / "s.toml", make_tree(tmp_path / "images"), tmp_path / "cache",
                        {"sampler": "random", "n_trials": 1, "pruner": "none"})  # fmt: skip
     calls = fit_calls(monkeypatch)
@@ -453,7 +459,8 @@ def test_a_trial_whose_run_directory_another_worker_holds_is_skipped_not_trained
     (search,) = search_studies(directory).values()
     skipped, trained = search.trials
     assert skipped.state == PRUNED and skipped.user_attrs["skipped"] == "another worker is training the same parameters"
-    assert trained.state == COMPLETE and len(calls) == 1  # the skipped one counts nowhere: one trial still wanted
+    assert "history" not in skipped.user_attrs  # it found the folder held and trained nothing
+    assert trained.state == COMPLETE and len(calls) == 2  # the skipped one counts nowhere: one trial still wanted
 
 
 @pytest.mark.slow

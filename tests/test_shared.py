@@ -69,7 +69,7 @@ def test_limit_subset_is_stratified(shared_run, shared_images):
 
 def test_checkpoint_evaluates_on_a_copied_tree(shared_run, shared_cifar, shared_images, tmp_path, capsys):
     """Held-out test images of four classes, copied into a new tree: the CLI evaluates them by class name."""
-    _, files, _ = scan_image_folder(shared_cifar)  # the order the indices refer to
+    files = scan_image_folder(shared_cifar).files  # the order the indices refer to
     test_idx = np.asarray(json.loads((shared_run.out_dir / "split.json").read_text())["test"])
     chosen = []
     for name in ("truck", "cat", "ship", "dog"):

@@ -325,14 +325,15 @@ def test_best_configuration_is_the_best_mean_not_the_best_single_trial(metric):
     spec = SimpleNamespace(metric=metric, replicates=["seed"])
     trials = [fake_trial(0, 0.9, strategy="a", seed=0), fake_trial(1, 0.5, strategy="a", seed=1),
               fake_trial(2, 0.8, strategy="b", seed=0), fake_trial(3, 0.8, strategy="b", seed=1)]  # fmt: skip
-    tested, replicates = best_configuration(trials, spec)
+    tested, replicates, tie = best_configuration(trials, spec)
+    assert tie is None
     if metric == "val_accuracy":
         assert tested.number == 2 and [t.number for t in replicates] == [2, 3]
     else:
         assert tested.number == 1 and [t.number for t in replicates] == [0, 1]
     # without replicate axes every trial is its own configuration: the best trial
-    tested, replicates = best_configuration(trials, SimpleNamespace(metric=metric, replicates=[]))
-    assert tested.number == (0 if metric == "val_accuracy" else 1) and replicates == [tested]
+    tested, replicates, tie = best_configuration(trials, SimpleNamespace(metric=metric, replicates=[]))
+    assert tested.number == (0 if metric == "val_accuracy" else 1) and replicates == [tested] and tie is None
 
 
 def test_selection_is_the_best_mean_configuration_and_its_best_replicate(repeated):
@@ -343,12 +344,16 @@ def test_selection_is_the_best_mean_configuration_and_its_best_replicate(repeate
     means: dict[str, list] = {}
     for t in sorted(trials, key=lambda t: t.number):
         means.setdefault(t.user_attrs["point"]["strategy"], []).append(t)
-    # the argmax of the per-configuration means, recomputed from the storage (ties: the lowest trial number)
-    winner = max(means, key=lambda s: (statistics.fmean(t.value for t in means[s]), -means[s][0].number))
+
+    # the argmax of the per-configuration means, recomputed from the storage (ties: the lower mean validation loss)
+    def loss(trials):
+        return statistics.fmean(t.user_attrs["best"]["val_loss"] for t in trials)
+
+    winner = max(means, key=lambda s: (statistics.fmean(t.value for t in means[s]), -loss(means[s])))
     best_mean = statistics.fmean(t.value for t in means[winner])
     (record,) = study.user_attrs["test_evaluations"]
     chosen = means[winner]
-    tested = max(chosen, key=lambda t: (t.value, -t.number))
+    tested = max(chosen, key=lambda t: (t.value, -t.user_attrs["best"]["val_loss"], -t.number))
     assert record["trial"] == tested.number and record["point"]["strategy"] == winner
     conf = record["configuration"]
     assert conf["key"] == point_key({"strategy": winner, "epochs": 1}) and conf["replicate_axes"] == ["seed"]

@@ -276,8 +276,11 @@ def test_one_test_evaluation_of_the_best_trial_by_val_accuracy(finished):
     chosen = next(t for t in trials if t.number == record["trial"])
     assert chosen.value == best_value and record["key"] == chosen.user_attrs["key"]
     assert record["val_accuracy"] == chosen.user_attrs["best"]["val_accuracy"]
-    # ties go to the lowest trial number
-    assert record["trial"] == min(t.number for t in trials if t.value == best_value)
+    # ties go to the lower validation loss, then fewer epochs, then the lower trial number
+    tied = [t for t in trials if t.value == best_value]
+    first = min(tied, key=lambda t: (t.user_attrs["best"]["val_loss"], len(t.user_attrs["history"]), t.number))
+    assert record["trial"] == first.number
+    assert (record["tie"] is None) == (len(tied) == 1)
     assert record["n_test"] == sum(map(sum, record["confusion_matrix"]))
     assert record["n_test"] > 0 and 0.0 <= record["test_accuracy"] <= 1.0
     assert record["classes"] == ["blue", "green", "red"]

@@ -14,7 +14,7 @@ from transferlab import RunConfig, train
 from transferlab.checkpoint import CHECKPOINT_FORMAT
 from transferlab.data import load_images
 from transferlab.features import FeatureCache
-from transferlab.train import Trainer, lr_factor
+from transferlab.train import RunFolderError, Trainer, lr_factor
 
 ROW_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "lr"} | {
     f"{split}_{name}" for split in ("train", "val") for name in ("balanced_accuracy", "macro_f1")
@@ -266,6 +266,10 @@ def test_state_of_another_config_is_not_resumed(image_tree, tmp_path):
         Trainer(tiny_config(image_tree, tmp_path / "cache", epochs=3), out, log=quiet).fit(
             on_epoch=lambda row: (_ for _ in ()).throw(KeyboardInterrupt())
         )
+    other = tiny_config(image_tree, tmp_path / "cache", epochs=3, lr=0.5)
+    with pytest.raises(RunFolderError, match=r"lr 0.001 there, 0.5 here.*--overwrite"):  # the killed run is kept
+        Trainer(other, out, log=quiet).fit()
+    assert (out / "state.pt").is_file()
     messages = []
-    result = Trainer(tiny_config(image_tree, tmp_path / "cache", epochs=3, lr=0.5), out, log=messages.append).fit()
+    result = Trainer(other, out, log=messages.append, overwrite=True).fit()
     assert not any("resuming" in m for m in messages) and len(result.history) == 3

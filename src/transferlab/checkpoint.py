@@ -1,39 +1,33 @@
 """The checkpoint file format, in one place: what `best.pt` holds (`Checkpoint`), how it is written and read.
 
 A checkpoint is a plain dict of tensors and JSON-like values, read with `weights_only=True` (no pickled code).
-Format 1 (before the fields that say how validation ran) and format 2 (before the resize policy and storage size)
-are still read, with the defaults they imply; `temperature` is optional in every format (1.0, no scaling, when absent).
+Older formats are read through one function, `upgrade`, with the defaults they imply: format 1 (before the fields that
+say how validation ran), 2 (before the resize policy and storage size), 3 (before the exact stored side). A value no
+run writes (a resolution below 1, a temperature that is not a positive number) is refused in one line.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import math
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-CHECKPOINT_FORMAT = "transferlab-checkpoint-3"
-READABLE_FORMATS = ("transferlab-checkpoint-1", "transferlab-checkpoint-2", CHECKPOINT_FORMAT)
+from .fsutil import atomic_save
+
+CHECKPOINT_FORMAT = "transferlab-checkpoint-4"
+READABLE_FORMATS = (
+    "transferlab-checkpoint-1",
+    "transferlab-checkpoint-2",
+    "transferlab-checkpoint-3",
+    CHECKPOINT_FORMAT,
+)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing or not one of ours (message is one line)."""
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def read_torch_file(path: Path, what: str, error: type[Exception]) -> object:
@@ -73,7 +67,7 @@ class Checkpoint:
     model: dict  # the state dict
     # how a file becomes a stored uint8 square (data.decode_image), and that square the model's input
     resize_policy: str
-    storage_size: int | None  # None: the image's own square side
+    storage_size: int | None  # the largest side the run asked its images to be stored at (None: their own)
     resolution: int
     mean: list[float]
     std: list[float]
@@ -95,16 +89,22 @@ class Checkpoint:
     weights: str
     data: str | None  # the decoded data's fingerprint (ImageSet.key)
     environment: dict
-    # calibration: probabilities = softmax(logits / temperature), fitted on the validation split after training;
-    # optional in every format (1.0 when absent), so the format number is unchanged
+    # calibration: probabilities = softmax(logits / temperature), fitted on the validation split after training
     temperature: float = 1.0
-    # the square's central fraction kept before resizing to `resolution`, and the resizing; optional likewise (what
-    # every checkpoint written before them used)
+    # the square's central fraction kept before resizing to `resolution`, and the resizing
     crop_fraction: float = 1.0
     interpolation: str = "bilinear"
+    # the side every training image was stored at, exactly: evaluate and predict store any file at this side too, so a
+    # file is seen as training saw it (None: written before format 4, which stored files at most storage_size)
+    stored_side: int | None = None
+    # the training images' identity wherever they lie (ImageSet.content): a moved copy of them is recognised
+    content: str | None = None
+    # how `temperature` was chosen (evaluate.Calibration.to_dict: fitted, or 1 and why); None before format 4
+    calibration: dict | None = None
 
     def save(self, path: Path) -> None:
-        atomic_save({"format": CHECKPOINT_FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}, path)
+        state = {"format": CHECKPOINT_FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}
+        atomic_save(state, path, "checkpoint")
 
     @classmethod
     def load(cls, path: str | Path) -> Checkpoint:
@@ -113,37 +113,51 @@ class Checkpoint:
         raw = read_torch_file(path, "checkpoint", CheckpointError)
         if not isinstance(raw, dict) or raw.get("format") not in READABLE_FORMATS:
             raise CheckpointError(f"{path} is not a transferlab checkpoint (expected format {CHECKPOINT_FORMAT})")
-        if raw["format"] == "transferlab-checkpoint-1":  # validation then: the whole network in fp32, no autocast
-            config = raw.get("config", {})
-            raw = {
-                "cut": 0,
-                "feature_dtype": None,
-                "autocast": False,
-                "metric": "val_accuracy",
-                "val_loss": float("nan"),
-                "data": None,
-                "label_smoothing": config.get("label_smoothing", 0.0),
-                **raw,
-            }
-        if raw["format"] != CHECKPOINT_FORMAT:  # before format 3: a centre square at the image's own size
-            raw = {"resize_policy": "crop", "storage_size": None, **raw}
-        raw = {"temperature": 1.0, "crop_fraction": 1.0, "interpolation": "bilinear", **raw}
+        raw = upgrade(raw)
         missing = [f.name for f in fields(cls) if f.name not in raw]
         if missing:
             raise CheckpointError(f"{path} is not a complete transferlab checkpoint (no {missing[0]!r})")
-        return cls(**{f.name: raw[f.name] for f in fields(cls)})
+        checkpoint = cls(**{f.name: raw[f.name] for f in fields(cls)})
+        problem = checkpoint.problem()
+        if problem:
+            raise CheckpointError(f"{path} is damaged or not transferlab's: {problem}")
+        return checkpoint
+
+    def problem(self) -> str | None:
+        """What makes this checkpoint unusable (a value no run writes), or None."""
+        if not (isinstance(self.classes, list) and self.classes and all(isinstance(c, str) for c in self.classes)):
+            return "its classes are not a list of names"
+        for name, low in (("resolution", 1), ("cut", 0), ("stored_side", 1), ("storage_size", 1)):
+            value = getattr(self, name)
+            if value is None and name in ("stored_side", "storage_size"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                return f"{name} = {value!r} (expected a whole number >= {low})"
+        if not _positive(self.temperature):
+            return f"temperature = {self.temperature!r} (expected a finite number > 0)"
+        if not (_positive(self.crop_fraction) and self.crop_fraction <= 1):
+            return f"crop_fraction = {self.crop_fraction!r} (expected a number in (0, 1])"
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(_positive(s) for s in self.std):
+            return f"mean {self.mean!r} / std {self.std!r} (expected 3 values each, std > 0)"
+        for name, allowed in (("interpolation", ("bilinear", "bicubic")), ("resize_policy", ("crop", "squash", "pad")),
+                              ("loss", ("ce", "mse"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                return f"{name} = {getattr(self, name)!r} (expected one of {', '.join(allowed)})"
+        return None
 
 
-def writable_folder(path: str | Path, what: str, error: type[Exception]) -> Path:
-    """Create `path` if needed and check that files can be written in it, before any work depends on it."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise error(f"{what} {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test.{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise error(f"{what} {path} is not writable ({exc.strerror or type(exc).__name__})") from None
-    return path
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def upgrade(raw: dict) -> dict:
+    """A checkpoint of any readable format as the current format's fields, with what older formats implied."""
+    if raw["format"] == "transferlab-checkpoint-1":  # validation then: the whole network in fp32, no autocast
+        config = raw.get("config", {})
+        raw = {"cut": 0, "feature_dtype": None, "autocast": False, "metric": "val_accuracy", "val_loss": float("nan"),
+               "data": None, "label_smoothing": config.get("label_smoothing", 0.0), **raw}  # fmt: skip
+    if raw["format"] in ("transferlab-checkpoint-1", "transferlab-checkpoint-2"):  # a centre square at its own size
+        raw = {"resize_policy": "crop", "storage_size": None, **raw}
+    # optional before format 4: no temperature scaling, the whole square at bilinear, the side not recorded
+    return {"temperature": 1.0, "crop_fraction": 1.0, "interpolation": "bilinear", "stored_side": None,
+            "content": None, "calibration": None, **raw}  # fmt: skip

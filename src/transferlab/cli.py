@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_toml, parse_override
+from .fsutil import refuse_output_over_input
 from .version import __version__
 
 EPILOG_OFFLINE = (
@@ -90,7 +91,7 @@ def cmd_train(args) -> int:
     from .train import train
 
     config = _run_config(args)
-    result = train(config, args.out)
+    result = train(config, args.out, overwrite=args.overwrite)
     best = result.best
     if from_environment().main:  # under torchrun: once, by rank 0
         print(
@@ -113,11 +114,11 @@ def cmd_lr_find(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """On the run's own data the default is its test split: `--split all` would count the training images."""
-    from .data import DataError, ImageSet, Split, load_images, split_arrays, split_for
-    from .evaluate import align_labels, evaluate_arrays, load_checkpoint
+    from .data import DataError, ImageSet, Split, split_arrays, split_for
+    from .evaluate import align_labels, evaluate_arrays, load_checkpoint, stored_as_trained
 
     loaded = load_checkpoint(args.checkpoint, args.device)
-    run_config = loaded.info["config"]
+    run_config = RunConfig.from_dict(loaded.info["config"])
     values = {
         "data": args.data or "cifar10",
         "labels": args.labels,
@@ -131,12 +132,10 @@ def cmd_evaluate(args) -> int:
     for column in ("path", "label", "split"):  # else the run's own column names
         if getattr(args, f"labels_{column}_column") is not None:
             values[f"labels_{column}_column"] = getattr(args, f"labels_{column}_column")
-    config = RunConfig.from_dict(values, base=RunConfig.from_dict(run_config))
-    data = load_images(config, loaded.info["storage_size"])
-    run_source = RunConfig.from_dict(run_config).source
-    own = data.key == loaded.info["data"] if loaded.info.get("data") else config.source == run_source
-    same_folder = own or _same_folder(config.source, run_source)
-    if not own and same_folder and args.split != "all":
+    config = RunConfig.from_dict(values, base=run_config)
+    data = stored_as_trained(loaded, config)
+    own, same_images = _own_data(loaded.info, data, config.source, run_config.source)
+    if not own and same_images and args.split != "all":
         raise DataError(
             f"{config.source} is the folder the run trained on, but its images (or --skip-bad-images) differ from "
             "the run's: its split no longer says which images it trained on; use --split all to score every image"
@@ -144,9 +143,10 @@ def cmd_evaluate(args) -> int:
     name = args.split or ("test" if own else "all")
     if name == "all":
         images, labels = data.images, data.labels
-        if same_folder:
+        if same_images:
+            where = "" if _same_folder(config.source, run_config.source) else " (a copy of them, here)"
             print(
-                "transferlab: note: --split all on the run's own data includes the images it was trained on",
+                f"transferlab: note: --split all on the run's own data{where} includes the images it was trained on",
                 file=sys.stderr,
             )
     else:
@@ -162,6 +162,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _own_data(info: dict, data, source: str, run_source: str) -> tuple[bool, bool]:
+    """(the very rows the run was split from, so its split.json applies; images the run trained on, possibly a
+    changed or moved copy of them). The rows are the run's when the data's content identity is the checkpoint's,
+    wherever it lies (a moved copy too); checkpoints before that identity compare the decoded data's key."""
+    if info.get("content") and data.content:
+        own = data.content == info["content"]
+    elif info.get("data"):
+        own = data.key == info["data"]
+    else:
+        own = source == run_source
+    return own, own or _same_folder(source, run_source)
+
+
 def _same_folder(a: str, b: str) -> bool:
     """Do two data sources (--data folders or --labels files) name the same files on disk (not cifar10)?"""
     if "cifar10" in (a, b):
@@ -170,24 +183,33 @@ def _same_folder(a: str, b: str) -> bool:
 
 
 def print_evaluation(result: dict) -> None:
-    """A rich table of per-class accuracy under the overall figures."""
+    """The overall figures, then per-class accuracy, each percentage with no digit finer than its 95% interval."""
     from rich.console import Console
     from rich.table import Table
 
+    from .stats import interval_decimals, percent_with_interval
+
+    n, digits = result["n"], interval_decimals(round(result["accuracy"] * result["n"]), result["n"])
     title = (
-        f"{result['split']} split: accuracy {result['accuracy']:.4f}   balanced {result['balanced_accuracy']:.4f}   "
-        f"macro-F1 {result['macro_f1']:.4f}   loss {result['loss']:.4f}   n {result['n']}"
+        f"{result['split']} split, {n} images: accuracy {percent_with_interval(round(result['accuracy'] * n), n)}; "
+        f"balanced {100 * result['balanced_accuracy']:.{digits}f}%, macro-F1 {100 * result['macro_f1']:.{digits}f}%, "
+        f"loss {result['loss']:.4f}"
     )
     table = Table(title=title)
     table.add_column("class")
     table.add_column("images", justify="right")
-    table.add_column("accuracy", justify="right")
-    for (name, value), row in zip(result["per_class_accuracy"].items(), result["confusion_matrix"]):
-        table.add_row(name, str(sum(row)), "-" if value is None else f"{value:.4f}")
+    table.add_column("accuracy (95% CI)", justify="right")
+    for i, ((name, value), row) in enumerate(zip(result["per_class_accuracy"].items(), result["confusion_matrix"])):
+        table.add_row(name, str(sum(row)), "-" if value is None else percent_with_interval(row[i], sum(row)))
     Console().print(table)
+    calibration = result.get("calibration") or {}
+    if calibration and not calibration.get("fitted"):
+        how = f"the run's temperature T = 1, not fitted: {calibration['reason']}"
+    else:
+        how = f"with the run's temperature T = {result['temperature']:.3g}"
     print(
-        f"calibration: ECE {result['ece']:.4f}, NLL {result['nll']:.4f}; with the run's temperature "
-        f"T = {result['temperature']:.4f}: ECE {result['ece_calibrated']:.4f}, NLL {result['nll_calibrated']:.4f}"
+        f"calibration: ECE {result['ece']:.4f}, NLL {result['nll']:.4f}; {how}: ECE {result['ece_calibrated']:.4f}, "
+        f"NLL {result['nll_calibrated']:.4f}"
     )
 
 
@@ -202,6 +224,8 @@ def cmd_predict(args) -> int:
     if output is not None and not output.parent.is_dir():
         raise ConfigError(f"--output {output}: folder {output.parent} does not exist")
     paths, errors = expand_inputs(args.images)
+    if output is not None:  # before anything is read: the output would replace an image or the model
+        refuse_output_over_input(output, [args.checkpoint, *paths], "--output", ConfigError)
     results = predict_files(args.checkpoint, paths, top=args.top, device=args.device, progress=sys.stderr.isatty())
     results += errors
     text = format_predictions(results, args.format or "text")
@@ -222,32 +246,34 @@ def format_predictions(results: list[dict], form: str) -> str:
         return json.dumps(results) + "\n"
     if form == "text":
         return "".join(
-            r["file"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]) + "\n"
+            r["file"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+            + (f" (a tie: {', '.join(r['tie'])})" if r.get("tie") else "") + "\n"
             for r in results
             if "top" in r
-        )
+        )  # fmt: skip
     k = max((len(r["top"]) for r in results if "top" in r), default=1)
     header = ["file", "class", "probability"]
     for n in range(2, k + 1):
         header += [f"top{n}_class", f"top{n}_probability"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*header, "error"])
+    writer.writerow([*header, "tie", "error"])  # tie: the classes tied for the top, when they are
     for r in results:
         cells = [value for t in r.get("top", []) for value in (t["class"], t["probability"])]
-        writer.writerow([r["file"], *cells, *[""] * (len(header) - 1 - len(cells)), r.get("error", "")])
+        writer.writerow([r["file"], *cells, *[""] * (len(header) - 1 - len(cells)), " ".join(r.get("tie", [])),
+                         r.get("error", "")])  # fmt: skip
     return buffer.getvalue()
 
 
 def write_atomically(path: Path, text: str) -> None:
     """A temporary file beside `path`, then a rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    from .errors import OutputError
+    from .fsutil import atomic_write_text
+
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write --output {path}: {' '.join(str(error).split())}") from None
+        atomic_write_text(text, path, "--output")
+    except OutputError as error:
+        raise ConfigError(str(error)) from None
 
 
 def cmd_export(args) -> int:
@@ -356,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, help="run directory: metrics.json, best.pt, config.json, split.json")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of a run with other settings in --out (without it such a folder is refused; the "
+        "same settings resume or return the finished run either way)",
+    )
     p.add_argument("--config", help="TOML file of run options ([run] table or top level); flags override it")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run option (repeatable)")
     _add_run_flags(p)
@@ -494,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     from .data import DataError
     from .distributed import DistributedError, from_environment
+    from .errors import OutputError
     from .evaluate import CheckpointError
     from .models import WeightsError
     from .storage import StudyError
@@ -515,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         if reports:
             print(f"transferlab: error: {error}", file=sys.stderr)
         return 2
-    except TrainingError as error:
+    except (TrainingError, OutputError) as error:
         if reports:
             print(f"transferlab: error: {error}", file=sys.stderr)
         return 1

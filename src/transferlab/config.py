@@ -517,6 +517,44 @@ def configuration_of(point: dict[str, Any], replicates) -> dict[str, Any]:
     return {k: v for k, v in point.items() if k not in replicates}
 
 
+def _setter_of(tree: dict, key: str) -> str | None:
+    """Which part of a spec tree sets run option `key` above [run] ([grid], a variant, [search.space]), or None."""
+    key = key.replace("-", "_")
+
+    def keys(table) -> set[str]:
+        return {k.replace("-", "_") for k in table} if isinstance(table, dict) else set()
+
+    if key in keys(tree.get("grid")):
+        return "the [grid] axis " + key
+    for name, bundle in (tree.get("variants") or {}).items() if isinstance(tree.get("variants"), dict) else ():
+        if key in keys(bundle):
+            return f"[variants.{name}]"
+    search = tree.get("search")
+    if isinstance(search, dict) and key in keys(search.get("space")):
+        return "[search.space]"
+    return None
+
+
+def _refuse_shadowed(tree: dict, where: str) -> None:
+    """A run option given in two places of which one silently wins is refused in one line: [run] beside a [grid]
+    axis (the axis sets it for every trial) and a variant beside a [grid] axis (the axis wins). [run] beside a
+    variant is the ablation pattern (the variant changes one thing) and stays allowed."""
+    grid = {k.replace("-", "_"): k for k in tree.get("grid", {}) if k != "variant"}
+    for key in tree.get("run", {}):
+        if key.replace("-", "_") in grid:
+            raise ConfigError(
+                f"{where}[run] {key} and the [grid] axis {grid[key.replace('-', '_')]}: the axis sets it for every "
+                "trial, so [run]'s value would be ignored; give it in one of the two"
+            )
+    for name, bundle in tree.get("variants", {}).items():
+        for key in bundle if isinstance(bundle, dict) else ():
+            if key.replace("-", "_") in grid:
+                raise ConfigError(
+                    f"{where}[variants.{name}] {key} and the [grid] axis {grid[key.replace('-', '_')]}: the axis "
+                    "wins, so the variant's value would be ignored; give it in one of the two"
+                )
+
+
 def _whole(tree: dict, key: str, default: int, where: str) -> int:
     value = tree.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -808,6 +846,7 @@ class StudySpec:
                 if value in resolved[:i]:
                     raise ConfigError(f"{where}[grid] {axis}: value {values[i]!r} is given twice")
             checked[key] = values
+        _refuse_shadowed(tree, where)  # after each axis and value was checked on its own
         if repeat > 1:  # the replicate axes go last: the points of one configuration are neighbours
             seeds = [base.seed + i for i in range(repeat)]
             RunConfig.from_dict({"seed": seeds[-1]}, base=base, where=f"{where}repeat = {repeat} from [run] ")
@@ -863,6 +902,13 @@ class StudySpec:
             key, value = parse_override(text)
             if "." not in key:  # a bare run key is the common case: --set data=...
                 key = key if key in STUDY_KEYS else f"run.{key}"
+            if key.startswith("run."):
+                setter = _setter_of(tree, key[len("run.") :])
+                if setter is not None:
+                    raise ConfigError(
+                        f"--set {text}: {key[len('run.') :]} is set by {setter} in {path}, which wins over [run]: the "
+                        f"override would be ignored; change it there (e.g. --set grid.{key[len('run.') :]}=[...])"
+                    )
             set_dotted(tree, key, value)
         return cls.from_dict(tree, name=Path(path).stem, where=f"{path}: ")
 

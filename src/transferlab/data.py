@@ -27,6 +27,9 @@ import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
+from .errors import one_line as _one_line
+from .fsutil import SPACE_MARGIN, free_bytes
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 CACHE_FORMAT = 3  # 3: square storage size and policy in the key, images.npy written and read memory-mapped
 ORIENTATION_TAG = 0x0112  # EXIF: how the camera was held
@@ -53,11 +56,18 @@ class ImageSet:
     test_labels: np.ndarray | None = None
     skipped: int = 0
     given_split: np.ndarray | None = None  # (N,) int8 index into SPLIT_PARTS, when the source names each row's part
-    storage_size: int | None = None  # the largest side images were stored at (None: their own size)
+    storage_size: int | None = None  # the largest side images were asked to be stored at (None: their own size)
     resize_policy: str = "crop"  # how a file became a square (fit_to_square)
+    content: str | None = None  # the source's identity wherever it lies (SourceFiles.content); keys nothing
+    duplicates: int = 0  # paths dropped because they named an image already listed
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def stored_side(self) -> int:
+        """The side every image is stored at: the exact square a file becomes before preprocessing."""
+        return int(self.images.shape[1])
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -134,10 +144,6 @@ def fit_to_square(image: Image.Image, side: int, policy: str) -> Image.Image:
     return image if short == side else image.resize((side, side), Image.BILINEAR)
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _to_8bit(image: Image.Image) -> Image.Image:
     """Integer grey images (16-bit "I;16*", 32-bit "I") scaled to "L": convert("RGB") would clip them at 255.
 
@@ -199,9 +205,35 @@ def _stat(entry: os.DirEntry) -> os.stat_result:
         return entry.stat(follow_symlinks=False)
 
 
-def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], str]:
-    """<root>/<class>/<image> -> class names, (file, label) pairs, and a fingerprint of names, sizes and
-    modification times (a changed folder gets a new decode cache). Empty classes are errors."""
+@dataclass
+class SourceFiles:
+    """The image files a source names, each real file once: what decoding reads and the caches are keyed by."""
+
+    classes: list[str]
+    files: list[tuple[str, int]]  # (path, label); plain strings: 50,000 Path objects alone cost a second
+    fingerprint: str  # where the files are and what they hold: names, sizes, modification times (the decode key)
+    content: str  # what they hold wherever they lie: relative names, labels and sizes (a moved copy has the same)
+    duplicates: int = 0  # paths dropped because they reached a file already listed (a link, another spelling)
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, int] | None:
+    """The real file behind a path, (device, inode), however it was reached; None where the system gives none."""
+    return (stat.st_dev, stat.st_ino) if stat.st_ino else None
+
+
+def warn_duplicates(source: str, duplicates: int) -> None:
+    if duplicates:
+        warnings.warn(
+            f"{source}: {duplicates} path{'s' * (duplicates != 1)} reached an image already listed (a link or another "
+            "spelling of the same file): each image is counted once",
+            stacklevel=3,
+        )
+
+
+def scan_image_folder(root: Path) -> SourceFiles:
+    """<root>/<class>/<image> -> the classes, each real file once with its label, and the folder's fingerprints
+    (a changed folder gets a new decode cache). A file reached by two paths inside its class (a symlink or hard link)
+    is listed once and counted in `duplicates`; one reached from two classes is an error. Empty classes are errors."""
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
@@ -209,25 +241,33 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], str
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"data folder {root} has no class folders (expected <root>/<class>/<image>)")
-    digest = hashlib.sha256(f"{root.resolve()}".encode())
-    files: list[tuple[str, int]] = []  # plain strings: 50,000 Path objects alone cost a second
-    owner: dict[tuple[int, int], tuple[str, int]] = {}  # (device, inode) -> first file and its class
+    digest, content = hashlib.sha256(f"{root.resolve()}".encode()), hashlib.sha256(b"folder")
+    files: list[tuple[str, int]] = []
+    owner: dict[tuple[int, int], tuple[str, int]] = {}  # real file -> first path and its class
+    duplicates = 0
     for label, name in enumerate(classes):
         entries = _image_entries(root / name)
         if not entries:
             raise DataError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
         for entry in entries:
             stat = _stat(entry)
-            if stat.st_ino:  # one file reached from two classes (a linked folder or file) would carry two labels
-                first, first_label = owner.setdefault((stat.st_dev, stat.st_ino), (entry.path, label))
-                if first_label != label:
+            real = file_identity(stat)
+            if real is not None and real in owner:
+                first, first_label = owner[real]
+                if first_label != label:  # one file in two classes would carry two labels
                     raise DataError(
                         f"{entry.path} and {first} are one file in two classes ({classes[first_label]}, "
                         f"{name}): a link between class folders?"
                     )
+                duplicates += 1  # the same image twice would sit in two splits: a test image trained on
+                continue
+            if real is not None:
+                owner[real] = (entry.path, label)
             digest.update(f"{entry.path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            content.update(f"{os.path.relpath(entry.path, root)}|{name}|{stat.st_size}\n".encode())
             files.append((entry.path, label))
-    return classes, files, digest.hexdigest()
+    warn_duplicates(f"data folder {root}", duplicates)
+    return SourceFiles(classes, files, digest.hexdigest(), content.hexdigest(), duplicates)
 
 
 def decode_cache_key(kind: str, fingerprint: str, **settings) -> str:
@@ -247,10 +287,12 @@ def decode_folder(
     progress: bool,
     policy: str = "crop",
     out: Path | None = None,
+    side: int | None = None,
 ):
     """Decode every file to one square side -> (images (N, side, side, 3) uint8, labels, number skipped).
 
-    The side is the images' own square side (native_side; the median where sizes differ, then at most
+    With `side`, every image is stored at exactly that side (evaluate and predict repeat a run's storage this way).
+    Otherwise the side is the images' own square side (native_side; the median where sizes differ, then at most
     MAX_MIXED_SIDE) capped at `storage_size`: images are reduced to it, never enlarged, unless the folder mixes
     sizes and they must share one. Each image is decoded reduced (decode_image) and written straight into its row
     of a memory-mapped .npy at `out` (in memory without `out`), so memory does not grow with the folder. The side
@@ -268,29 +310,33 @@ def decode_folder(
         bad[i] = str(error)
 
     def target(i: int) -> int:
+        if side is not None:
+            return side
         return min(storage_size, own[i]) if storage_size else own[i]
 
     def first_side() -> int:
+        if side is not None:
+            return side
         for i, (path, _) in enumerate(files):
             with contextlib.suppress(DataError), _decoding(path), Image.open(path) as image:
                 own[i] = native_side(image.size, policy)
                 return target(i)
         raise DataError(f"no readable images in {root}")
 
-    def allocate(side: int) -> np.ndarray:
-        shape = (len(files), side, side, 3)
-        if out is None:
+    def allocate(at: int) -> np.ndarray:
+        shape = (len(files), at, at, 3)
+        if out is None or not room_for_cache(out, math.prod(shape)):
             return np.zeros(shape, dtype=np.uint8)
         return np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=shape)
 
-    def decode(indices, side: int, images: np.ndarray, everything: bool, what: str) -> None:
+    def decode(indices, at: int, images: np.ndarray, everything: bool, what: str) -> None:
         def load(i: int) -> None:
             path = files[i][0]
             try:
                 with _decoding(path), Image.open(path) as image:
                     own[i] = native_side(image.size, policy)
-                    if everything or target(i) == side:
-                        images[i] = _decode_open(image, side, policy)
+                    if everything or target(i) == at:
+                        images[i] = _decode_open(image, at, policy)
             except DataError as error:
                 fail(i, error)
 
@@ -302,9 +348,9 @@ def decode_folder(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-            side = first_side()
-            images = allocate(side)
-            decode(range(len(files)), side, images, False, f"decoding {root.name}")
+            first = first_side()
+            images = allocate(first)
+            decode(range(len(files)), first, images, False, f"decoding {root.name}")
             sides = [own[i] for i in range(len(files)) if i in own and i not in bad]
             if not sides:
                 raise DataError(f"no readable images in {root}")
@@ -312,9 +358,10 @@ def decode_folder(
             cap = storage_size or (MAX_MIXED_SIDE if mixed else None)
             final = int(np.median(sides)) if mixed else sides[0]
             final = min(final, cap) if cap else final
-            rest = [i for i in range(len(files)) if i not in bad and (final != side or target(i) != side)]
+            final = side if side is not None else final
+            rest = [i for i in range(len(files)) if i not in bad and (final != first or target(i) != first)]
             if rest:  # mixed sizes: the images not decoded at the common side yet
-                if final != side:
+                if final != first:
                     del images
                     images = allocate(final)
                 decode(rest, final, images, True, f"decoding {root.name} (mixed sizes, to {final} px)")
@@ -331,10 +378,25 @@ def decode_folder(
     return images, labels, len(bad)
 
 
+def room_for_cache(path: Path, size: int) -> bool:
+    """Whether the disk holding `path` has room for a cache file of `size` bytes; if not, one warning naming the path
+    and the space needed (the images are then kept in memory). A memory map on a disk without room would end the
+    process with SIGBUS when a page cannot be written: its size is checked before it is made."""
+    free = free_bytes(path.parent)
+    if free >= size + SPACE_MARGIN:
+        return True
+    warnings.warn(
+        f"no space for the decode cache {path.parent}: it needs {size / 2**20:,.1f} MB, {free / 2**20:,.1f} MB free; "
+        "the images are decoded in memory and decoded again next time",
+        stacklevel=4,
+    )
+    return False
+
+
 def _compact(images: np.ndarray, keep: np.ndarray, out: Path | None) -> np.ndarray:
     """The kept rows, copied a chunk at a time into a new file of the right length that replaces `out`."""
     rows = np.flatnonzero(keep)
-    if out is None:
+    if out is None or not isinstance(images, np.memmap) or not room_for_cache(out, len(rows) * images[0].nbytes):
         return images[rows]
     part = out.with_name(f"compact-{out.name}")
     kept = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8, shape=(len(rows), *images.shape[1:]))
@@ -464,12 +526,16 @@ def load_image_folder(
     policy: str = "crop",
     skip_bad: bool = False,
     progress: bool = True,
+    side: int | None = None,
 ) -> ImageSet:
-    """A folder decoded to squares of at most `storage_size` (None: the images' own size) by `policy`, cached."""
+    """A folder decoded to squares of at most `storage_size` (None: the images' own size) by `policy`, or of exactly
+    `side`, cached."""
     root = Path(root).expanduser()
-    classes, files, fingerprint = scan_image_folder(root)
-    key = decode_cache_key("folder", fingerprint, storage_size=storage_size, policy=policy, skip_bad=skip_bad,
-                           max_mixed_side=MAX_MIXED_SIDE, pillow=PIL.__version__)  # fmt: skip
+    source = scan_image_folder(root)
+    classes = source.classes
+    exact = {} if side is None else {"side": side}  # absent by default: the keys of earlier caches stay valid
+    key = decode_cache_key("folder", source.fingerprint, storage_size=storage_size, policy=policy, skip_bad=skip_bad,
+                           max_mixed_side=MAX_MIXED_SIDE, pillow=PIL.__version__, **exact)  # fmt: skip
 
     def check(labels: np.ndarray) -> dict:
         if len(np.unique(labels)) < len(classes):
@@ -478,14 +544,22 @@ def load_image_folder(
             raise DataError(f"class folder {root / empty[0]} has no readable images")
         return {"classes": classes, "root": str(root)}
 
-    images, labels, meta = _decode_cached(cache_dir / "decoded" / key, root, files, classes, check,
+    images, labels, meta = _decode_cached(cache_dir / "decoded" / key, root, source.files, classes, check,
                                           storage_size=storage_size, policy=policy, skip_bad=skip_bad,
-                                          progress=progress)  # fmt: skip
+                                          progress=progress, side=side)  # fmt: skip
     return ImageSet(images, labels, meta["classes"], key, skipped=meta["skipped"], storage_size=storage_size,
-                    resize_policy=policy)  # fmt: skip
+                    resize_policy=policy, content=content_key(source.content, skip_bad=skip_bad),
+                    duplicates=source.duplicates)  # fmt: skip
 
 
-def _decode_cached(folder: Path, root: Path, files, classes, check, *, storage_size, policy, skip_bad, progress):
+def content_key(content: str, **settings) -> str:
+    """A source's identity wherever it lies (SourceFiles.content) with the settings that decide which of its images
+    are kept and in which order: equal keys mean the same rows, so a run's split applies to them."""
+    return hashlib.sha256(json.dumps({"content": content, **settings}, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _decode_cached(folder: Path, root: Path, files, classes, check, *, storage_size, policy, skip_bad, progress,
+                   side=None):  # fmt: skip
     """(images, labels, meta) from the cache `folder`, else decoded (decode_folder, straight into a new cache copy)
     and committed. `check(labels)` validates what was decoded and returns the meta to store."""
     cached = _cache_load(folder)
@@ -494,10 +568,11 @@ def _decode_cached(folder: Path, root: Path, files, classes, check, *, storage_s
     tmp = _cache_begin(folder)
     try:
         images, labels, skipped = decode_folder(root, files, classes, storage_size=storage_size, skip_bad=skip_bad,
-                                                progress=progress, policy=policy,
+                                                progress=progress, policy=policy, side=side,
                                                 out=None if tmp is None else tmp / "images.npy")  # fmt: skip
         meta = {**check(labels), "skipped": skipped}
-        if tmp is not None and _cache_commit(folder, tmp, labels, meta):
+        # in memory (the disk had no room for the cache, already said): nothing to commit
+        if isinstance(images, np.memmap) and _cache_commit(folder, tmp, labels, meta):
             images = np.load(folder / "images.npy", mmap_mode="c")  # just written and checked: no second checksum
     finally:
         if tmp is not None:
@@ -515,6 +590,8 @@ class LabelRows:
     parts: list[int] | None  # index into SPLIT_PARTS per row, when the file has the split column
     split_column: str | None
     fingerprint: str  # the file's content and path, and each image's path, size and modification time
+    content: str  # the file's content and each image's size: the same rows wherever the file and images lie
+    duplicates: int = 0  # rows dropped because they named an image already listed
 
 
 def _delimiter(path: Path, text: str) -> str:
@@ -566,8 +643,9 @@ def read_labels_file(
     at = {name: header.index(name) for name in (path_column, label_column, split_column) if name is not None}
     folder = path.resolve().parent
     digest = hashlib.sha256(f"{path.resolve()}\n{text}".encode())
-    rows = LabelRows([], [], [] if split_column else None, split_column, "")
-    seen: dict[str, int] = {}
+    content = hashlib.sha256(f"labels\n{text}".encode())  # the rows as written: relative paths move with the file
+    rows = LabelRows([], [], [] if split_column else None, split_column, "", "")
+    seen: dict[object, tuple[int, str, str | None]] = {}  # real file (or path) -> its first row, label and part
     try:
         for cells in reader:
             row = reader.line_num
@@ -582,20 +660,32 @@ def read_labels_file(
             if not label:
                 raise DataError(f"{where}: empty {label_column} for {image}")
             full = os.path.normpath(folder / Path(image).expanduser())
-            if full in seen:
-                raise DataError(f"{where}: {image} is listed again (first on row {seen[full]})")
-            seen[full] = row
+            part = cells[at[split_column]].strip().lower() if split_column is not None else None
+            if part is not None and part not in SPLIT_PARTS:
+                raise DataError(f"{where}: {split_column} {part!r} is not one of train, val, test")
             try:
                 stat = os.stat(full)
                 digest.update(f"{full}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+                content.update(f"{stat.st_size}\n".encode())
+                real = file_identity(stat) or full
             except OSError as error:
                 if not skip_bad:
                     raise DataError(f"{where}: cannot read image {full}: {_one_line(error)}") from None
                 digest.update(f"{full}|missing\n".encode())
-            if split_column is not None:
-                part = cells[at[split_column]].strip().lower()
-                if part not in SPLIT_PARTS:
-                    raise DataError(f"{where}: {split_column} {part!r} is not one of train, val, test")
+                content.update(b"missing\n")
+                real = full
+            if real in seen:  # the same image by another path (or the same one again): once, or a conflict
+                first, first_label, first_part = seen[real]
+                again = f"{image} is the image of row {first}"
+                if first_label != label:
+                    raise DataError(f"{where}: {again} with another label ({first_label!r}, here {label!r})")
+                if first_part != part:
+                    raise DataError(f"{where}: {again} in another part of the split ({first_part}, here {part}): "
+                                    "a test image would be a training image")  # fmt: skip
+                rows.duplicates += 1
+                continue
+            seen[real] = (row, label, part)
+            if part is not None:
                 rows.parts.append(SPLIT_PARTS.index(part))
             rows.paths.append(full)
             rows.names.append(label)
@@ -605,7 +695,8 @@ def read_labels_file(
         raise DataError(f"labels file {path} has a header but no rows")
     if rows.parts is not None:
         check_given_split(np.asarray(rows.parts), f"labels file {path}", split_column)
-    rows.fingerprint = digest.hexdigest()
+    rows.fingerprint, rows.content = digest.hexdigest(), content.hexdigest()
+    warn_duplicates(f"labels file {path}", rows.duplicates)
     return rows
 
 
@@ -626,16 +717,19 @@ def load_labels_file(
     policy: str = "crop",
     skip_bad: bool = False,
     progress: bool = True,
+    side: int | None = None,
 ) -> ImageSet:
-    """A labels file's images, decoded as an image folder's are (same decoder, same cache). Classes: the sorted
-    unique labels. With a split column, ImageSet.given_split holds each kept row's part."""
+    """A labels file's images, decoded as an image folder's are (same decoder, same cache; `side`: exactly that
+    side). Classes: the sorted unique labels. With a split column, ImageSet.given_split holds each kept row's part."""
     path = Path(path).expanduser()
     rows = read_labels_file(
         path, path_column=path_column, label_column=label_column, split_column=split_column, skip_bad=skip_bad
     )
-    key = decode_cache_key("labels", rows.fingerprint, columns=[path_column, label_column, rows.split_column],
-                           storage_size=storage_size, policy=policy, skip_bad=skip_bad, max_mixed_side=MAX_MIXED_SIDE,
-                           pillow=PIL.__version__)  # fmt: skip
+    columns = [path_column, label_column, rows.split_column]
+    exact = {} if side is None else {"side": side}  # absent by default: the keys of earlier caches stay valid
+    key = decode_cache_key("labels", rows.fingerprint, columns=columns, storage_size=storage_size, policy=policy,
+                           skip_bad=skip_bad, max_mixed_side=MAX_MIXED_SIDE, pillow=PIL.__version__,
+                           **exact)  # fmt: skip
     classes = sorted(set(rows.names))
     index = {name: i for i, name in enumerate(classes)}
 
@@ -656,13 +750,15 @@ def load_labels_file(
     files = list(zip(rows.paths, range(len(rows.paths))))
     images, kept, meta = _decode_cached(cache_dir / "decoded" / key, path, files, classes, check,
                                         storage_size=storage_size, policy=policy, skip_bad=skip_bad,
-                                        progress=progress)  # fmt: skip
+                                        progress=progress, side=side)  # fmt: skip
     kept = np.asarray(meta["rows"], dtype=np.int64)
     labels = np.asarray([index[rows.names[i]] for i in kept], dtype=np.int64)
     given = meta.get("given_split")
     given = None if given is None else np.asarray(given, dtype=np.int8)
     return ImageSet(images, labels, classes, key, skipped=meta["skipped"], given_split=given,
-                    storage_size=storage_size, resize_policy=policy)  # fmt: skip
+                    storage_size=storage_size, resize_policy=policy,
+                    content=content_key(rows.content, columns=columns, skip_bad=skip_bad),
+                    duplicates=rows.duplicates)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ CIFAR-10
@@ -675,7 +771,7 @@ def cifar10_dir(data_dir: str | None) -> Path:
     ).expanduser()
 
 
-def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True) -> ImageSet:
+def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True, side: int | None = None) -> ImageSet:
     root = cifar10_dir(data_dir)
     folder = root / CIFAR_FOLDER
     if not (folder / "batches.meta").exists():
@@ -693,9 +789,11 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
                 f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}): point --data-dir "
                 f"(or TRANSFERLAB_DATA_DIR) at a folder holding {CIFAR_FOLDER}, or pass --data PATH to an image folder"
             ) from None
-    digest = hashlib.sha256(f"{folder.resolve()}".encode())
+    digest, content = hashlib.sha256(f"{folder.resolve()}".encode()), hashlib.sha256(b"cifar10")
     for name in sorted(os.listdir(folder)):
-        digest.update(f"{name}|{(folder / name).stat().st_size}".encode())
+        entry = f"{name}|{(folder / name).stat().st_size}"
+        digest.update(entry.encode())
+        content.update(f"{entry}\n".encode())
     key = decode_cache_key("cifar10", digest.hexdigest())
     cached = _cache_load(cache_dir / "decoded" / key)
     if cached is None:
@@ -703,18 +801,22 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
         def read(names):
             xs, ys = [], []
             for name in names:
-                path = folder / name
+                batch = _cifar_pickle(folder / name, "batch")
                 try:
-                    with open(path, "rb") as handle:
-                        batch = pickle.load(handle, encoding="latin1")
-                except (OSError, pickle.UnpicklingError, EOFError) as error:
-                    raise DataError(f"cannot read CIFAR-10 batch {path}: {error}") from None
-                xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-                ys.append(np.asarray(batch["labels"], dtype=np.int64))
+                    xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                    ys.append(np.asarray(batch["labels"], dtype=np.int64))
+                except (KeyError, TypeError, ValueError) as error:
+                    raise DataError(
+                        f"CIFAR-10 batch {folder / name} is not a CIFAR-10 batch ({_one_line(error)})"
+                    ) from None
             return np.concatenate(xs), np.concatenate(ys)
 
-        with open(folder / "batches.meta", "rb") as handle:
-            classes = pickle.load(handle, encoding="latin1")["label_names"]
+        try:
+            classes = [str(c) for c in _cifar_pickle(folder / "batches.meta", "class list")["label_names"]]
+        except (KeyError, TypeError) as error:
+            raise DataError(
+                f"CIFAR-10 class list {folder / 'batches.meta'} has no label_names ({_one_line(error)})"
+            ) from None
         train_x, train_y = read([f"data_batch_{i}" for i in range(1, 6)])
         test_x, test_y = read(["test_batch"])
         images = np.concatenate([train_x, test_x])
@@ -723,7 +825,25 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
         cached = (images, labels, {"classes": classes, "n_train": len(train_y)})
     images, labels, meta = cached
     n = meta["n_train"]
-    return ImageSet(images[:n], labels[:n], meta["classes"], key, test_images=images[n:], test_labels=labels[n:])
+    if side is not None and side != images.shape[1]:  # stored as another run stored its files: each image resized
+        images = np.stack([np.asarray(fit_to_square(Image.fromarray(x), side, "crop")) for x in images])
+    return ImageSet(images[:n], labels[:n], meta["classes"], key, test_images=images[n:], test_labels=labels[n:],
+                    content=content_key(content.hexdigest()))  # fmt: skip
+
+
+def _cifar_pickle(path: Path, what: str) -> dict:
+    """One of CIFAR-10's pickled files, or a one-line DataError (missing, truncated, not a pickle of a dict)."""
+    try:
+        with open(path, "rb") as handle:
+            value = pickle.load(handle, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+            IndexError) as error:  # fmt: skip
+        raise DataError(
+            f"cannot read CIFAR-10 {what} {path}: {_one_line(error)} (a truncated or damaged file?)"
+        ) from None
+    if not isinstance(value, dict):
+        raise DataError(f"cannot read CIFAR-10 {what} {path}: it holds a {type(value).__name__}, not a dict")
+    return value
 
 
 def storage_size_for(config) -> int:
@@ -733,35 +853,23 @@ def storage_size_for(config) -> int:
     return config.storage_size or math.ceil(config.resolution / config.crop_fraction - 1e-9)
 
 
-def load_images(config, storage_size: int | None = None) -> ImageSet:
-    """The data set a RunConfig names, stored at most `storage_size` (default storage_size_for(config)) square.
+def load_images(config, storage_size: int | None = None, *, side: int | None = None) -> ImageSet:
+    """The data set a RunConfig names, stored at most `storage_size` (default storage_size_for(config)) square, or,
+    with `side`, at exactly that side (every file as a run that stored its images at `side` saw it).
 
     CIFAR-10's 32 x 32 images are never enlarged, so they are the same arrays at any storage size."""
     cache_dir = config.resolved_cache_dir()
+    common = {"storage_size": storage_size or storage_size_for(config), "policy": config.resize_policy,
+              "skip_bad": config.skip_bad_images, "progress": config.progress, "side": side}  # fmt: skip
     if config.labels is not None:
-        return load_labels_file(
-            config.labels,
-            cache_dir,
-            path_column=config.labels_path_column,
-            label_column=config.labels_label_column,
-            split_column=config.labels_split_column,
-            storage_size=storage_size or storage_size_for(config),
-            policy=config.resize_policy,
-            skip_bad=config.skip_bad_images,
-            progress=config.progress,
-        )
+        return load_labels_file(config.labels, cache_dir, path_column=config.labels_path_column,
+                                label_column=config.labels_label_column, split_column=config.labels_split_column,
+                                **common)  # fmt: skip
     if config.data == "cifar10":
-        images = load_cifar10(config.data_dir, cache_dir, download=config.download)
+        images = load_cifar10(config.data_dir, cache_dir, download=config.download, side=side)
         images.resize_policy = config.resize_policy  # square already; predict applies it to other files
         return images
-    return load_image_folder(
-        config.data,
-        cache_dir,
-        storage_size=storage_size or storage_size_for(config),
-        policy=config.resize_policy,
-        skip_bad=config.skip_bad_images,
-        progress=config.progress,
-    )
+    return load_image_folder(config.data, cache_dir, **common)
 
 
 # ------------------------------------------------------------------------------ splits

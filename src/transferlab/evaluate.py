@@ -11,6 +11,7 @@ validation ran (bf16 autocast, and the dtype of the frozen groups' cached output
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -47,11 +48,19 @@ def tta_probabilities(logits_of: Callable[..., torch.Tensor], tta_flip: bool) ->
     return (probs + logits_of(mirror=True).softmax(1)) / 2 if tta_flip else probs
 
 
-def probability_loss(probs: torch.Tensor, y: torch.Tensor, *, loss: str, label_smoothing: float) -> torch.Tensor:
-    """The run's criterion on probabilities: mean squared error to one-hot, or (smoothed) cross-entropy."""
+def probability_loss(log_p: torch.Tensor, probs: torch.Tensor, y: torch.Tensor, *, loss: str,
+                     label_smoothing: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """The one definition of a loss on predictions, for history, evaluate and calibration alike: mean squared error of
+    the probabilities to one-hot, or (smoothed) cross-entropy of the log-probabilities. The log-probabilities come
+    from the logits (log_softmax), never from clamped probabilities, so a confident mistake costs what it costs."""
     if loss == "mse":
-        return F.mse_loss(probs, F.one_hot(y, probs.shape[1]).float())
-    return F.cross_entropy(probs.clamp_min(1e-12).log(), y, label_smoothing=label_smoothing)
+        return F.mse_loss(probs.float(), F.one_hot(y, probs.shape[1]).float())
+    return F.cross_entropy(log_p, y, label_smoothing=label_smoothing)
+
+
+def nll(log_p: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the true classes (probability_loss's cross-entropy, unsmoothed)."""
+    return probability_loss(log_p, log_p, y, loss="ce").item()
 
 
 def confusion_matrix(y: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
@@ -117,11 +126,15 @@ def reliability(probs: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> d
     }
 
 
-def scores(probs: torch.Tensor, y: torch.Tensor, classes: list[str], *, loss: str, label_smoothing: float) -> dict:
+def scores(view_logits: torch.Tensor, y: torch.Tensor, classes: list[str], *, loss: str, label_smoothing: float,
+           temperature: float = 1.0) -> dict:  # fmt: skip
     """Accuracy, balanced accuracy, macro-F1, loss, NLL, ECE with its reliability bins, n, per-class accuracy,
-    per-class precision / recall / F1 and confusion matrix of (N, K) probabilities against labels."""
+    per-class precision / recall / F1 and confusion matrix of (V, N, K) view logits (view_predictions) against
+    labels. The one scoring path: validation, evaluate and the study's test evaluation all come here."""
     if len(y) == 0:
         raise DataError("nothing to evaluate: the selected split holds no images")
+    log_p, probs = view_predictions(view_logits, temperature)
+    y = y.to(probs.device)
     pred = probs.argmax(1)
     confusion = confusion_matrix(y, pred, len(classes)).cpu()
     per_class = {
@@ -131,8 +144,8 @@ def scores(probs: torch.Tensor, y: torch.Tensor, classes: list[str], *, loss: st
     return {
         "accuracy": (pred == y).sum().item() / len(y),  # exact: correct / n, not a float32 mean
         **balanced_scores(confusion),
-        "loss": probability_loss(probs, y, loss=loss, label_smoothing=label_smoothing).item(),
-        "nll": probability_loss(probs, y, loss="ce", label_smoothing=0.0).item(),
+        "loss": probability_loss(log_p, probs, y, loss=loss, label_smoothing=label_smoothing).item(),
+        "nll": nll(log_p, y),
         **reliability(probs, y),
         "n": len(y),
         "per_class_accuracy": per_class,
@@ -149,42 +162,88 @@ def mean_log_probabilities(view_logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(view_logits.float().log_softmax(-1), 0) - math.log(view_logits.shape[0])
 
 
-def view_probabilities(view_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(V, N, K) logits -> (N, K) probabilities: at T = 1 exactly as validation computes them (the mean of the
-    views' softmaxes), else softmax(log(that mean) / T), which is softmax(logits / T) for one view."""
+def view_predictions(view_logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, N, K) logits -> (N, K) log-probabilities and probabilities, the one definition of a prediction. At T = 1 the
+    probabilities are the mean of the views' softmaxes (as validation computes them), else softmax(log(that mean) / T),
+    which is softmax(logits / T) for one view; the log-probabilities are computed from the logits in log space."""
+    log_p = mean_log_probabilities(view_logits)
     if temperature == 1.0:
-        return tta_probabilities(lambda mirror: view_logits[int(mirror)], view_logits.shape[0] == 2)
-    return (mean_log_probabilities(view_logits) / temperature).softmax(-1)
+        return log_p, tta_probabilities(lambda mirror: view_logits[int(mirror)].float(), view_logits.shape[0] == 2)
+    log_p = (log_p / temperature).log_softmax(-1)
+    return log_p, log_p.exp()
+
+
+def view_probabilities(view_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(V, N, K) logits -> (N, K) probabilities (view_predictions)."""
+    return view_predictions(view_logits, temperature)[1]
 
 
 TEMPERATURE_RANGE = (0.01, 100.0)
+MIN_CALIBRATION_IMAGES = 50  # fewer validation images than this cannot support a fitted temperature
 
 
-def fit_temperature(view_logits: torch.Tensor, y: torch.Tensor, steps: int = 80) -> float:
-    """The T > 0 minimising the NLL of softmax(log p / T) on these images, p the views' mean probabilities.
-    NLL is convex in 1 / T (log-sum-exp of a linear function), so a golden-section search over log T in
-    TEMPERATURE_RANGE finds its minimum; deterministic, in float64. T = 1 is kept unless another is better."""
+@dataclass(frozen=True)
+class Calibration:
+    """The temperature a checkpoint applies, and why: fitted on validation, or 1 (no scaling) with the reason."""
+
+    temperature: float
+    fitted: bool
+    reason: str
+    n: int  # validation images
+    val_nll: float  # at T = 1
+    val_nll_calibrated: float  # at `temperature`
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fit_temperature(view_logits: torch.Tensor, y: torch.Tensor, steps: int = 80) -> Calibration:
+    """The T > 0 minimising the validation NLL of softmax(log p / T), p the views' mean probabilities, where the
+    validation images can support one; else T = 1 with the reason. NLL is convex in 1 / T (log-sum-exp of a linear
+    function), so a golden-section search over log T in TEMPERATURE_RANGE finds its minimum; deterministic, in float64.
+
+    T stays 1 when there are fewer than MIN_CALIBRATION_IMAGES images, when every image is classified correctly
+    (perfectly separated: the NLL then falls all the way to T -> 0, every prediction would read 1.000), when the
+    minimum lies at the range's bound (the same collapse, or its opposite), or when no T lowers the NLL."""
     log_p = mean_log_probabilities(view_logits).double()
     y = y.to(log_p.device)
+    n = len(y)
 
-    def nll(log_t: float) -> float:
-        return F.cross_entropy(log_p / math.exp(log_t), y).item()
+    def at(log_t: float) -> float:
+        return nll(log_p / math.exp(log_t), y)
 
+    base = at(0.0)
+
+    def keep(reason: str) -> Calibration:
+        return Calibration(1.0, False, reason, n, base, base)
+
+    if n < MIN_CALIBRATION_IMAGES:
+        return keep(f"{n} validation images are too few to fit a temperature (at least {MIN_CALIBRATION_IMAGES})")
+    if bool((log_p.argmax(1) == y).all()):
+        return keep(f"all {n} validation images are classified correctly: the fit would drive T to 0 (every "
+                    "prediction certain), so no temperature is fitted")  # fmt: skip
     lo, hi = (math.log(t) for t in TEMPERATURE_RANGE)
     ratio = (math.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = nll(a), nll(b)
+    fa, fb = at(a), at(b)
     for _ in range(steps):
         if fa <= fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
-            fa = nll(a)
+            fa = at(a)
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = nll(b)
+            fb = at(b)
     best = (lo + hi) / 2
-    return math.exp(best) if nll(best) < nll(0.0) else 1.0
+    temperature, fitted_nll = math.exp(best), at(best)
+    low, high = TEMPERATURE_RANGE
+    if not low * 1.01 < temperature < high / 1.01:
+        return keep(f"the fit ran to its bound (T = {temperature:.3g}): the validation images cannot support a "
+                    "temperature")  # fmt: skip
+    if not fitted_nll < base:
+        return keep("no temperature lowers the validation NLL")
+    return Calibration(temperature, True, f"fitted on {n} validation images", n, base, fitted_nll)
 
 
 # ------------------------------------------------------------------------------ checkpoints in use
@@ -203,6 +262,7 @@ class LoadedModel:
     device: torch.device
     info: dict
     temperature: float = 1.0  # fitted on the validation split after training; 1.0 for older checkpoints
+    calibration: dict | None = None  # how the temperature was chosen (Calibration.to_dict); None: not recorded
 
     def logits(self, batch: torch.Tensor, mirror: bool = False) -> torch.Tensor:
         """uint8 (N, H, W, 3) on the device -> float32 logits, computed as validation computed them."""
@@ -255,8 +315,8 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
     backbone = get_backbone(ckpt.arch)
     prefix, suffix = backbone.split(model, ckpt.cut)
     info = {k: getattr(ckpt, k) for k in ("arch", "epoch", "metric", "val_accuracy", "val_loss", "resolution",
-                                          "weights", "config", "data", "resize_policy", "storage_size",
-                                          "crop_fraction", "interpolation")}  # fmt: skip
+                                          "weights", "config", "data", "content", "resize_policy", "storage_size",
+                                          "stored_side", "crop_fraction", "interpolation")}  # fmt: skip
     return LoadedModel(
         model=model,
         prefix=prefix,
@@ -278,7 +338,31 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
         device=dev,
         info=info,
         temperature=ckpt.temperature,
+        calibration=ckpt.calibration,
     )
+
+
+def stored_as_trained(loaded: LoadedModel, config) -> ImageSet:
+    """The images `config` names, each stored exactly as the checkpoint's run stored its own: the run's resize policy
+    and its stored side (every file at that side, enlarged or reduced). Decoded first as the run decoded (its storage
+    size, cached): the run's own data, or any set that comes out at the same side, is read from its cache; a set that
+    comes out at another side is decoded again at the run's. (Checkpoints before format 4 did not record the side:
+    files are stored at most at the run's storage size, as before.)"""
+    from .data import load_images
+
+    data = load_images(config, loaded.info["storage_size"])
+    side = loaded.info.get("stored_side")
+    if side is not None and data.stored_side != side:
+        data = load_images(config, loaded.info["storage_size"], side=side)
+    return data
+
+
+def decode_as_trained(loaded: LoadedModel, path: str | Path) -> np.ndarray:
+    """One file stored exactly as the checkpoint's run stored its images (see stored_as_trained)."""
+    side = loaded.info.get("stored_side")
+    if side is not None:
+        return decode_image(Path(path), side, loaded.info["resize_policy"])
+    return decode_image(Path(path), loaded.info["storage_size"], loaded.info["resize_policy"], upscale=False)
 
 
 def align_labels(loaded: LoadedModel, data: ImageSet) -> np.ndarray:
@@ -300,11 +384,12 @@ def evaluate_arrays(loaded: LoadedModel, images: np.ndarray, labels: np.ndarray,
 def evaluate_logits(loaded: LoadedModel, logits: torch.Tensor, y: torch.Tensor) -> dict:
     """`evaluate_arrays` of (V, N, K) logits already computed by `loaded.view_logits`."""
     options = {"loss": loaded.loss, "label_smoothing": loaded.label_smoothing}
-    result = scores(view_probabilities(logits), y, loaded.classes, **options)
-    calibrated = scores(view_probabilities(logits, loaded.temperature), y, loaded.classes, **options)
+    result = scores(logits, y, loaded.classes, **options)
+    calibrated = scores(logits, y, loaded.classes, **options, temperature=loaded.temperature)
     return {
         **result,
         "temperature": loaded.temperature,
+        "calibration": loaded.calibration,
         "nll_calibrated": calibrated["nll"],
         "ece_calibrated": calibrated["ece"],
         "reliability_calibrated": calibrated["reliability"],
@@ -363,6 +448,7 @@ def _is_image_or_folder(path: str) -> bool:
     return os.path.isdir(path) or path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+TIE_TOLERANCE = 1e-6  # probabilities this close are one value: float32 softmax cannot tell them apart
 PREDICT_BATCH_BYTES = 64 * 2**20  # decoded pixels held at once: batches stay small even for camera photos
 PREDICT_BATCH_FILES = 256
 
@@ -383,17 +469,19 @@ def predict_files(
         for item in pending:
             shapes.setdefault(item[1].shape, []).append(item)
         for group in shapes.values():
-            values, order = loaded.probabilities(np.stack([image for _, image in group])).topk(k)
+            probs = loaded.probabilities(np.stack([image for _, image in group]))
+            values, order = probs.topk(min(len(loaded.classes), max(k, 2)))  # the second: is the first a tie?
             for (i, _), vs, js in zip(group, values.tolist(), order.tolist()):
-                top_k = [{"class": loaded.classes[j], "probability": v} for v, j in zip(vs, js)]
+                top_k = [{"class": loaded.classes[j], "probability": v} for v, j in zip(vs[:k], js[:k])]
                 results[i] = {"file": str(files[i]), "top": top_k}
+                if len(vs) > 1 and vs[0] - vs[1] <= TIE_TOLERANCE:  # the top class is no better than the next
+                    results[i]["tie"] = [loaded.classes[j] for v, j in zip(vs, js) if vs[0] - v <= TIE_TOLERANCE]
 
     pending: list[tuple[int, np.ndarray]] = []
     held = 0
     for i, path in track(enumerate(files), total=len(files), description="predicting", enabled=progress):
         try:
-            # as training stored it: the run's policy, at most its storage size
-            image = decode_image(Path(path), loaded.info["storage_size"], loaded.info["resize_policy"], upscale=False)
+            image = decode_as_trained(loaded, path)
         except DataError as error:
             results[i] = {"file": str(path), "error": str(error)}
             continue

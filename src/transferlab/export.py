@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import ConfigError
 from .evaluate import view_probabilities
+from .fsutil import refuse_output_over_input
 
 FORMATS = ("onnx", "torchscript")
 EXPORT_FORMAT = "transferlab-export-1"
@@ -100,6 +101,7 @@ def export_checkpoint(path: str | Path, fmt: str, out: str | Path) -> Path:
         raise ConfigError(f"-o {out} is a folder: name a file")
     if not out.parent.is_dir():
         raise ConfigError(f"-o {out}: folder {out.parent} does not exist")
+    refuse_output_over_input(out, [path], "-o", ConfigError)
     module, meta = build_exported(path)
     if fmt == "onnx":
         _require_onnx()

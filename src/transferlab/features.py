@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from .augment import Preprocess
+from .errors import OutputError, one_line
+from .fsutil import require_space
 from .progress import bar
 
 FEATURE_CACHE_FORMAT = 2
@@ -88,18 +90,27 @@ class FeatureCache:
         return None
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
+        """Keep the activations in memory and on disk. A disk without room is one warning naming the folder and the
+        space needed (the activations stay in memory for this process; the next computes them again), and leaves no
+        temporary file."""
         self.misses += 1
         self._remember(key, tensor)
         path = self._path(key)
-        if path is not None:
+        if path is None:
+            return
+        array = tensor.cpu().numpy()
+        tmp, checksum = path.with_suffix(f".tmp{os.getpid()}.npy"), path.with_suffix(f".tmp{os.getpid()}.sha256")
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            array = tensor.cpu().numpy()
-            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+            require_space(path, array.nbytes + 256, "the feature cache")
             np.save(tmp, array)
-            checksum = path.with_suffix(f".tmp{os.getpid()}.sha256")
             checksum.write_text(_digest(array))
             os.replace(checksum, path.with_suffix(".sha256"))
             os.replace(tmp, path)
+        except (OSError, OutputError) as error:
+            for leftover in (tmp, checksum):
+                leftover.unlink(missing_ok=True)
+            warnings.warn(f"{one_line(error)}; the frozen features are kept in memory only", stacklevel=2)
 
     def _path(self, key: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{key}.npy"

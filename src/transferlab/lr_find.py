@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,15 +85,13 @@ class LRFindResult:
 
     def save(self, out_dir: str | Path, config: RunConfig | None = None) -> tuple[Path, Path]:
         """lr_find.png (the figure) and lr_find.json (the curve, the suggestion and the run config) in `out_dir`."""
-        from .checkpoint import atomic_write_json
+        from .fsutil import atomic_write_bytes, atomic_write_json
 
         out = Path(out_dir).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         png, record = out / "lr_find.png", out / "lr_find.json"
-        tmp = png.with_name(f".{png.name}.tmp{os.getpid()}")
-        tmp.write_bytes(figure_png(self.figure()))
-        os.replace(tmp, png)
-        atomic_write_json({**self.to_dict(), "config": config.to_dict() if config else None}, record)
+        atomic_write_bytes(figure_png(self.figure()), png, "lr range test figure")
+        atomic_write_json({**self.to_dict(), "config": config.to_dict() if config else None}, record, "lr range test")
         return png, record
 
 
@@ -192,7 +189,7 @@ def lr_find(
     """Library entry point: `transferlab.lr_find(RunConfig(...))`; with `out`, also lr_find.png and lr_find.json
     there. Seeded by config.seed: the same config gives the same curve."""
     from .progress import bar
-    from .train import Trainer
+    from .train import Trainer, batch_bounds
 
     check_range(start_lr, end_lr, steps)
     # peak lr 1: each parameter group's initial lr is then its ratio to the swept rate, the factor train_step takes
@@ -203,14 +200,15 @@ def lr_find(
     lrs: list[float] = []
     losses: list[float] = []
     smoothed: list[float] = []
-    order, position, ema, lowest, stop = None, n, SmoothedLoss(), math.inf, None
+    bounds = batch_bounds(n, batch)  # an epoch's batches, as training takes them
+    order, position, ema, lowest, stop = None, len(bounds), SmoothedLoss(), math.inf, None
     with bar(steps, "lr range test", unit="step", enabled=trainer.config.progress) as progress:
         for lr in rates.tolist():
-            if position >= n:  # a new pass over the training split
+            if position >= len(bounds):  # a new pass over the training split
                 order, position = trainer.start_epoch(1), 0
-            idx = order[position : position + batch]
-            position += batch
-            loss = trainer.train_step(idx, lr)[0].item()
+            start, stop_at = bounds[position]
+            position += 1
+            loss = trainer.train_step(order[start:stop_at], lr)[0].item()
             if not math.isfinite(loss):
                 stop = f"the loss is {loss} at lr {lr:.3g}"
                 break

@@ -29,7 +29,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class WeightsError(RuntimeError):
-    """Weights are missing or do not fit the architecture (message is one line)."""
+    """Weights are missing or do not fit the architecture (message is one line). Its advice names the fix where the
+    user is: `train`'s --weights flag, or (for_study) a study spec's weights key."""
+
+    FIXES = {
+        "train": {"path": "--weights PATH", "none": "--weights none", "any": "--weights imagenet|none|PATH"},
+        "study": {
+            "path": '--set weights=PATH (or weights = "PATH" in [run])',
+            "none": "--set weights=none",
+            "any": "--set weights=imagenet|none|PATH (or weights = ... in [run])",
+        },  # fmt: skip
+    }
+
+    def __init__(self, problem: str, advice: str = "", where: str = "train"):
+        self.problem, self.advice = problem, advice
+        text = advice.format(**self.FIXES[where]) if advice else ""
+        super().__init__(f"{problem}: {text}" if text else problem)
+
+    def for_study(self) -> WeightsError:
+        """The same error with the fix a study takes (its spec has no --weights flag)."""
+        return WeightsError(self.problem, self.advice, "study")
 
 
 @dataclass(frozen=True)
@@ -307,8 +326,8 @@ def _torchvision_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
     except Exception as error:  # noqa: BLE001 - offline, proxy, corrupt download: one piece of advice
         raise WeightsError(
             f"ImageNet weights for {backbone.name} are not in {hub} and could not be downloaded "
-            f"({type(error).__name__}): "
-            f"pass --weights PATH to a local state dict (or set TRANSFERLAB_WEIGHTS), or --weights none"
+            f"({type(error).__name__})",
+            "pass {path} to a local state dict (or set TRANSFERLAB_WEIGHTS), or {none}",
         ) from None
 
 
@@ -321,8 +340,8 @@ def _timm_state_dict(backbone: Backbone) -> tuple[dict[str, torch.Tensor], str]:
     if found is None:
         raise WeightsError(
             f"ImageNet weights for {backbone.name} ({info['hf_hub_id'] or 'no hub id'}) are not in the local Hugging "
-            "Face cache and are not downloaded here: pass --weights PATH to a local state dict or .safetensors file, "
-            "or --weights none"
+            "Face cache and are not downloaded here",
+            "pass {path} to a local state dict or .safetensors file, or {none}",
         )
     return _file_state_dict(Path(found)), f"timm {backbone.timm_name}.{info['tag']} ({found})"
 
@@ -343,7 +362,7 @@ def pretrained_on_disk(backbone: Backbone) -> str:
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise WeightsError(f"weights file {path} does not exist: pass --weights imagenet|none|PATH")
+        raise WeightsError(f"weights file {path} does not exist", "pass {any}")
     if path.suffix == ".safetensors":
         from .timm_backbone import load_state_file
 
@@ -379,7 +398,7 @@ def weights_identity(arch: str, weights: str, seed: int | None = None) -> str:
     if path.is_dir():
         raise WeightsError(f"weights file {path} is a directory, not a file")
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist: pass --weights imagenet|none|PATH")
+        raise WeightsError(f"weights file {path} does not exist", "pass {any}")
     stat = path.stat()
     return f"file:{path.resolve()}|{_file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}"
 

@@ -28,6 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 from .config import REPLICATE_AXES, configuration_of, higher_is_better, replicate_axes  # noqa: E402
+from .errors import OutputError  # noqa: E402
+from .fsutil import atomic_write_bytes, atomic_write_text  # noqa: E402
 from .stats import difference_verdict, format_difference, paired_difference, percent_with_interval  # noqa: E402
 from .storage import (  # noqa: E402
     StudyError,
@@ -1858,7 +1860,7 @@ def render_markdown(blocks: list[Block], figure_dir: Path) -> str:
         elif b.kind == "figure":
             n += 1
             name = f"figure{n}.png"
-            (figure_dir / name).write_bytes(b.png)
+            atomic_write_bytes(b.png, figure_dir / name, "report figure")
             out.append(f"![{b.text}]({figure_dir.name}/{name})\n\n*{b.text}*")
     return "\n\n".join(out) + "\n"
 
@@ -1899,6 +1901,10 @@ def write_report(directory: str | Path, storage: str | None = None, study_name: 
     figure_dir = directory / "report_files"
     figure_dir.mkdir(exist_ok=True)
     md, page = directory / "report.md", directory / "report.html"
-    md.write_text(f"# transferlab report: {data.name}\n\n" + render_markdown(blocks, figure_dir))
-    page.write_text(render_html([Block("h2", f"transferlab report: {data.name}")] + blocks, data.name))
+    try:
+        atomic_write_text(f"# transferlab report: {data.name}\n\n" + render_markdown(blocks, figure_dir), md, "report")
+        atomic_write_text(render_html([Block("h2", f"transferlab report: {data.name}")] + blocks, data.name), page,
+                          "report")  # fmt: skip
+    except OutputError as error:
+        raise StudyError(str(error)) from None
     return [md, page]

@@ -23,8 +23,8 @@ same run directory, resumed from its state.pt.
 Sampling: TPE and random draw trial number k of a search with the seed `seed + k`: the same spec proposes the same
 trials, a continued search new ones rather than its first ones again (a sampler made afresh with one seed would repeat
 them), and parallel workers different ones. QMC and grid keep the seed: their position comes from the trials in the
-storage. Two workers that still pick the same parameters at once do not share a run directory: the second sees the
-first's claim on it (a file lock) and skips the trial.
+storage. Two workers that still pick the same parameters at once do not share a run directory: the second finds the
+first's lock on it (train.RunBusyError) and skips the trial.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 
 from . import study as runner
 from .config import SearchRange, SearchSpec, StudySpec, higher_is_better
-from .storage import StudyError, claimed
+from .storage import StudyError
 
 WAITING, RUNNING, COMPLETE, PRUNED = TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED
 
@@ -264,8 +264,10 @@ def objective(worker: runner.Worker, search: Search, trial: optuna.Trial) -> flo
         trial.set_user_attr(name, value)
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     runner.log(f"search {search.label}: trial {trial.number}{' (retried)' if retry else ''}: {shown}")
-    # the check above misses a trial that started at the same moment: its run directory says it
-    with claimed(worker.directory / "trials" / runner.slug(job.key, job.job_id) / "claim.lock") as mine:
-        if not mine:
-            _skip(trial, "another worker is training the same parameters")
+    # the check above misses a trial that started at the same moment: its run directory's lock says it
+    from .train import RunBusyError
+
+    try:
         return worker.train_job(trial, job, prune=True)
+    except RunBusyError:
+        _skip(trial, "another worker is training the same parameters")

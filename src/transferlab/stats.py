@@ -53,6 +53,18 @@ def decimals_for(half_width: float) -> int:
     return MAX_DECIMALS
 
 
+def interval_decimals(k: int, n: int) -> int:
+    """Decimals a percentage k / n may show: `decimals_for` the larger half of its Wilson interval."""
+    low, high = wilson_interval(k, n)
+    p = k / n
+    return decimals_for(100 * max(p - low, high - p))
+
+
+def percent(k: int, n: int) -> str:
+    """k of n as a percentage at the precision its Wilson interval justifies, without the interval: "67.4%"."""
+    return f"{100 * k / n:.{interval_decimals(k, n)}f}%"
+
+
 def percent_with_interval(k: int, n: int) -> str:
     """k correct of n as a percentage with its Wilson 95% interval, at the precision the interval justifies
     (`decimals_for` of its larger half): "67.4% (95% CI 65.3-69.4)", "90% (95% CI 60-98)"."""

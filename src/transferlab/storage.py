@@ -14,13 +14,14 @@ neither selected nor reported.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import urllib.parse
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .errors import first_line
 
 if TYPE_CHECKING:
     import optuna
@@ -44,9 +45,34 @@ def _parse(url: str):
         return None
 
 
+# Query parameters that carry a secret: psycopg2's password / sslpassword, MySQL drivers' passwd, ODBC's PWD, tokens
+CREDENTIAL = re.compile(r"pass|pwd|secret|token|credential|api_?key", re.IGNORECASE)
+PASSWORD_KEYS = ("password", "passwd", "pwd")  # a query parameter that is the password itself
+
+
+def _credential_query(parsed) -> dict[str, tuple[str, ...]]:
+    """The URL's query parameters that hold secrets, each with its values."""
+    if parsed is None:
+        return {}
+    return {k: (v,) if isinstance(v, str) else tuple(v) for k, v in parsed.query.items() if CREDENTIAL.search(k)}
+
+
 def password_of(url: str) -> str | None:
+    """The URL's password: its user-info part, else a password query parameter (?password=...)."""
     parsed = _parse(url)
-    return parsed.password if parsed is not None else None
+    if parsed is None:
+        return None
+    if parsed.password is not None:
+        return parsed.password
+    query = {k.lower(): v for k, v in _credential_query(parsed).items()}
+    return next((query[k][0] for k in PASSWORD_KEYS if k in query), None)
+
+
+def secrets_of(url: str) -> list[str]:
+    """Every secret the URL holds: its password and each credential query parameter's value."""
+    parsed = _parse(url)
+    found = [parsed.password] if parsed is not None and parsed.password else []
+    return found + [v for values in _credential_query(parsed).values() for v in values if v]
 
 
 def _unquoted_at(parsed) -> bool:
@@ -58,36 +84,42 @@ def _unquoted_at(parsed) -> bool:
 
 
 def redact(url: str) -> str:
-    """The URL as it may be shown: its password replaced by ***."""
+    """The URL as it may be shown: its password and credential query parameters replaced by ***."""
     parsed = _parse(url)
     if parsed is None:
         return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
     if _unquoted_at(parsed):  # everything up to the last '@' may be the password
         return re.sub(r"(://[^/:@]*:).*@", r"\1***@", url)
-    return parsed.render_as_string(hide_password=True) if parsed.password is not None else url
+    credentials = _credential_query(parsed)
+    if credentials:  # a placeholder the URL would escape, swapped for *** once rendered
+        parsed = parsed.update_query_dict({k: "REDACTED" for k in credentials})
+    shown = parsed.render_as_string(hide_password=True) if parsed.password is not None or credentials else url
+    return shown.replace("=REDACTED", "=***")
 
 
 def without_password(url: str) -> str:
-    """The URL as it may be saved: no password at all (later runs get it from the environment)."""
+    """The URL as it may be saved: no password or credential query parameter at all (later runs get the password
+    from the environment)."""
     parsed = _parse(url)
-    if parsed is None or parsed.password is None:
+    credentials = _credential_query(parsed)
+    if parsed is None or (parsed.password is None and not credentials):
         return url
+    if credentials:
+        parsed = parsed.difference_update_query(credentials)
     return parsed._replace(password=None).render_as_string(hide_password=False)  # set() ignores None
 
 
 def hide(text: str, url: str) -> str:
-    """`text` with the URL's password, as typed or URL-quoted, replaced by ***."""
-    password = password_of(url)
-    if not password:
-        return text
-    for form in {password, urllib.parse.quote(password, safe=""), urllib.parse.quote_plus(password)}:
-        text = text.replace(form, "***")
+    """`text` with the URL's secrets, as typed or URL-quoted, replaced by ***."""
+    for secret in sorted(secrets_of(url), key=len, reverse=True):
+        for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}:
+            text = text.replace(form, "***")
     return text
 
 
 def _with_password(url: str, password_env: str | None) -> str:
     parsed = _parse(url)
-    if parsed is None or parsed.password is not None or not parsed.host:
+    if parsed is None or password_of(url) is not None or not parsed.host:
         return url
     for name in (password_env, PASSWORD_ENV):
         if name and os.environ.get(name):
@@ -164,15 +196,16 @@ def resolve_url(
         url = default_url(directory)
     if _unquoted_at(_parse(url)):  # its host would be the password's tail, shown in every error
         raise StudyError(f"storage {redact(url)}: the password holds a raw '@'; URL-quote it (%40)")
+    parsed = _parse(url)
+    if parsed is not None and parsed.get_backend_name() == "sqlite" and _sqlite_file(url) is None:
+        raise StudyError(
+            f"storage {redact(url)}: an in-memory SQLite database ends with the process and the study with it; name a "
+            "file (sqlite:///path/study.db) or leave --storage out (the study directory's study.db)"
+        )
     return _with_password(url, password_env)
 
 
 # ------------------------------------------------------------------------------ opening
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 @contextlib.contextmanager
 def storage_errors(url: str):
     """Database errors as one-line StudyErrors naming the storage, its password hidden."""
@@ -181,7 +214,13 @@ def storage_errors(url: str):
     try:
         yield
     except SQLAlchemyError as error:
-        raise StudyError(f"storage {redact(url)}: {hide(_first_line(error), url)}") from None
+        text = hide(first_line(error), url)
+        named = _sqlite_file(url)
+        if named is not None and "full" in text.lower():  # SQLite: "database or disk is full"
+            from .fsutil import free_bytes
+
+            text += f" ({free_bytes(named.parent) / 2**20:,.1f} MB free beside {named}: free some space and run again)"
+        raise StudyError(f"storage {redact(url)}: {text}") from None
 
 
 def require_existing(url: str) -> None:
@@ -198,33 +237,6 @@ def lock_path(url: str, directory: Path) -> Path:
     return Path(f"{named}.lock") if named is not None else Path(directory) / "study.lock"
 
 
-@contextlib.contextmanager
-def exclusive(lock_file: Path):
-    """One process at a time (creating the tables of a new storage, reading then queueing jobs)."""
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def claimed(lock_file: Path):
-    """Yields whether this process holds `lock_file` (never waits): one training per run directory at a time."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def open_storage(url: str, **heartbeat: Any) -> RDBStorage:
     """An Optuna RDB storage; an invalid, unreachable or corrupt one is a one-line StudyError."""
     import optuna
@@ -235,7 +247,7 @@ def open_storage(url: str, **heartbeat: Any) -> RDBStorage:
     try:
         return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except Exception as error:  # a bad URL, a missing driver, no server, not a database: all say why in one line
-        raise StudyError(f"cannot open the storage {redact(url)}: {hide(_first_line(error), url)}") from None
+        raise StudyError(f"cannot open the storage {redact(url)}: {hide(first_line(error), url)}") from None
 
 
 # ------------------------------------------------------------------------------ the current spec's trials

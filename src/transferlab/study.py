@@ -49,14 +49,16 @@ from optuna.trial import TrialState
 from .config import ConfigError, RunConfig, StudySpec, configuration_of, higher_is_better
 from .data import ImageSet, load_images, storage_size_for
 from .features import FeatureCache
+from .fsutil import exclusive
 from .progress import console
+from .selection import Tie, best_group, best_trial
 from .stats import percent_with_interval
 from .storage import (
     PASSWORD_ENV,
     RUN_KINDS,
     StudyError,
+    current_identities,
     default_url,
-    exclusive,
     grid_trials,
     hide,
     lock_path,
@@ -440,6 +442,12 @@ class Worker:
         if not job.identities:  # queued before trials had identities
             for name, value in self.identify(job).attrs().items():
                 trial.set_user_attr(name, value)
+        current = current_identities(self.study)  # the grid points of the spec `study run` recorded last
+        if current is not None and not set(job.identities.values()) <= current:
+            why = "queued by an earlier spec (the spec, data or weights changed since): not run"
+            trial.set_user_attr("stale", why)
+            log(f"trial {trial.number}: {job.key} was {why}")
+            raise optuna.TrialPruned(why)
         duplicate = self._duplicate_of(trial, job)
         if duplicate is not None:
             trial.set_user_attr("duplicate_of", duplicate)
@@ -454,7 +462,8 @@ class Worker:
         With `prune` (a search's trial) the study's pruner may stop it after an epoch: what it trained is recorded
         and the trial is pruned; a run whose loss stops being finite is pruned too (`stopped`: "diverged")."""
         from .cost import measure_cost
-        from .train import Trainer, TrainingError, improves
+        from .selection import improves
+        from .train import Trainer, TrainingError
 
         config = self._config(trial, job)
         if self.feature_cache is None:
@@ -462,7 +471,9 @@ class Worker:
         run_dir = self.directory / "trials" / slug(job.key, job.job_id)
         self._claimed = (trial.number, run_dir)
         started = time.time()
-        trainer = Trainer(config, run_dir, images=self.images_for(config), feature_cache=self.feature_cache, log=log)
+        # the folder is named by the job's identity: what it holds is this job's, or a retry's to replace
+        trainer = Trainer(config, run_dir, images=self.images_for(config), feature_cache=self.feature_cache, log=log,
+                          overwrite=True)  # fmt: skip
         metric = self.spec.metric
 
         reported: dict[int, dict] = {}
@@ -621,11 +632,23 @@ def _prepare(
     return spec, directory, url, study
 
 
+@contextlib.contextmanager
+def spec_advice():
+    """Errors whose fix is a run option say how a study sets it (its spec, --set), not how `train` does."""
+    from .models import WeightsError
+
+    try:
+        yield
+    except WeightsError as error:
+        raise error.for_study() from None
+
+
 def run_worker(spec_path, *, study_dir=None, storage=None, overrides=(), wait_for_others: bool = False) -> None:
     """Join an existing study and work through its waiting trials."""
-    spec, directory, url, study = _prepare(spec_path, study_dir, storage, overrides, create=False)
-    with storage_errors(url):
-        Worker(spec, directory, study).run(wait_for_others)
+    with spec_advice():
+        spec, directory, url, study = _prepare(spec_path, study_dir, storage, overrides, create=False)
+        with storage_errors(url):
+            Worker(spec, directory, study).run(wait_for_others)
 
 
 def record_spec(study: optuna.Study, spec: StudySpec, spec_path, url: str, jobs: list[Job], searches=()) -> None:
@@ -664,6 +687,11 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
     """Create or resume the study, run everything still to do, select, test once, report."""
     if workers < 1:
         raise StudyError(f"--workers {workers}: expected 1 or more worker processes")
+    with spec_advice():
+        return _run_study(spec_path, study_dir, storage, workers, overrides, report)
+
+
+def _run_study(spec_path, study_dir, storage, workers: int, overrides, report: bool) -> Path:
     started = time.time()
     spec, directory, url, study = _prepare(spec_path, study_dir, storage, overrides)
     save_url(directory, url)
@@ -719,19 +747,23 @@ def run_study(spec_path, *, study_dir=None, storage=None, workers: int = 1, over
 
 
 # ---------------------------------------------------------------------- selection and the single test evaluation
-def best_configuration(trials: list, spec: StudySpec) -> tuple[Any, list]:
+def best_configuration(trials: list, spec: StudySpec) -> tuple[Any, list, Tie | None]:
     """The configuration (a grid point without its replicate axes: seed, fold) of best mean metric over its
-    replicates, and of those the trial of best metric, whose checkpoint is the one tested; ties go to the lowest
-    trial number. Returns (that trial, the configuration's trials). Without replicates: the best trial, alone."""
-    sign = 1 if higher_is_better(spec.metric) else -1
+    replicates, and of those the trial of best metric, whose checkpoint is the one tested (selection.py breaks ties:
+    validation loss, then fewer epochs, then the lower trial number). Returns (that trial, the configuration's
+    trials, the tie the choice of configuration broke, or None). Without replicates: the best trial, alone."""
     if not spec.replicates:  # every trial its own configuration (a search's trials share their grid point)
-        best = max(trials, key=lambda t: (sign * t.value, -t.number))
-        return best, [best]
+        best, tie = best_trial(trials, spec.metric)
+        return best, [best], tie
     groups: dict[str, list] = {}
     for t in sorted(trials, key=lambda t: t.number):
         groups.setdefault(point_key(configuration_of(t.user_attrs["point"], spec.replicates)), []).append(t)
-    chosen = max(groups.values(), key=lambda g: (sign * statistics.fmean(t.value for t in g), -g[0].number))
-    return max(chosen, key=lambda t: (sign * t.value, -t.number)), chosen
+
+    def label(group: list) -> str:
+        return point_key(configuration_of(group[0].user_attrs["point"], spec.replicates))
+
+    chosen, tie = best_group(list(groups.values()), spec.metric, label)
+    return best_trial(chosen, spec.metric)[0], chosen, tie
 
 
 def select_and_test(
@@ -756,7 +788,7 @@ def select_and_test(
         )
     if not trials:
         raise StudyError("no search trial is complete (all pruned or diverged): nothing to select")
-    best, replicates = best_configuration(trials, spec)
+    best, replicates, tie = best_configuration(trials, spec)
     selected = study.user_attrs.get("selected")
     if selected and selected.get("identity") == best.user_attrs["identity"]:
         return selected
@@ -777,6 +809,8 @@ def select_and_test(
         "val_macro_f1": best.user_attrs["best"].get("val_macro_f1"),
         "metric": spec.metric,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        # the choice was a tie on the metric, and what broke it (selection.py); None: the metric decided
+        "tie": tie.to_dict() if tie else None,
     }
     if spec.replicates:  # the configuration chosen by its mean; `trial` is its replicate whose checkpoint is tested
         record["configuration"] = {

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
-from .storage import sqlite_url
+from .errors import first_line
+from .storage import hide, redact, sqlite_url
 
 
 class Tracker:
@@ -43,6 +44,38 @@ def _numbers(row: dict) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))}
 
 
+DATABASE_TIMEOUT = 10  # seconds to wait for a tracking database to answer
+
+
+def _check_database(uri: str) -> None:
+    """A database tracking URI whose driver is missing or whose server does not answer: one ConfigError line."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(uri)
+    except Exception:  # noqa: BLE001 - not a database URL (a server, a folder): MLflow judges it
+        return
+    backend = url.get_backend_name()
+    if backend not in ("postgresql", "mysql", "mssql", "oracle"):  # a server, a folder, SQLite: MLflow judges it
+        return
+    timeout = {"connect_timeout": DATABASE_TIMEOUT} if backend in ("postgresql", "mysql") else {}
+    where = f"--log mlflow: MLFLOW_TRACKING_URI={redact(uri)}"
+    try:
+        engine = create_engine(uri, connect_args=timeout)
+    except ImportError as error:
+        raise ConfigError(f"{where} needs the {backend} driver {error.name or ''}, which is not installed") from None
+    except Exception as error:  # noqa: BLE001 - an unknown dialect, a malformed URL
+        raise ConfigError(f"{where} is not a usable database URL: {hide(first_line(error), uri)}") from None
+    try:
+        with engine.connect():
+            pass
+    except Exception as error:  # noqa: BLE001 - refused, unknown host, wrong password: the driver's first line
+        raise ConfigError(f"{where}: the database does not answer: {hide(first_line(error), uri)}") from None
+    finally:
+        engine.dispose()
+
+
 class MlflowTracker(Tracker):
     def __init__(self, out_dir: Path):
         _require("mlflow", "mlflow")
@@ -56,7 +89,19 @@ class MlflowTracker(Tracker):
         if not self.uri:
             self.uri = sqlite_url(out_dir.resolve() / "mlflow.db")
             self.artifact_location = (out_dir.resolve() / "mlartifacts").as_uri()
-        self.client = MlflowClient(tracking_uri=self.uri)  # not the fluent API: leaves the caller's active run alone
+        else:
+            _check_database(self.uri)  # before MLflow, which retries an unreachable database for minutes
+        try:  # not the fluent API: leaves the caller's active run alone; a search opens the store now, not mid-run
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client.search_experiments(max_results=1)
+        except Exception as error:  # noqa: BLE001 - a file store, a bad URI, a server's refusal: one line each
+            text = first_line(error)
+            if "maintenance mode" in text:
+                text = "MLflow no longer accepts a folder (file store) as its tracking store"
+            raise ConfigError(f"--log mlflow: cannot use MLFLOW_TRACKING_URI={redact(self.uri)}: "
+                              f"{hide(text, self.uri)}; point it at a database (sqlite:///path/mlflow.db) or a "
+                              "server, or unset it (the run "
+                              "folder's mlflow.db)") from None  # fmt: skip
         self.run_id: str | None = None
 
     def start(self, config: RunConfig) -> None:

@@ -25,19 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from .augment import Preprocess, dataset_statistics, random_crop
-from .checkpoint import Checkpoint, atomic_save, atomic_write_json, read_torch_file, writable_folder
+from .checkpoint import Checkpoint, read_torch_file
 from .config import ConfigError, RunConfig
 from .data import DataError, ImageSet, Split, load_images, split_for
 from .distributed import SINGLE, Distributed, session
-from .evaluate import (
-    balanced_scores,
-    confusion_matrix,
-    fit_temperature,
-    mean_log_probabilities,
-    scores,
-    suffix_logits,
-    view_probabilities,
-)
+from .evaluate import balanced_scores, confusion_matrix, fit_temperature, scores, suffix_logits
 from .features import FeatureCache, compute_features, feature_key, inference_batch_size
 from .freezing import (
     active_groups,
@@ -47,16 +39,19 @@ from .freezing import (
     set_train_mode,
     trainable_groups,
 )
+from .fsutil import atomic_save, atomic_write_json, claimed, writable_folder
 from .models import (
     build_model,
     check_head,
     check_resolution,
     get_backbone,
+    group_modules,
     resolve_device,
     uses_autocast,
     weights_identity,
 )
 from .progress import bar, console
+from .selection import epoch_tie, improves
 from .tracking import make_tracker
 
 
@@ -151,12 +146,37 @@ class TrainingError(RuntimeError):
     """A run cannot go on (its loss is no longer finite); the message is one line."""
 
 
+class RunFolderError(ConfigError):
+    """--out holds another run's results, or another process is training there (message is one line)."""
+
+
+class RunBusyError(RunFolderError):
+    """Another process is training in the run folder now."""
+
+
+RUN_LOCK = ".lock"  # held by the process training in a run folder
+
+
+def identity_difference(theirs: dict, mine: dict) -> str:
+    """What tells two runs' identities apart, in words: "lr 0.001 there, 0.01 here", "the data", "the split"."""
+    old, new = theirs.get("config") or {}, mine.get("config") or {}
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k, "unset") != new.get(k, "unset")]
+    parts = [f"{k} {old.get(k, 'unset')!r} there, {new.get(k, 'unset')!r} here" for k in keys[:3]]
+    parts += [f"{len(keys) - 3} more settings"] if len(keys) > 3 else []
+    parts += [f"the {k}" for k in ("data", "split") if theirs.get(k) != mine.get(k) and not keys]
+    return "; ".join(parts) or "a run written by another version"
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of an epoch of n images. A last batch of one image joins the batch before it:
+    BatchNorm cannot train on one image of a 1x1 map, and one image's gradient would be a step of its own."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 # ------------------------------------------------------------------------------ results
-def improves(row: dict, best: dict | None, metric: str) -> bool:
-    """Is this epoch better than the best so far by the selection metric? (Ties keep the earlier epoch.)"""
-    if best is None:
-        return True
-    return row[metric] < best[metric] if metric == "val_loss" else row[metric] > best[metric]
 
 
 @dataclass
@@ -183,7 +203,9 @@ class RunResult:
         best = None
         for row in rows:
             best = row if improves(row, best, self.metric) else best
-        return {"epochs": epoch, "history": rows, "best_epoch": best["epoch"], "best": best}
+        tie = epoch_tie(rows, self.metric)
+        return {"epochs": epoch, "history": rows, "best_epoch": best["epoch"], "best": best,
+                "tie": tie.to_dict() if tie else None}  # fmt: skip
 
 
 @dataclass
@@ -210,9 +232,11 @@ class Trainer:
         feature_cache: FeatureCache | None = None,
         log: Callable[[str], None] | None = None,
         dist: Distributed = SINGLE,
+        overwrite: bool = False,
     ):
         # one of several processes (torchrun, distributed.py): rank 0 alone logs, draws bars, tracks and writes
         self.dist = dist
+        self.overwrite = overwrite  # may replace another run's results in out_dir (else refused in one line)
         if not dist.main:
             config, log = dataclasses.replace(config, progress=False, log=[]), lambda text: None
         self.config = config = config.resolved()  # the backbone's defaults where the config leaves them unset
@@ -246,6 +270,8 @@ class Trainer:
         )
         self.num_classes = len(self.images.classes)
         self.calibration: dict | None = None
+        self._replaces: list[Path] = []  # another run's result files, removed when this run writes its first epoch
+        self._starting = False  # fit: this process has yet to write the run's first epoch
         # one-off work, kept apart from the epochs; setup_seconds stays None when fit finds the run finished
         self.setup_seconds: float | None = None
         self.feature_seconds = 0.0
@@ -271,6 +297,7 @@ class Trainer:
             config.arch, self.num_classes, weights=config.weights, head=config.head, dropout=config.dropout
         )
         apply_freezing(self.model, self.backbone, self.trainable)
+        self._check_batchnorm()
         # channels_last: faster convolutions on CUDA and, measured here, on CPU too (oneDNN)
         self.model.to(device, memory_format=torch.channels_last)
         self.autocast = uses_autocast(config.amp, device)
@@ -309,6 +336,19 @@ class Trainer:
             self.class_size = torch.tensor(train_counts, device=device)
             self.class_start = torch.cumsum(self.class_size, 0) - self.class_size
         self._choose_input_path()
+
+    def _check_batchnorm(self) -> None:
+        """Batches of one image cannot train BatchNorm (batch_bounds merges a last one; batch_size 1 is refused)."""
+        if self.config.batch_size > 1 and len(self.split.train) > 1:
+            return
+        batchnorm = torch.nn.modules.batchnorm._BatchNorm
+        norms = [name for name, modules in group_modules(self.model, self.backbone) if name in self.trainable
+                 for m in modules for sub in m.modules() if isinstance(sub, batchnorm)]  # fmt: skip
+        if norms:
+            raise ConfigError(
+                f"batch_size = {self.config.batch_size} with {len(self.split.train)} training image(s): the trainable "
+                f"group {norms[0]} has BatchNorm, which cannot train on one image; use a batch size of 2 or more"
+            )
 
     def _choose_input_path(self) -> None:
         """Cached prefix activations when valid, else the uint8 images on the device."""
@@ -428,19 +468,16 @@ class Trainer:
         return self.dist.gather_rows(torch.cat(out, 1), whole, dim=1)  # every process: all the rows, in order
 
     def evaluate_indices(self, indices: np.ndarray) -> dict:
-        """Validation, scored by the same code as `evaluate` (evaluate.py)."""
+        """Validation, scored by the same code as `evaluate` (evaluate.scores)."""
         y = self.labels[torch.from_numpy(indices).to(self.device)]
-        return scores(
-            view_probabilities(self.validation_logits(indices)),
-            y,
-            self.images.classes,
-            loss=self.config.loss,
-            label_smoothing=self.config.label_smoothing,
-        )
+        config = self.config
+        return scores(self.validation_logits(indices), y, self.images.classes, loss=config.loss,
+                      label_smoothing=config.label_smoothing)  # fmt: skip
 
     def calibrate(self, state: RunState) -> dict:
-        """Temperature scaling of the best checkpoint so far: T fitted on its validation logits (the model holds that
-        epoch's weights for the pass, then its own again). Validation figures recorded per epoch stay uncalibrated."""
+        """Temperature scaling of the best checkpoint so far: T fitted on its validation logits where they can support
+        one (evaluate.fit_temperature), else 1 and why. The model holds that epoch's weights for the pass, then its
+        own again. Validation figures recorded per epoch stay uncalibrated."""
         current = None
         if state.best["epoch"] != state.epoch:
             current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -449,19 +486,24 @@ class Trainer:
         if current is not None:
             self.model.load_state_dict(current)
         y = self.labels[torch.from_numpy(self.split.val).to(self.device)]
-        temperature = fit_temperature(logits, y)
-        log_p = mean_log_probabilities(logits)
-        return {
-            "epoch": state.best["epoch"],
-            "temperature": temperature,
-            "val_nll": F.cross_entropy(log_p, y).item(),
-            "val_nll_calibrated": F.cross_entropy(log_p / temperature, y).item(),
-        }
+        return {"epoch": state.best["epoch"], **fit_temperature(logits, y).to_dict()}
 
     # -------------------------------------------------------------- the loop
     def fit(self, on_epoch: Callable[[dict], bool | None] | None = None) -> RunResult:
         """Train (or resume, or return the finished run). `on_epoch(row)` is called after each epoch is recorded;
-        when it returns True the run stops there, resumable from its state.pt, and the result says `stopped`."""
+        when it returns True the run stops there, resumable from its state.pt, and the result says `stopped`.
+        One process trains in a run folder at a time (a lock that ends with the process, however it ends)."""
+        if not self.dist.main:  # rank 0 holds the folder for all the processes of one run
+            return self._fit(on_epoch)
+        with claimed(self.out_dir / RUN_LOCK) as mine:
+            if not mine:
+                raise RunBusyError(
+                    f"--out {self.out_dir}: another process is training in this folder now; wait for it to finish "
+                    "or choose another --out"
+                )
+            return self._fit(on_epoch)
+
+    def _fit(self, on_epoch) -> RunResult:
         config = self.config
         finished = self.dist.broadcast(self._finished() if self.dist.main else None)  # rank 0 reads for all
         if finished is not None:  # nothing to compute: not even the model or the feature cache
@@ -469,19 +511,18 @@ class Trainer:
             if self.dist.main:
                 (self.out_dir / "state.pt").unlink(missing_ok=True)  # left by a kill just before the end
             return finished
+        saved = self._read_state()
+        if self.dist.main:
+            self._refuse_other_run(saved)
         tracker = make_tracker(config, self.out_dir)  # before the setup: a missing package fails at once
         # one-off work, kept out of the per-epoch `seconds` (training + validation only)
         started = time.perf_counter()
         self._setup()
         self.setup_seconds = time.perf_counter() - started
-        state = self._resume()
+        state = self._resume(saved)
         if not self.dist.agree(state.epoch):  # every process read state.pt; none writes before all have
             raise TrainingError(f"the processes read {self.out_dir / 'state.pt'} differently: run again")
-        if self.dist.main:
-            if state.epoch == 0:
-                self._clear_outputs()
-            atomic_write_json(config.to_dict(), self.out_dir / "config.json")
-            atomic_write_json(self.split.to_dict(), self.out_dir / "split.json")
+        self._starting = self.dist.main  # the first epoch written replaces what an earlier run left
         env = self._environment()
         n_train = len(self.split.train)
         tracker.start(config)
@@ -541,12 +582,13 @@ class Trainer:
         config = self.config
         order = self.start_epoch(epoch)
         n = len(order)
-        steps = math.ceil(n / config.batch_size)
+        bounds = batch_bounds(n, config.batch_size)
+        steps = len(bounds)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         confusion = torch.zeros(self.num_classes, self.num_classes, device=self.device, dtype=torch.long)
-        for step in range(steps):
-            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+        for step, (start, stop) in enumerate(bounds):
+            batch = order[start:stop]
             idx, share = self._share(batch)
             counted = len(idx)
             if not counted:  # too small a batch to reach this process: it steps with the others (DDP needs every
@@ -638,6 +680,8 @@ class Trainer:
         state.epoch = row["epoch"]
         state.history.append(row)
         last = row["epoch"] == config.epochs
+        if write and self._starting:
+            self._start_outputs()
         if improves(row, state.best, config.metric):
             state.best = row
             state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -648,21 +692,55 @@ class Trainer:
         if last or row["epoch"] in config.record_epochs:
             self.calibration = self.calibrate(state)
         if last and write:
-            self._checkpoint(state, self.calibration["temperature"]).save(self.out_dir / "best.pt")
+            self._checkpoint(state, self.calibration).save(self.out_dir / "best.pt")
         elif row["epoch"] in config.record_epochs and not last:
             path = self.out_dir / f"best-epoch{row['epoch']}.pt"
             if write:
-                self._checkpoint(state, self.calibration["temperature"]).save(path)
+                self._checkpoint(state, self.calibration).save(path)
             state.checkpoints[row["epoch"]] = path
         if write:
             self._write_metrics(state, env)
             self._save_state(state)
 
     # -------------------------------------------------------------- what a run directory holds
-    def _clear_outputs(self) -> None:
-        """A run starting from epoch 0 removes an earlier run's results, so no file outlives its config."""
-        for path in [self.out_dir / "best.pt", self.out_dir / "metrics.json", *self.out_dir.glob("best-epoch*.pt")]:
+    def _start_outputs(self) -> None:
+        """Before the run writes its first result: an earlier run's results it replaces (--overwrite) are removed,
+        so no file outlives its config, and this run's config.json and split.json are written. Done at the first
+        epoch's end, not before: a run that fails earlier leaves the folder as it found it."""
+        for path in self._replaces:
             path.unlink(missing_ok=True)
+        self._replaces = []
+        atomic_write_json(self.config.to_dict(), self.out_dir / "config.json", "run config")
+        atomic_write_json(self.split.to_dict(), self.out_dir / "split.json", "split")
+        self._starting = False
+
+    def _refuse_other_run(self, saved: dict | None) -> None:
+        """--out holding another run's results (a metrics.json or state.pt of other settings, data or split) is
+        refused in one line naming the difference, unless this run may overwrite them (then they are replaced when
+        it writes its first epoch)."""
+        mine = self._identity()
+        theirs, what = None, None
+        try:
+            metrics = json.loads((self.out_dir / "metrics.json").read_text())
+            theirs = metrics.get("identity") if isinstance(metrics, dict) else None
+            what = "a finished run" if isinstance(metrics, dict) and metrics.get("finished") else "an unfinished run"
+            theirs = theirs if isinstance(theirs, dict) else {}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError):
+            theirs, what = {}, "an unreadable metrics.json"
+        if theirs == mine or theirs is None:
+            if saved is None or saved.get("identity") == mine:
+                return
+            theirs, what = saved.get("identity") or {}, "a killed run's state.pt"
+        if not self.overwrite:
+            raise RunFolderError(
+                f"--out {self.out_dir} holds {what} with other settings ({identity_difference(theirs, mine)}): pass "
+                "--overwrite to replace it, or choose another --out"
+            )
+        self.log(f"replacing {what} in {self.out_dir} ({identity_difference(theirs, mine)})")
+        self._replaces = [self.out_dir / name for name in ("best.pt", "metrics.json", "state.pt")]
+        self._replaces += list(self.out_dir.glob("best-epoch*.pt"))
 
     def _write_metrics(self, state: RunState, env: dict) -> None:
         best = state.best
@@ -673,6 +751,7 @@ class Trainer:
                 "history": state.history,
                 "metric": self.config.metric,
                 "best_epoch": best["epoch"],
+                "best_epoch_tie": tie.to_dict() if (tie := epoch_tie(state.history, self.config.metric)) else None,
                 "best_val_accuracy": best["val_accuracy"],
                 "best_val_loss": best["val_loss"],
                 "input_path": self.feature_path,
@@ -681,6 +760,9 @@ class Trainer:
                 "weights": self.weights_source,
                 "preprocessing": self._preprocessing(),
                 "data": self.images.key,
+                "content": self.images.content,
+                "stored_side": self.images.stored_side,
+                "duplicates": self.images.duplicates,  # paths dropped: they named an image already listed
                 "n_train": len(self.split.train),
                 "n_val": len(self.split.val),
                 "n_test": len(self.split.test),
@@ -706,19 +788,21 @@ class Trainer:
         pretrained = {"resolution": self.backbone.resolution, **dict(self.backbone.preprocessing)}
         return {**self.preprocess.identity(), "resize_policy": self.images.resize_policy, "pretrained": pretrained}
 
-    def _checkpoint(self, state: RunState, temperature: float = 1.0) -> Checkpoint:
+    def _checkpoint(self, state: RunState, calibration: dict | None = None) -> Checkpoint:
         c, best = self.config, state.best
         return Checkpoint(
             arch=c.arch, head=check_head(self.backbone, c.head), dropout=c.dropout, classes=list(self.images.classes),
             model=state.best_state,
             resize_policy=self.images.resize_policy, storage_size=self.images.storage_size,
+            stored_side=self.images.stored_side, content=self.images.content,
             resolution=c.resolution, mean=list(self.preprocess.mean), std=list(self.preprocess.std), cut=self.cut,
             crop_fraction=c.crop_fraction, interpolation=c.interpolation,
             feature_dtype=str(self.feature_dtype).removeprefix("torch.") if self.feature_dtype else None,
             autocast=self.autocast, loss=c.loss, label_smoothing=c.label_smoothing, tta_flip=c.tta_flip,
             epoch=best["epoch"], metric=c.metric, val_accuracy=best["val_accuracy"], val_loss=best["val_loss"],
             config=c.to_dict(), weights=self.weights_source, data=self.images.key,
-            environment=self._environment(), temperature=temperature,
+            environment=self._environment(), temperature=calibration["temperature"] if calibration else 1.0,
+            calibration=calibration,
         )  # fmt: skip
 
     # -------------------------------------------------------------- resuming a killed run
@@ -741,22 +825,27 @@ class Trainer:
             "generator": self.generator.get_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
-        atomic_save(saved, self.out_dir / "state.pt")
+        atomic_save(saved, self.out_dir / "state.pt", "resume state")
 
-    def _resume(self) -> RunState:
-        """A killed run continues from state.pt when it belongs to this run."""
+    def _read_state(self) -> dict | None:
+        """state.pt as saved, or None (absent, or unreadable: then the run starts over and says so)."""
         path = self.out_dir / "state.pt"
         if not path.exists():
-            return RunState()
+            return None
         try:
             saved = read_torch_file(path, "state", RuntimeError)
         except RuntimeError as error:
             self.log(f"starting over: {error}")
+            return None
+        return saved if isinstance(saved, dict) and "epoch" in saved else None
+
+    def _resume(self, saved: dict | None) -> RunState:
+        """A killed run continues from its state.pt (read by _read_state) when it belongs to this run."""
+        path = self.out_dir / "state.pt"
+        if saved is None:
             return RunState()
-        identity = saved.get("identity") if isinstance(saved, dict) else None
-        if identity != self._identity() or saved["epoch"] >= self.config.epochs:
-            what = "another state" if not identity else next(k for k in identity if identity[k] != self._identity()[k])
-            self.log(f"starting over: {path} belongs to a run with different {what} (its results are replaced)")
+        if saved.get("identity") != self._identity() or saved["epoch"] >= self.config.epochs:
+            self.log(f"starting over: {path} belongs to another run (replaced)")
             return RunState()
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
