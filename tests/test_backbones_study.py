@@ -23,7 +23,7 @@ from test_report import section, tables_in
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
 
 from transferlab.report import backbone_points, load_study_data, pareto_front
-from transferlab.stats import percent_with_interval
+from transferlab.stats import percent, percent_with_interval
 from transferlab.study import grid_trials, run_study
 
 ARCHS = ["squeezenet1_1", "resnet18"]
@@ -110,7 +110,8 @@ def test_report_backbones_table_equals_the_storage(backbones):
             ("inference img/s", "inference_images_per_second"),
         ):
             assert float(row[col[name]].replace(",", "")) == pytest.approx(cost[key], abs=0.051)
-        assert row[col["best val accuracy"]] == f"{100 * t.user_attrs['best']['val_accuracy']:.1f}%"
+        n = t.user_attrs["n_val"]  # at the precision its validation images allow
+        assert row[col["best val accuracy"]] == percent(round(t.user_attrs["best"]["val_accuracy"] * n), n)
     selected = load(directory).user_attrs["selected"]
     tested = [r for r in body if r[col["test accuracy (selected)"]]]
     assert len(tested) == 1

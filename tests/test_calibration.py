@@ -51,6 +51,7 @@ from transferlab.evaluate import (
     view_probabilities,
 )
 from transferlab.models import build_model, get_backbone
+from transferlab.stats import percent
 from transferlab.train import Trainer
 
 
@@ -339,19 +340,25 @@ def test_the_report_shows_the_error_analysis_and_calibration(calibrated_study):
         assert re.search(rf"<img src='data:image/png;base64,[A-Za-z0-9+/=]+' alt='[^']*{caption}", page)
     assert "src='http" not in page and 'src="http' not in page
 
-    for c, v in selected["per_class"].items():
-        cells = [f"{v[k]:.4f}" if v[k] is not None else "-" for k in ("precision", "recall", "f1")]
-        assert f"| {c} | {v['support']} | {' | '.join(cells)} |" in md
     confusion, classes = selected["confusion_matrix"], selected["classes"]
+    for i, (c, v) in enumerate(selected["per_class"].items()):
+        # precision of the images predicted as c, recall of its own images: each at the precision its count allows
+        predicted = sum(row[i] for row in confusion)
+        precision = "-" if v["precision"] is None else percent(confusion[i][i], predicted)
+        recall = "-" if v["recall"] is None else percent(confusion[i][i], v["support"])
+        assert f"| {c} | {v['support']} | {precision} | {recall} | " in md
     off = sorted(
         ((v, i, j) for i, r in enumerate(confusion) for j, v in enumerate(r) if i != j and v), key=lambda x: -x[0]
     )
     for v, i, j in off[:5]:
-        assert f"| {classes[i]} | {classes[j]} | {v} | {100 * v / sum(confusion[i]):.1f}% |" in md
+        assert f"| {classes[i]} | {classes[j]} | {v} | {percent(v, sum(confusion[i]))} |" in md
     c = selected["calibration"]
     assert f"| ECE (15 bins) | {c['ece']:.4f} | {c['ece_calibrated']:.4f} |" in md
     assert f"| NLL | {c['nll']:.4f} | {c['nll_calibrated']:.4f} |" in md
-    assert f"| temperature | 1 | {c['temperature']:.4f}" in md
+    shown = "1 (not fitted)" if not c["fit"]["fitted"] else f"{c['temperature']:.3g}"
+    assert f"| temperature | 1 | {shown}" in md
+    if not c["fit"]["fitted"]:  # a tiny validation split: the report says why T stayed 1
+        assert c["fit"]["reason"] in md
     assert "those of the uncalibrated model" in md
     assert f"of {selected['errors']['n_mistakes']} misclassified test images" in md
 

@@ -1,9 +1,10 @@
 """The study report: every number in report.md's tables is the one stored in the Optuna storage.
 
 The paper tables (one per regime and batch size, a column per epoch count) show each grid point's
-last epoch, accuracies in percent with one decimal, the gap in percentage points; seeds of one grid
-point are aggregated as mean ± sample standard deviation. Time is in its own section (each trained
-epoch counted once), not in these tables.
+last epoch, accuracies in percent and the gap in percentage points, each with no digit finer than its
+uncertainty allows: the Wilson 95% interval of a proportion of that many validation (training) images,
+and for seeds of one grid point (mean ± sample standard deviation) also their spread. Time is in its own
+section (each trained epoch counted once), not in these tables.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
 
 from transferlab.config import StudySpec
-from transferlab.stats import percent_with_interval
+from transferlab.stats import decimals_for, percent, percent_with_interval, wilson_interval
 from transferlab.study import grid_trials, run_study
 
 ROWS = {
@@ -74,6 +75,8 @@ def stored_trials(directory: Path) -> list[dict]:
             "config": t.user_attrs["config"],
             "number": t.number,
             "kind": t.user_attrs["kind"],
+            "n_val": t.user_attrs["n_val"],
+            "n_train": t.user_attrs["n_train"],
         }
         for t in grid_trials(load(directory))
     ]
@@ -85,15 +88,27 @@ def cell_values(trials: list[dict], metric: str) -> list[float]:
     return [t["history"][-1][metric] for t in trials]
 
 
-def expected_cell(values: list[float], metric: str) -> str:
-    if metric == "gap":  # percentage points
+def places(values: list[float], n: int, proportions: list[float]) -> int:
+    """The precision rule: no finer than the Wilson interval of the mean proportion of n images, nor than the
+    replicates' spread."""
+    p = statistics.mean(proportions)
+    low, high = wilson_interval(round(p * n), n)
+    d = decimals_for(100 * max(p - low, high - p))
+    return min(d, decimals_for(100 * statistics.stdev(values))) if len(values) > 1 else d
+
+
+def expected_cell(values: list[float], metric: str, trials: list[dict]) -> str:
+    n_val, n_train = min(t["n_val"] for t in trials), min(t["n_train"] for t in trials)
+    if metric == "gap":  # percentage points, at the validation accuracy's precision
+        d = places(values, n_val, cell_values(trials, "val_accuracy"))
         if len(values) == 1:
-            return f"{100 * values[0]:+.1f} pp"
-        return f"{100 * statistics.mean(values):+.1f} ± {100 * statistics.stdev(values):.1f} pp"
+            return f"{100 * values[0]:+.{d}f} pp"
+        return f"{100 * statistics.mean(values):+.{d}f} ± {100 * statistics.stdev(values):.{d}f} pp"
     if metric.endswith("accuracy"):  # percent
+        d = places(values, n_val if metric.startswith("val") else n_train, values)
         if len(values) == 1:
-            return f"{100 * values[0]:.1f}%"
-        return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}%"
+            return f"{100 * values[0]:.{d}f}%"
+        return f"{100 * statistics.mean(values):.{d}f} ± {100 * statistics.stdev(values):.{d}f}%"
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
@@ -123,7 +138,7 @@ def check_paper_tables(directory: Path, spec: StudySpec, other_axes: tuple[str, 
             metric = ROWS[row[0]]
             for e, cell in zip(epochs, row[1:], strict=True):
                 at = [t for t in members if value(t, "epochs") == e]
-                assert cell == expected_cell(cell_values(at, metric), metric), (key, row[0], e)
+                assert cell == expected_cell(cell_values(at, metric), metric, at), (key, row[0], e)
                 checked += 1
     return checked
 
@@ -166,7 +181,7 @@ def test_seed_cells_are_mean_and_sample_std_of_the_stored_trials(seeds_study):
     cells = [c for rows in tables.values() for r in rows[1:] for c in r[1:]]
     assert all(" ± " in c for c in cells)
     # the seeds differ somewhere, so the ± is not vacuous
-    assert any(not c.endswith((" ± 0.0000", " ± 0.0%", " ± 0.0 pp")) for c in cells)
+    assert any(not c.endswith((" ± 0.0000", " ± 0%", " ± 0.0%", " ± 0 pp", " ± 0.0 pp")) for c in cells)
 
 
 def test_one_seed_cells_are_the_stored_last_epoch_values(axis_study):
@@ -199,12 +214,15 @@ def test_selected_trial_and_all_trials_tables(seeds_study):
     # two seeds per grid point: the configuration chosen by its mean, then the replicate whose checkpoint was tested
     assert values["configuration"] == record["configuration"]["key"]
     assert values["trial tested (its replicate of best val_accuracy)"] == f"{record['trial']} ({record['key']})"
-    assert values["validation accuracy (best epoch)"] == f"{100 * record['val_accuracy']:.2f}%"
+    n_val = record["n_val"]
+    assert values["validation accuracy (best epoch)"] == percent(round(record["val_accuracy"] * n_val), n_val)
+    assert values["validation images"] == str(n_val)
     k, n = round(record["test_accuracy"] * record["n_test"]), record["n_test"]
     assert values["test accuracy"] == percent_with_interval(k, n)  # Wilson interval, justified precision
     assert values["test images"] == str(record["n_test"]) and values["test evaluations recorded"] == "1"
-    assert per_class[0] == ["class", "test images", "test accuracy"]
-    expected = {c: "" if v is None else f"{100 * v:.2f}%" for c, v in record["per_class_accuracy"].items()}
+    assert per_class[0] == ["class", "test images", "test accuracy (95% CI)"]
+    matrix = record["confusion_matrix"]
+    expected = {c: percent_with_interval(matrix[i][i], sum(matrix[i])) for i, c in enumerate(record["classes"])}
     assert {r[0]: r[2] for r in per_class[1:]} == expected
     assert [int(r[1]) for r in per_class[1:]] == [sum(row) for row in record["confusion_matrix"]]
     ((_, rows),) = tables_in(section(text, "All trials"))
@@ -215,12 +233,17 @@ def test_selected_trial_and_all_trials_tables(seeds_study):
         row = dict(zip(header, r))
         t = trials[int(row["trial"])]
         h = t.user_attrs["history"]
-        assert row["best val acc"] == f"{t.user_attrs['best']['val_accuracy']:.4f}"
-        assert (
-            row["final val acc"] == f"{h[-1]['val_accuracy']:.4f}"
-            and row["final train acc"] == f"{h[-1]['train_accuracy']:.4f}"
-        )
-        assert row["best epoch"] == str(t.user_attrs["best"]["epoch"])
+        n_val, n_train = t.user_attrs["n_val"], t.user_attrs["n_train"]
+        assert row["best val acc"] == percent(round(t.user_attrs["best"]["val_accuracy"] * n_val), n_val)
+        assert row["final val acc"] == percent(round(h[-1]["val_accuracy"] * n_val), n_val) and row[
+            "final train acc"
+        ] == percent(round(h[-1]["train_accuracy"] * n_train), n_train)
+        best = t.user_attrs["best"]
+        tied = [r["epoch"] for r in h if r["epoch"] != best["epoch"] and r["val_accuracy"] == best["val_accuracy"]]
+        # a tie on the metric is broken by validation loss (lower), and the report says so
+        assert all(r["val_loss"] > best["val_loss"] for r in h if r["epoch"] in tied)
+        words = f" (a tie with {', '.join(map(str, tied))}, broken by val_loss)" if tied else ""
+        assert row["best epoch"] == f"{best['epoch']}{words}"
         assert (row["input"].endswith("(shared run)")) == (t.user_attrs["kind"] == "derived")
         assert all(row[a] == str(t.user_attrs["point"][a]) for a in ("strategy", "batch_size", "epochs", "seed"))
 

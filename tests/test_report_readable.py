@@ -33,7 +33,7 @@ from transferlab.report import (
     to_toml,
     variant_chart,
 )
-from transferlab.stats import percent_with_interval
+from transferlab.stats import percent, percent_with_interval
 from transferlab.study import grid_trials, run_study
 
 
@@ -64,7 +64,8 @@ def test_summary_table_is_the_stored_best_validation_accuracy_in_percent(tiny):
         point = t.user_attrs["point"]
         row = next(r for r in rows if r[0] == point["strategy"])
         cell = row[1 + [1, 2].index(point["epochs"])]
-        assert cell == f"{100 * t.user_attrs['best']['val_accuracy']:.1f}%"  # one setting per cell: no brackets
+        n = t.user_attrs["n_val"]  # the precision its validation images allow; one setting per cell: no brackets
+        assert cell == percent(round(t.user_attrs["best"]["val_accuracy"] * n), n)
 
 
 def test_summary_names_the_selected_trial_and_its_test_accuracy(tiny):
@@ -72,7 +73,8 @@ def test_summary_names_the_selected_trial_and_its_test_accuracy(tiny):
     selected = load(directory).user_attrs["selected"]
     summary = section(text, "Summary")
     assert f"trial {selected['trial']} ({selected['key']})" in summary
-    assert f"validation accuracy {100 * selected['val_accuracy']:.1f}%" in summary
+    n_val = selected["n_val"]
+    assert f"validation accuracy {percent(round(selected['val_accuracy'] * n_val), n_val)}" in summary
     n = selected["n_test"]
     shown = percent_with_interval(round(selected["test_accuracy"] * n), n)  # with its Wilson interval
     assert f"test accuracy {shown} on {n} test images" in summary and "Wilson score interval" in summary
@@ -85,7 +87,7 @@ def test_use_this_model_commands_name_the_selected_checkpoint(tiny):
     trial = next(t for t in grid_trials(study) if t.number == selected["trial"])
     checkpoint = (directory / trial.user_attrs["checkpoint"]).resolve()
     box = section(text, "Summary").split("### Use this model")[1]
-    assert str(checkpoint) in box and trial.user_attrs["checkpoint"] in box
+    assert str(checkpoint) not in box and trial.user_attrs["checkpoint"] in box  # relative: no machine's folders
     (commands,) = re.findall(r"```\n(.*?)\n```", box, flags=re.S)
     lines = [shlex.split(line) for line in commands.splitlines()]
     assert [line[:2] for line in lines] == [
@@ -93,10 +95,11 @@ def test_use_this_model_commands_name_the_selected_checkpoint(tiny):
         ["transferlab", "evaluate"],
         ["transferlab", "export"],
     ]
-    for line in lines:
-        assert Path(line[2]) == checkpoint and checkpoint.is_file()
+    for line in lines:  # run from the study directory
+        assert not Path(line[2]).is_absolute() and (directory / line[2]).resolve() == checkpoint
     data = lines[1][lines[1].index("--data") + 1]
-    assert Path(data).is_absolute() and Path(data).is_dir()
+    recorded = trial.user_attrs["config"]["data"]  # the spec's own path: absolute stays as given, relative is moved
+    assert data == recorded if Path(recorded).is_absolute() else (directory / data).resolve().is_dir()
     assert lines[2][3:] == ["--format", "onnx", "-o", "model.onnx"]
 
 
@@ -258,11 +261,16 @@ def test_toml_writer_round_trips_the_spec_tree():
 
 def test_seed_spread_in_the_summary_is_averaged():
     trials = [trial(i, "frozen", [1.0], seed=i) for i in range(2)]
-    trials[1]["best"] = {**trials[1]["best"], "val_accuracy": 0.7}
+    trials[1]["best"] = {**trials[1]["best"], "val_accuracy": 0.51}
     data = study_of(trials, {"strategy": ["frozen"], "epochs": [1], "seed": [0, 1]})
     (summary,) = [b for b in build_blocks(data) if b.kind == "table" and b.rows[0][0] == "regime"][:1]
-    mean, std = 100 * statistics.mean([0.5, 0.7]), 100 * statistics.stdev([0.5, 0.7])
-    assert summary.rows[1] == ["frozen", f"{mean:.1f} ± {std:.1f}%, n = 2"]
+    mean, std = 100 * statistics.mean([0.5, 0.51]), 100 * statistics.stdev([0.5, 0.51])
+    # n_val not recorded (trials from before it was): one decimal, the spread (0.7 points) allows it
+    assert summary.rows[1] == ["frozen", f"{mean:.1f} ± {std:.1f}%, n = 2"] == ["frozen", "50.5 ± 0.7%, n = 2"]
+    for t in trials:
+        t["n_val"] = 200  # 50% of 200 images: the Wilson interval is about 7 points either way, so whole points
+    (summary,) = [b for b in build_blocks(data) if b.kind == "table" and b.rows[0][0] == "regime"][:1]
+    assert summary.rows[1] == ["frozen", "50 ± 1%, n = 2"]
 
 
 def test_load_study_data_reads_the_new_time_attributes(tiny):

@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 from test_cli import assert_one_line_error
+from test_report import places
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
 
 from transferlab.cli import main
@@ -135,10 +136,22 @@ def test_an_interval_holding_zero_is_no_measurable_difference():
     d = paired_difference([70.0, 75.0, 71.0, 76.0], [72.0, 73.0, 73.0, 74.0])  # differences -2, 2, -2, 2
     assert d.mean == pytest.approx(0.0) and d.half_width > 0 and not d.measurable
     assert difference_verdict("full", "partial", d) == "no measurable difference"
-    wide = paired_difference([65.0, 67.0], [60.0, 60.0])  # +5, +7: mean 6 but t(1) = 12.7 makes it ± 12.7
-    assert wide.half_width == pytest.approx(12.7062, abs=1e-4) and not wide.measurable
-    assert difference_verdict("a", "b", wide) == "no measurable difference"
+    wide = paired_difference([65.0, 67.0, 66.0], [60.0, 60.0, 60.0])  # +5, +7, +6: mean 6 ± t(2) 4.30 x 1 / sqrt 3
+    assert wide.half_width == pytest.approx(4.3027 / 3**0.5, abs=1e-4) and wide.measurable
+    noisy = paired_difference([65.0, 67.0, 50.0], [60.0, 60.0, 60.0])  # +5, +7, -10
+    assert not noisy.measurable and difference_verdict("a", "b", noisy) == "no measurable difference"
     assert format_difference(Difference(-0.2, 5.0, 3)) == "+0 ± 5"  # rounded to whole points: no "-0"
+
+
+def test_two_replicates_state_no_interval():
+    """Two seeds whose differences agree would claim "16.67 ± 0.00": a t interval from one degree of freedom. Below
+    three replicates no interval is stated, and the verdict says why."""
+    d = paired_difference([80.0, 90.0], [63.33, 73.33])
+    assert d.n == 2 and d.half_width is None and not d.measurable
+    assert format_difference(d) == "+16.7" and "±" not in format_difference(d)
+    assert difference_verdict("a", "b", d).startswith("cannot be measured from 2 replicates")
+    wide = paired_difference([65.0, 67.0], [60.0, 60.0])
+    assert wide.half_width is None and "3 or more" in difference_verdict("a", "b", wide)
 
 
 def test_one_replicate_cannot_measure_a_difference():
@@ -377,9 +390,11 @@ def test_the_report_shows_mean_std_n_intervals_and_paired_differences(repeated):
         by_strategy.setdefault(t.user_attrs["point"]["strategy"], []).append(t)
     configurations = text.split("## Configurations: mean over replicates")[1].split("\n## ")[0]
     assert "2 replicates (seed 0, 1)" in configurations
+    assert "seeds on one fixed split" in configurations  # what the spread covers
     for strategy, ts in by_strategy.items():
         values = [t.user_attrs["best"]["val_accuracy"] for t in ts]
-        cell = f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}%"
+        d = places(values, min(t.user_attrs["n_val"] for t in ts), values)
+        cell = f"{100 * statistics.mean(values):.{d}f} ± {100 * statistics.stdev(values):.{d}f}%"
         assert re.search(rf"\| {strategy} \| 1 \| 2 \| {re.escape(cell)} \|", configurations), (cell, configurations)
     paired = text.split("## Paired differences")[1].split("\n## ")[0]
     assert "95% t interval" in paired and "contains 0" in paired

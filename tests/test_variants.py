@@ -14,6 +14,7 @@ from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_
 
 from transferlab.config import ConfigError, StudySpec
 from transferlab.report import load_study_data
+from transferlab.stats import percent
 from transferlab.study import grid_trials, run_study
 
 VARIANTS = "\n[variants]\nplain = {}\nflipped = { flip = true, lr = 0.01 }\n"
@@ -80,5 +81,6 @@ def test_study_with_variants_runs_and_reports_the_variant_table(tmp_path):
     }
     for t in data.trials:
         column = ["frozen", "full"].index(t["point"]["strategy"])
-        assert rows[t["point"]["variant"]][column] == f"{100 * t['best']['val_accuracy']:.1f}%"
+        n = t["n_val"]  # at the precision its validation images allow
+        assert rows[t["point"]["variant"]][column] == percent(round(t["best"]["val_accuracy"] * n), n)
     assert re.search(r"\| plain \| [0-9.]+% \| [0-9.]+% \|", table)

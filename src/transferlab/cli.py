@@ -90,12 +90,18 @@ def cmd_train(args) -> int:
     from .distributed import from_environment
     from .train import train
 
+    from .selection import epoch_tie
+    from .stats import percent_with_interval
+
     config = _run_config(args)
     result = train(config, args.out, overwrite=args.overwrite)
-    best = result.best
+    best, n = result.best, result.n_val
     if from_environment().main:  # under torchrun: once, by rank 0
+        tie = epoch_tie(result.history, config.metric)
         print(
-            f"best epoch {result.best_epoch} (by {config.metric}): val accuracy {best['val_accuracy']:.4f}, "
+            f"best epoch {result.best_epoch} (by {config.metric}"
+            + (f"; {tie.words('epochs')}" if tie else "")
+            + f"): val accuracy {percent_with_interval(round(best['val_accuracy'] * n), n)} on {n} images, "
             f"val loss {best['val_loss']:.4f} -> {Path(args.out) / 'best.pt'}"
         )
     return 0

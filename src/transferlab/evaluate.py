@@ -470,12 +470,14 @@ def predict_files(
             shapes.setdefault(item[1].shape, []).append(item)
         for group in shapes.values():
             probs = loaded.probabilities(np.stack([image for _, image in group]))
-            values, order = probs.topk(min(len(loaded.classes), max(k, 2)))  # the second: is the first a tie?
-            for (i, _), vs, js in zip(group, values.tolist(), order.tolist()):
-                top_k = [{"class": loaded.classes[j], "probability": v} for v, j in zip(vs[:k], js[:k])]
+            values, order = probs.topk(k)
+            # the classes no less likely than the top one, as far as float32 can tell: more than one is a tie
+            tied = probs >= values[:, :1] - TIE_TOLERANCE
+            for (i, _), vs, js, ties in zip(group, values.tolist(), order.tolist(), tied):
+                top_k = [{"class": loaded.classes[j], "probability": v} for v, j in zip(vs, js)]
                 results[i] = {"file": str(files[i]), "top": top_k}
-                if len(vs) > 1 and vs[0] - vs[1] <= TIE_TOLERANCE:  # the top class is no better than the next
-                    results[i]["tie"] = [loaded.classes[j] for v, j in zip(vs, js) if vs[0] - v <= TIE_TOLERANCE]
+                if int(ties.sum()) > 1:
+                    results[i]["tie"] = [loaded.classes[j] for j in ties.nonzero().flatten().tolist()]
 
     pending: list[tuple[int, np.ndarray]] = []
     held = 0

@@ -11,6 +11,7 @@ import html
 import io
 import json
 import math
+import os
 import shlex
 import statistics
 import time
@@ -30,7 +31,17 @@ import matplotlib.ticker  # noqa: E402
 from .config import REPLICATE_AXES, configuration_of, higher_is_better, replicate_axes  # noqa: E402
 from .errors import OutputError  # noqa: E402
 from .fsutil import atomic_write_bytes, atomic_write_text  # noqa: E402
-from .stats import difference_verdict, format_difference, paired_difference, percent_with_interval  # noqa: E402
+from .stats import (  # noqa: E402
+    MIN_REPLICATES,
+    decimals_for,
+    difference_verdict,
+    format_difference,
+    interval_decimals,
+    paired_difference,
+    percent,
+    percent_with_interval,
+    wilson_interval,
+)
 from .storage import (  # noqa: E402
     StudyError,
     current_identities,
@@ -68,6 +79,7 @@ class StudyData:
     n_test_evaluations: int
     environment: dict
     n_older: int = 0  # complete trials of earlier specs in the storage (not shown)
+    n_stale: int = 0  # trials queued by an earlier spec that a worker found waiting and did not run
     directory: Path | None = None
     attrs: dict = field(default_factory=dict)  # other study user attrs: cwd, software, last_run, spec_path
     lr_found: list[dict] = field(default_factory=list)  # lr = "find": {label, key, lr, finding (the range test)}
@@ -145,6 +157,10 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
                 "setup_seconds": a.get("setup_seconds"),
                 "feature_seconds": a.get("feature_seconds"),
                 "cost": a.get("cost"),  # absent from trials recorded before costs were (cost.py)
+                # what its accuracies are proportions of (older trials: from the run's metrics.json, if it is there)
+                "n_val": a.get("n_val", _from_metrics(directory, a.get("run_dir"), "n_val")),
+                "n_train": a.get("n_train", _from_metrics(directory, a.get("run_dir"), "n_train")),
+                "tie": a.get("best_epoch_tie"),
             }
         )
     evaluations = study.user_attrs.get("test_evaluations", [])
@@ -174,11 +190,21 @@ def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
         len(evaluations),
         env,
         older_trials(study, identities),
+        sum("stale" in t.user_attrs for t in study.get_trials(deepcopy=False)),
         directory,
         {k: study.user_attrs[k] for k in ("cwd", "software", "last_run", "spec_path") if k in study.user_attrs},
         [{**f, "finding": study.user_attrs.get(f["key"])} for f in study.user_attrs.get("lr_found", [])],
         searches=searches,
     )
+
+
+def _from_metrics(directory: Path, run_dir: str | None, key: str):
+    """A value of a run's metrics.json (None when the run folder or the key is not there)."""
+    path = directory / run_dir / "metrics.json" if run_dir else None
+    try:
+        return json.loads(path.read_text()).get(key) if path is not None else None
+    except (OSError, ValueError):
+        return None
 
 
 def _read_search(url: str, record: dict) -> dict:
@@ -237,9 +263,56 @@ def _importances(study, complete: list) -> tuple[dict[str, float] | None, str]:
 
 
 # ------------------------------------------------------------------------------ formatting
-def _pct(value: float | None, digits: int = 1, missing: str = "") -> str:
-    """A fraction as percent; the selected trial's figures use two digits (one test image in 2,000 is 0.05 points)."""
-    return missing if value is None else f"{100 * value:.{digits}f}%"
+# The precision rule (stats.decimals_for): a percentage shows no digit finer than its 95% interval. A proportion of n
+# images gets its Wilson interval's precision; a mean over replicates the coarser of that and the replicates' spread.
+def _share(value: float | None, n: int | None, missing: str = "") -> str:
+    """A proportion measured on n images, as a percentage at its interval's precision (one decimal where n is not
+    recorded, in trials written before it was)."""
+    if value is None:
+        return missing
+    if not n:
+        return f"{100 * value:.1f}%"
+    return percent(round(value * n), n)
+
+
+def _decimals(values: list[float], n: int | None, reference: list[float] | None = None) -> int:
+    """Decimals for the mean of replicate proportions of n images each (or of differences between such proportions,
+    `reference` then being the proportions): no finer than the Wilson interval, nor than the replicates' spread."""
+    mean = statistics.fmean(reference or values)
+    wilson = interval_decimals(round(mean * n), n) if n else 1
+    return min(wilson, decimals_for(100 * statistics.stdev(values))) if len(values) > 1 else wilson
+
+
+def _shares(values: list[float], n: int | None) -> str:
+    """Proportions of n images each: one as _share, replicates as mean ± sample std."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return _share(values[0], n)
+    d = _decimals(values, n)
+    return f"{100 * statistics.fmean(values):.{d}f} ± {100 * statistics.stdev(values):.{d}f}%"
+
+
+def _points(values: list[float], n: int | None, reference: list[float]) -> str:
+    """Differences of proportions of n images each (`reference`: the proportions), in percentage points, at the
+    proportions' precision."""
+    if not values:
+        return ""
+    d = _decimals(values, n, reference)
+    if len(values) == 1:
+        return f"{100 * values[0]:+.{d}f} pp"
+    return f"{100 * statistics.fmean(values):+.{d}f} ± {100 * statistics.stdev(values):.{d}f} pp"
+
+
+def _n_val(trials: list[dict]) -> int | None:
+    """The validation images the trials' accuracies were measured on (the fewest, should they differ)."""
+    found = [t["n_val"] for t in trials if t.get("n_val")]
+    return min(found) if found else None
+
+
+def _n_train(trials: list[dict]) -> int | None:
+    found = [t["n_train"] for t in trials if t.get("n_train")]
+    return min(found) if found else None
 
 
 def _test_accuracy(t: dict) -> str:
@@ -261,29 +334,6 @@ def _fmt(values: list[float], digits: int = 4) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def _fmt_pct(values: list[float]) -> str:
-    """Fractions as percent, one decimal; seeds of one setting as mean ± sample std."""
-    if not values:
-        return ""
-    if len(values) == 1:
-        return _pct(values[0])
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}%"
-
-
-def _fmt_pp(values: list[float]) -> str:
-    """Differences of fractions, in percentage points."""
-    if not values:
-        return ""
-    if len(values) == 1:
-        return f"{100 * values[0]:+.1f} pp"
-    return f"{100 * statistics.mean(values):+.1f} ± {100 * statistics.stdev(values):.1f} pp"
-
-
-def _cell(value: float | None) -> str:
-    """A figure, or blank where a trial recorded before it existed has none."""
-    return "" if value is None else f"{value:.4f}"
 
 
 def _seconds(value: float | None) -> str:
@@ -361,6 +411,7 @@ def summary_table(data: StudyData) -> tuple[Block, dict]:
     With replicates (seeds, folds) a cell is their mean ± sample std and n."""
     epochs = _epochs_of(data)
     cells: dict[tuple, tuple[float, str]] = {}
+    n_val = _n_val(data.trials)
     for regime in _regimes(data):
         for e in epochs:
             by_setting: dict[str, list[float]] = defaultdict(list)
@@ -379,7 +430,7 @@ def summary_table(data: StudyData) -> tuple[Block, dict]:
                 row.append("")
                 continue
             value, setting, values = cells[(regime, e)]
-            shown = _pct(value) if len(values) == 1 else f"{_fmt_pct(values)}, n = {len(values)}"
+            shown = _shares(values, n_val) + (f", n = {len(values)}" if len(values) > 1 else "")
             row.append(shown + (f" ({setting})" if several and setting else ""))
         rows.append(row)
     return Block("table", rows=rows), cells
@@ -414,12 +465,14 @@ def paper_tables(data: StudyData) -> list[Block]:
                 row = [label]
                 for e in epochs:
                     at = [t for t in trials if _value(t, "epochs") == e]
+                    n = _n_val(at) if metric is None or metric.startswith("val") else _n_train(at)
                     if metric is None:
                         row.append(
-                            _fmt_pp([_final_row(t)["train_accuracy"] - _final_row(t)["val_accuracy"] for t in at])
+                            _points([_final_row(t)["train_accuracy"] - _final_row(t)["val_accuracy"] for t in at], n,
+                                    [_final_row(t)["val_accuracy"] for t in at])
                         )
                     elif metric.endswith("accuracy"):
-                        row.append(_fmt_pct([_final_row(t)[metric] for t in at]))
+                        row.append(_shares([_final_row(t)[metric] for t in at], n))
                     else:
                         row.append(_fmt([_final_row(t)[metric] for t in at]))
                 rows.append(row)
@@ -452,13 +505,31 @@ def variant_table(data: StudyData) -> Block:
                 if _value(t, "variant") == variant and _value(t, "strategy") == strategy
             ]
             several = replicate_axes(data.grid) and len(vals) > 1
-            row.append(_fmt_pct(vals) + (f", n = {len(vals)}" if several else ""))
+            row.append(_shares(vals, _n_val(data.trials)) + (f", n = {len(vals)}" if several else ""))
         rows.append(row)
     return Block("table", rows=rows)
 
 
+def _like(value: float | None, reference: float, n: int | None) -> str:
+    """A rate that is no simple proportion (balanced accuracy, macro-F1) at the precision of an accuracy measured on
+    the same n images."""
+    if value is None:
+        return ""
+    d = interval_decimals(round(reference * n), n) if n else 1
+    return f"{100 * value:.{d}f}%"
+
+
+def _best_epoch(t: dict) -> str:
+    """The best epoch, and the tie it broke when others scored the same (selection.epoch_tie)."""
+    tie = t.get("tie")
+    if not tie:
+        return str(t["best"]["epoch"])
+    return f"{t['best']['epoch']} (a tie with {', '.join(map(str, tie['tied']))}, broken by {tie['broken_by']})"
+
+
 def trials_table(data: StudyData) -> Block:
-    """Every grid point at full precision. A derived trial's time is its run's (not counted again)."""
+    """Every grid point, each accuracy at the precision its validation (training) images allow. A derived trial's
+    time is its run's (not counted again)."""
     axes = list(data.grid)
     rows = [
         [
@@ -483,12 +554,12 @@ def trials_table(data: StudyData) -> Block:
             [
                 str(t["number"]),
                 *(str(_value(t, a)) for a in axes),
-                str(t["best"]["epoch"]),
-                f"{t['best']['val_accuracy']:.4f}",
-                _cell(t["best"].get("val_balanced_accuracy")),
-                _cell(t["best"].get("val_macro_f1")),
-                f"{h[-1]['val_accuracy']:.4f}",
-                f"{h[-1]['train_accuracy']:.4f}",
+                _best_epoch(t),
+                _share(t["best"]["val_accuracy"], t.get("n_val")),
+                _like(t["best"].get("val_balanced_accuracy"), t["best"]["val_accuracy"], t.get("n_val")),
+                _like(t["best"].get("val_macro_f1"), t["best"]["val_accuracy"], t.get("n_val")),
+                _share(h[-1]["val_accuracy"], t.get("n_val")),
+                _share(h[-1]["train_accuracy"], t.get("n_train")),
                 source if derived else f"{statistics.mean(r['seconds'] for r in h):.2f}",
                 source if derived else f"{sum(r['seconds'] for r in h):.1f}",
                 t["input_path"] + (" (shared run)" if derived else ""),
@@ -524,9 +595,29 @@ def _replicate_words(data: StudyData) -> str:
     )
 
 
-def _mean_std(values: list[float], metric: str) -> str:
-    return _fmt(values) if metric == "val_loss" else _fmt_pct(values)
+def _mean_std(values: list[float], metric: str, n_val: int | None) -> str:
+    return _fmt(values) if metric == "val_loss" else _shares(values, n_val)
 
+
+def interval_covers(data: StudyData) -> str:
+    """What the spread of a configuration's replicates, and so a paired difference's interval, measures."""
+    axes = replicate_axes(data.grid)
+    if axes == ["seed"]:
+        return (
+            "The replicates are seeds on one fixed split: their spread, and the intervals, cover how training runs "
+            "vary (initialisation, order, augmentation, dropout) measured on the same validation images, not how the "
+            "figures would move on other images (the test accuracy's Wilson interval speaks to that)."
+        )
+    if axes == ["fold"]:
+        return (
+            "The replicates are cross-validation folds: each validates on other images, so their spread, and the "
+            "intervals, cover both how training varies and which images are validated on (folds share most of "
+            "their training images, so the intervals are somewhat optimistic)."
+        )
+    return (
+        "The replicates are seeds and folds together: their spread, and the intervals, cover how training varies and "
+        "which images are validated on (folds share most of their training images, so somewhat optimistically)."
+    )
 
 def configurations_table(data: StudyData) -> Block:
     """One row per configuration, best mean selection metric first: its n replicates and their mean ± std."""
@@ -538,7 +629,7 @@ def configurations_table(data: StudyData) -> Block:
     found = configurations(data)
     found.sort(key=lambda c: -sign * statistics.fmean(t["best"][metric] for t in c[1]))
     for config, trials in found:
-        cells = [_mean_std([t["best"][c] for t in trials], c) for c in columns]
+        cells = [_mean_std([t["best"][c] for t in trials], c, _n_val(trials)) for c in columns]
         mark = "selected" if config == chosen else ""
         rows.append([*(str(config.get(a, "")) for a in axes), str(len(trials)), *cells, mark])
     return Block("table", rows=rows)
@@ -561,8 +652,7 @@ def paired_rows(data: StudyData) -> list[list[str]]:
     found = configurations(data)
 
     def by_replicate(trials: list[dict]) -> dict[tuple, float | None]:
-        values = {tuple(str(t["point"].get(a)) for a in replicates): t["best"].get(metric) for t in trials}
-        return {k: None if v is None else 100 * v for k, v in values.items()}
+        return _by_replicate(trials, metric, replicates)
 
     rows = []
     for axis in axes:
@@ -598,7 +688,7 @@ def replicate_blocks(data: StudyData) -> list[Block]:
             "p",
             f"A configuration is a grid point without its replicate axes; each has {_replicate_words(data)}. "
             f"Figures are each trial's best epoch, as mean ± sample standard deviation over the replicates; the "
-            f"study selects the configuration of best mean {metric}.",
+            f"study selects the configuration of best mean {metric}. " + interval_covers(data),
         ),
         configurations_table(data),
     ]
@@ -612,7 +702,8 @@ def replicate_blocks(data: StudyData) -> list[Block]:
                 f"per-replicate differences in {diff_metric} (best epoch), in percentage points, ± the half-width of "
                 "its 95% t interval. The interval is the range of true mean differences consistent with these "
                 "replicates at 95% confidence: when it contains 0, the replicates cannot tell the two apart "
-                '("no measurable difference"), and with one replicate there is no interval.',
+                f'("no measurable difference"); with fewer than {MIN_REPLICATES} replicates no interval is stated '
+                "(two values that happen to agree would claim a certainty they do not have). " + interval_covers(data),
             ),
             Block("table", rows=[["axis", "held fixed", "difference", "n", "points", "verdict"], *rows]),
         ]
@@ -873,28 +964,50 @@ def class_counts_table(t: dict) -> list[Block]:
     return [Block("p", "Images per class and split (the selected trial's data):"), Block("table", rows=rows)]
 
 
-def _metric_value(value: float, metric: str) -> str:
-    return f"{value:.4f}" if metric == "val_loss" else _pct(value, 2)
+def _metric_value(value: float, metric: str, n: int | None) -> str:
+    return f"{value:.4f}" if metric == "val_loss" else _share(value, n)
+
+
+def _selection_n_val(t: dict) -> int | None:
+    """The validation images of the selected trial (older selections: from its class counts, if recorded)."""
+    if t.get("n_val"):
+        return t["n_val"]
+    counts = (t.get("class_counts") or {}).get("val")
+    return sum(counts.values()) if counts else None
+
+
+def tie_words(t: dict) -> str:
+    """The selection's tie in words, or "" when the metric decided."""
+    tie = t.get("tie")
+    if not tie:
+        return ""
+    what = "configurations" if t.get("configuration") else "trials"
+    return f"a tie on {t['metric']} with {what} {', '.join(map(str, tie['tied']))}, broken by {tie['broken_by']}"
 
 
 def selection_blocks(t: dict, n_evaluations: int) -> list[Block]:
     """The selected trial, and its test evaluation (or why there is none)."""
+    n_val = _selection_n_val(t)
     rows = [
         ["", "value"],
         ["trial", f"{t['trial']} ({t['key']})"],
-        ["selection metric", t["metric"]],
-        ["validation accuracy (best epoch)", _pct(t["val_accuracy"], 2)],
+        ["selection metric", t["metric"] + (f" ({tie_words(t)})" if tie_words(t) else "")],
+        ["validation accuracy (best epoch)", _share(t["val_accuracy"], n_val)],
         ["validation loss (best epoch)", f"{t['val_loss']:.4f}"],
     ]
     if t.get("val_balanced_accuracy") is not None:  # absent from selections recorded before these metrics
-        rows.append(["validation balanced accuracy (best epoch)", _pct(t["val_balanced_accuracy"], 2)])
-        rows.append(["validation macro-F1 (best epoch)", _pct(t["val_macro_f1"], 2)])
+        rows.append(["validation balanced accuracy (best epoch)", _like(t["val_balanced_accuracy"], t["val_accuracy"],
+                                                                        n_val)])  # fmt: skip
+        rows.append(["validation macro-F1 (best epoch)", _like(t["val_macro_f1"], t["val_accuracy"], n_val)])
+    if n_val:
+        rows.append(["validation images", str(n_val)])
     blocks = [Block("h2", "Selected trial and test evaluation"), Block("table", rows=rows)]
     conf = t.get("configuration")
     if conf:  # chosen by its mean over replicates; the row `trial` is the replicate whose checkpoint was tested
+        mean = _metric_value(conf["mean"], t["metric"], n_val)
         rows[1:1] = [
             ["configuration", conf["key"]],
-            [f"mean {t['metric']} over its {len(conf['trials'])} replicates", _metric_value(conf["mean"], t["metric"])],
+            [f"mean {t['metric']} over its {len(conf['trials'])} replicates", mean],
             ["its replicates (trials)", ", ".join(map(str, conf["trials"]))],
         ]
         rows[4][0] = f"trial tested (its replicate of best {t['metric']})"
@@ -902,19 +1015,24 @@ def selection_blocks(t: dict, n_evaluations: int) -> list[Block]:
     if t.get("test_accuracy") is None:
         rows.append(["test", "no test split (test_fraction = 0): not evaluated on a test set"])
         return blocks + counts
+    n_test, accuracy = t["n_test"], t["test_accuracy"]
+    drop = min(interval_decimals(round(accuracy * n_test), n_test),
+               interval_decimals(round(t["val_accuracy"] * n_val), n_val) if n_val else 1)  # fmt: skip
     rows += [
         ["test accuracy", _test_accuracy(t)],
-        *([["test balanced accuracy", _pct(t["test_balanced_accuracy"], 2)]] if "test_balanced_accuracy" in t else []),
-        *([["test macro-F1", _pct(t["test_macro_f1"], 2)]] if "test_macro_f1" in t else []),
+        *([["test balanced accuracy", _like(t["test_balanced_accuracy"], accuracy, n_test)]]
+          if "test_balanced_accuracy" in t else []),
+        *([["test macro-F1", _like(t["test_macro_f1"], accuracy, n_test)]] if "test_macro_f1" in t else []),
         ["test loss", f"{t['test_loss']:.4f}"],
-        ["drop from validation", f"{100 * (t['val_accuracy'] - t['test_accuracy']):+.2f} pp"],
-        ["test images", str(t["n_test"])],
+        ["drop from validation", f"{100 * (t['val_accuracy'] - accuracy):+.{drop}f} pp"],
+        ["test images", str(n_test)],
         ["test evaluations recorded", str(n_evaluations)],
-    ]
+    ]  # fmt: skip
     per_class = [
-        [c, str(sum(row)), _pct(v, 2)] for (c, v), row in zip(t["per_class_accuracy"].items(), t["confusion_matrix"])
+        [c, str(sum(row)), percent_with_interval(row[i], sum(row)) if sum(row) else "-"]
+        for i, (c, row) in enumerate(zip(t["per_class_accuracy"], t["confusion_matrix"]))
     ]
-    blocks.append(Block("table", rows=[["class", "test images", "test accuracy"], *per_class]))
+    blocks.append(Block("table", rows=[["class", "test images", "test accuracy (95% CI)"], *per_class]))
     blocks += counts
     blocks += error_analysis_blocks(t) + calibration_blocks(t)
     return blocks
@@ -1006,14 +1124,17 @@ def error_analysis_blocks(t: dict) -> list[Block]:
     ]
     if t.get("per_class"):  # absent from selections recorded before
         rows = [["class", "test images", "precision", "recall", "F1"]]  # "-": undefined (nothing predicted / no image)
-        for c, v in t["per_class"].items():
-            figures = [f"{v[k]:.4f}" if v[k] is not None else "-" for k in ("precision", "recall", "f1")]
-            rows.append([c, str(v["support"]), *figures])
+        predicted = [sum(column) for column in zip(*t["confusion_matrix"])]
+        for i, (c, v) in enumerate(t["per_class"].items()):
+            rows.append([c, str(v["support"]), _share(v["precision"], predicted[i], "-"),
+                         _share(v["recall"], v["support"], "-"),
+                         _like(v["f1"], v["recall"] or 0.0, v["support"]) or "-"])  # fmt: skip
         blocks += [Block("p", "Per-class precision, recall and F1 on the test split:"), Block("table", rows=rows)]
     pairs = confused_pairs(t)
     if pairs:
         rows = [["true class", "predicted as", "images", "% of the true class"]]
-        rows += [[a, b, str(n), _pct(f, missing="-")] for a, b, n, f in pairs]
+        rows += [[a, b, str(n), _share(f, sum(t["confusion_matrix"][t["classes"].index(a)]), missing="-")]
+                 for a, b, n, f in pairs]  # fmt: skip
         blocks += [Block("p", f"The {len(pairs)} most confused pairs (largest off-diagonal cells):")]
         blocks.append(Block("table", rows=rows))
     else:
@@ -1089,19 +1210,28 @@ def calibration_blocks(t: dict) -> list[Block]:
         return []
     low, high = c.get("temperature_range", (0.0, math.inf))
     at_bound = not low * 1.001 < c["temperature"] < high * 0.999
+    fit = c.get("fit") or {}
+    kept = fit and not fit.get("fitted")
+    shown = "1 (not fitted)" if kept else f"{c['temperature']:.3g}" + (" (the search's bound)" if at_bound else "")
+    accuracy = _share(t["test_accuracy"], t["n_test"])
     rows = [
         ["test split", "before", "after temperature scaling"],
-        ["temperature", "1", f"{c['temperature']:.4f}" + (" (the search's bound)" if at_bound else "")],
+        ["temperature", "1", shown],
         [f"ECE ({c['reliability']['bins']} bins)", f"{c['ece']:.4f}", f"{c['ece_calibrated']:.4f}"],
         ["NLL", f"{c['nll']:.4f}", f"{c['nll_calibrated']:.4f}"],
-        ["accuracy", f"{t['test_accuracy']:.4f}", f"{t['test_accuracy']:.4f}"],
+        ["accuracy", accuracy, accuracy],
     ]
-    text = (
-        "The temperature T was fitted after training on the validation split (the NLL of softmax(logits / T) of "
-        "the selected checkpoint, minimised over T); predict uses it. It does not change which class is predicted, "
-        "so accuracy is the same. Validation figures recorded during training, and the selection, are those of "
-        "the uncalibrated model. Expected calibration error: top-1 confidence in equal-width bins, the "
-        "image-weighted mean of |accuracy - confidence|."
+    how = (
+        f"No temperature was fitted: {fit['reason']}; T stays 1 (no scaling), so the columns agree. "
+        if kept
+        else "The temperature T was fitted after training on the validation split (the NLL of softmax(logits / T) "
+        "of the selected checkpoint, minimised over T, where the validation images can support it: 50 or more, "
+        "not all classified correctly, the minimum inside the search's range). "
+    )
+    text = how + (
+        "predict uses it. It does not change which class is predicted, so accuracy is the same. Validation figures "
+        "recorded during training, and the selection, are those of the uncalibrated model. Expected calibration "
+        "error: top-1 confidence in equal-width bins, the image-weighted mean of |accuracy - confidence|."
     )
     return [
         Block("h3", "Calibration (test split)"),
@@ -1141,29 +1271,98 @@ def summary_blocks(data: StudyData) -> list[Block]:
     ]
     t = data.test
     if t:
-        conf = t.get("configuration")
+        conf, n_val = t.get("configuration"), _selection_n_val(t)
         if conf:
             text = (
                 f"Selected by mean {t['metric']} over replicates: configuration {conf['key']} "
-                f"(mean {_metric_value(conf['mean'], t['metric'])} over {len(conf['trials'])} replicates); tested "
-                f"with the checkpoint of its replicate of best {t['metric']}, trial {t['trial']} ({t['key']}), "
-                f"validation accuracy {_pct(t['val_accuracy'])}"
+                f"(mean {_metric_value(conf['mean'], t['metric'], n_val)} over {len(conf['trials'])} replicates); "
+                f"tested with the checkpoint of its replicate of best {t['metric']}, trial {t['trial']} ({t['key']}), "
+                f"validation accuracy {_share(t['val_accuracy'], n_val)}"
             )
         else:
             text = (
                 f"Selected by {t['metric']}: trial {t['trial']} ({t['key']}), "
-                f"validation accuracy {_pct(t['val_accuracy'])}"
+                f"validation accuracy {_share(t['val_accuracy'], n_val)}"
             )
         if t.get("test_accuracy") is not None:
             text += f"; test accuracy {_test_accuracy(t)} on {t['n_test']} test images"
             n = data.n_test_evaluations
             text += " (the test split evaluated once)." if n == 1 else f" ({n} test evaluations recorded)."
-            text += " " + WILSON_NOTE
+            text += " " + WILSON_NOTE + small_test_note(t)
         else:
             text += "; not evaluated on a test set (no test split)."
         blocks.append(Block("p", text))
+        certainty = " ".join(text for text in (chance_warning(t), selection_certainty(data)) if text)
+        if certainty:
+            blocks.append(Block("p", certainty))
         blocks += use_model_blocks(data)
     return blocks
+
+
+WIDE = 10.0  # points: a test interval wider than this either way says the test split is too small to rank models
+
+
+def small_test_note(t: dict) -> str:
+    low, high = wilson_interval(round(t["test_accuracy"] * t["n_test"]), t["n_test"])
+    half = 100 * max(t["test_accuracy"] - low, high - t["test_accuracy"])
+    if half <= WIDE:
+        return ""
+    return (
+        f" With {t['n_test']} test images the interval reaches {half:.0f} points from the figure: too few to tell "
+        "models a few points apart."
+    )
+
+
+def _by_replicate(trials: list[dict], metric: str, replicates: list[str]) -> dict[tuple, float | None]:
+    """A configuration's metric per replicate (its seed / fold values), in points for rates, as recorded for a loss."""
+    scale = 100 if higher_is_better(metric) else 1
+    values = {tuple(str(t["point"].get(a)) for a in replicates): t["best"].get(metric) for t in trials}
+    return {k: None if v is None else scale * v for k, v in values.items()}
+
+
+def selection_certainty(data: StudyData) -> str:
+    """How sure the selection is: a tie it broke, and the configurations it is not measurably better than (its lead
+    over them within the replicates' noise, or too few replicates to say), or that one run per configuration
+    measured no noise at all."""
+    t = data.test
+    sentences = [f"The selection was {tie_words(t)}."] if tie_words(t) else []
+    metric, replicates = _metric(data), replicate_axes(data.grid)
+    if not replicates:
+        selected = _selected_trial(data)
+        if any(x is not selected for x in data.trials):
+            sentences.append(
+                "Each configuration ran once, so how far the selected trial's lead over the others lies above the "
+                f"variation between training runs is not measured (repeat = {MIN_REPLICATES} or folds measure it)."
+            )
+        return " ".join(sentences)
+    chosen = configuration_of(t["point"], replicates)
+    sign = 1 if higher_is_better(metric) else -1
+    found = configurations(data)
+    mine = next((trials for config, trials in found if config == chosen), None)
+    if mine is None:
+        return " ".join(sentences)
+    a = _by_replicate(mine, metric, replicates)
+    close = []
+    for config, trials in found:
+        b = _by_replicate(trials, metric, replicates)
+        shared = sorted(k for k in set(a) & set(b) if a[k] is not None and b[k] is not None)
+        if config == chosen or not shared:
+            continue
+        d = paired_difference([sign * a[k] for k in shared], [sign * b[k] for k in shared])
+        if not (d.measurable and d.mean > 0):
+            unit = "points" if sign > 0 else metric
+            how = "too few replicates for an interval" if d.half_width is None else "the interval contains 0"
+            close.append(f"{point_key_text(config)} ({format_difference(d)} {unit}; {how})")
+    if close:
+        sentences.append(
+            f"On these replicates the selection is not measurably better than {'; '.join(close)}: choosing between "
+            "them was a coin flip. " + interval_covers(data)
+        )
+    return " ".join(sentences)
+
+
+def point_key_text(config: dict) -> str:
+    return ", ".join(f"{k} = {_value_text(v)}" for k, v in config.items()) or "the other configuration"
 
 
 def _quote(path: str | Path) -> str:
@@ -1175,26 +1374,63 @@ def use_model_blocks(data: StudyData) -> list[Block]:
     trial = _selected_trial(data)
     if trial is None or not trial["checkpoint"] or data.directory is None:
         return []
-    ckpt = (data.directory / trial["checkpoint"]).resolve()
+    found = (data.directory / trial["checkpoint"]).resolve()
+    ckpt = trial["checkpoint"]  # relative to the study directory: a report shows no machine's own folders
     config = trial["config"]
     if config.get("labels"):
-        source = f"--labels {_quote(_absolute(config['labels'], data))}"
+        source = f"--labels {_quote(_from_study(config['labels'], data))}"
     else:
-        source = f"--data {_quote(_absolute(config['data'], data) if config['data'] != 'cifar10' else 'cifar10')}"
+        source = f"--data {_quote(_from_study(config['data'], data) if config['data'] != 'cifar10' else 'cifar10')}"
         if config.get("data_dir"):
-            source += f" --data-dir {_quote(_absolute(config['data_dir'], data))}"
+            source += f" --data-dir {_quote(_from_study(config['data_dir'], data))}"
     commands = [
         f"transferlab predict {_quote(ckpt)} images/",
         f"transferlab evaluate {_quote(ckpt)} {source}",
         f"transferlab export {_quote(ckpt)} --format onnx -o model.onnx",
     ]
-    exists = "" if ckpt.is_file() else " (not found where the report was written: the study directory was moved?)"
-    return [
-        Block("h3", "Use this model"),
-        Block("p", f"Checkpoint: {ckpt}{exists}; in the study directory: {trial['checkpoint']}."),
+    exists = "" if found.is_file() else " (not found where the report was written: the study directory was moved?)"
+    blocks = [Block("h3", "Use this model")]
+    warning = chance_warning(data.test)
+    if warning:
+        blocks.append(Block("p", warning))
+    return blocks + [
+        Block("p", f"Checkpoint, in the study directory: {trial['checkpoint']}{exists}. From the study directory "
+                   "(the spec's relative paths made relative to it; absolute ones as given):"),  # fmt: skip
         Block("code", "\n".join(commands)),
         Block("p", "evaluate scores the run's own test split by default; give other data to score that instead."),
     ]
+
+
+def _from_study(value: str, data: StudyData) -> str:
+    """A path of the spec, as seen from the study directory: relative ones (relative to where the study was run)
+    made relative to the study directory, absolute ones as the user gave them."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    return os.path.relpath((run_from(data)[0] / path).resolve(), data.directory.resolve())
+
+
+def chance(t: dict) -> float | None:
+    """What always answering the test split's most common class scores (1 / classes when they are balanced)."""
+    counts = (t.get("class_counts") or {}).get("test")
+    if counts and sum(counts.values()):
+        return max(counts.values()) / sum(counts.values())
+    return 1 / len(t["classes"]) if t.get("classes") else None
+
+
+def chance_warning(t: dict | None) -> str:
+    """A warning when the selected model's test accuracy interval reaches chance: it is not shown to beat guessing."""
+    if not t or t.get("test_accuracy") is None:
+        return ""
+    level = chance(t)
+    low, _ = wilson_interval(round(t["test_accuracy"] * t["n_test"]), t["n_test"])
+    if level is None or low > level:
+        return ""
+    return (
+        f"Warning: the test accuracy's 95% interval ({_test_accuracy(t)}) reaches down to chance, "
+        f"{100 * level:.0f}% (always answering the most common class): on {t['n_test']} test images this model is "
+        "not shown to do better than guessing."
+    )
 
 
 # ------------------------------------------------------------------------------ reproduce
@@ -1417,7 +1653,7 @@ def backbone_table(data: StudyData, points: list[BackbonePoint]) -> Block:
                 _rate(c.get("train_images_per_second") if c else None),
                 _rate(c.get("inference_images_per_second") if c else None),
                 f"{p.seconds_per_epoch:.3g}" if p.seconds_per_epoch < 10 else _seconds(p.seconds_per_epoch),
-                _fmt_pct(p.values) if len(p.values) > 1 else _pct(p.accuracy),
+                _shares(p.values or [p.accuracy], p.trial.get("n_val")),
                 test,
             ]
         )
@@ -1433,7 +1669,7 @@ def backbone_prose(points: list[BackbonePoint]) -> str:
     best = max(points, key=lambda p: (p.accuracy, -p.trial["number"]))
     text = (
         f"On this study's data, {best.arch} in regime {best.regime} is the most accurate "
-        f"({_pct(best.accuracy)} best validation accuracy"
+        f"({_shares(best.values or [best.accuracy], best.trial.get('n_val'))} best validation accuracy"
         + (f", {best.gflops:.4g} GFLOPs/image)." if best.gflops is not None else ").")
     )
     costed = [p for p in points if p.gflops]
@@ -1441,10 +1677,11 @@ def backbone_prose(points: list[BackbonePoint]) -> str:
         front = pareto_front([(p.gflops, p.accuracy, i) for i, p in enumerate(costed)])
         cheaper = [costed[i] for _, _, i in front if costed[i].gflops < best.gflops]
         for p in cheaper:
-            fewer, less = _ratio(best.gflops / p.gflops), f"{100 * (best.accuracy - p.accuracy):.1f}"
+            fewer = _ratio(best.gflops / p.gflops)
+            less = _points([best.accuracy - p.accuracy], p.trial.get("n_val"), [p.accuracy])
             text += (
                 f" {p.arch} in regime {p.regime} is on the accuracy-vs-FLOPs front at {fewer}x fewer FLOPs "
-                f"({_pct(p.accuracy)}, {less} percentage points less)."
+                f"({_shares(p.values or [p.accuracy], p.trial.get('n_val'))}, {less.lstrip('+')} less)."
             )
     return text
 
@@ -1676,7 +1913,9 @@ def search_blocks(data: StudyData) -> list[Block]:
                 str(stopped.count("diverged")),
                 str(states.count("FAIL")),
                 _duration(seconds),
-                f"{best['value']:.4f} (trial {best['number']})" if best else "none complete",
+                f"{_metric_value(best['value'], metric, _n_val(data.trials))} (trial {best['number']})"
+                if best
+                else "none complete",
             ]
         )
     blocks = [Block("h2", "Search"), Block("p", text), Block("table", rows=rows)]
@@ -1760,7 +1999,7 @@ def _pruned_blocks(data: StudyData, metric: str) -> list[Block]:
                 str(t["number"]),
                 ", ".join(f"{k}={_value_text(v)}" for k, v in t["params"].items()),
                 str(t["stopped_at"]),
-                _cell(last),
+                "" if last is None else _metric_value(last, metric, _n_val(data.trials)),
                 t["reason"],
             ]
         )
@@ -1797,6 +2036,14 @@ def build_blocks(data: StudyData) -> list[Block]:
                 f"{len(data.trials)} grid points ({shared}). "
                 "Accuracies are in percent (the All trials table: fractions, in full); the per-regime tables show "
                 "each grid point's last epoch, as the study reported them.",
+            )
+        )
+    if data.n_stale:
+        blocks.append(
+            Block(
+                "p",
+                f"{data.n_stale} trial{'s' * (data.n_stale != 1)} queued by an earlier spec (before its settings, data "
+                "or weights changed) were found waiting and not run (marked stale in the storage).",
             )
         )
     if data.n_older:

@@ -18,6 +18,7 @@ from scipy import stats as _scipy
 
 CONFIDENCE = 0.95
 MAX_DECIMALS = 2
+MIN_REPLICATES = 3  # a t interval from 2 values rests on one degree of freedom: too few to state an interval
 
 
 def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -76,7 +77,7 @@ def percent_with_interval(k: int, n: int) -> str:
 
 @dataclass(frozen=True)
 class Difference:
-    """The paired difference a - b: its mean, the half-width of its t interval (None with one replicate) and n."""
+    """The paired difference a - b: its mean, the half-width of its t interval (None below MIN_REPLICATES) and n."""
 
     mean: float
     half_width: float | None
@@ -84,7 +85,7 @@ class Difference:
 
     @property
     def measurable(self) -> bool:
-        """Whether the interval excludes 0 (with one replicate there is no interval: not measurable)."""
+        """Whether the interval excludes 0 (with too few replicates there is no interval: not measurable)."""
         return self.half_width is not None and abs(self.mean) > self.half_width
 
     @property
@@ -94,7 +95,8 @@ class Difference:
 
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Difference:
     """Mean of a[i] - b[i] over replicates measured alike (the same seed, the same fold), with the half-width of its
-    t interval: t(confidence, n - 1) x the differences' sample std / sqrt(n). Units are those of the inputs."""
+    t interval: t(confidence, n - 1) x the differences' sample std / sqrt(n), from MIN_REPLICATES replicates on (two
+    differences that happen to agree would claim a zero-width interval). Units are those of the inputs."""
     if len(a) != len(b):
         raise ValueError(f"paired_difference: {len(a)} and {len(b)} values; a pair needs one of each per replicate")
     if not a:
@@ -102,14 +104,14 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     diffs = [x - y for x, y in zip(a, b)]
     n = len(diffs)
     mean = math.fsum(diffs) / n
-    if n == 1:
-        return Difference(mean, None, 1)
+    if n < MIN_REPLICATES:
+        return Difference(mean, None, n)
     sd = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1))
     return Difference(mean, float(_scipy.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n), n)
 
 
 def format_difference(d: Difference) -> str:
-    """ "+6.1 ± 0.8" (points) at the precision the half-width justifies; "+6.1" alone with one replicate."""
+    """ "+6.1 ± 0.8" (points) at the precision the half-width justifies; "+6.1" alone below MIN_REPLICATES."""
     if d.half_width is None:
         return f"{round(d.mean, MAX_DECIMALS - 1) + 0.0:+.{MAX_DECIMALS - 1}f}"
     places = decimals_for(d.half_width)
@@ -118,9 +120,10 @@ def format_difference(d: Difference) -> str:
 
 def difference_verdict(a: str, b: str, d: Difference) -> str:
     """What the difference a - b (in points) lets the report say: "partial beats frozen by 6.1 ± 0.8 points",
-    "no measurable difference" when the interval contains 0, or that one replicate cannot measure it."""
+    "no measurable difference" when the interval contains 0, or that too few replicates cannot measure it."""
     if d.half_width is None:
-        return "cannot be measured from one replicate (repeat or folds give more)"
+        which = "one replicate" if d.n == 1 else f"{d.n} replicates"
+        return f"cannot be measured from {which} (a 95% interval needs {MIN_REPLICATES} or more: repeat or folds)"
     if not d.measurable:
         return "no measurable difference"
     winner, loser = (a, b) if d.mean > 0 else (b, a)

@@ -209,12 +209,14 @@ def resolve_url(
 @contextlib.contextmanager
 def storage_errors(url: str):
     """Database errors as one-line StudyErrors naming the storage, its password hidden."""
+    from optuna.exceptions import StorageInternalError
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
         yield
-    except SQLAlchemyError as error:
-        text = hide(first_line(error), url)
+    except (SQLAlchemyError, StorageInternalError) as error:
+        cause = error.__cause__ if isinstance(error, StorageInternalError) and error.__cause__ else error
+        text = hide(first_line(cause), url)
         named = _sqlite_file(url)
         if named is not None and "full" in text.lower():  # SQLite: "database or disk is full"
             from .fsutil import free_bytes

@@ -503,6 +503,8 @@ class Worker:
             self._stop(trial, "pruned", reason, result.history, result.best, elapsed, run_dir)
         base_attrs = {
             "config": config.to_dict(),
+            "n_train": len(trainer.split.train),  # what each accuracy is a proportion of: its precision, its interval
+            "n_val": len(trainer.split.val),
             "input_path": result.feature_path,
             "run_dir": str(run_dir.relative_to(self.directory)),
             # parameters, FLOPs/image, training and inference throughput: measured once per run (cost.py)
@@ -516,6 +518,7 @@ class Worker:
             "history": summary["history"],
             "best": summary["best"],
             "best_epoch": summary["best_epoch"],
+            "best_epoch_tie": summary["tie"],  # the best epoch tied others on the metric (selection.epoch_tie)
             "checkpoint": str((run_dir / "best.pt").relative_to(self.directory)),
             "wall_seconds": elapsed,
             # one-off work of the run (absent when fit found it finished): not part of any epoch's seconds
@@ -562,6 +565,7 @@ class Worker:
                     "history": summary["history"],
                     "best": summary["best"],
                     "best_epoch": summary["best_epoch"],
+                    "best_epoch_tie": summary["tie"],
                     "checkpoint": str(result.checkpoints[epochs].relative_to(self.directory)),
                     "wall_seconds": sum(r["seconds"] for r in summary["history"]),
                 },
@@ -820,6 +824,7 @@ def select_and_test(
             "mean": statistics.fmean(t.value for t in replicates),
         }
     record["class_counts"] = split_class_counts(images, split)
+    record["n_val"] = sum(record["class_counts"]["val"].values())
     if len(split.test) == 0 and not split.official_test:
         selected = {**record, "test": None}
         study.set_user_attr("selected", selected)
@@ -843,6 +848,7 @@ def select_and_test(
         "reliability": result["reliability"],
         "reliability_calibrated": result["reliability_calibrated"],
         "temperature_range": list(TEMPERATURE_RANGE),  # the fit's bounds: a T at one says the search stopped there
+        "fit": result["calibration"],  # how T was chosen on validation: fitted, or 1 and why (None: not recorded)
     }
     errors = error_analysis(
         loaded.model, get_backbone(loaded.info["arch"]), loaded.preprocess, test_x, test_y,

@@ -171,7 +171,7 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """(start, stop) of each batch of an epoch of n images. A last batch of one image joins the batch before it:
     BatchNorm cannot train on one image of a 1x1 map, and one image's gradient would be a step of its own."""
     bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+    if batch_size > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
         bounds[-2:] = [(bounds[-2][0], n)]
     return bounds
 
@@ -188,6 +188,7 @@ class RunResult:
     feature_path: str
     checkpoints: dict[int, Path] = field(default_factory=dict)  # recorded epoch -> best checkpoint up to it
     stopped: bool = False  # on_epoch stopped it before its last epoch (history and best.pt: the epochs trained)
+    n_val: int | None = None  # validation images: what its accuracies are proportions of
 
     @property
     def best(self) -> dict:
@@ -571,9 +572,8 @@ class Trainer:
         checkpoints = {**state.checkpoints, **({} if stopped else {config.epochs: self.out_dir / "best.pt"})}
         tracker.finish({"best.pt": self.out_dir / "best.pt", "metrics.json": self.out_dir / "metrics.json"})
         self.dist.barrier()  # no process returns before rank 0 has written the run's files
-        return RunResult(
-            self.out_dir, state.history, state.best["epoch"], config.metric, self.feature_path, checkpoints, stopped
-        )
+        return RunResult(self.out_dir, state.history, state.best["epoch"], config.metric, self.feature_path,
+                         checkpoints, stopped, len(self.split.val))  # fmt: skip
 
     def _train_epoch(self, epoch: int, progress) -> tuple[float, float, dict]:
         """One epoch of len(train) images in a seeded random order -> (mean loss, accuracy, balanced_scores).
@@ -871,7 +871,7 @@ class Trainer:
             return None
         checkpoints[self.config.epochs] = self.out_dir / "best.pt"
         return RunResult(self.out_dir, history, metrics["best_epoch"], self.config.metric, metrics["input_path"],
-                         checkpoints)  # fmt: skip
+                         checkpoints, n_val=len(self.split.val))  # fmt: skip
 
 
 def train(config: RunConfig, out_dir: str | Path, **kwargs) -> RunResult:
