@@ -88,10 +88,9 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 def cmd_train(args) -> int:
     from .distributed import from_environment
-    from .train import train
-
     from .selection import epoch_tie
     from .stats import percent_with_interval
+    from .train import train
 
     config = _run_config(args)
     result = train(config, args.out, overwrite=args.overwrite)

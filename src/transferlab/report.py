@@ -468,8 +468,11 @@ def paper_tables(data: StudyData) -> list[Block]:
                     n = _n_val(at) if metric is None or metric.startswith("val") else _n_train(at)
                     if metric is None:
                         row.append(
-                            _points([_final_row(t)["train_accuracy"] - _final_row(t)["val_accuracy"] for t in at], n,
-                                    [_final_row(t)["val_accuracy"] for t in at])
+                            _points(
+                                [_final_row(t)["train_accuracy"] - _final_row(t)["val_accuracy"] for t in at],
+                                n,
+                                [_final_row(t)["val_accuracy"] for t in at],
+                            )
                         )
                     elif metric.endswith("accuracy"):
                         row.append(_shares([_final_row(t)[metric] for t in at], n))
@@ -618,6 +621,7 @@ def interval_covers(data: StudyData) -> str:
         "The replicates are seeds and folds together: their spread, and the intervals, cover how training varies and "
         "which images are validated on (folds share most of their training images, so somewhat optimistically)."
     )
+
 
 def configurations_table(data: StudyData) -> Block:
     """One row per configuration, best mean selection metric first: its n replicates and their mean ± std."""
@@ -1394,8 +1398,11 @@ def use_model_blocks(data: StudyData) -> list[Block]:
     if warning:
         blocks.append(Block("p", warning))
     return blocks + [
-        Block("p", f"Checkpoint, in the study directory: {trial['checkpoint']}{exists}. From the study directory "
-                   "(the spec's relative paths made relative to it; absolute ones as given):"),  # fmt: skip
+        Block(
+            "p",
+            f"Checkpoint, in the study directory: {trial['checkpoint']}{exists}. From the study directory "
+            "(the spec's relative paths made relative to it; absolute ones as given):",
+        ),  # fmt: skip
         Block("code", "\n".join(commands)),
         Block("p", "evaluate scores the run's own test split by default; give other data to score that instead."),
     ]
