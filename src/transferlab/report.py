@@ -1414,7 +1414,8 @@ def _from_study(value: str, data: StudyData) -> str:
     path = Path(value).expanduser()
     if path.is_absolute():
         return str(path)
-    return os.path.relpath((run_from(data)[0] / path).resolve(), data.directory.resolve())
+    # abspath, not resolve: a symlink on the way (../shared -> /mnt/data) stays as the user named it
+    return os.path.relpath(os.path.abspath(run_from(data)[0] / path), os.path.abspath(data.directory))
 
 
 def chance(t: dict) -> float | None:
@@ -2033,7 +2034,7 @@ def build_blocks(data: StudyData) -> list[Block]:
                 "p",
                 f"{len(data.trials)} complete trials of {len(data.searches)} "
                 f"search{'es' if len(data.searches) > 1 else ''} (the Search section: pruned trials, progress, "
-                "importances). Accuracies are in percent (the All trials table: fractions, in full).",
+                "importances). Accuracies are in percent, with no digit finer than their uncertainty allows.",
             )
         )
     else:
@@ -2041,8 +2042,8 @@ def build_blocks(data: StudyData) -> list[Block]:
             Block(
                 "p",
                 f"{len(data.trials)} grid points ({shared}). "
-                "Accuracies are in percent (the All trials table: fractions, in full); the per-regime tables show "
-                "each grid point's last epoch, as the study reported them.",
+                "Accuracies are in percent, with no digit finer than their uncertainty allows; the per-regime tables "
+                "show each grid point's last epoch, as the study reported them.",
             )
         )
     if data.n_stale:
