@@ -6,8 +6,10 @@ The spec these tests hold transferlab to (each case failed before its fix):
   were dropped. The same file under two labels (or in two parts of a given split) is an error naming both.
 - The storage transform: a checkpoint records the exact side its run stored every image at; evaluate and predict
   store any file at that side, so predict equals evaluate file by file on a folder of mixed sizes and shapes.
-- evaluate recognises a moved copy of the training folder (same content wherever it lies): its default is the run's
-  test split, and `--split all` says it includes the training images.
+- evaluate recognises the run's images wherever they lie, pixel for pixel (the training and validation images'
+  digests, recorded in the run folder): a moved copy gets the run's test split, `--split all` says it includes the
+  training images, and other data says how many of the run's training and validation images it holds; the run's
+  split is never applied to data it was not made from.
 - Settings given in two places, one of which would silently win, are refused in one line: a variant key or [run]
   key beside a [grid] axis, `--set KEY=...` beside a grid axis, variant or searched option.
 - Ties: an epoch or trial that ties on the metric is chosen by validation loss, then the lower cost; the choice
@@ -32,6 +34,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -140,11 +143,11 @@ def test_predict_equals_evaluate_file_by_file_on_mixed_sizes(mixed_tree, policy,
 def test_a_checkpoint_from_before_the_stored_side_is_read_as_before(trained_run, tmp_path):
     raw = torch.load(trained_run.out_dir / "best.pt", weights_only=True)
     raw["format"] = "transferlab-checkpoint-3"
-    for key in ("stored_side", "content", "calibration"):
+    for key in ("stored_side", "calibration"):
         del raw[key]
     torch.save(raw, tmp_path / "old.pt")
     old = Checkpoint.load(tmp_path / "old.pt")
-    assert (old.stored_side, old.content, old.calibration) == (None, None, None)
+    assert (old.stored_side, old.calibration) == (None, None)
 
 
 def test_evaluate_knows_a_moved_copy_of_the_training_folder(trained_run, image_tree, tmp_path, capsys):
@@ -687,3 +690,166 @@ def test_use_this_model_shows_no_absolute_path_of_this_machine(tmp_path):
     assert str(tmp_path) not in box
     assert "transferlab predict trials/x/best.pt images/" in box
     assert "--data ../../../shared/images" in box  # the spec's path, seen from the study directory
+
+
+# ---------------------------------------------------------------------------- found by a hostile tester
+def test_an_output_is_never_a_device_a_pipe_or_another_runs_file(trained_run, image_tree, tmp_path, capsys):
+    best, image = str(trained_run.out_dir / "best.pt"), str(next((image_tree / "red").iterdir()))
+    os.mkfifo(tmp_path / "pipe")
+    for target, fragment in ((tmp_path / "pipe", "not a regular file"), ("/dev/null", "not a regular file"),
+                             (trained_run.out_dir / "metrics.json", "a file of the run folder")):  # fmt: skip
+        assert main(["predict", best, image, "--output", str(target)]) == 2
+        assert_one_line_error(capsys.readouterr(), fragment)
+        assert main(["export", best, "--format", "torchscript", "-o", str(target)]) == 2
+        assert_one_line_error(capsys.readouterr(), fragment)
+    assert Path("/dev/null").is_char_device() and (tmp_path / "pipe").is_fifo()
+    (tmp_path / "real.csv").write_text("old\n")
+    os.symlink(tmp_path / "real.csv", tmp_path / "link.csv")
+    assert main(["predict", best, image, "--output", str(tmp_path / "link.csv"), "--format", "csv"]) == 0
+    assert (tmp_path / "link.csv").is_symlink() and (tmp_path / "real.csv").read_text().startswith("file,")
+
+
+def test_evaluate_counts_the_runs_images_in_other_data_and_keeps_its_split_to_its_own(
+    trained_run, image_tree, tmp_path, capsys
+):
+    changed = tmp_path / "changed"
+    shutil.copytree(image_tree, changed)
+    split = json.loads((trained_run.out_dir / "split.json").read_text())
+    first = scan_image_folder(changed).files[split["train"][0]][0]
+    pixels = np.asarray(Image.open(first)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(first)  # one training image differs: these are no longer the run's rows
+    best = str(trained_run.out_dir / "best.pt")
+    assert main(["evaluate", best, "--data", str(changed), "--device", "cpu", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["split"] == "all" and result["seen_in_training"] == {"train": len(split["train"]) - 1,
+                                                                       "val": len(split["val"])}  # fmt: skip
+    assert "images the run trained on" in captured.err
+    assert main(["evaluate", best, "--data", str(changed), "--split", "test", "--device", "cpu"]) == 2
+    assert_one_line_error(capsys.readouterr(), "--split test", "not the data the run was split from")
+
+
+def test_a_foreign_folder_is_not_taken_over_and_one_data_spelt_twice_is_one_run(image_tree, tmp_path, capsys,
+                                                                                monkeypatch):  # fmt: skip
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"name": "my-app"}')
+    assert main(train_args(image_tree, project, tmp_path / "cache")) == 2
+    assert_one_line_error(capsys.readouterr(), "files of no transferlab run (config.json)", "--overwrite")
+    assert json.loads((project / "config.json").read_text()) == {"name": "my-app"}
+    link = tmp_path / "alias"
+    shutil.copytree(image_tree, tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(train_args(tmp_path / "data", out, tmp_path / "cache")) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(train_args("./data/../data", out, tmp_path / "cache")) == 0  # the same folder, spelt otherwise
+    assert "already finished" in capsys.readouterr().err
+    del link
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("resolution", 10**9),
+        ("stored_side", 10**9),
+        ("feature_dtype", "float8"),
+        ("autocast", "x"),
+        ("dropout", float("nan")),
+        ("mean", [0.5, 0.5, float("nan")]),
+        ("temperature", 1e-300),
+        ("temperature", 1e300),
+        ("classes", ["blue", "blue", "red"]),
+        ("tta_flip", "yes"),
+    ],  # fmt: skip
+)
+def test_a_checkpoint_edited_to_nonsense_is_refused(field, value, trained_run, image_tree, tmp_path, capsys):
+    raw = torch.load(trained_run.out_dir / "best.pt", weights_only=True)
+    raw[field] = value
+    torch.save(raw, tmp_path / "bad.pt")
+    for args in (["predict", str(tmp_path / "bad.pt"), str(image_tree / "red")],
+                 ["export", str(tmp_path / "bad.pt"), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]):  # fmt: skip
+        assert main(args) == 2
+        assert_one_line_error(capsys.readouterr(), field)
+
+
+def test_an_unreachable_mlflow_server_is_one_line(image_tree, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--log", "mlflow")) == 2
+    assert_one_line_error(capsys.readouterr(), "--log mlflow", "does not answer")
+
+
+def test_no_percentage_reads_100_or_0_when_it_is_not():
+    from transferlab.stats import percent, percent_with_interval
+
+    assert percent(99999, 100000) == "99.999%" and percent_with_interval(99999, 100000).startswith("99.999% ")
+    assert percent(1, 100000) == "0.001%" and percent(2, 2) == "100%" and percent(0, 7) == "0%"
+
+
+@pytest.mark.parametrize(
+    "extra, override, fix",
+    [
+        ('variant = ["a"]', "[variants]\na = { lr = 0.1 }", "--set variants.a.lr=..."),
+        ("", "[search]\nn_trials = 1\n[search.space]\nlr = [0.1, 0.2]", "--set search.space.lr=..."),
+    ],
+)
+def test_set_refusals_suggest_a_fix_that_works(extra, override, fix, tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text(GRID_SPEC.format(run="", grid=extra, variants=override))
+    with pytest.raises(ConfigError, match=re.escape(fix)):
+        StudySpec.load(path, ["lr=0.5"])
+
+
+def test_an_interrupt_before_a_run_starts_is_one_line(monkeypatch, capsys):
+    import transferlab.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err == "transferlab: interrupted\n"
+
+
+def test_one_training_image_with_batchnorm_asks_for_images_not_a_batch_size(make_tree, tmp_path, capsys):
+    tree = make_tree("images", per_class=8, size=16)
+    rows = ["path,label,split", f"{tree}/red/000.png,red,train"]
+    rows += [f"{tree}/{c}/{i:03d}.png,{c},val" for c in ("red", "green") for i in range(1, 4)]
+    table = tmp_path / "labels.csv"
+    table.write_text("\n".join(rows) + "\n")
+    args = ["train", "--labels", str(table), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+            "--weights", "none", "--head", "mlp", "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr(), "holds 1 image", "add training images")
+
+
+def test_database_urls_name_a_missing_driver_and_hide_odd_passwords(tmp_path, capsys):
+    spec = write_spec(tmp_path / "s.toml", tmp_path / "images", tmp_path / "cache", {"epochs": [1]})
+    assert main(["study", "run", str(spec), "--dir", str(tmp_path / "o"), "--storage", "postgresql://u@127.0.0.1:1/d"])
+    captured = capsys.readouterr()
+    assert_one_line_error(captured, "driver psycopg is not installed", "postgresql+psycopg2://")
+    for url in (
+        "postgresql+psycopg2://u@h:1/db?options=-c%20password%3DSekr3t",
+        "postgresql+psycopg2://u@h:1/db;password=Sekr3t",
+    ):
+        assert "Sekr3t" not in redact(url) and "Sekr3t" not in without_password(url)
+        assert "Sekr3t" not in hide(f"error in {url}", url)
+
+
+def test_evaluate_prints_its_figures_on_one_line_and_counts_ties(trained_run, image_tree, tmp_path, capsys):
+    raw = torch.load(trained_run.out_dir / "best.pt", weights_only=True)
+    for key in [k for k in raw["model"] if k.startswith("classifier.")]:
+        raw["model"][key] = torch.zeros_like(raw["model"][key])  # every class scores the same
+    torch.save(raw, tmp_path / "flat.pt")
+    assert main(["evaluate", str(tmp_path / "flat.pt"), "--data", str(image_tree), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "accuracy" in line and "95% CI" in line)
+    assert line.startswith("test split, ") and "loss" in line
+    assert "have top classes the model scores equally" in out
+
+
+def test_torchscript_export_says_nothing_it_need_not(trained_run, tmp_path, capsys):
+    assert main(["export", str(trained_run.out_dir / "best.pt"), "--format", "torchscript", "-o",
+                 str(tmp_path / "m.pt")]) == 0  # fmt: skip
+    assert "warning" not in capsys.readouterr().err

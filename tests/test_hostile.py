@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import tomllib
 import warnings
 
@@ -172,13 +173,16 @@ def test_evaluate_knows_the_runs_own_folder(tmp_path, capsys):
     assert main(["evaluate", best, "--data", str(data), "--json", "--device", "cpu"]) == 0  # the run's setting
     result = json.loads(capsys.readouterr().out)
     assert (result["split"], result["n"]) == ("test", n_test)
-    (data / "red" / "broken.png").unlink()  # the folder changed: the saved split no longer fits it
+    (data / "red" / "broken.png").unlink()  # a skipped file gone: the same images, so the same split
+    assert main(["evaluate", best, "--data", str(data), "--json", "--device", "cpu"]) == 0
+    assert (json.loads(capsys.readouterr().out)["n"]) == n_test
+    shutil.copy(data / "red" / "000.png", data / "red" / "0005.png")  # a new image shifts the rows: the split is off
     for extra in ([], ["--split", "test"]):
         assert main(["evaluate", best, "--data", str(data), "--json", "--device", "cpu", *extra]) == 2
         assert_one_line_error(capsys.readouterr(), "the folder the run trained on", "--split all")
     assert main(["evaluate", best, "--data", str(data), "--json", "--device", "cpu", "--split", "all"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["n"] == 36 and "includes the images it was trained on" in captured.err
+    assert json.loads(captured.out)["n"] == 37 and "includes the images it was trained on" in captured.err
 
 
 @pytest.mark.parametrize(

@@ -97,8 +97,6 @@ class Checkpoint:
     # the side every training image was stored at, exactly: evaluate and predict store any file at this side too, so a
     # file is seen as training saw it (None: written before format 4, which stored files at most storage_size)
     stored_side: int | None = None
-    # the training images' identity wherever they lie (ImageSet.content): a moved copy of them is recognised
-    content: str | None = None
     # how `temperature` was chosen (evaluate.Calibration.to_dict: fitted, or 1 and why); None before format 4
     calibration: dict | None = None
 
@@ -125,29 +123,48 @@ class Checkpoint:
 
     def problem(self) -> str | None:
         """What makes this checkpoint unusable (a value no run writes), or None."""
-        if not (isinstance(self.classes, list) and self.classes and all(isinstance(c, str) for c in self.classes)):
+        classes = self.classes
+        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
             return "its classes are not a list of names"
-        for name, low in (("resolution", 1), ("cut", 0), ("stored_side", 1), ("storage_size", 1)):
+        if len(set(classes)) < len(classes):
+            return f"its classes name one class twice ({', '.join(classes)})"
+        for name, low, high in (("resolution", 1, 4096), ("cut", 0, 10_000), ("stored_side", 1, 16_384),
+                                ("storage_size", 1, 16_384), ("epoch", 1, 10**9)):  # fmt: skip
             value = getattr(self, name)
             if value is None and name in ("stored_side", "storage_size"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                return f"{name} = {value!r} (expected a whole number >= {low})"
-        if not _positive(self.temperature):
-            return f"temperature = {self.temperature!r} (expected a finite number > 0)"
-        if not (_positive(self.crop_fraction) and self.crop_fraction <= 1):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                return f"{name} = {value!r} (expected a whole number from {low} to {high})"
+        low, high = TEMPERATURE_BOUNDS
+        if not (_number(self.temperature) and low <= self.temperature <= high):
+            return f"temperature = {self.temperature!r} (expected a number from {low} to {high}, the fit's range)"
+        if not (_number(self.crop_fraction) and 0 < self.crop_fraction <= 1):
             return f"crop_fraction = {self.crop_fraction!r} (expected a number in (0, 1])"
-        if len(self.mean) != 3 or len(self.std) != 3 or not all(_positive(s) for s in self.std):
-            return f"mean {self.mean!r} / std {self.std!r} (expected 3 values each, std > 0)"
+        if not (_number(self.dropout) and 0 <= self.dropout < 1):
+            return f"dropout = {self.dropout!r} (expected a number in [0, 1))"
+        if not (_number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
+            return f"label_smoothing = {self.label_smoothing!r} (expected a number in [0, 1))"
+        vectors = (self.mean, self.std)
+        if not all(isinstance(v, list | tuple) and len(v) == 3 and all(_number(x) for x in v) for v in vectors):
+            return f"mean {self.mean!r} / std {self.std!r} (expected 3 finite numbers each)"
+        if not all(s > 0 for s in self.std):
+            return f"std {self.std!r} (expected values > 0)"
+        for name in ("autocast", "tta_flip"):
+            if not isinstance(getattr(self, name), bool):
+                return f"{name} = {getattr(self, name)!r} (expected true or false)"
         for name, allowed in (("interpolation", ("bilinear", "bicubic")), ("resize_policy", ("crop", "squash", "pad")),
-                              ("loss", ("ce", "mse"))):  # fmt: skip
+                              ("loss", ("ce", "mse")), ("feature_dtype", (None, *FEATURE_DTYPES))):  # fmt: skip
             if getattr(self, name) not in allowed:
-                return f"{name} = {getattr(self, name)!r} (expected one of {', '.join(allowed)})"
+                return f"{name} = {getattr(self, name)!r} (expected one of {', '.join(map(str, allowed))})"
         return None
 
 
-def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+TEMPERATURE_BOUNDS = (0.01, 100.0)  # evaluate.TEMPERATURE_RANGE: no fit ends outside it
+FEATURE_DTYPES = ("float16", "bfloat16", "float32")  # what a cached prefix output is stored as
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def upgrade(raw: dict) -> dict:
@@ -160,4 +177,4 @@ def upgrade(raw: dict) -> dict:
         raw = {"resize_policy": "crop", "storage_size": None, **raw}
     # optional before format 4: no temperature scaling, the whole square at bilinear, the side not recorded
     return {"temperature": 1.0, "crop_fraction": 1.0, "interpolation": "bilinear", "stored_side": None,
-            "content": None, "calibration": None, **raw}  # fmt: skip
+            "calibration": None, **raw}  # fmt: skip

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_toml, parse_override
-from .fsutil import refuse_output_over_input
+from .fsutil import output_file, refuse_output_over_input
 from .version import __version__
 
 EPILOG_OFFLINE = (
@@ -120,7 +120,7 @@ def cmd_lr_find(args) -> int:
 def cmd_evaluate(args) -> int:
     """On the run's own data the default is its test split: `--split all` would count the training images."""
     from .data import DataError, ImageSet, Split, split_arrays, split_for
-    from .evaluate import align_labels, evaluate_arrays, load_checkpoint, stored_as_trained
+    from .evaluate import align_labels, evaluate_arrays, load_checkpoint, seen_in_training, stored_as_trained
 
     loaded = load_checkpoint(args.checkpoint, args.device)
     run_config = RunConfig.from_dict(loaded.info["config"])
@@ -139,13 +139,19 @@ def cmd_evaluate(args) -> int:
             values[f"labels_{column}_column"] = getattr(args, f"labels_{column}_column")
     config = RunConfig.from_dict(values, base=run_config)
     data = stored_as_trained(loaded, config)
-    own, same_images = _own_data(loaded.info, data, config.source, run_config.source)
+    own, same_images = _own_data(loaded.info, data, config.source, run_config.source, Path(args.checkpoint).parent)
     if not own and same_images and args.split != "all":
         raise DataError(
             f"{config.source} is the folder the run trained on, but its images (or --skip-bad-images) differ from "
             "the run's: its split no longer says which images it trained on; use --split all to score every image"
         )
+    if not own and args.split in ("train", "val", "test") and data.given_split is None:
+        raise DataError(
+            f"--split {args.split}: {config.source} is not the data the run was split from, so the run's split does "
+            "not apply to it; score all of it (leave --split out), or give the run's own data"
+        )
     name = args.split or ("test" if own else "all")
+    seen = None
     if name == "all":
         images, labels = data.images, data.labels
         if same_images:
@@ -154,12 +160,22 @@ def cmd_evaluate(args) -> int:
                 f"transferlab: note: --split all on the run's own data{where} includes the images it was trained on",
                 file=sys.stderr,
             )
+        else:  # other data may still hold the run's images: a changed copy, the same files named another way
+            seen = seen_in_training(Path(args.checkpoint).parent, data.digests())
+            if seen and seen["train"] + seen["val"]:
+                print(
+                    f"transferlab: note: {seen['train']} of these {len(labels)} images are images the run trained "
+                    f"on, {seen['val']} it validated on: their figures are not a test",
+                    file=sys.stderr,
+                )
     else:
         saved = Path(args.checkpoint).parent / "split.json"
         split = Split.from_dict(json.loads(saved.read_text())) if own and saved.is_file() else split_for(data, config)
         images, labels = split_arrays(data, split, name)
     result = evaluate_arrays(loaded, images, align_labels(loaded, ImageSet(images, labels, data.classes, data.key)))
     result["split"] = name
+    if seen is not None:
+        result["seen_in_training"] = seen
     if args.json:
         print(json.dumps(result))
     else:
@@ -167,12 +183,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _own_data(info: dict, data, source: str, run_source: str) -> tuple[bool, bool]:
+def _own_data(info: dict, data, source: str, run_source: str, run_dir: Path) -> tuple[bool, bool]:
     """(the very rows the run was split from, so its split.json applies; images the run trained on, possibly a
-    changed or moved copy of them). The rows are the run's when the data's content identity is the checkpoint's,
-    wherever it lies (a moved copy too); checkpoints before that identity compare the decoded data's key."""
-    if info.get("content") and data.content:
-        own = data.content == info["content"]
+    changed or moved copy of them). The rows are the run's when its training and validation rows hold the images the
+    run recorded (evaluate.split_applies), wherever they lie (a moved copy too); runs before those records compare
+    the decoded data's key."""
+    from .evaluate import split_applies
+
+    applies = split_applies(run_dir, data)
+    if applies is not None:
+        own = applies
     elif info.get("data"):
         own = data.key == info["data"]
     else:
@@ -200,7 +220,11 @@ def print_evaluation(result: dict) -> None:
         f"balanced {100 * result['balanced_accuracy']:.{digits}f}%, macro-F1 {100 * result['macro_f1']:.{digits}f}%, "
         f"loss {result['loss']:.4f}"
     )
-    table = Table(title=title)
+    print(title)  # a line of its own: grep finds it whole, and no table width wraps it
+    if result.get("ties"):
+        print(f"note: {result['ties']} of these images have top classes the model scores equally (counted as the "
+              "first of them, by class order): their accuracy says nothing about the model")  # fmt: skip
+    table = Table()
     table.add_column("class")
     table.add_column("images", justify="right")
     table.add_column("accuracy (95% CI)", justify="right")
@@ -223,14 +247,11 @@ def cmd_predict(args) -> int:
     line on stderr (and an error row in csv / json), and the exit status is 1."""
     from .evaluate import expand_inputs, predict_files
 
-    output = Path(args.output) if args.output else None
-    if output is not None and output.is_dir():
-        raise ConfigError(f"--output {output} is a folder: name a file")
-    if output is not None and not output.parent.is_dir():
-        raise ConfigError(f"--output {output}: folder {output.parent} does not exist")
     paths, errors = expand_inputs(args.images)
-    if output is not None:  # before anything is read: the output would replace an image or the model
-        refuse_output_over_input(output, [args.checkpoint, *paths], "--output", ConfigError)
+    output = None
+    if args.output:  # before anything is read: the output would replace an image, the model or a run's results
+        refuse_output_over_input(args.output, [args.checkpoint, *paths], "--output", ConfigError)
+        output = output_file(args.output, "--output", ConfigError)
     results = predict_files(args.checkpoint, paths, top=args.top, device=args.device, progress=sys.stderr.isatty())
     results += errors
     text = format_predictions(results, args.format or "text")
@@ -529,6 +550,14 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the imports below, which load torch: help stays light
     warnings.formatwarning = _one_line_warning
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:  # during the imports below, before a run began: nothing to resume
+        print("transferlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
     from .data import DataError
     from .distributed import DistributedError, from_environment
     from .errors import OutputError

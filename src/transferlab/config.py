@@ -383,7 +383,8 @@ class RunConfig:
         live, whether a bar is drawn and where the run is also logged. Every other field counts, new ones included:
         an option added later re-identifies earlier runs, which are then trained again rather than reused under
         settings they never had."""
-        return {k: v for k, v in self.resolved().to_dict().items() if k not in ("progress", "cache_dir", "log")}
+        values = {k: v for k, v in self.resolved().to_dict().items() if k not in ("progress", "cache_dir", "log")}
+        return {k: _absolute_path(k, v) for k, v in values.items()}
 
     @property
     def source(self) -> str:
@@ -404,6 +405,16 @@ class RunConfig:
     @property
     def epochs_independent_schedule(self) -> bool:
         return self.schedule in ("constant", "step")
+
+
+PATH_FIELDS = {"data": ("cifar10",), "labels": (), "data_dir": (), "weights": ("imagenet", "none")}
+
+
+def _absolute_path(key: str, value):
+    """A path option as one spelling (absolute, symlinks kept): ./data/../data and $PWD/data are one run's data."""
+    if key not in PATH_FIELDS or not isinstance(value, str) or value in PATH_FIELDS[key]:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def _suggest(key: str, known) -> str:
@@ -517,21 +528,22 @@ def configuration_of(point: dict[str, Any], replicates) -> dict[str, Any]:
     return {k: v for k, v in point.items() if k not in replicates}
 
 
-def _setter_of(tree: dict, key: str) -> str | None:
-    """Which part of a spec tree sets run option `key` above [run] ([grid], a variant, [search.space]), or None."""
+def _setter_of(tree: dict, key: str) -> tuple[str, str] | None:
+    """Which part of a spec tree sets run option `key` above [run] ([grid], a variant, [search.space]), and the --set
+    that changes it there; None when only [run] does."""
     key = key.replace("-", "_")
 
     def keys(table) -> set[str]:
         return {k.replace("-", "_") for k in table} if isinstance(table, dict) else set()
 
     if key in keys(tree.get("grid")):
-        return "the [grid] axis " + key
+        return f"the [grid] axis {key}", f"--set grid.{key}=[...]"
     for name, bundle in (tree.get("variants") or {}).items() if isinstance(tree.get("variants"), dict) else ():
         if key in keys(bundle):
-            return f"[variants.{name}]"
+            return f"[variants.{name}]", f"--set variants.{name}.{key}=..."
     search = tree.get("search")
     if isinstance(search, dict) and key in keys(search.get("space")):
-        return "[search.space]"
+        return "[search.space]", f"--set search.space.{key}=..."
     return None
 
 
@@ -903,11 +915,13 @@ class StudySpec:
             if "." not in key:  # a bare run key is the common case: --set data=...
                 key = key if key in STUDY_KEYS else f"run.{key}"
             if key.startswith("run."):
-                setter = _setter_of(tree, key[len("run.") :])
+                option = key.removeprefix("run.")
+                setter = _setter_of(tree, option)
                 if setter is not None:
+                    where_set, fix = setter
                     raise ConfigError(
-                        f"--set {text}: {key[len('run.') :]} is set by {setter} in {path}, which wins over [run]: the "
-                        f"override would be ignored; change it there (e.g. --set grid.{key[len('run.') :]}=[...])"
+                        f"--set {text}: {option} is set by {where_set} in {path}, which wins over [run]: the override "
+                        f"would be ignored; change it there ({fix})"
                     )
             set_dotted(tree, key, value)
         return cls.from_dict(tree, name=Path(path).stem, where=f"{path}: ")

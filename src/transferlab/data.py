@@ -19,7 +19,7 @@ import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,16 +58,34 @@ class ImageSet:
     given_split: np.ndarray | None = None  # (N,) int8 index into SPLIT_PARTS, when the source names each row's part
     storage_size: int | None = None  # the largest side images were asked to be stored at (None: their own size)
     resize_policy: str = "crop"  # how a file became a square (fit_to_square)
-    content: str | None = None  # the source's identity wherever it lies (SourceFiles.content); keys nothing
     duplicates: int = 0  # paths dropped because they named an image already listed
+    _digests: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def digests(self) -> np.ndarray:
+        """(N,) uint64: each stored image's pixels hashed, computed once. Images stored alike hash alike whatever
+        file, folder or source they came from: what tells a run's training images among other data."""
+        if self._digests is None:
+            self._digests = image_digests(self.images)
+        return self._digests
 
     @property
     def stored_side(self) -> int:
         """The side every image is stored at: the exact square a file becomes before preprocessing."""
         return int(self.images.shape[1])
+
+
+def image_digests(images: np.ndarray) -> np.ndarray:
+    """(N,) uint64 hashes of uint8 (N, H, W, 3) images' bytes (blake2b, 8 bytes), a chunk of rows at a time."""
+    out = np.empty(len(images), dtype=np.uint64)
+    step = max(1, CHUNK_BYTES // max(1, int(np.prod(images.shape[1:]))))
+    for start in range(0, len(images), step):
+        chunk = np.ascontiguousarray(images[start : start + step])
+        for i, row in enumerate(chunk):
+            out[start + i] = int.from_bytes(hashlib.blake2b(row.data, digest_size=8).digest(), "little")
+    return out
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -212,7 +230,6 @@ class SourceFiles:
     classes: list[str]
     files: list[tuple[str, int]]  # (path, label); plain strings: 50,000 Path objects alone cost a second
     fingerprint: str  # where the files are and what they hold: names, sizes, modification times (the decode key)
-    content: str  # what they hold wherever they lie: relative names, labels and sizes (a moved copy has the same)
     duplicates: int = 0  # paths dropped because they reached a file already listed (a link, another spelling)
 
 
@@ -238,10 +255,11 @@ def scan_image_folder(root: Path) -> SourceFiles:
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder (expected <root>/<class>/<image>)")
+    root = Path(os.path.abspath(root))  # one spelling of each file's path: ./data/../data is data
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"data folder {root} has no class folders (expected <root>/<class>/<image>)")
-    digest, content = hashlib.sha256(f"{root.resolve()}".encode()), hashlib.sha256(b"folder")
+    digest = hashlib.sha256(f"{root.resolve()}".encode())
     files: list[tuple[str, int]] = []
     owner: dict[tuple[int, int], tuple[str, int]] = {}  # real file -> first path and its class
     duplicates = 0
@@ -264,10 +282,9 @@ def scan_image_folder(root: Path) -> SourceFiles:
             if real is not None:
                 owner[real] = (entry.path, label)
             digest.update(f"{entry.path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-            content.update(f"{os.path.relpath(entry.path, root)}|{name}|{stat.st_size}\n".encode())
             files.append((entry.path, label))
     warn_duplicates(f"data folder {root}", duplicates)
-    return SourceFiles(classes, files, digest.hexdigest(), content.hexdigest(), duplicates)
+    return SourceFiles(classes, files, digest.hexdigest(), duplicates)
 
 
 def decode_cache_key(kind: str, fingerprint: str, **settings) -> str:
@@ -548,14 +565,7 @@ def load_image_folder(
                                           storage_size=storage_size, policy=policy, skip_bad=skip_bad,
                                           progress=progress, side=side)  # fmt: skip
     return ImageSet(images, labels, meta["classes"], key, skipped=meta["skipped"], storage_size=storage_size,
-                    resize_policy=policy, content=content_key(source.content, skip_bad=skip_bad),
-                    duplicates=source.duplicates)  # fmt: skip
-
-
-def content_key(content: str, **settings) -> str:
-    """A source's identity wherever it lies (SourceFiles.content) with the settings that decide which of its images
-    are kept and in which order: equal keys mean the same rows, so a run's split applies to them."""
-    return hashlib.sha256(json.dumps({"content": content, **settings}, sort_keys=True).encode()).hexdigest()[:20]
+                    resize_policy=policy, duplicates=source.duplicates)  # fmt: skip
 
 
 def _decode_cached(folder: Path, root: Path, files, classes, check, *, storage_size, policy, skip_bad, progress,
@@ -590,7 +600,6 @@ class LabelRows:
     parts: list[int] | None  # index into SPLIT_PARTS per row, when the file has the split column
     split_column: str | None
     fingerprint: str  # the file's content and path, and each image's path, size and modification time
-    content: str  # the file's content and each image's size: the same rows wherever the file and images lie
     duplicates: int = 0  # rows dropped because they named an image already listed
 
 
@@ -643,8 +652,7 @@ def read_labels_file(
     at = {name: header.index(name) for name in (path_column, label_column, split_column) if name is not None}
     folder = path.resolve().parent
     digest = hashlib.sha256(f"{path.resolve()}\n{text}".encode())
-    content = hashlib.sha256(f"labels\n{text}".encode())  # the rows as written: relative paths move with the file
-    rows = LabelRows([], [], [] if split_column else None, split_column, "", "")
+    rows = LabelRows([], [], [] if split_column else None, split_column, "")
     seen: dict[object, tuple[int, str, str | None]] = {}  # real file (or path) -> its first row, label and part
     try:
         for cells in reader:
@@ -666,13 +674,11 @@ def read_labels_file(
             try:
                 stat = os.stat(full)
                 digest.update(f"{full}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-                content.update(f"{stat.st_size}\n".encode())
                 real = file_identity(stat) or full
             except OSError as error:
                 if not skip_bad:
                     raise DataError(f"{where}: cannot read image {full}: {_one_line(error)}") from None
                 digest.update(f"{full}|missing\n".encode())
-                content.update(b"missing\n")
                 real = full
             if real in seen:  # the same image by another path (or the same one again): once, or a conflict
                 first, first_label, first_part = seen[real]
@@ -695,7 +701,7 @@ def read_labels_file(
         raise DataError(f"labels file {path} has a header but no rows")
     if rows.parts is not None:
         check_given_split(np.asarray(rows.parts), f"labels file {path}", split_column)
-    rows.fingerprint, rows.content = digest.hexdigest(), content.hexdigest()
+    rows.fingerprint = digest.hexdigest()
     warn_duplicates(f"labels file {path}", rows.duplicates)
     return rows
 
@@ -756,9 +762,7 @@ def load_labels_file(
     given = meta.get("given_split")
     given = None if given is None else np.asarray(given, dtype=np.int8)
     return ImageSet(images, labels, classes, key, skipped=meta["skipped"], given_split=given,
-                    storage_size=storage_size, resize_policy=policy,
-                    content=content_key(rows.content, columns=columns, skip_bad=skip_bad),
-                    duplicates=rows.duplicates)  # fmt: skip
+                    storage_size=storage_size, resize_policy=policy, duplicates=rows.duplicates)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ CIFAR-10
@@ -789,11 +793,10 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
                 f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}): point --data-dir "
                 f"(or TRANSFERLAB_DATA_DIR) at a folder holding {CIFAR_FOLDER}, or pass --data PATH to an image folder"
             ) from None
-    digest, content = hashlib.sha256(f"{folder.resolve()}".encode()), hashlib.sha256(b"cifar10")
+    digest = hashlib.sha256(f"{folder.resolve()}".encode())
     for name in sorted(os.listdir(folder)):
         entry = f"{name}|{(folder / name).stat().st_size}"
         digest.update(entry.encode())
-        content.update(f"{entry}\n".encode())
     key = decode_cache_key("cifar10", digest.hexdigest())
     cached = _cache_load(cache_dir / "decoded" / key)
     if cached is None:
@@ -827,8 +830,7 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
     n = meta["n_train"]
     if side is not None and side != images.shape[1]:  # stored as another run stored its files: each image resized
         images = np.stack([np.asarray(fit_to_square(Image.fromarray(x), side, "crop")) for x in images])
-    return ImageSet(images[:n], labels[:n], meta["classes"], key, test_images=images[n:], test_labels=labels[n:],
-                    content=content_key(content.hexdigest()))  # fmt: skip
+    return ImageSet(images[:n], labels[:n], meta["classes"], key, test_images=images[n:], test_labels=labels[n:])
 
 
 def _cifar_pickle(path: Path, what: str) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import math
 import os
 from collections.abc import Callable
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import Preprocess
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import TEMPERATURE_BOUNDS, Checkpoint, CheckpointError
 from .config import ConfigError
 from .data import IMAGE_EXTENSIONS, DataError, ImageSet, _image_entries, decode_image
 from .features import inference_batch_size
@@ -102,6 +103,7 @@ def per_class_scores(confusion: torch.Tensor, classes: list[str]) -> dict:
 
 
 ECE_BINS = 15
+TIE_TOLERANCE = 1e-6  # probabilities this close are one value: float32 softmax cannot tell them apart
 
 
 def reliability(probs: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> dict:
@@ -141,8 +143,10 @@ def scores(view_logits: torch.Tensor, y: torch.Tensor, classes: list[str], *, lo
         c: (confusion[i, i].item() / confusion[i].sum().item()) if confusion[i].sum() else None
         for i, c in enumerate(classes)
     }
+    tied = (probs >= probs.max(1, keepdim=True).values - TIE_TOLERANCE).sum(1) > 1
     return {
         "accuracy": (pred == y).sum().item() / len(y),  # exact: correct / n, not a float32 mean
+        "ties": int(tied.sum().item()),  # images whose top classes are equally likely: argmax took the first
         **balanced_scores(confusion),
         "loss": probability_loss(log_p, probs, y, loss=loss, label_smoothing=label_smoothing).item(),
         "nll": nll(log_p, y),
@@ -178,7 +182,7 @@ def view_probabilities(view_logits: torch.Tensor, temperature: float = 1.0) -> t
     return view_predictions(view_logits, temperature)[1]
 
 
-TEMPERATURE_RANGE = (0.01, 100.0)
+TEMPERATURE_RANGE = TEMPERATURE_BOUNDS  # the fit's search range; a checkpoint's T outside it is refused
 MIN_CALIBRATION_IMAGES = 50  # fewer validation images than this cannot support a fitted temperature
 
 
@@ -315,7 +319,7 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
     backbone = get_backbone(ckpt.arch)
     prefix, suffix = backbone.split(model, ckpt.cut)
     info = {k: getattr(ckpt, k) for k in ("arch", "epoch", "metric", "val_accuracy", "val_loss", "resolution",
-                                          "weights", "config", "data", "content", "resize_policy", "storage_size",
+                                          "weights", "config", "data", "resize_policy", "storage_size",
                                           "stored_side", "crop_fraction", "interpolation")}  # fmt: skip
     return LoadedModel(
         model=model,
@@ -355,6 +359,33 @@ def stored_as_trained(loaded: LoadedModel, config) -> ImageSet:
     if side is not None and data.stored_side != side:
         data = load_images(config, loaded.info["storage_size"], side=side)
     return data
+
+
+def split_applies(run_dir: str | Path, data: ImageSet) -> bool | None:
+    """Whether the run's split.json names these very images: its training and validation rows hold, pixel for pixel,
+    the images the run recorded (digests.npz), wherever the files lie. None where the run recorded no digests."""
+    try:
+        with np.load(Path(run_dir) / "digests.npz") as saved:
+            train, val = saved["train"], saved["val"]
+        split = json.loads((Path(run_dir) / "split.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    rows = [np.asarray(split[part], dtype=np.int64) for part in ("train", "val")]
+    if any(len(r) and r.max() >= len(data) for r in rows):
+        return False
+    digests = data.digests()
+    return bool(np.array_equal(digests[rows[0]], train) and np.array_equal(digests[rows[1]], val))
+
+
+def seen_in_training(run_dir: str | Path, digests: np.ndarray) -> dict[str, int] | None:
+    """How many of these images (ImageSet.digests) the run trained and validated on: pixel for pixel the same stored
+    image, whatever file or folder it came from. None where the run folder has no digests (written before them)."""
+    path = Path(run_dir) / "digests.npz"
+    try:
+        with np.load(path) as saved:
+            return {part: int(np.isin(digests, saved[part]).sum()) for part in ("train", "val")}
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def decode_as_trained(loaded: LoadedModel, path: str | Path) -> np.ndarray:
@@ -448,7 +479,6 @@ def _is_image_or_folder(path: str) -> bool:
     return os.path.isdir(path) or path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-TIE_TOLERANCE = 1e-6  # probabilities this close are one value: float32 softmax cannot tell them apart
 PREDICT_BATCH_BYTES = 64 * 2**20  # decoded pixels held at once: batches stay small even for camera photos
 PREDICT_BATCH_FILES = 256
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import ConfigError
 from .evaluate import view_probabilities
-from .fsutil import refuse_output_over_input
+from .fsutil import output_file, refuse_output_over_input
 
 FORMATS = ("onnx", "torchscript")
 EXPORT_FORMAT = "transferlab-export-1"
@@ -96,12 +96,8 @@ def export_checkpoint(path: str | Path, fmt: str, out: str | Path) -> Path:
     """Write the checkpoint at `path` as `fmt` ("onnx" or "torchscript") to `out`, atomically; returns `out`."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise ConfigError(f"-o {out} is a folder: name a file")
-    if not out.parent.is_dir():
-        raise ConfigError(f"-o {out}: folder {out.parent} does not exist")
     refuse_output_over_input(out, [path], "-o", ConfigError)
+    out = output_file(out, "-o", ConfigError)
     module, meta = build_exported(path)
     if fmt == "onnx":
         _require_onnx()
@@ -111,6 +107,8 @@ def export_checkpoint(path: str | Path, fmt: str, out: str | Path) -> Path:
         tmp.touch()  # an unwritable folder fails here, as an OSError, before the exporters' own errors
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, yet still the way to TorchScript
+            # the number of views (1 or 2) is read as a Python number while tracing: fixed for the file, as it should be
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             if fmt == "onnx":
                 _write_onnx(module, example, meta, tmp)
             else:

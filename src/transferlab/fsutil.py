@@ -138,3 +138,27 @@ def refuse_output_over_input(output: str | Path, inputs: Iterable[str | Path], f
     for source in inputs:
         if same_file(output, source):
             raise error(f"{flag} {output} is an input ({source}): writing it would replace what is being read")
+
+
+# The files a run folder holds (engine's run directory): an output option never replaces one of another run's
+RUN_FILES = ("best.pt", "metrics.json", "config.json", "split.json", "state.pt", "digests.npz")
+
+
+def output_file(path: str | Path, flag: str, error: type[Exception]) -> Path:
+    """The file an output option (predict --output, export -o) writes: `path`, or where its symlink points (the link
+    stays a link). A folder, a device, pipe or socket (/dev/null: a rename would replace the device node), a missing
+    folder, or one of a run folder's own files is refused in one line, before any work."""
+    given = Path(path).expanduser()
+    target = Path(os.path.realpath(given)) if given.is_symlink() else given
+    if target.is_dir():
+        raise error(f"{flag} {given} is a folder: name a file")
+    if target.exists() and not target.is_file():
+        raise error(f"{flag} {given} is not a regular file (a device, pipe or socket): name a file, or leave "
+                    f"{flag} out to write to the standard output where there is one")  # fmt: skip
+    if not target.parent.is_dir():
+        raise error(f"{flag} {given}: folder {target.parent} does not exist")
+    if target.name in RUN_FILES or (target.name.startswith("best-epoch") and target.suffix == ".pt"):
+        if (target.parent / "metrics.json").is_file() or (target.parent / "state.pt").is_file():
+            raise error(f"{flag} {given} is a file of the run folder {target.parent}: writing it would replace the "
+                        "run's results; name another file")  # fmt: skip
+    return target

@@ -55,10 +55,14 @@ def decimals_for(half_width: float) -> int:
 
 
 def interval_decimals(k: int, n: int) -> int:
-    """Decimals a percentage k / n may show: `decimals_for` the larger half of its Wilson interval."""
+    """Decimals a percentage k / n may show: `decimals_for` the larger half of its Wilson interval, and as many more
+    as it takes for a figure that is not exactly 0 or 100 not to read as one (99,999 of 100,000 is not "100.00%")."""
     low, high = wilson_interval(k, n)
     p = k / n
-    return decimals_for(100 * max(p - low, high - p))
+    d = decimals_for(100 * max(p - low, high - p))
+    while d < 6 and 0 < k < n and round(100 * p, d) in (0, 100):
+        d += 1
+    return d
 
 
 def percent(k: int, n: int) -> str:
@@ -68,11 +72,10 @@ def percent(k: int, n: int) -> str:
 
 def percent_with_interval(k: int, n: int) -> str:
     """k correct of n as a percentage with its Wilson 95% interval, at the precision the interval justifies
-    (`decimals_for` of its larger half): "67.4% (95% CI 65.3-69.4)", "90% (95% CI 60-98)"."""
+    (`interval_decimals`): "67.4% (95% CI 65.3-69.4)", "90% (95% CI 60-98)"."""
     low, high = wilson_interval(k, n)
-    p = k / n
-    d = decimals_for(100 * max(p - low, high - p))
-    return f"{100 * p:.{d}f}% (95% CI {100 * low:.{d}f}-{100 * high:.{d}f})"
+    d = interval_decimals(k, n)
+    return f"{100 * k / n:.{d}f}% (95% CI {100 * low:.{d}f}-{100 * high:.{d}f})"
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,16 @@ def _parse(url: str):
 # Query parameters that carry a secret: psycopg2's password / sslpassword, MySQL drivers' passwd, ODBC's PWD, tokens
 CREDENTIAL = re.compile(r"pass|pwd|secret|token|credential|api_?key", re.IGNORECASE)
 PASSWORD_KEYS = ("password", "passwd", "pwd")  # a query parameter that is the password itself
+# password=... inside another parameter's value or a database name (?options=-c password=x, db;password=x)
+ASSIGNED = re.compile(r"(pass(?:word|wd)?|pwd|secret|token)(=|%3D|%3d)[^&;\s@/]+", re.IGNORECASE)
 
 
 def _credential_query(parsed) -> dict[str, tuple[str, ...]]:
-    """The URL's query parameters that hold secrets, each with its values."""
+    """The URL's query parameters that hold secrets (by name, or a password=... in the value), each with its values."""
     if parsed is None:
         return {}
-    return {k: (v,) if isinstance(v, str) else tuple(v) for k, v in parsed.query.items() if CREDENTIAL.search(k)}
+    found = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in parsed.query.items()}
+    return {k: v for k, v in found.items() if CREDENTIAL.search(k) or any(ASSIGNED.search(x) for x in v)}
 
 
 def password_of(url: str) -> str | None:
@@ -85,6 +88,10 @@ def _unquoted_at(parsed) -> bool:
 
 def redact(url: str) -> str:
     """The URL as it may be shown: its password and credential query parameters replaced by ***."""
+    return ASSIGNED.sub(r"\1\2***", _redact(url))
+
+
+def _redact(url: str) -> str:
     parsed = _parse(url)
     if parsed is None:
         return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
@@ -103,10 +110,10 @@ def without_password(url: str) -> str:
     parsed = _parse(url)
     credentials = _credential_query(parsed)
     if parsed is None or (parsed.password is None and not credentials):
-        return url
+        return ASSIGNED.sub(r"\1\2***", url)
     if credentials:
         parsed = parsed.difference_update_query(credentials)
-    return parsed._replace(password=None).render_as_string(hide_password=False)  # set() ignores None
+    return ASSIGNED.sub(r"\1\2***", parsed._replace(password=None).render_as_string(hide_password=False))
 
 
 def hide(text: str, url: str) -> str:
@@ -114,7 +121,7 @@ def hide(text: str, url: str) -> str:
     for secret in sorted(secrets_of(url), key=len, reverse=True):
         for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}:
             text = text.replace(form, "***")
-    return text
+    return ASSIGNED.sub(r"\1\2***", text) if ASSIGNED.search(url) else text
 
 
 def _with_password(url: str, password_env: str | None) -> str:
@@ -249,7 +256,26 @@ def open_storage(url: str, **heartbeat: Any) -> RDBStorage:
     try:
         return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except Exception as error:  # a bad URL, a missing driver, no server, not a database: all say why in one line
-        raise StudyError(f"cannot open the storage {redact(url)}: {hide(first_line(error), url)}") from None
+        missing = _missing_driver(url)
+        why = hide(first_line(error), url) if missing is None else missing
+        raise StudyError(f"cannot open the storage {redact(url)}: {why}") from None
+
+
+def _missing_driver(url: str) -> str | None:
+    """Which database driver a URL needs and lacks, in words (None: its driver imports, or it is no database URL)."""
+    parsed = _parse(url)
+    if parsed is None:
+        return None
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as error:
+        text = f"its driver {error.name or parsed.get_driver_name()} is not installed"
+        if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() != "psycopg2":
+            text += " (with psycopg2 installed, write postgresql+psycopg2://...)"
+        return text
+    except Exception:  # noqa: BLE001 - an unknown dialect: the storage's own message says it
+        return None
+    return None
 
 
 # ------------------------------------------------------------------------------ the current spec's trials

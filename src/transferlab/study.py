@@ -52,7 +52,7 @@ from .features import FeatureCache
 from .fsutil import exclusive
 from .progress import console
 from .selection import Tie, best_group, best_trial
-from .stats import percent_with_interval
+from .stats import percent, percent_with_interval
 from .storage import (
     PASSWORD_ENV,
     RUN_KINDS,
@@ -829,7 +829,8 @@ def select_and_test(
         selected = {**record, "test": None}
         study.set_user_attr("selected", selected)
         log(
-            f"selected trial {best.number} ({record['key']}): val accuracy {record['val_accuracy']:.4f}; "
+            f"selected trial {best.number} ({record['key']}): val accuracy "
+            f"{percent(round(record['val_accuracy'] * record['n_val']), record['n_val'])}; "
             "no test split (test_fraction = 0): the selected trial was not evaluated on a test set"
         )
         return selected
@@ -878,7 +879,8 @@ def select_and_test(
     )
     correct = round(record["test_accuracy"] * record["n_test"])  # the exact fraction correct (evaluate.scores)
     log(
-        f"selected {chosen}: val accuracy {100 * record['val_accuracy']:.2f}%, test accuracy "
+        f"selected {chosen}: val accuracy {percent(round(record['val_accuracy'] * record['n_val']), record['n_val'])}, "
+        "test accuracy "
         f"{percent_with_interval(correct, record['n_test'])} on {record['n_test']} images (test split used once)"
     )
     return {**record, "errors": errors}

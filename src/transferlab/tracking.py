@@ -76,6 +76,21 @@ def _check_database(uri: str) -> None:
         engine.dispose()
 
 
+def _check_server(uri: str) -> None:
+    """A tracking server (http, https) that does not answer within DATABASE_TIMEOUT seconds: one ConfigError line."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=DATABASE_TIMEOUT)
+    except requests.RequestException as error:
+        raise ConfigError(
+            f"--log mlflow: MLFLOW_TRACKING_URI={redact(uri)}: the server does not answer "
+            f"({type(error).__name__}); start it, or unset the variable (the run folder's mlflow.db)"
+        ) from None
+
+
 class MlflowTracker(Tracker):
     def __init__(self, out_dir: Path):
         _require("mlflow", "mlflow")
@@ -89,8 +104,11 @@ class MlflowTracker(Tracker):
         if not self.uri:
             self.uri = sqlite_url(out_dir.resolve() / "mlflow.db")
             self.artifact_location = (out_dir.resolve() / "mlartifacts").as_uri()
-        else:
-            _check_database(self.uri)  # before MLflow, which retries an unreachable database for minutes
+        else:  # before MLflow, which retries an unreachable database or server for minutes
+            _check_database(self.uri)
+            _check_server(self.uri)
+            if self.uri.startswith("sqlite:"):  # a local database: its artefacts beside the run, not in the cwd
+                self.artifact_location = (out_dir.resolve() / "mlartifacts").as_uri()
         try:  # not the fluent API: leaves the caller's active run alone; a search opens the store now, not mid-run
             self.client = MlflowClient(tracking_uri=self.uri)
             self.client.search_experiments(max_results=1)

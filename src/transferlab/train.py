@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import platform
@@ -39,7 +40,7 @@ from .freezing import (
     set_train_mode,
     trainable_groups,
 )
-from .fsutil import atomic_save, atomic_write_json, claimed, writable_folder
+from .fsutil import atomic_save, atomic_write_bytes, atomic_write_json, claimed, writable_folder
 from .models import (
     build_model,
     check_head,
@@ -155,6 +156,7 @@ class RunBusyError(RunFolderError):
 
 
 RUN_LOCK = ".lock"  # held by the process training in a run folder
+DIGESTS = "digests.npz"  # the training and validation images' pixel hashes (ImageSet.digests)
 
 
 def identity_difference(theirs: dict, mine: dict) -> str:
@@ -345,10 +347,15 @@ class Trainer:
         batchnorm = torch.nn.modules.batchnorm._BatchNorm
         norms = [name for name, modules in group_modules(self.model, self.backbone) if name in self.trainable
                  for m in modules for sub in m.modules() if isinstance(sub, batchnorm)]  # fmt: skip
+        if norms and len(self.split.train) < 2:
+            raise ConfigError(
+                f"the training split holds {len(self.split.train)} image: the trainable group {norms[0]} has "
+                "BatchNorm, which cannot train on one image; add training images"
+            )
         if norms:
             raise ConfigError(
-                f"batch_size = {self.config.batch_size} with {len(self.split.train)} training image(s): the trainable "
-                f"group {norms[0]} has BatchNorm, which cannot train on one image; use a batch size of 2 or more"
+                f"batch_size = {self.config.batch_size}: the trainable group {norms[0]} has BatchNorm, which cannot "
+                "train on one image; use a batch size of 2 or more"
             )
 
     def _choose_input_path(self) -> None:
@@ -712,6 +719,10 @@ class Trainer:
         self._replaces = []
         atomic_write_json(self.config.to_dict(), self.out_dir / "config.json", "run config")
         atomic_write_json(self.split.to_dict(), self.out_dir / "split.json", "split")
+        digests = self.images.digests()  # evaluate tells the run's training images among any other data by them
+        buffer = io.BytesIO()
+        np.savez(buffer, train=digests[self.split.train], val=digests[self.split.val])
+        atomic_write_bytes(buffer.getvalue(), self.out_dir / DIGESTS, "image digests")
         self._starting = False
 
     def _refuse_other_run(self, saved: dict | None) -> None:
@@ -724,22 +735,31 @@ class Trainer:
             metrics = json.loads((self.out_dir / "metrics.json").read_text())
             theirs = metrics.get("identity") if isinstance(metrics, dict) else None
             what = "a finished run" if isinstance(metrics, dict) and metrics.get("finished") else "an unfinished run"
-            theirs = theirs if isinstance(theirs, dict) else {}
+            if not isinstance(theirs, dict):
+                theirs, what = {}, "a metrics.json written by no transferlab run of this version"
         except FileNotFoundError:
             pass
         except (OSError, ValueError):
             theirs, what = {}, "an unreadable metrics.json"
         if theirs == mine or theirs is None:
             if saved is None or saved.get("identity") == mine:
-                return
-            theirs, what = saved.get("identity") or {}, "a killed run's state.pt"
+                foreign = [name for name in ("config.json", "split.json", "best.pt") if (self.out_dir / name).exists()]
+                if theirs is not None or not foreign:
+                    return
+                theirs, what = {}, f"files of no transferlab run ({', '.join(foreign)})"
+            else:
+                theirs, what = saved.get("identity") or {}, "a killed run's state.pt"
+        difference = identity_difference(theirs, mine) if theirs else "not a transferlab run's"
         if not self.overwrite:
             raise RunFolderError(
-                f"--out {self.out_dir} holds {what} with other settings ({identity_difference(theirs, mine)}): pass "
-                "--overwrite to replace it, or choose another --out"
+                f"--out {self.out_dir} holds {what} with other settings ({difference}): pass --overwrite to replace "
+                "it, or choose another --out"
+                if theirs
+                else f"--out {self.out_dir} holds {what}: pass --overwrite to replace them, or choose another --out"
             )
-        self.log(f"replacing {what} in {self.out_dir} ({identity_difference(theirs, mine)})")
-        self._replaces = [self.out_dir / name for name in ("best.pt", "metrics.json", "state.pt")]
+        self.log(f"replacing {what} in {self.out_dir} ({difference})")
+        self._replaces = [self.out_dir / name for name in ("best.pt", "metrics.json", "state.pt", "config.json",
+                                                           "split.json")]  # fmt: skip
         self._replaces += list(self.out_dir.glob("best-epoch*.pt"))
 
     def _write_metrics(self, state: RunState, env: dict) -> None:
@@ -760,7 +780,6 @@ class Trainer:
                 "weights": self.weights_source,
                 "preprocessing": self._preprocessing(),
                 "data": self.images.key,
-                "content": self.images.content,
                 "stored_side": self.images.stored_side,
                 "duplicates": self.images.duplicates,  # paths dropped: they named an image already listed
                 "n_train": len(self.split.train),
@@ -794,7 +813,7 @@ class Trainer:
             arch=c.arch, head=check_head(self.backbone, c.head), dropout=c.dropout, classes=list(self.images.classes),
             model=state.best_state,
             resize_policy=self.images.resize_policy, storage_size=self.images.storage_size,
-            stored_side=self.images.stored_side, content=self.images.content,
+            stored_side=self.images.stored_side,
             resolution=c.resolution, mean=list(self.preprocess.mean), std=list(self.preprocess.std), cut=self.cut,
             crop_fraction=c.crop_fraction, interpolation=c.interpolation,
             feature_dtype=str(self.feature_dtype).removeprefix("torch.") if self.feature_dtype else None,
