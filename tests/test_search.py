@@ -67,7 +67,9 @@ def search_spec(
     path: Path, data: Path, cache: Path, search=None, space=None, grid=None, name: str = "searched", **run
 ) -> Path:
     """A study spec on the synthetic tree with a [search] table (linear head: it learns in an epoch or two)."""
-    write_spec(path, data, cache, grid or {}, name=name, **{"head": "linear", "epochs": 1, "batch_size": 8, **run})
+    run = {"head": "linear", "epochs": 1, "batch_size": 8, **run}
+    run = {k: v for k, v in run.items() if k not in (grid or {})}  # an axis sets it; [run] beside it is refused
+    write_spec(path, data, cache, grid or {}, name=name, **run)
     lines = ["", "[search]"] + [f"{k} = {toml_entry(v)}" for k, v in (SEARCH if search is None else search).items()]
     space = SPACE if space is None else space
     if space:
