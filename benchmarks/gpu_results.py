@@ -16,8 +16,12 @@ from pathlib import Path
 
 
 def results_markdown(directory: Path, title: str | None = None) -> str:
-    from transferlab.report import Block, load_study_data, render_markdown, study_time_blocks, time_table, trials_table
-    from transferlab.stats import percent_with_interval
+    from transferlab.report.data import Block
+    from transferlab.report.load import load_study_data
+    from transferlab.report.sections import study_time_blocks
+    from transferlab.report.tables import time_table, trials_table
+    from transferlab.report.write import render_markdown
+    from transferlab.scoring.stats import percent_with_interval
 
     data = load_study_data(directory)
     env = data.environment
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", type=Path, help="the study directory (its storage.txt names the storage)")
     parser.add_argument("--title", help="the section's title (default: the study's name)")
     args = parser.parse_args(argv)
-    from transferlab.storage import StudyError
+    from transferlab.errors import StudyError
 
     try:
         print(results_markdown(args.study, args.title), end="")

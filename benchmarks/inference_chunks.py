@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from transferlab.augment import Preprocess, normalisation, to_float
-from transferlab.features import compute_features, inference_batch_size
+from transferlab.engine.device import inference_batch_size
+from transferlab.engine.features import compute_features
+from transferlab.engine.preprocess import Preprocess, normalisation, to_float
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -34,9 +34,9 @@ def peak_rss_mib() -> float:
 
 
 def split_indices(args):
-    from transferlab import RunConfig, load_images, make_split
+    from transferlab import RunConfig, load_images, make_split, resolve
 
-    config = RunConfig(data=args.data, limit=args.limit, progress=False, cache_dir=args.cache_dir)
+    config = resolve(RunConfig(data=args.data, limit=args.limit, progress=False, cache_dir=args.cache_dir))
     images = load_images(config)
     split = make_split(
         images.labels,
@@ -56,7 +56,7 @@ def run_baseline(args) -> dict:
     from torch.utils.data import DataLoader, Subset
     from torchvision import transforms
 
-    from transferlab.models import IMAGENET_MEAN, IMAGENET_STD
+    from transferlab.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(0)
     split = split_indices(args)
@@ -104,34 +104,37 @@ def run_baseline(args) -> dict:
 
 
 def run_transferlab(args) -> dict:
-    from transferlab import RunConfig, Trainer
+    from transferlab import RunConfig, resolve
+    from transferlab.engine.train import run_training
 
-    config = RunConfig(
-        data=args.data,
-        weights=args.weights,
-        strategy=args.regime,
-        resolution=args.resolution,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        progress=False,
-        optimizer="adamw",
-        lr=1e-3,
-        cache_dir=args.cache_dir,
+    config = resolve(
+        RunConfig(
+            data=args.data,
+            weights=args.weights,
+            strategy=args.regime,
+            resolution=args.resolution,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            progress=False,
+            optimizer="adamw",
+            lr=1e-3,
+            cache_dir=args.cache_dir,
+        )
     )
     from transferlab.data import load_images
 
     images = load_images(config)  # decoded-array cache: warm (decoding is the separate one-off below)
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as features:
-        from transferlab.features import FeatureCache
+        from transferlab.engine.features import FeatureCache
 
         cache = FeatureCache(Path(features))
         started = time.perf_counter()
-        result = Trainer(config, out, images=images, feature_cache=cache, log=lambda _: None).fit()
+        result = run_training(config, out, images=images, feature_cache=cache, log=lambda _: None)
         wall = time.perf_counter() - started
         # The same run again, as the next trial of a study sees it: the frozen features are already cached.
         started = time.perf_counter()
-        Trainer(config, Path(out) / "again", images=images, feature_cache=cache, log=lambda _: None).fit()
+        run_training(config, Path(out) / "again", images=images, feature_cache=cache, log=lambda _: None)
         wall_warm = time.perf_counter() - started
     n_images = args.epochs * len(split_indices(args).train)
     return {

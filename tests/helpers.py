@@ -40,8 +40,10 @@ def make_image_tree(
 
 
 def tiny_config(data: Path | str, cache_dir: Path | str, **overrides):
-    """A RunConfig that trains in well under a second on a CPU (on TEST_DEVICE)."""
+    """A RunConfig that trains in well under a second on a CPU (on TEST_DEVICE), its backbone's defaults filled in
+    (models.resolve: as the CLI and a study hand configs to the library)."""
     from transferlab import RunConfig
+    from transferlab.models.registry import resolve
 
     values = dict(
         data=str(data),
@@ -56,7 +58,7 @@ def tiny_config(data: Path | str, cache_dir: Path | str, **overrides):
         progress=False,
     )
     values.update(overrides)
-    return RunConfig.from_dict(values)
+    return resolve(RunConfig.from_dict(values))
 
 
 def history_without_time(history: list[dict]) -> list[dict]:
@@ -64,4 +66,26 @@ def history_without_time(history: list[dict]) -> list[dict]:
 
 
 def quiet(_text: str) -> None:
-    """Trainer log sink for tests."""
+    """Log sink for tests."""
+
+
+def trained_run(config, out, **kwargs):
+    """(the Run as built, its RunResult): `engine.train.run_training` with a hook that keeps the run, for tests that
+    look inside it (its inputs, views, precision)."""
+    from transferlab.engine.hooks import Hook
+    from transferlab.engine.train import run_training
+
+    class Keep(Hook):
+        def on_fit_start(self, run, state) -> None:
+            self.run = run
+
+    keep = Keep()
+    result = run_training(config, out, **{"log": quiet, **kwargs}, hooks=[keep])
+    return keep.run, result
+
+
+def built_run(config, out=None, **kwargs):
+    """A run set up as training sets it up (engine.run.prepare_run + build_run), not trained."""
+    from transferlab.engine.run import build_run, prepare_run
+
+    return build_run(prepare_run(config, out), **{"log": quiet, **kwargs})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab.augment import Preprocess, dataset_statistics, random_crop, random_flip, resize, to_float
+from transferlab.engine.preprocess import Preprocess, dataset_statistics, random_crop, random_flip, resize, to_float
 
 
 def batch(n=6, h=8, w=10, seed=0) -> torch.Tensor:

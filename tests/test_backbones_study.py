@@ -22,9 +22,11 @@ import pytest
 from test_report import section, tables_in
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
 
-from transferlab.report import backbone_points, load_study_data, pareto_front
-from transferlab.stats import percent, percent_with_interval
-from transferlab.study import grid_trials, run_study
+from transferlab.report.load import load_study_data
+from transferlab.report.tables import backbone_points, pareto_front
+from transferlab.scoring.stats import percent, percent_with_interval
+from transferlab.study.records import StudyRecord, grid_trials
+from transferlab.study.runner import run_study
 
 ARCHS = ["squeezenet1_1", "resnet18"]
 
@@ -49,16 +51,16 @@ def backbones(tmp_path_factory):
 
 def _costs(directory, epochs: int = 2) -> dict[tuple[str, str], dict]:
     """(arch, strategy) -> its trial of `epochs` epochs (2: the runs; 1: trials derived from them)."""
-    trials = [t for t in grid_trials(load(directory)) if t.user_attrs["point"]["epochs"] == epochs]
-    return {(t.user_attrs["point"]["arch"], t.user_attrs["point"]["strategy"]): t for t in trials}
+    trials = [t for t in grid_trials(load(directory)) if t.point["epochs"] == epochs]
+    return {(t.point["arch"], t.point["strategy"]): t for t in trials}
 
 
 def _best(directory) -> dict[tuple[str, str], object]:
     """(arch, strategy) -> its trial of best validation accuracy (lowest number on a tie), as the report picks."""
     out = {}
     for t in sorted(grid_trials(load(directory)), key=lambda t: t.number):
-        key = (t.user_attrs["point"]["arch"], t.user_attrs["point"]["strategy"])
-        if key not in out or t.user_attrs["best"]["val_accuracy"] > out[key].user_attrs["best"]["val_accuracy"]:
+        key = (t.point["arch"], t.point["strategy"])
+        if key not in out or t.best["val_accuracy"] > out[key].best["val_accuracy"]:
             out[key] = t
     return out
 
@@ -68,26 +70,23 @@ def test_each_trial_records_its_runs_cost(backbones):
     trials = _costs(directory)
     assert set(trials) == {(a, s) for a in ARCHS for s in ("frozen", "full")}
     for (arch, strategy), t in trials.items():
-        cost = t.user_attrs["cost"]
+        cost = t.cost
         assert cost["arch"] == arch and cost["strategy"] == strategy and cost["resolution"] == 32
         assert cost["flops"] > 0 and cost["params"] >= cost["trainable_params"] > 0
         assert cost["train_images_per_second"] > 0 and cost["inference_images_per_second"] > 0
         assert cost["inference_device"] == "cpu" and cost["inference_batch"] == 64
-        n_train, history = cost["n_train"], t.user_attrs["history"]
+        n_train, history = cost["n_train"], t.history
         expected = n_train * len(history) / sum(r["seconds"] for r in history)
         assert cost["train_images_per_second"] == pytest.approx(expected)
     for strategy in ("frozen", "full"):  # the same resolution: the larger network costs more
-        assert (
-            trials[("resnet18", strategy)].user_attrs["cost"]["flops"]
-            > trials[("squeezenet1_1", strategy)].user_attrs["cost"]["flops"]
-        )
+        assert trials[("resnet18", strategy)].cost["flops"] > trials[("squeezenet1_1", strategy)].cost["flops"]
     for arch in ARCHS:
-        frozen, full = (trials[(arch, s)].user_attrs["cost"] for s in ("frozen", "full"))
+        frozen, full = (trials[(arch, s)].cost for s in ("frozen", "full"))
         assert frozen["trainable_params"] < full["trainable_params"] == full["params"] == frozen["params"]
         assert frozen["flops"] == full["flops"]  # the forward pass does not depend on what trains
     derived = _costs(directory, epochs=1)
     for key, t in derived.items():  # measured once per run: a derived trial holds its run's record
-        assert t.user_attrs["kind"] == "derived" and t.user_attrs["cost"] == trials[key].user_attrs["cost"]
+        assert t.kind == "derived" and t.cost == trials[key].cost
 
 
 def test_report_backbones_table_equals_the_storage(backbones):
@@ -100,7 +99,7 @@ def test_report_backbones_table_equals_the_storage(backbones):
     col = {name: i for i, name in enumerate(header)}
     for row in body:
         t = trials[(row[0], row[1])]
-        cost = t.user_attrs["cost"]
+        cost = t.cost
         assert row[col["trial"]] == str(t.number)
         assert int(row[col["parameters"]].replace(",", "")) == cost["params"]
         assert int(row[col["trainable parameters"]].replace(",", "")) == cost["trainable_params"]
@@ -110,9 +109,9 @@ def test_report_backbones_table_equals_the_storage(backbones):
             ("inference img/s", "inference_images_per_second"),
         ):
             assert float(row[col[name]].replace(",", "")) == pytest.approx(cost[key], abs=0.051)
-        n = t.user_attrs["n_val"]  # at the precision its validation images allow
-        assert row[col["best val accuracy"]] == percent(round(t.user_attrs["best"]["val_accuracy"] * n), n)
-    selected = load(directory).user_attrs["selected"]
+        n = t.n_val  # at the precision its validation images allow
+        assert row[col["best val accuracy"]] == percent(round(t.best["val_accuracy"] * n), n)
+    selected = StudyRecord.of(load(directory)).selected
     tested = [r for r in body if r[col["test accuracy (selected)"]]]
     assert len(tested) == 1
     assert (
@@ -134,9 +133,9 @@ def test_backbone_points_are_each_backbone_and_regimes_best_trial(backbones):
     points = backbone_points(data)
     assert len(points) == 4
     for p in points:
-        mine = [t for t in data.trials if t["point"]["arch"] == p.arch and t["point"]["strategy"] == p.regime]
-        assert p.accuracy == max(t["best"]["val_accuracy"] for t in mine)
-        assert p.cost == p.trial["cost"]
+        mine = [t for t in data.trials if t.point["arch"] == p.arch and t.point["strategy"] == p.regime]
+        assert p.accuracy == max(t.best["val_accuracy"] for t in mine)
+        assert p.cost == p.trial.cost
 
 
 def test_pareto_front_keeps_the_undominated_points_by_cost():
@@ -164,13 +163,13 @@ def test_single_backbone_study_has_no_backbones_section(tmp_path):
     text = (directory / "report.md").read_text()
     assert "## Backbones" not in text and "## Results per regime" in text
     (t,) = grid_trials(load(directory))
-    assert t.user_attrs["cost"]["flops"] > 0  # the cost is recorded all the same
+    assert t.cost["flops"] > 0  # the cost is recorded all the same
 
 
 def test_bundled_backbones_spec_is_a_backbone_by_regime_grid():
     from helpers import REPO_ROOT
 
-    from transferlab.config import StudySpec
+    from transferlab.config.study import StudySpec
 
     spec = StudySpec.load(REPO_ROOT / "studies" / "backbones.toml", ["weights=none"])
     assert len(spec.grid["arch"]) >= 2 and spec.grid["strategy"] == ["frozen", "partial", "full"]
@@ -180,8 +179,8 @@ def test_bundled_backbones_spec_is_a_backbone_by_regime_grid():
 def test_measuring_a_cost_leaves_the_random_state_as_it_was():
     import torch
 
-    from transferlab.config import RunConfig
-    from transferlab.cost import measure_cost
+    from transferlab.config.run import RunConfig
+    from transferlab.inference.cost import measure_cost
 
     config = RunConfig.from_dict({"arch": "squeezenet1_1", "strategy": "partial", "resolution": 32, "device": "cpu"})
     torch.manual_seed(7)

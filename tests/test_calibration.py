@@ -37,22 +37,18 @@ from PIL import Image
 from test_study import load, write_spec
 
 from transferlab import run_study
-from transferlab.analysis import GALLERY, GRADCAM, decode_png, grad_cam, gradcam_layer
-from transferlab.checkpoint import Checkpoint
 from transferlab.cli import main
-from transferlab.data import Split, load_image_folder, split_arrays
-from transferlab.evaluate import (
-    TEMPERATURE_RANGE,
-    fit_temperature,
-    load_checkpoint,
-    predict_files,
-    reliability,
-    scores,
-    view_probabilities,
-)
-from transferlab.models import build_model, get_backbone
-from transferlab.stats import percent
-from transferlab.train import Trainer
+from transferlab.data.sources import load_image_folder
+from transferlab.data.split import Split, split_arrays
+from transferlab.engine.train import run_training
+from transferlab.inference.analysis import GALLERY, GRADCAM, decode_png, grad_cam, gradcam_layer
+from transferlab.inference.checkpoint import Checkpoint
+from transferlab.inference.predict import load_checkpoint, predict_files
+from transferlab.models.registry import get_backbone
+from transferlab.models.weights import build_model
+from transferlab.scoring.calibration import TEMPERATURE_RANGE, fit_temperature, view_probabilities
+from transferlab.scoring.metrics import reliability, scores
+from transferlab.scoring.stats import percent
 
 
 # ---------------------------------------------------------------------------- ECE and per-class scores
@@ -203,7 +199,7 @@ def test_each_recorded_epoch_gets_its_own_temperature(calibration_tree, tmp_path
     image_tree = calibration_tree
     config = tiny_config(image_tree, tmp_path / "cache", head="linear", lr=1e-2, epochs=3, record_epochs=[1],
                          val_fraction=0.3)  # fmt: skip
-    result = Trainer(config, tmp_path / "run", log=quiet).fit()
+    result = run_training(config, tmp_path / "run", log=quiet)
     recorded = tmp_path / "run" / "best-epoch1.pt"
     loaded, logits, y = val_logits_of(recorded, image_tree, tmp_path / "cache", tmp_path / "run" / "split.json")
     assert loaded.info["epoch"] == 1
@@ -245,7 +241,7 @@ def test_evaluate_json_reports_raw_and_calibrated_figures_with_unchanged_accurac
      ("squeezenet1_1", "features.12.expand3x3", 64)],
 )  # fmt: skip
 def test_grad_cam_maps_have_the_image_size_and_lie_in_0_1(arch, layer, resolution):
-    from transferlab.augment import Preprocess
+    from transferlab.engine.preprocess import Preprocess
 
     torch.manual_seed(0)
     model, _ = build_model(arch, 3, weights="none", head="linear")
@@ -368,7 +364,7 @@ def test_an_easy_data_set_keeps_t_in_range_and_validation_nll_no_worse(make_tree
     1.000, ECE and NLL far worse on new images); T stays 1, the checkpoint and metrics.json say why, evaluate too."""
     tree = make_tree("easy", per_class=60, size=16)
     config = tiny_config(tree, tmp_path / "cache", head="linear", lr=1e-2, epochs=3, val_fraction=0.3)
-    result = Trainer(config, tmp_path / "run", log=quiet).fit()
+    result = run_training(config, tmp_path / "run", log=quiet)
     assert result.best["val_accuracy"] == 1.0
     calibration = json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"]
     low, high = TEMPERATURE_RANGE

@@ -86,7 +86,7 @@ def test_help_exits_zero(command, capsys):
 def test_train_help_lists_every_run_option(capsys):
     import dataclasses
 
-    from transferlab.config import RunConfig
+    from transferlab.config.run import RunConfig
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -203,7 +203,7 @@ def test_bad_choice_is_an_argparse_error(capsys):
 def test_interrupt_exits_130(monkeypatch, image_tree, tmp_path, capsys):
     import importlib
 
-    train_module = importlib.import_module("transferlab.train")  # the package's `train` attribute is the function
+    train_module = importlib.import_module("transferlab.engine.train")
 
     def interrupted(config, out, **options):
         raise KeyboardInterrupt

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from transferlab.config import ConfigError, RunConfig, StudySpec, parse_override
+from transferlab.config.run import RunConfig
+from transferlab.config.study import StudySpec
+from transferlab.config.toml import parse_override
+from transferlab.errors import ConfigError
+from transferlab.models.registry import resolve
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -17,7 +21,7 @@ def test_defaults_are_valid():
     config = RunConfig()
     config.validate()
     assert config.strategy == "frozen" and config.resolution is None and config.arch == "squeezenet1_1"
-    assert config.resolved().resolution == 32 and config.resolved().dropout == 0.5  # the study's, for torchvision
+    assert resolve(config).resolution == 32 and resolve(config).dropout == 0.5  # the study's, for torchvision
 
 
 def test_unknown_key_is_one_line_with_suggestion():

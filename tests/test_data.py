@@ -11,8 +11,10 @@ import pytest
 from helpers import CLASS_COLOURS, noise_image, tiny_config
 from PIL import Image
 
-from transferlab import data as data_module
-from transferlab.data import DataError, decode_image, load_cifar10, load_image_folder, load_images
+from transferlab.data import decode as decode_module
+from transferlab.data.decode import decode_image
+from transferlab.data.sources import load_cifar10, load_image_folder, load_images
+from transferlab.errors import DataError
 
 
 def load(root, cache_dir, **kwargs):
@@ -84,7 +86,7 @@ def test_second_load_hits_the_cache(make_tree, cache_dir, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decode_image called although the folder is cached")
 
-    monkeypatch.setattr(data_module, "decode_image", no_decoding)
+    monkeypatch.setattr(decode_module, "_decode_open", no_decoding)
     second = load(root, cache_dir)
     assert second.key == first.key and second.classes == first.classes
     np.testing.assert_array_equal(second.images, first.images)

@@ -34,23 +34,21 @@ from test_cli import assert_one_line_error, train_args
 from test_data import write_fake_cifar
 
 from transferlab import RunConfig
-from transferlab import data as data_module
-from transferlab.augment import dataset_statistics
-from transferlab.checkpoint import Checkpoint
 from transferlab.cli import main
-from transferlab.config import ConfigError, StudySpec
-from transferlab.data import (
-    ImageSet,
-    decode_cache_key,
-    decode_image,
-    fit_to_square,
-    load_image_folder,
-    load_images,
-)
-from transferlab.evaluate import evaluate_checkpoint, load_checkpoint, predict_files
-from transferlab.features import FeatureCache
-from transferlab.study import study_storage_size
-from transferlab.train import Trainer
+from transferlab.config.study import StudySpec
+from transferlab.data.cache import decode_cache_key
+from transferlab.data.decode import decode_image, fit_to_square
+from transferlab.data.imageset import ImageSet
+from transferlab.data.sources import load_image_folder, load_images, storage_size_for
+from transferlab.engine.features import FeatureCache
+from transferlab.engine.preprocess import dataset_statistics
+from transferlab.engine.train import run_training
+from transferlab.errors import ConfigError
+from transferlab.inference.checkpoint import Checkpoint
+from transferlab.inference.evaluate import evaluate_checkpoint
+from transferlab.inference.predict import load_checkpoint, predict_files
+from transferlab.models.registry import resolve
+from transferlab.study.plan import config_for, study_storage_size
 
 
 def load(root, cache_dir, **kwargs):
@@ -186,9 +184,8 @@ def test_cifar10_source_arrays_are_unchanged_at_32_and_128(tmp_path, cache_dir):
     raw = np.load(folder / "data_batch_1", allow_pickle=True, encoding="latin1")["data"]
     first = raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     for resolution in (32, 128):
-        config = RunConfig(
-            data="cifar10", data_dir=str(tmp_path / "data"), cache_dir=str(cache_dir), resolution=resolution
-        )
+        config = resolve(RunConfig(data="cifar10", data_dir=str(tmp_path / "data"), cache_dir=str(cache_dir),
+                                   resolution=resolution))  # fmt: skip
         images = load_images(config)
         assert images.images.shape == (100, 32, 32, 3)
         np.testing.assert_array_equal(images.images[:20], first)
@@ -199,7 +196,7 @@ def test_cifar10_source_arrays_are_unchanged_at_32_and_128(tmp_path, cache_dir):
 def test_predict_gives_the_probabilities_evaluate_computes(tmp_path, policy):
     root = photo_tree(tmp_path / "wide", (64, 40), per_class=6)
     config = tiny_config(root, tmp_path / "cache", resolution=32, storage_size=32, resize_policy=policy)
-    Trainer(config, tmp_path / "run", log=quiet).fit()
+    run_training(config, tmp_path / "run", log=quiet)
     checkpoint = tmp_path / "run" / "best.pt"
     saved = Checkpoint.load(checkpoint)
     assert (saved.resize_policy, saved.storage_size) == (policy, 32)
@@ -262,8 +259,8 @@ def test_training_on_the_mapped_cache_equals_an_in_memory_array(image_tree, tmp_
     assert isinstance(mapped.images, np.memmap)
     runs = {}
     for name, images in (("mapped", mapped), ("memory", in_memory(mapped))):
-        trainer = Trainer(config, tmp_path / name, images=images, feature_cache=FeatureCache(None), log=quiet)
-        runs[name] = [{k: v for k, v in row.items() if k != "seconds"} for row in trainer.fit().history]
+        result = run_training(config, tmp_path / name, images=images, feature_cache=FeatureCache(None), log=quiet)
+        runs[name] = [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
     assert runs["mapped"] == runs["memory"]
     checkpoint = tmp_path / "mapped" / "best.pt"
     a = evaluate_checkpoint(checkpoint, mapped, device="cpu")
@@ -301,10 +298,10 @@ def test_a_file_failing_only_when_decoded_is_skipped_and_rows_compacted(tmp_path
 # ---------------------------------------------------------------------------- studies
 def test_a_study_decodes_once_at_its_largest_resolution():
     spec = StudySpec.from_dict({"run": {"data": "folder", "storage_size": None}, "grid": {"resolution": [16, 64, 32]}})
-    configs = [spec.config_for(p) for p in spec.points()]
+    configs = [config_for(spec, p) for p in spec.points()]
     assert {study_storage_size(spec, c) for c in configs} == {64}
     other = StudySpec.from_dict({"run": {"data": "folder", "storage_size": 96}, "grid": {"resolution": [16, 32]}})
-    assert study_storage_size(other, other.config_for(other.points()[0])) == 96
+    assert study_storage_size(other, config_for(other, other.points()[0])) == 96
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -332,7 +329,7 @@ def test_bad_storage_size_through_the_cli(image_tree, tmp_path, capsys):
 def test_storage_size_is_the_resolution_by_default(image_tree, cache_dir):
     assert load_images(tiny_config(image_tree, cache_dir, resolution=16)).images.shape[1:] == (16, 16, 3)
     assert load_images(tiny_config(image_tree, cache_dir, resolution=16, storage_size=20)).images.shape[1:3] == (20, 20)
-    assert data_module.storage_size_for(tiny_config(image_tree, cache_dir, resolution=48)) == 48
+    assert storage_size_for(tiny_config(image_tree, cache_dir, resolution=48)) == 48
 
 
 @pytest.mark.parametrize("first", [16, 24])
@@ -350,7 +347,7 @@ def test_mixed_sizes_share_the_median_side_whatever_the_first_file(tmp_path, cac
 
 def test_a_photo_taken_sideways_is_decoded_upright(tmp_path):
     """EXIF orientation 6 (rotate 90 degrees clockwise to view): stored pixels are turned as a viewer shows them."""
-    from transferlab.data import decode_image
+    from transferlab.data.decode import decode_image
 
     pixels = np.zeros((40, 60, 3), dtype=np.uint8)  # landscape as stored, the top row white
     pixels[:4] = 255

@@ -41,37 +41,37 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, TEST_DEVICE, history_without_time, quiet, tiny_config
+from helpers import REPO_ROOT, TEST_DEVICE, built_run, history_without_time, tiny_config, trained_run
 from test_cli import assert_one_line_error, train_args
 from test_study import write_spec
 
-from transferlab.checkpoint import Checkpoint
 from transferlab.cli import main
-from transferlab.data import decode_image, load_image_folder
-from transferlab.evaluate import evaluate_checkpoint, load_checkpoint, predict_files
-from transferlab.export import export_checkpoint
-from transferlab.features import FeatureCache
-from transferlab.train import Trainer
+from transferlab.data.decode import decode_image
+from transferlab.data.sources import load_image_folder
+from transferlab.engine.features import FeatureCache
+from transferlab.inference.checkpoint import Checkpoint
+from transferlab.inference.evaluate import evaluate_checkpoint
+from transferlab.inference.export import export_checkpoint
+from transferlab.inference.predict import load_checkpoint, predict_files
 
-train_module = importlib.import_module("transferlab.train")  # the module: the package's `train` is the function
-
-
-def fit(config, out, **kwargs) -> Trainer:
-    trainer = Trainer(config, out, log=quiet, **kwargs)
-    trainer.result = trainer.fit()
-    return trainer
+run_module = importlib.import_module("transferlab.engine.run")
 
 
-def validation_of(trainer: Trainer, cache) -> dict:
+def fit(config, out, **kwargs):
+    """(the run as built, its result)."""
+    return trained_run(config, out, **kwargs)
+
+
+def validation_of(run, result, cache) -> dict:
     """`evaluate` of the run's best.pt on its validation split, on the test device."""
-    data = load_image_folder(trainer.config.data, cache, progress=False)
-    val = np.asarray(json.loads((trainer.out_dir / "split.json").read_text())["val"])
-    return evaluate_checkpoint(trainer.out_dir / "best.pt", data, indices=val, device=TEST_DEVICE)
+    data = load_image_folder(run.config.data, cache, progress=False)
+    val = np.asarray(json.loads((result.out_dir / "split.json").read_text())["val"])
+    return evaluate_checkpoint(result.out_dir / "best.pt", data, indices=val, device=TEST_DEVICE)
 
 
-def assert_reproduced(trainer: Trainer, evaluated: dict) -> None:
-    row = trainer.result.best
-    assert evaluated["n"] == len(trainer.split.val)
+def assert_reproduced(run, result, evaluated: dict) -> None:
+    row = result.best
+    assert evaluated["n"] == len(run.split.val)
     assert evaluated["accuracy"] == row["val_accuracy"]  # both the exact fraction correct
     assert evaluated["loss"] == pytest.approx(row["val_loss"], rel=1e-4)
 
@@ -96,11 +96,8 @@ def bf16_valued(x: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------- bf16 autocast
 @pytest.mark.parametrize("amp, expected", [("on", True), ("off", False), ("auto", TEST_DEVICE == "cuda")])
 def test_amp_setting_decides_autocast(image_tree, tmp_path, amp, expected):
-    trainer = Trainer(
-        tiny_config(image_tree, tmp_path / "cache", strategy="full", amp=amp), tmp_path / "run", log=quiet
-    )
-    trainer._setup()
-    assert trainer.autocast is expected
+    run = built_run(tiny_config(image_tree, tmp_path / "cache", strategy="full", amp=amp), tmp_path / "run")
+    assert run.forward.autocast is expected
 
 
 @pytest.mark.parametrize(
@@ -114,20 +111,20 @@ def test_amp_setting_decides_autocast(image_tree, tmp_path, amp, expected):
 )
 def test_bf16_run_is_reproduced_by_evaluate(image_tree, tmp_path, overrides, path, feature_dtype):
     config = tiny_config(image_tree, tmp_path / "cache", amp="on", head="linear", lr=1e-2, epochs=2, **overrides)
-    trainer = fit(config, tmp_path / "run")
-    assert trainer.result.feature_path == path
+    run, result = fit(config, tmp_path / "run")
+    assert result.feature_path == path
     ckpt = Checkpoint.load(tmp_path / "run" / "best.pt")
     assert ckpt.autocast is True and ckpt.feature_dtype == feature_dtype
     if path == "cached":  # computed under bf16 autocast, stored as float16: bf16 values, one view per mirror
-        assert [v.dtype for v in trainer.views] == [torch.float16, torch.float16]
-        assert all(bf16_valued(v) for v in trainer.views)
-    assert_reproduced(trainer, validation_of(trainer, tmp_path / "cache"))
+        assert [v.dtype for v in run.inputs.views] == [torch.float16, torch.float16]
+        assert all(bf16_valued(v) for v in run.inputs.views)
+    assert_reproduced(run, result, validation_of(run, result, tmp_path / "cache"))
 
 
 def test_float32_run_caches_values_finer_than_bf16(image_tree, tmp_path):
     """The bf16 check above can fail: without autocast the cached activations carry more mantissa bits."""
-    trainer = fit(tiny_config(image_tree, tmp_path / "cache", strategy="partial", amp="off"), tmp_path / "run")
-    assert trainer.feature_dtype == torch.float16 and not bf16_valued(trainer.views[0])
+    run, _ = fit(tiny_config(image_tree, tmp_path / "cache", strategy="partial", amp="off"), tmp_path / "run")
+    assert run.forward.feature_dtype == torch.float16 and not bf16_valued(run.inputs.views[0])
 
 
 def test_bf16_features_too_large_for_float16_are_cached_in_float32(image_tree, features_weights, tmp_path):
@@ -137,11 +134,11 @@ def test_bf16_features_too_large_for_float16_are_cached_in_float32(image_tree, f
     loud = tmp_path / "loud.pth"
     torch.save(state, loud)
     config = tiny_config(image_tree, tmp_path / "cache", strategy="frozen", weights=str(loud), amp="on", head="linear")
-    trainer = fit(config, tmp_path / "run")
-    assert trainer.views[0].abs().max() > torch.finfo(torch.float16).max
-    assert trainer.feature_dtype == torch.float32 and bf16_valued(trainer.views[0])
+    run, result = fit(config, tmp_path / "run")
+    assert run.inputs.views[0].abs().max() > torch.finfo(torch.float16).max
+    assert run.forward.feature_dtype == torch.float32 and bf16_valued(run.inputs.views[0])
     assert Checkpoint.load(tmp_path / "run" / "best.pt").feature_dtype == "float32"
-    assert_reproduced(trainer, validation_of(trainer, tmp_path / "cache"))
+    assert_reproduced(run, result, validation_of(run, result, tmp_path / "cache"))
 
 
 def test_autocast_and_float32_activations_are_cached_apart(image_tree, tmp_path):
@@ -158,7 +155,7 @@ def test_autocast_and_float32_activations_are_cached_apart(image_tree, tmp_path)
 
 @pytest.fixture(scope="module")
 def bf16_run(image_tree, tmp_path_factory):
-    """A finished run under bf16 autocast with cached frozen features and flip TTA; read-only."""
+    """A finished run under bf16 autocast with cached frozen features and flip TTA: (the run, its result); read-only."""
     root = tmp_path_factory.mktemp("bf16")
     config = tiny_config(
         image_tree, root / "cache", amp="on", strategy="partial", tta_flip=True, head="linear", lr=1e-2
@@ -172,15 +169,15 @@ def tree_sample(image_tree, n: int = 6) -> tuple[list, np.ndarray]:
 
 
 def test_predict_gives_the_bf16_checkpoints_probabilities(bf16_run, image_tree):
-    best = bf16_run.out_dir / "best.pt"
+    best = bf16_run[1].out_dir / "best.pt"
     files, images = tree_sample(image_tree)
     expected = load_checkpoint(best, TEST_DEVICE).probabilities(images)
     predicted = predict_files(best, files, top=3, device=TEST_DEVICE)
     assert [p["file"] for p in predicted] == [str(f) for f in files]
     for row, probs in zip(predicted, expected):
-        assert row["top"][0]["class"] == bf16_run.images.classes[int(probs.argmax())]
+        assert row["top"][0]["class"] == bf16_run[0].images.classes[int(probs.argmax())]
         got = {t["class"]: t["probability"] for t in row["top"]}
-        want = dict(zip(bf16_run.images.classes, probs.tolist()))
+        want = dict(zip(bf16_run[0].images.classes, probs.tolist()))
         assert got == pytest.approx(want, abs=1e-6)
 
 
@@ -188,7 +185,7 @@ def test_predict_gives_the_bf16_checkpoints_probabilities(bf16_run, image_tree):
 def test_export_of_a_bf16_checkpoint_computes_in_float32(bf16_run, image_tree, tmp_path, fmt):
     from test_export import model_input
 
-    best = bf16_run.out_dir / "best.pt"
+    best = bf16_run[1].out_dir / "best.pt"
     _, images = tree_sample(image_tree)
     x = model_input(images, 32)
     if fmt == "onnx":
@@ -227,15 +224,15 @@ def inductor_missing() -> str | None:
 def test_compiled_training_matches_eager(image_tree, tmp_path):
     # no dropout: compiled code draws its masks from its own random numbers, so only then are the two runs comparable
     common = dict(strategy="partial", head="linear", epochs=2, lr=1e-2, dropout=0.0)
-    eager = fit(tiny_config(image_tree, tmp_path / "cache", **common), tmp_path / "eager")
-    compiled = fit(tiny_config(image_tree, tmp_path / "cache", compile=True, **common), tmp_path / "compiled")
-    assert hasattr(compiled.step_suffix, "_orig_mod") and compiled.step_suffix._orig_mod is compiled.suffix
+    eager, eager_result = fit(tiny_config(image_tree, tmp_path / "cache", **common), tmp_path / "eager")
+    compiled, result = fit(tiny_config(image_tree, tmp_path / "cache", compile=True, **common), tmp_path / "compiled")
+    assert hasattr(compiled.step_suffix, "_orig_mod") and compiled.step_suffix._orig_mod is compiled.forward.suffix
     assert not hasattr(eager.step_suffix, "_orig_mod")
-    for a, b in zip(eager.result.history, compiled.result.history):  # fused kernels round differently, a little
+    for a, b in zip(eager_result.history, result.history):  # fused kernels round differently, a little
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-3)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-3)
         assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 1 / len(eager.split.val) + 1e-9
-    assert_reproduced(compiled, validation_of(compiled, tmp_path / "cache"))
+    assert_reproduced(compiled, result, validation_of(compiled, result, tmp_path / "cache"))
 
 
 # ---------------------------------------------------------------------------- channels_last
@@ -244,13 +241,14 @@ def four_d_weights(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def test_channels_last_in_training_and_in_a_loaded_checkpoint(bf16_run, image_tree):
-    assert four_d_weights(bf16_run.model)
-    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d_weights(bf16_run.model))
-    batch = bf16_run._batch_pixels(torch.arange(4, device=bf16_run.device))
+    run, result = bf16_run
+    assert four_d_weights(run.model)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d_weights(run.model))
+    batch = run.inputs.pixels_of(torch.arange(4, device=run.device))
     for train in (True, False):
-        x = bf16_run.preprocess(batch, train=train, generator=bf16_run.generator)
-        assert x.is_contiguous(memory_format=torch.channels_last) and x.device == bf16_run.device
-    loaded = load_checkpoint(bf16_run.out_dir / "best.pt", TEST_DEVICE)
+        x = run.forward.preprocess(batch, train=train, generator=run.generator)
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.device == run.device
+    loaded = load_checkpoint(result.out_dir / "best.pt", TEST_DEVICE)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d_weights(loaded.model))
     assert loaded.preprocess(batch).is_contiguous(memory_format=torch.channels_last)
 
@@ -268,11 +266,10 @@ def test_channels_last_gives_the_default_layouts_logits(trained_run, image_tree)
 
 # ---------------------------------------------------------------------------- where the images live
 def test_images_stay_the_mapped_array_on_the_cpu_or_move_to_the_device_once(image_tree, tmp_path):
-    trainer = Trainer(tiny_config(image_tree, tmp_path / "cache", strategy="full"), tmp_path / "run", log=quiet)
-    trainer._setup()
-    assert trainer.streamed is False and trainer.pixels.device == trainer.device
-    if trainer.device.type == "cpu":  # no copy: a set larger than memory still trains
-        assert np.shares_memory(trainer.pixels.numpy(), trainer.images.images)
+    run = built_run(tiny_config(image_tree, tmp_path / "cache", strategy="full"), tmp_path / "run")
+    assert run.inputs.streamed is False and run.inputs.pixels.device == run.device
+    if run.device.type == "cpu":  # no copy: a set larger than memory still trains
+        assert np.shares_memory(run.inputs.pixels.numpy(), run.images.images)
 
 
 @pytest.mark.parametrize(
@@ -282,14 +279,13 @@ def test_images_stay_the_mapped_array_on_the_cpu_or_move_to_the_device_once(imag
 )
 def test_streamed_images_train_the_same_run(image_tree, tmp_path, monkeypatch, overrides):
     config = tiny_config(image_tree, tmp_path / "cache", epochs=2, **overrides)
-    resident = fit(config, tmp_path / "resident")
+    _, resident = fit(config, tmp_path / "resident")
     logged = []
-    monkeypatch.setattr(train_module, "free_device_memory", lambda device: 0)  # a device too small for any image
-    streamed = Trainer(config, tmp_path / "streamed", log=logged.append, feature_cache=FeatureCache(None))
-    streamed.result = streamed.fit()
-    assert streamed.streamed is True and streamed.pixels.device.type == "cpu"
+    monkeypatch.setattr(run_module, "free_device_memory", lambda device: 0)  # a device too small for any image
+    run, streamed = fit(config, tmp_path / "streamed", log=logged.append, feature_cache=FeatureCache(None))
+    assert run.inputs.streamed is True and run.inputs.pixels.device.type == "cpu"
     assert any(line.startswith("images stay in host memory") for line in logged), logged
-    assert_same_run(streamed.result.history, resident.result.history)
+    assert_same_run(streamed.history, resident.history)
 
 
 # ---------------------------------------------------------------------------- --device cuda without CUDA
@@ -348,7 +344,7 @@ def test_declared_ranges_accept_a_prepared_cuda_environment():
 def test_a_timm_that_cannot_build_on_the_meta_device_is_described_by_a_real_build(monkeypatch):
     """timm before 1.0.30 (what a prepared environment may hold) cannot build some families on the meta device: the
     backbone is then described from a real build, the same description, and the caller's random numbers untouched."""
-    from transferlab import timm_backbone
+    from transferlab.models import timm_backbone
 
     timm_backbone.describe.cache_clear()
     expected = timm_backbone.describe("regnetx_002")

@@ -34,9 +34,13 @@ from test_study import (
     write_spec,
 )
 
-from transferlab import study as study_module
-from transferlab.config import StudySpec
-from transferlab.study import Worker, enqueue_missing, open_study, point_key, record_spec
+from transferlab.config.study import StudySpec
+from transferlab.study import liveness
+from transferlab.study.identity import point_key
+from transferlab.study.plan import enqueue_missing
+from transferlab.study.runner import open_study, record_spec
+from transferlab.study.search import plan_searches
+from transferlab.study.worker import Worker
 
 URL = os.environ.get("TRANSFERLAB_TEST_POSTGRES_URL", "")
 
@@ -185,8 +189,8 @@ def test_killed_worker_resumes_without_rerunning_or_losing_trials(tmp_path, data
     assert sum(1 for v in before.values() if v[0] == optuna.trial.TrialState.COMPLETE) == 2  # frozen: run + derived
     capfd.readouterr()
 
-    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr(study_module, "GRACE_SECONDS", 2)
+    monkeypatch.setattr(liveness, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(liveness, "GRACE_SECONDS", 2)
     assert main(["study", "run", str(spec_path), "--dir", str(directory), "--storage", database, "--no-report"]) == 0
     err = capfd.readouterr().err
     assert re.search(r"resuming from epoch [1-9]", err), err
@@ -209,7 +213,7 @@ def test_two_workers_share_the_searches_and_finish_each_at_n_trials(tmp_path, da
     spec = StudySpec.load(spec_path)  # what `study run` does before it starts working: the study, its searches
     directory.mkdir()
     study = open_study(spec, database, directory / "study.lock")
-    searches = Worker(spec, directory, study).plan_searches()
+    searches = plan_searches(Worker(spec, directory, study))
     record_spec(study, spec, spec_path, database, [], searches)
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     procs = [worker(spec_path, directory, database, log) for log in logs]

@@ -34,12 +34,13 @@ import torch
 from helpers import make_image_tree, quiet, tiny_config
 from test_study import subprocess_env, wait_for
 
-from transferlab import cli, distributed
-from transferlab.config import ConfigError
-from transferlab.data import load_image_folder
-from transferlab.distributed import SINGLE, Distributed, check_batch_size, from_environment
-from transferlab.evaluate import evaluate_checkpoint
-from transferlab.train import train
+from transferlab import cli
+from transferlab.data.sources import load_image_folder
+from transferlab.engine import distributed
+from transferlab.engine.distributed import SINGLE, Distributed, check_batch_size, from_environment
+from transferlab.engine.train import train
+from transferlab.errors import ConfigError
+from transferlab.inference.evaluate import evaluate_checkpoint
 
 # Relative difference allowed between a 2-process and a 1-process run's losses: the processes add up their shares'
 # gradients in another order than one process adds up a batch, a float32 rounding difference (about 1e-7) per step

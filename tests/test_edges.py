@@ -30,6 +30,7 @@ The spec these tests hold transferlab to (each case failed before its fix):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -50,22 +51,25 @@ from test_cli import assert_one_line_error, train_args
 from test_study import load, write_spec
 
 from transferlab import run_study
-from transferlab.checkpoint import Checkpoint
 from transferlab.cli import main
-from transferlab.config import ConfigError, RunConfig, StudySpec
-from transferlab.data import DataError, load_image_folder, load_images, read_labels_file, scan_image_folder
-from transferlab.evaluate import load_checkpoint, predict_files, stored_as_trained
+from transferlab.config.run import RunConfig
+from transferlab.config.study import StudySpec
+from transferlab.data.sources import load_image_folder, load_images, read_labels_file, scan_image_folder
+from transferlab.engine.run import batch_bounds
+from transferlab.engine.train import run_training
+from transferlab.errors import ConfigError, DataError, RunBusyError, WeightsError
 from transferlab.fsutil import claimed
-from transferlab.models import WeightsError
-from transferlab.report import (
-    StudyData,
-    build_blocks,
-    render_markdown,
-    selection_certainty,
-)
-from transferlab.selection import best_trial, epoch_tie, improves
-from transferlab.storage import hide, password_of, redact, resolve_url, without_password
-from transferlab.train import RunBusyError, Trainer, batch_bounds
+from transferlab.inference.checkpoint import Checkpoint
+from transferlab.inference.evaluate import stored_as_trained
+from transferlab.inference.predict import load_checkpoint, predict_files
+from transferlab.report.data import StudyData
+from transferlab.report.sections import selection_certainty
+from transferlab.report.write import build_blocks, render_markdown
+from transferlab.scoring.selection import best_trial, epoch_tie, improves
+from transferlab.study import worker as worker_module
+from transferlab.study.records import Selection, StudyRecord, TrialRecord
+from transferlab.study.storage import resolve_url
+from transferlab.urls import hide, password_of, redact, without_password
 
 
 def markdown(data: StudyData, tmp_path: Path) -> str:
@@ -86,7 +90,7 @@ def test_an_image_linked_inside_its_class_is_counted_once(link, make_tree, tmp_p
     assert len({os.path.realpath(path) for path, _ in source.files}) == 36
     config = tiny_config(tree, tmp_path / "cache")
     with pytest.warns(UserWarning, match="counted once"):
-        result = Trainer(config, tmp_path / "run", log=quiet).fit()
+        result = run_training(config, tmp_path / "run", log=quiet)
     metrics = json.loads((result.out_dir / "metrics.json").read_text())
     assert metrics["duplicates"] == 3 and metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == 36
 
@@ -124,7 +128,7 @@ def mixed_tree(tmp_path) -> Path:
 @pytest.mark.parametrize("policy", ["crop", "pad"])
 def test_predict_equals_evaluate_file_by_file_on_mixed_sizes(mixed_tree, policy, tmp_path):
     config = tiny_config(mixed_tree, tmp_path / "cache", head="linear", lr=1e-2, resize_policy=policy)
-    Trainer(config, tmp_path / "run", log=quiet).fit()
+    run_training(config, tmp_path / "run", log=quiet)
     ckpt = Checkpoint.load(tmp_path / "run" / "best.pt")
     stored = load_images(RunConfig.from_dict(ckpt.config))
     assert ckpt.stored_side == stored.stored_side  # the exact side the run stored its images at, recorded
@@ -227,7 +231,7 @@ def best_row_epoch(rows, metric):
 
 def fake(number: int, value: float, loss: float, epochs: int):
     history = [{"epoch": e + 1} for e in range(epochs)]
-    return SimpleNamespace(number=number, value=value, user_attrs={"best": {"val_loss": loss}, "history": history})
+    return SimpleNamespace(number=number, value=value, best={"val_loss": loss}, history=history)
 
 
 def test_a_trial_tie_goes_to_the_lower_loss_then_fewer_epochs_then_the_lower_number():
@@ -280,7 +284,7 @@ def test_two_processes_never_train_in_one_folder(image_tree, tmp_path, capsys):
         assert main(train_args(image_tree, out, tmp_path / "cache")) == 2
         assert_one_line_error(capsys.readouterr(), str(out), "another process is training")
         with pytest.raises(RunBusyError):
-            Trainer(tiny_config(image_tree, tmp_path / "cache"), out, log=quiet).fit()
+            run_training(tiny_config(image_tree, tmp_path / "cache"), out, log=quiet)
     assert not (out / "metrics.json").exists()
     assert main(train_args(image_tree, out, tmp_path / "cache")) == 0  # free again once the other ends
 
@@ -312,21 +316,21 @@ def test_an_in_memory_sqlite_storage_is_refused(tmp_path, capsys):
 def test_a_waiting_trial_of_an_earlier_spec_is_marked_stale_not_run(make_tree, tmp_path, monkeypatch):
     spec = write_spec(tmp_path / "s.toml", make_tree("images", per_class=12, size=16), tmp_path / "cache",
                       {"strategy": ["frozen", "full"], "epochs": [1]}, head="linear")  # fmt: skip
-    real_fit = Trainer.fit
+    real_training = worker_module.run_training
 
-    def missing_weights(self, *args, **kwargs):  # the first spec's weights cannot be loaded
+    def missing_weights(*args, **kwargs):  # the first spec's weights cannot be loaded
         raise WeightsError("weights file w.pth does not exist", "pass {any}")
 
-    monkeypatch.setattr(Trainer, "fit", missing_weights)
+    monkeypatch.setattr(worker_module, "run_training", missing_weights)
     with pytest.raises(WeightsError, match=r"--set weights="):  # the study's fix, not train's --weights
         run_study(spec, study_dir=tmp_path / "out", report=False)
     trained = []
 
-    def counted(self, *args, **kwargs):
-        trained.append(self.config.lr)
-        return real_fit(self, *args, **kwargs)
+    def counted(config, *args, **kwargs):
+        trained.append(config.lr)
+        return real_training(config, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "fit", counted)
+    monkeypatch.setattr(worker_module, "run_training", counted)
     run_study(spec, study_dir=tmp_path / "out", overrides=["lr=0.02"])  # the spec fixed: other identities
     assert trained == [0.02, 0.02]  # the earlier spec's waiting trial was not trained
     study = load(tmp_path / "out")
@@ -391,7 +395,7 @@ def test_a_write_that_runs_out_of_space_midway_is_one_line(tmp_path, monkeypatch
 
 def test_a_full_disk_for_the_decode_cache_is_a_warning_and_no_memory_map(make_tree, tmp_path, monkeypatch):
     tree = make_tree("images", per_class=12, size=16)
-    no_space(monkeypatch, "transferlab.data")
+    no_space(monkeypatch, "transferlab.data.decode")
     with pytest.warns(UserWarning, match="no space for the decode cache .* needs .* MB free"):
         images = load_image_folder(tree, tmp_path / "cache", progress=False)
     assert not isinstance(images.images, np.memmap) and len(images) == 36
@@ -410,7 +414,7 @@ def test_a_full_disk_for_the_feature_cache_is_a_warning(image_tree, tmp_path, mo
     monkeypatch.setattr(np, "save", full)
     config = tiny_config(image_tree, tmp_path / "cache", strategy="partial", cache_features="auto")
     with pytest.warns(UserWarning, match="kept in memory only"):
-        Trainer(config, tmp_path / "run", log=quiet).fit()
+        run_training(config, tmp_path / "run", log=quiet)
     assert leftovers(tmp_path / "cache") == []
 
 
@@ -503,7 +507,7 @@ def test_a_last_training_batch_of_one_image_trains_batchnorm(make_tree, tmp_path
     BatchNorm in the mlp head cannot train on; it joins the batch before."""
     tree = make_tree("images", per_class=15, size=16)
     config = tiny_config(tree, tmp_path / "cache", head="mlp", batch_size=13, epochs=2)
-    result = Trainer(config, tmp_path / "run", log=quiet).fit()
+    result = run_training(config, tmp_path / "run", log=quiet)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["n_train"] % 13 == 1 and len(result.history) == 2
 
@@ -590,7 +594,8 @@ def trial(number: int, strategy: str, accuracy: float, seed: int | None = None, 
             "feature_seconds": 0.0, "n_val": n_val, "n_train": 800, "identity": f"id{number}"}  # fmt: skip
 
 
-def selected(t: dict, *, n_test: int = 2000, correct: int = 1500, counts=None, configuration=None) -> dict:
+def selected(t, *, n_test: int = 2000, correct: int = 1500, counts=None, configuration=None) -> Selection:
+    t = t if isinstance(t, dict) else dataclasses.asdict(t)
     classes = ["a", "b"]
     counts = counts or {"train": {"a": 400, "b": 400}, "val": {"a": 100, "b": 100},
                         "test": {"a": n_test // 2, "b": n_test - n_test // 2}}  # fmt: skip
@@ -601,11 +606,13 @@ def selected(t: dict, *, n_test: int = 2000, correct: int = 1500, counts=None, c
               "class_counts": counts, "tie": None}  # fmt: skip
     if configuration:
         record["configuration"] = configuration
-    return record
+    return Selection(**record)
 
 
 def study(trials: list[dict], grid: dict, test: dict) -> StudyData:
-    return StudyData("hand", {"name": "hand", "grid": grid}, "transferlab study run x.toml", trials, grid, test, 1, {})
+    """A study's report data built by hand: trials and selection as the records the storage holds."""
+    return StudyData("hand", {"name": "hand", "grid": grid}, "transferlab study run x.toml",
+                     [TrialRecord(**t) for t in trials], grid, test, 1, {})  # fmt: skip
 
 
 def test_a_test_interval_that_reaches_chance_is_a_warning(tmp_path):
@@ -674,7 +681,7 @@ def test_uncertainty_statements_for_one_two_and_three_replicates_and_folds(tmp_p
 def test_a_tied_selection_says_so(tmp_path):
     a, b = trial(0, "frozen", 0.6), trial(1, "full", 0.6)
     record = selected(a)
-    record["tie"] = {"tied": [1], "broken_by": "val_loss"}
+    record.tie = {"tied": [1], "broken_by": "val_loss"}
     text = markdown(study([a, b], {"strategy": ["frozen", "full"], "epochs": [1]}, record), tmp_path)
     assert "The selection was a tie on val_accuracy with trials 1, broken by val_loss." in text
 
@@ -685,7 +692,7 @@ def test_use_this_model_shows_no_absolute_path_of_this_machine(tmp_path):
     t["config"]["data"] = "../shared/images"
     data = study([t], {"strategy": ["frozen"], "epochs": [1]}, selected(t))
     data.directory = tmp_path / "project" / "studies-out" / "s"
-    data.attrs = {"cwd": str(tmp_path / "project")}
+    data.record = StudyRecord(cwd=str(tmp_path / "project"))
     box = markdown(data, tmp_path).split("### Use this model")[1].split("\n## ")[0]
     assert str(tmp_path) not in box
     assert "transferlab predict trials/x/best.pt images/" in box
@@ -781,7 +788,7 @@ def test_an_unreachable_mlflow_server_is_one_line(image_tree, tmp_path, monkeypa
 
 
 def test_no_percentage_reads_100_or_0_when_it_is_not():
-    from transferlab.stats import percent, percent_with_interval
+    from transferlab.scoring.stats import percent, percent_with_interval
 
     assert percent(99999, 100000) == "99.999%" and percent_with_interval(99999, 100000).startswith("99.999% ")
     assert percent(1, 100000) == "0.001%" and percent(2, 2) == "100%" and percent(0, 7) == "0%"

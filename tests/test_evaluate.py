@@ -10,8 +10,10 @@ import torch
 from helpers import CLASS_COLOURS, TEST_DEVICE, noise_image
 from PIL import Image
 
-from transferlab.data import DataError, load_image_folder
-from transferlab.evaluate import CheckpointError, evaluate_checkpoint, load_checkpoint, predict_files
+from transferlab.data.sources import load_image_folder
+from transferlab.errors import CheckpointError, DataError
+from transferlab.inference.evaluate import evaluate_checkpoint
+from transferlab.inference.predict import load_checkpoint, predict_files
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from helpers import quiet, tiny_config
 from PIL import Image
 
 from transferlab.cli import main
-from transferlab.evaluate import load_checkpoint
-from transferlab.export import export_checkpoint, read_metadata
+from transferlab.inference.export import export_checkpoint, read_metadata
+from transferlab.inference.predict import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def sample(image_tree, n=7):
 def model_input(images: np.ndarray, resolution: int) -> torch.Tensor:
     """What the exported model expects: float32 NCHW in [0, 1] at the checkpoint's resolution (resized as
     evaluate resizes)."""
-    from transferlab.augment import resize, to_float
+    from transferlab.engine.preprocess import resize, to_float
 
     return resize(to_float(torch.as_tensor(images)), resolution).contiguous()
 
@@ -82,7 +82,7 @@ def test_torchscript_probabilities_match_pytorch(name, runs, exported, image_tre
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_metadata_round_trips(fmt, runs, exported):
-    from transferlab.checkpoint import Checkpoint
+    from transferlab.inference.checkpoint import Checkpoint
 
     ckpt = Checkpoint.load(runs["tta"])
     meta = read_metadata(exported["tta", fmt])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transferlab.augment import Preprocess
-from transferlab.features import compute_features
+from transferlab.engine.features import compute_features
+from transferlab.engine.preprocess import Preprocess
 
 PREPROCESS = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resolution=12)
 
@@ -42,7 +42,7 @@ def test_batched_features_equal_one_pass_with_a_ragged_last_batch():
 
 
 def test_inference_chunks_hold_about_half_a_million_pixels_on_a_cpu_and_stay_large_on_cuda():
-    from transferlab.features import inference_batch_size
+    from transferlab.engine.device import inference_batch_size
 
     cpu = torch.device("cpu")
     assert [inference_batch_size(cpu, r) for r in (32, 64, 96, 128, 224, 512)] == [512, 128, 56, 32, 16, 16]

@@ -6,7 +6,9 @@ import pytest
 import torch
 from helpers import quiet, tiny_config
 
-from transferlab.freezing import (
+from transferlab.engine.hooks import Hook
+from transferlab.engine.train import run_training
+from transferlab.models.freezing import (
     active_groups,
     apply_freezing,
     frozen_prefix_length,
@@ -14,8 +16,8 @@ from transferlab.freezing import (
     set_train_mode,
     trainable_groups,
 )
-from transferlab.models import build_model, get_backbone
-from transferlab.train import Trainer
+from transferlab.models.registry import get_backbone
+from transferlab.models.weights import build_model
 
 SQUEEZE = get_backbone("squeezenet1_1")
 
@@ -65,18 +67,18 @@ def test_discriminative_learning_rates():
     assert [(g["name"], g["lr"]) for g in groups] == [("head", 1.0), ("fire9", 0.5), ("fire8", 0.25)]
 
 
-class RecordingTrainer(Trainer):
-    """Keeps the weights as they were before the first step (`before`)."""
+class Before(Hook):
+    """Keeps the run, and its weights as they were before the first step (`before`)."""
 
-    def _setup(self):
-        super()._setup()
-        self.before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+    def on_fit_start(self, run, state) -> None:
+        self.run = run
+        self.before = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
 
 
-def train_recording(config, out) -> RecordingTrainer:
-    trainer = RecordingTrainer(config, out, log=quiet)
-    trainer.fit()
-    return trainer
+def train_recording(config, out) -> Before:
+    recorded = Before()
+    run_training(config, out, log=quiet, hooks=[recorded])
+    return recorded
 
 
 @pytest.mark.parametrize(
@@ -87,7 +89,7 @@ def test_training_moves_only_trainable_parameters(image_tree, tmp_path, strategy
     config = tiny_config(image_tree, tmp_path / "cache", strategy=strategy, epochs=1, lr=1e-2, weight_decay=0.1)
 
     trainer = train_recording(config, tmp_path / "run")
-    before, after = trainer.before, trainer.model.state_dict()
+    before, after = trainer.before, trainer.run.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     prefixes = tuple(p + "." for p in moved)
     assert changed, "nothing trained"
@@ -119,7 +121,7 @@ def test_gradual_unfreezing_moves_deeper_groups_only_once_unfrozen(image_tree, t
     )
 
     trainer = train_recording(config, tmp_path / "run")
-    after = trainer.model.state_dict()
+    after = trainer.run.model.state_dict()
     changed = {
         ".".join(k.split(".")[:2])
         if k.startswith("features")

@@ -43,10 +43,11 @@ from PIL import Image
 from test_cli import assert_one_line_error, train_args
 
 from transferlab.cli import main
-from transferlab.config import ConfigError, StudySpec
-from transferlab.data import decode_image
-from transferlab.models import min_resolution
-from transferlab.storage import redact
+from transferlab.config.study import StudySpec
+from transferlab.data.decode import decode_image
+from transferlab.errors import ConfigError
+from transferlab.models.registry import min_resolution
+from transferlab.urls import redact
 
 SPEC = """name = "s"
 [run]

@@ -29,17 +29,20 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from helpers import history_without_time, make_image_tree, quiet, tiny_config
+from helpers import history_without_time, make_image_tree, quiet, tiny_config, trained_run
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.utils.class_weight import compute_class_weight
 from test_cli import assert_one_line_error, train_args
 from test_study import load, write_spec
 
-from transferlab import Trainer, load_images, train
+from transferlab import load_images, train
 from transferlab.cli import main
-from transferlab.evaluate import scores
-from transferlab.study import run_study
-from transferlab.train import loss_function
+from transferlab.config.identity import identity
+from transferlab.engine import loop
+from transferlab.engine.run import loss_function
+from transferlab.engine.train import run_training
+from transferlab.scoring.metrics import scores
+from transferlab.study.runner import run_study
 
 SIZES = {"red": 30, "green": 10, "blue": 4}
 
@@ -113,22 +116,21 @@ def test_weighted_loss_is_the_class_weighted_mean_of_the_rows(loss):
 
 
 # ---------------------------------------------------------------------------- the balanced sampler
-def drawn_labels(tree: Path, cache: Path, out: Path, **overrides) -> tuple[torch.Tensor, Trainer]:
-    """The labels of every training image the run drew, epoch after epoch."""
-    trainer = Trainer(config_for(tree, cache, **overrides), out, log=quiet)
+def drawn_labels(tree: Path, cache: Path, out: Path, **overrides):
+    """The labels of every training image the run drew, epoch after epoch (and the run)."""
     drawn = []
-    original = trainer._logits
+    original = loop.train_step
 
-    def spy(idx, *, train, mirror=False):
-        if train:
-            drawn.append(idx.clone())
-        return original(idx, train=train, mirror=mirror)
+    def spy(run, idx, *args, **kwargs):
+        drawn.append(idx.clone())
+        return original(run, idx, *args, **kwargs)
 
-    trainer._logits = spy
-    trainer.fit()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "train_step", spy)
+        run, _ = trained_run(config_for(tree, cache, **overrides), out)
     idx = torch.cat(drawn)
-    assert set(idx.tolist()) <= set(trainer.split.train.tolist())  # never a validation or test image
-    return torch.from_numpy(trainer.images.labels)[idx], trainer
+    assert set(idx.tolist()) <= set(run.split.train.tolist())  # never a validation or test image
+    return torch.from_numpy(run.images.labels)[idx], run
 
 
 def test_balanced_sampler_draws_every_class_about_equally_and_deterministically(imbalanced, tmp_path):
@@ -144,7 +146,7 @@ def test_balanced_sampler_draws_every_class_about_equally_and_deterministically(
     other, _ = drawn_labels(imbalanced, tmp_path / "cache", tmp_path / "c", sampler="balanced", epochs=epochs, seed=1)
     assert not torch.equal(other, labels)
     shuffled, _ = drawn_labels(imbalanced, tmp_path / "cache", tmp_path / "d", epochs=epochs)
-    train_counts = list(trainer.class_counts["train"].values())
+    train_counts = list(trainer.data.class_counts["train"].values())
     assert torch.bincount(shuffled, minlength=3).tolist() == [epochs * c for c in train_counts]
 
 
@@ -159,9 +161,9 @@ def test_a_killed_run_with_the_option_resumes_to_the_same_history(imbalanced, tm
 
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        Trainer(config, out, log=quiet).fit(on_epoch=kill_after_epoch_1)
+        run_training(config, out, log=quiet, on_epoch=kill_after_epoch_1)
     messages = []
-    resumed = Trainer(config, out, log=messages.append).fit()
+    resumed = run_training(config, out, log=messages.append)
     assert any("resuming from epoch 1" in m for m in messages)
     assert history_without_time(resumed.history) == history_without_time(reference.history)
 
@@ -186,14 +188,14 @@ def test_balanced_accuracy_and_macro_f1_equal_sklearns(seed):
 
 
 def test_every_epoch_records_balanced_accuracy_and_macro_f1_as_evaluate_does(imbalanced, tmp_path):
-    from transferlab.data import split_arrays, split_for
-    from transferlab.evaluate import evaluate_arrays
+    from transferlab.data.split import split_arrays, split_for
+    from transferlab.inference.evaluate import evaluate_arrays
 
     config = config_for(imbalanced, tmp_path / "cache", epochs=2)
     result = train(config, tmp_path / "run", log=quiet)
     for row in result.history:
         assert all(0 <= row[f"{s}_{m}"] <= 1 for s in ("train", "val") for m in ("balanced_accuracy", "macro_f1"))
-    from transferlab.evaluate import load_checkpoint
+    from transferlab.inference.predict import load_checkpoint
 
     images = load_images(config)
     x, y = split_arrays(images, split_for(images, config), "val")
@@ -229,12 +231,12 @@ def test_a_study_selects_by_val_macro_f1(imbalanced, tmp_path):
 
 
 def test_each_new_option_is_part_of_the_identity(imbalanced):
-    from transferlab.study import trial_identity
+    from transferlab.study.identity import trial_identity
 
     config = config_for(imbalanced, "cache")
     for option in ("class_weights", "sampler"):
         changed = config_for(imbalanced, "cache", **{option: "balanced"})
-        assert changed.training_dict()[option] == "balanced"
+        assert identity(changed)[option] == "balanced"
         assert trial_identity({}, changed, "data") != trial_identity({}, config, "data")
 
 

@@ -29,7 +29,9 @@ import pytest
 from test_cli import assert_one_line_error, train_args
 
 from transferlab.cli import main
-from transferlab.data import DataError, decode_image, load_labels_file
+from transferlab.data.decode import decode_image
+from transferlab.data.sources import load_labels_file
+from transferlab.errors import DataError
 
 PARTS = ("train",) * 5 + ("val",) * 2 + ("test",)  # per class, 8 images each
 

@@ -6,7 +6,7 @@ The specification, on synthetic data (coloured-noise images, a frozen random Squ
   * the suggestion is the steepest descent of the smoothed loss against log(lr); a curve without a descent gives
     no suggestion and says why; the smoothing is an EMA with bias correction;
   * it stops early when the smoothed loss passes 4x its minimum, or when a loss is not finite;
-  * it takes the training step training takes (Trainer.train_step), on training images only, and is deterministic:
+  * it takes the training step training takes (engine.loop.train_step), on training images only, and is deterministic:
     the same seed gives the same curve;
   * `transferlab lr-find --out DIR` writes lr_find.png and lr_find.json and prints the suggestion in one line; bad
     inputs (steps below 10, start >= end, a rate that is not positive, lr = "fnd" in a spec) are one line, exit 2;
@@ -32,12 +32,19 @@ from test_study import _one_thread, load, write_spec  # noqa: F401 (_one_thread:
 
 import transferlab
 from transferlab.cli import main
-from transferlab.config import ConfigError, RunConfig, StudySpec
-from transferlab.lr_find import LRFindResult, lr_find, smooth, suggest
-from transferlab.study import grid_trials, run_study, trial_identity
-from transferlab.train import Trainer, train
+from transferlab.config.run import RunConfig
+from transferlab.config.study import StudySpec
+from transferlab.engine import loop
+from transferlab.engine.lr_curve import LRFindResult, smooth, suggest
+from transferlab.engine.lr_find import lr_find
+from transferlab.engine.train import train
+from transferlab.errors import ConfigError
+from transferlab.study import worker as worker_module
+from transferlab.study.identity import trial_identity
+from transferlab.study.records import grid_trials
+from transferlab.study.runner import run_study
 
-lr_find_module = importlib.import_module("transferlab.lr_find")  # the package's `lr_find` is the function
+lr_find_module = importlib.import_module("transferlab.engine.lr_find")  # the package's `lr_find` is the function
 PROBLEM = dict(strategy="frozen", head="linear")  # a linear head on frozen random features: colour is linear
 
 
@@ -108,15 +115,15 @@ def test_it_stops_once_the_smoothed_loss_passes_four_times_its_minimum(problem):
 
 def test_the_stop_compares_with_the_running_minimum_of_the_smoothed_loss(problem, monkeypatch):
     script = [1.0] * 10 + [0.02] * 50 + [1.0] * 40  # falls far below its start, then back: never 4x the start
-    step = Trainer.train_step
+    step = loop.train_step
     calls = []
 
-    def scripted(self, idx, factor):
-        loss, logits = step(self, idx, factor)
+    def scripted(run, idx, factor):
+        loss, logits = step(run, idx, factor)
         calls.append(factor)
         return torch.tensor(script[len(calls) - 1]), logits
 
-    monkeypatch.setattr(Trainer, "train_step", scripted)
+    monkeypatch.setattr(loop, "train_step", scripted)
     result = lr_find(config(problem), log=quiet)
     expected = smooth(script)
     stop = next(i for i, v in enumerate(expected) if v > 4 * min(expected[: i + 1]))
@@ -125,15 +132,15 @@ def test_the_stop_compares_with_the_running_minimum_of_the_smoothed_loss(problem
 
 
 def test_it_stops_at_a_loss_that_is_not_finite(problem, monkeypatch):
-    step = Trainer.train_step
+    step = loop.train_step
     calls = []
 
-    def diverging(self, idx, factor):
-        loss, logits = step(self, idx, factor)
+    def diverging(run, idx, factor):
+        loss, logits = step(run, idx, factor)
         calls.append(factor)
         return (loss * math.nan if len(calls) == 30 else loss), logits
 
-    monkeypatch.setattr(Trainer, "train_step", diverging)
+    monkeypatch.setattr(loop, "train_step", diverging)
     result = lr_find(config(problem), log=quiet)
     assert result.stopped_early and len(result.lrs) == 29 and "nan" in result.stop
     assert all(math.isfinite(v) for v in result.losses + result.smoothed)
@@ -141,14 +148,14 @@ def test_it_stops_at_a_loss_that_is_not_finite(problem, monkeypatch):
 
 # ---------------------------------------------------------------------------- how it trains
 def test_it_takes_the_training_step_on_training_images_only_at_growing_rates(problem, monkeypatch):
-    step = Trainer.train_step
+    step = loop.train_step
     seen = []
 
-    def spy(self, idx, factor):
-        seen.append((idx.clone(), factor, set(self.split.train.tolist())))
-        return step(self, idx, factor)
+    def spy(run, idx, factor):
+        seen.append((idx.clone(), factor, set(run.split.train.tolist())))
+        return step(run, idx, factor)
 
-    monkeypatch.setattr(Trainer, "train_step", spy)
+    monkeypatch.setattr(loop, "train_step", spy)
     result = lr_find(config(problem), steps=40, start_lr=1e-5, end_lr=1.0, log=quiet)
     assert len(seen) == len(result.lrs) == 40  # 36 training images in batches of 8: cycled over
     assert [f for _, f, _ in seen] == pytest.approx(np.geomspace(1e-5, 1.0, 40).tolist())
@@ -272,13 +279,13 @@ def test_find_in_run_grid_or_variant_marks_those_points_only(tmp_path):
 def test_study_finds_once_per_regime_trains_at_it_and_reuses_the_finding(problem, tmp_path, monkeypatch):
     tree, cache = problem
     calls = []
-    real = lr_find_module.lr_find
+    real = worker_module.lr_find
 
     def counted(config, *args, **kwargs):
         calls.append(config.strategy)
         return real(config, *args, **kwargs)
 
-    monkeypatch.setattr(lr_find_module, "lr_find", counted)
+    monkeypatch.setattr(worker_module, "lr_find", counted)
     spec = write_spec(tmp_path / "spec.toml", tree, cache, {"strategy": ["frozen", "full"], "epochs": [1, 2]},
                       lr="find", head="linear", batch_size=8)  # fmt: skip
     directory = run_study(spec, study_dir=tmp_path / "study")
@@ -291,13 +298,13 @@ def test_study_finds_once_per_regime_trains_at_it_and_reuses_the_finding(problem
     trials = grid_trials(study)
     assert len(trials) == 4
     for t in trials:
-        config = RunConfig.from_dict(t.user_attrs["config"])
+        config = RunConfig.from_dict(t.config)
         assert config.lr == found[f"strategy={config.strategy}"]  # trained at the rate found for its regime
-        data_key = json.loads((directory / t.user_attrs["run_dir"] / "metrics.json").read_text())["data"]
-        point = t.user_attrs["point"]
+        data_key = json.loads((directory / t.run_dir / "metrics.json").read_text())["data"]
+        point = t.point
         as_point = dataclasses.replace(config, epochs=point["epochs"], record_epochs=[])  # a derived trial's too
-        assert t.user_attrs["identity"] == trial_identity(point, as_point, data_key)  # its identity holds that rate
-        assert t.user_attrs["identity"] != trial_identity(point, dataclasses.replace(as_point, lr=1e-3), data_key)
+        assert t.identity == trial_identity(point, as_point, data_key)  # its identity holds that rate
+        assert t.identity != trial_identity(point, dataclasses.replace(as_point, lr=1e-3), data_key)
     report = (directory / "report.md").read_text()
     table = report.split('## Learning rates found (lr = "find")')[1].split("\n## ")[0]
     for label, lr in found.items():

@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from transferlab.models import REGISTRY, WeightsError, as_sequential, build_model, get_backbone
+from transferlab.errors import WeightsError
+from transferlab.models.freezing import as_sequential
+from transferlab.models.registry import REGISTRY, get_backbone
+from transferlab.models.weights import build_model
 
 
 def one_line(error) -> str:

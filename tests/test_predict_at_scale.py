@@ -24,9 +24,9 @@ from helpers import CLASS_COLOURS, noise_image
 from PIL import Image
 from test_cli import assert_one_line_error
 
-from transferlab import evaluate as evaluate_module
 from transferlab.cli import main
-from transferlab.evaluate import expand_inputs, predict_files
+from transferlab.inference import predict as predict_module
+from transferlab.inference.predict import expand_inputs, predict_files
 
 
 @pytest.fixture
@@ -140,13 +140,13 @@ def test_images_of_one_shape_are_predicted_together(photos, trained_run, monkeyp
     files = [str(photos / f) for f in IMAGES]
     alone = [predict_files(trained_run.out_dir / "best.pt", [f], device="cpu")[0] for f in files]
     calls = []
-    original = evaluate_module.LoadedModel.probabilities
+    original = predict_module.LoadedModel.probabilities
 
     def counted(self, images, *args, **kwargs):
         calls.append(len(images))
         return original(self, images, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module.LoadedModel, "probabilities", counted)
+    monkeypatch.setattr(predict_module.LoadedModel, "probabilities", counted)
     together = predict_files(trained_run.out_dir / "best.pt", files, device="cpu", progress=True)
     # every file is stored at the run's side (24 px), the 20x30 image's 20 px square enlarged, as training would have
     # stored it: one batch

@@ -24,15 +24,20 @@ from helpers import TEST_DEVICE, make_image_tree, quiet, tiny_config
 from test_cli import assert_one_line_error, train_args
 
 from transferlab import RunConfig, train
-from transferlab.augment import Preprocess
-from transferlab.checkpoint import Checkpoint
 from transferlab.cli import main
-from transferlab.config import StudySpec
-from transferlab.data import load_images, split_for, storage_size_for
-from transferlab.evaluate import evaluate_checkpoint, load_checkpoint
-from transferlab.export import metadata
-from transferlab.features import feature_key
-from transferlab.models import build_model
+from transferlab.config.identity import identity
+from transferlab.config.study import StudySpec
+from transferlab.data.sources import load_images, storage_size_for
+from transferlab.data.split import split_for
+from transferlab.engine.features import feature_key
+from transferlab.engine.preprocess import Preprocess
+from transferlab.inference.checkpoint import Checkpoint
+from transferlab.inference.evaluate import evaluate_checkpoint
+from transferlab.inference.export import metadata
+from transferlab.inference.predict import load_checkpoint
+from transferlab.models.registry import resolve
+from transferlab.models.weights import build_model
+from transferlab.study.plan import config_for
 
 
 @pytest.mark.parametrize(
@@ -45,33 +50,36 @@ from transferlab.models import build_model
     ],
 )
 def test_unset_preprocessing_resolves_to_the_backbones(arch, expected):
-    resolved = RunConfig(arch=arch).resolved()
+    resolved = resolve(RunConfig(arch=arch))
     assert {k: getattr(resolved, k) for k in expected} == expected
-    assert resolved.resolved() == resolved
-    chosen = RunConfig(arch=arch, resolution=96, crop_fraction=1.0, interpolation="bilinear", dropout=0.3).resolved()
+    assert resolve(resolved) == resolved
+    chosen = resolve(RunConfig(arch=arch, resolution=96, crop_fraction=1.0, interpolation="bilinear", dropout=0.3))
     assert (chosen.resolution, chosen.crop_fraction, chosen.interpolation, chosen.dropout) == (96, 1.0, "bilinear", 0.3)
 
 
 def test_a_run_is_identified_by_its_resolved_values():
-    assert RunConfig().training_dict() == RunConfig(resolution=32, dropout=0.5).training_dict()
-    assert RunConfig().training_dict() != RunConfig(resolution=64).training_dict()
-    assert RunConfig(arch="timm/resnet18").training_dict()["crop_fraction"] == 0.95
+    def trains(config: RunConfig) -> dict:
+        return identity(resolve(config))
+
+    assert trains(RunConfig()) == trains(RunConfig(resolution=32, dropout=0.5))
+    assert trains(RunConfig()) != trains(RunConfig(resolution=64))
+    assert trains(RunConfig(arch="timm/resnet18"))["crop_fraction"] == 0.95
 
 
 def test_a_study_resolves_each_trials_backbone_defaults():
     tree = {"run": {"weights": "none"}, "grid": {"arch": ["squeezenet1_1", "timm/vit_tiny_patch16_224"]}}
     spec = StudySpec.from_dict(tree)
-    sizes = {p["arch"]: spec.config_for(p).resolution for p in spec.points()}
+    sizes = {p["arch"]: config_for(spec, p).resolution for p in spec.points()}
     assert sizes == {"squeezenet1_1": 32, "timm/vit_tiny_patch16_224": 224}  # not the first backbone's size for all
     fixed = StudySpec.from_dict({**tree, "run": {"weights": "none", "resolution": 64}, "grid": {"arch": ["resnet18"]}})
-    assert fixed.config_for(fixed.points()[0]).resolution == 64
+    assert config_for(fixed, fixed.points()[0]).resolution == 64
 
 
 def test_images_are_stored_large_enough_for_the_centre_crop():
-    assert storage_size_for(RunConfig()) == 32
-    assert storage_size_for(RunConfig(arch="timm/resnet18")) == 236  # ceil(224 / 0.95)
-    assert storage_size_for(RunConfig(arch="timm/resnet18", storage_size=300)) == 300
-    assert storage_size_for(RunConfig(resolution=100, crop_fraction=0.5)) == 200
+    assert storage_size_for(resolve(RunConfig())) == 32
+    assert storage_size_for(resolve(RunConfig(arch="timm/resnet18"))) == 236  # ceil(224 / 0.95)
+    assert storage_size_for(resolve(RunConfig(arch="timm/resnet18", storage_size=300))) == 300
+    assert storage_size_for(resolve(RunConfig(resolution=100, crop_fraction=0.5))) == 200
 
 
 def test_the_centre_crop_keeps_the_centre_and_bicubic_stays_in_range():

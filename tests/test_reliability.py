@@ -34,16 +34,18 @@ from helpers import make_image_tree, quiet, tiny_config
 from test_cli import assert_one_line_error, train_args
 
 from transferlab import RunConfig
-from transferlab.augment import Preprocess
 from transferlab.cli import main
-from transferlab.features import FeatureCache, feature_key
-from transferlab.models import weights_identity
-from transferlab.selection import improves
-from transferlab.train import RunFolderError, Trainer, TrainingError
+from transferlab.engine import loop
+from transferlab.engine.features import FeatureCache, feature_key
+from transferlab.engine.preprocess import Preprocess
+from transferlab.engine.train import run_training
+from transferlab.errors import RunFolderError, TrainingError
+from transferlab.models.weights import weights_identity
+from transferlab.scoring.selection import improves
 
 
 def run(config, out, **kwargs):
-    return Trainer(config, out, log=quiet, **kwargs).fit()
+    return run_training(config, out, log=quiet, **kwargs)
 
 
 def stop_after(epoch: int):
@@ -60,14 +62,14 @@ def test_resume_with_changed_data_starts_over_on_the_new_split(make_tree, tmp_pa
     config = tiny_config(data, tmp_path / "cache", epochs=3)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        Trainer(config, out, log=quiet).fit(on_epoch=stop_after(1))
+        run_training(config, out, log=quiet, on_epoch=stop_after(1))
     first_split = json.loads((out / "split.json").read_text())
     make_image_tree(data, classes=("red",), per_class=20, size=16, seed=7)  # more red images under the same path
 
     with pytest.raises(RunFolderError, match="the data"):  # the killed run's state is kept
-        Trainer(config, out, log=quiet).fit()
+        run_training(config, out, log=quiet)
     messages = []
-    result = Trainer(config, out, log=messages.append, overwrite=True).fit()
+    result = run_training(config, out, log=messages.append, overwrite=True)
     assert any("replacing" in m and "data" in m for m in messages), messages
     assert not any("resuming" in m for m in messages)
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
@@ -81,9 +83,8 @@ def test_rerun_with_another_config_leaves_no_file_of_the_old_run(image_tree, tmp
     run(tiny_config(image_tree, tmp_path / "cache", epochs=2, record_epochs=[1]), out)
     assert (out / "best-epoch1.pt").is_file()
     with pytest.raises(KeyboardInterrupt):  # the new run is killed before its first epoch ends
-        Trainer(tiny_config(image_tree, tmp_path / "cache", epochs=2, lr=0.05), out, log=quiet, overwrite=True).fit(
-            on_epoch=stop_after(1)
-        )
+        run_training(tiny_config(image_tree, tmp_path / "cache", epochs=2, lr=0.05), out, log=quiet, overwrite=True,
+                     on_epoch=stop_after(1))  # fmt: skip
     config = json.loads((out / "config.json").read_text())
     assert config["lr"] == 0.05
     assert torch.load(out / "best.pt", weights_only=True)["config"]["lr"] == 0.05
@@ -94,10 +95,10 @@ def test_rerun_with_another_config_killed_before_its_first_epoch(image_tree, tmp
     out = tmp_path / "run"
     run(tiny_config(image_tree, tmp_path / "cache", epochs=1), out)
 
-    def killed(self, epoch, progress):
+    def killed(run, epoch, progress):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_train_epoch", killed)
+    monkeypatch.setattr(loop, "train_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_config(image_tree, tmp_path / "cache", epochs=1, lr=0.05), out, overwrite=True)
     # nothing of the new run was written, so nothing of the old one was lost: its config beside its own results
@@ -112,7 +113,7 @@ def test_finished_run_is_returned_without_training(image_tree, tmp_path):
     first = run(config, out)
     stamp = (out / "best.pt").stat().st_mtime_ns
     messages = []
-    again = Trainer(config, out, log=messages.append).fit()
+    again = run_training(config, out, log=messages.append)
     assert any("already finished" in m for m in messages)
     assert again.history == first.history and again.best_epoch == first.best_epoch
     assert (out / "best.pt").stat().st_mtime_ns == stamp
@@ -122,10 +123,10 @@ def test_kill_between_last_epoch_and_the_end_does_not_retrain(image_tree, tmp_pa
     config = tiny_config(image_tree, tmp_path / "cache", epochs=2)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):  # the last epoch is recorded, state.pt is still there
-        Trainer(config, out, log=quiet).fit(on_epoch=stop_after(2))
+        run_training(config, out, log=quiet, on_epoch=stop_after(2))
     assert (out / "state.pt").is_file()
     messages = []
-    result = Trainer(config, out, log=messages.append).fit()
+    result = run_training(config, out, log=messages.append)
     assert any("already finished" in m for m in messages) and len(result.history) == 2
     assert not (out / "state.pt").exists()
 
@@ -366,7 +367,8 @@ def test_a_damaged_feature_cache_file_is_recomputed(image_tree, tmp_path):
 
 
 def test_a_checkpoint_of_the_previous_format_still_evaluates(trained_run, image_tree, tmp_path):
-    from transferlab.evaluate import evaluate_checkpoint, load_checkpoint
+    from transferlab.inference.evaluate import evaluate_checkpoint
+    from transferlab.inference.predict import load_checkpoint
 
     old = torch.load(trained_run.out_dir / "best.pt", weights_only=True)
     old["format"] = "transferlab-checkpoint-1"
@@ -375,7 +377,7 @@ def test_a_checkpoint_of_the_previous_format_still_evaluates(trained_run, image_
     torch.save(old, tmp_path / "old.pt")
     loaded = load_checkpoint(tmp_path / "old.pt", "cpu")
     assert loaded.feature_dtype is None and loaded.info["metric"] == "val_accuracy"
-    from transferlab.data import load_image_folder
+    from transferlab.data.sources import load_image_folder
 
     data = load_image_folder(image_tree, tmp_path / "cache", progress=False)
     assert evaluate_checkpoint(tmp_path / "old.pt", data, device="cpu")["n"] == len(data)
@@ -386,7 +388,7 @@ def test_a_checkpoint_of_the_previous_format_still_evaluates(trained_run, image_
 
 
 def test_accuracy_is_the_exact_fraction_correct():
-    from transferlab.evaluate import scores
+    from transferlab.scoring.metrics import scores
 
     probs = torch.eye(3)[[0, 1, 2, 0, 0, 1, 2, 2, 1, 0] * 20]  # 200 images
     y = torch.tensor([0, 1, 2, 1, 0, 1, 2, 0, 1, 0] * 20)  # 8 of 10 right

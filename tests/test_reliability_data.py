@@ -34,9 +34,13 @@ from PIL import Image
 from test_cli import assert_one_line_error, train_args
 from test_data import write_fake_cifar
 
-from transferlab import data as data_module
 from transferlab.cli import main
-from transferlab.data import DataError, decode_image, load_cifar10, load_image_folder, load_images, make_split
+from transferlab.data import cache as cache_module
+from transferlab.data import decode as decode_module
+from transferlab.data.decode import decode_image
+from transferlab.data.sources import load_cifar10, load_image_folder, load_images
+from transferlab.data.split import make_split
+from transferlab.errors import DataError
 
 
 def load(root, cache_dir, **kwargs):
@@ -274,17 +278,17 @@ def test_valid_cache_survives_a_writer_killed_at_the_swap(make_tree, cache_dir, 
     root = make_tree(per_class=3, size=16)
     first = load(root, cache_dir)
     with monkeypatch.context() as patch:
-        patch.setattr(data_module, "_cache_load", lambda folder: None)
+        patch.setattr(cache_module, "cache_load", lambda folder: None)
 
         def killed(*args, **kwargs):
             raise KeyboardInterrupt
 
-        patch.setattr(data_module.os, "replace", killed)
+        patch.setattr(cache_module.os, "replace", killed)
         try:
             load(root, cache_dir)
         except KeyboardInterrupt:
             pass
-    monkeypatch.setattr(data_module, "decode_image", lambda *a, **k: pytest.fail("the valid cache was lost"))
+    monkeypatch.setattr(decode_module, "_decode_open", lambda *a, **k: pytest.fail("the valid cache was lost"))
     np.testing.assert_array_equal(load(root, cache_dir).images, first.images)
 
 
@@ -297,7 +301,7 @@ def test_writer_interrupted_mid_write_leaves_nothing(make_tree, cache_dir, monke
             raise KeyboardInterrupt
         real_save(path, array)
 
-    monkeypatch.setattr(data_module.np, "save", save)
+    monkeypatch.setattr(cache_module.np, "save", save)
     with pytest.raises(KeyboardInterrupt):
         load(root, cache_dir)
     assert list((cache_dir / "decoded").iterdir()) == []  # no half cache under the key, no temporary folder

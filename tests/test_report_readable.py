@@ -21,20 +21,15 @@ from test_report import section, tables_in
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
 
 from transferlab import __version__
-from transferlab.report import (
-    StudyData,
-    accuracy_vs_epochs,
-    build_blocks,
-    learning_curves,
-    load_study_data,
-    render_markdown,
-    time_table,
-    timing_plot,
-    to_toml,
-    variant_chart,
-)
-from transferlab.stats import percent, percent_with_interval
-from transferlab.study import grid_trials, run_study
+from transferlab.report.data import StudyData
+from transferlab.report.figures import accuracy_vs_epochs, learning_curves, timing_plot, variant_chart
+from transferlab.report.load import load_study_data
+from transferlab.report.reproduce import to_toml
+from transferlab.report.tables import time_table
+from transferlab.report.write import build_blocks, render_markdown
+from transferlab.scoring.stats import percent, percent_with_interval
+from transferlab.study.records import StudyRecord, TrialRecord, grid_trials
+from transferlab.study.runner import run_study
 
 
 # ---------------------------------------------------------------------------- a tiny study, run once
@@ -61,16 +56,16 @@ def test_summary_table_is_the_stored_best_validation_accuracy_in_percent(tiny):
     assert rows[0] == ["regime", "1 epochs", "2 epochs"]
     assert [r[0] for r in rows[1:]] == ["frozen", "full"]  # the fixed order, not the grid's
     for t in grid_trials(load(directory)):
-        point = t.user_attrs["point"]
+        point = t.point
         row = next(r for r in rows if r[0] == point["strategy"])
         cell = row[1 + [1, 2].index(point["epochs"])]
-        n = t.user_attrs["n_val"]  # the precision its validation images allow; one setting per cell: no brackets
-        assert cell == percent(round(t.user_attrs["best"]["val_accuracy"] * n), n)
+        n = t.n_val  # the precision its validation images allow; one setting per cell: no brackets
+        assert cell == percent(round(t.best["val_accuracy"] * n), n)
 
 
 def test_summary_names_the_selected_trial_and_its_test_accuracy(tiny):
     _, directory, text = tiny
-    selected = load(directory).user_attrs["selected"]
+    selected = StudyRecord.of(load(directory)).selected
     summary = section(text, "Summary")
     assert f"trial {selected['trial']} ({selected['key']})" in summary
     n_val = selected["n_val"]
@@ -83,11 +78,11 @@ def test_summary_names_the_selected_trial_and_its_test_accuracy(tiny):
 def test_use_this_model_commands_name_the_selected_checkpoint(tiny):
     _, directory, text = tiny
     study = load(directory)
-    selected = study.user_attrs["selected"]
+    selected = StudyRecord.of(study).selected
     trial = next(t for t in grid_trials(study) if t.number == selected["trial"])
-    checkpoint = (directory / trial.user_attrs["checkpoint"]).resolve()
+    checkpoint = (directory / trial.checkpoint).resolve()
     box = section(text, "Summary").split("### Use this model")[1]
-    assert str(checkpoint) not in box and trial.user_attrs["checkpoint"] in box  # relative: no machine's folders
+    assert str(checkpoint) not in box and trial.checkpoint in box  # relative: no machine's folders
     (commands,) = re.findall(r"```\n(.*?)\n```", box, flags=re.S)
     lines = [shlex.split(line) for line in commands.splitlines()]
     assert [line[:2] for line in lines] == [
@@ -98,7 +93,7 @@ def test_use_this_model_commands_name_the_selected_checkpoint(tiny):
     for line in lines:  # run from the study directory
         assert not Path(line[2]).is_absolute() and (directory / line[2]).resolve() == checkpoint
     data = lines[1][lines[1].index("--data") + 1]
-    recorded = trial.user_attrs["config"]["data"]  # the spec's own path: absolute stays as given, relative is moved
+    recorded = trial.config["data"]  # the spec's own path: absolute stays as given, relative is moved
     assert data == recorded if Path(recorded).is_absolute() else (directory / data).resolve().is_dir()
     assert lines[2][3:] == ["--format", "onnx", "-o", "model.onnx"]
 
@@ -108,7 +103,7 @@ def test_reproduce_toml_parses_back_to_the_spec_with_absolute_paths_and_runs(tin
     reproduce = section(text, "Reproduce")
     blocks = re.findall(r"```\n(.*?)\n```", reproduce, flags=re.S)
     spec = tomllib.loads(blocks[1])
-    recorded = load(directory).user_attrs["spec"]
+    recorded = StudyRecord.of(load(directory)).spec
     assert spec["grid"] == recorded["grid"] and spec["name"] == "tiny"
     for key in ("data", "cache_dir"):
         assert Path(spec["run"][key]).is_absolute() and Path(spec["run"][key]) == Path(recorded["run"][key]).resolve()
@@ -131,19 +126,18 @@ def test_reproduce_toml_parses_back_to_the_spec_with_absolute_paths_and_runs(tin
 def test_one_off_time_is_recorded_apart_from_epochs(tiny):
     _, directory, text = tiny
     study = load(directory)
-    runs = [t for t in grid_trials(study) if t.user_attrs["kind"] == "run"]
+    runs = [t for t in grid_trials(study) if t.kind == "run"]
     for t in runs:
-        a = t.user_attrs
-        assert 0 <= a["feature_seconds"] <= a["setup_seconds"] < a["wall_seconds"]
-        metrics = (directory / a["run_dir"] / "metrics.json").read_text()
+        assert 0 <= t.feature_seconds <= t.setup_seconds < t.wall_seconds
+        metrics = (directory / t.run_dir / "metrics.json").read_text()
         assert '"setup_seconds"' in metrics and '"feature_seconds"' in metrics
-    frozen = next(t for t in runs if t.user_attrs["point"]["strategy"] == "frozen")
-    assert frozen.user_attrs["feature_seconds"] > 0  # the frozen run computed its feature cache
-    last = study.user_attrs["last_run"]
-    assert last["wall_seconds"] > sum(t.user_attrs["wall_seconds"] for t in runs)
-    assert study.user_attrs["selected"]["test_seconds"] >= 0
+    frozen = next(t for t in runs if t.point["strategy"] == "frozen")
+    assert frozen.feature_seconds > 0  # the frozen run computed its feature cache
+    last = StudyRecord.of(study).last_run
+    assert last["wall_seconds"] > sum(t.wall_seconds for t in runs)
+    assert StudyRecord.of(study).selected["test_seconds"] >= 0
     time_text = section(text, "Time")
-    epochs = sum(len(t.user_attrs["history"]) for t in runs)
+    epochs = sum(len(t.history) for t in runs)
     assert f"{len(runs)} runs trained {epochs} epochs in all" in time_text
     assert f"from {last['started']} to {last['finished']}" in time_text
 
@@ -157,7 +151,7 @@ def trial(number, strategy, seconds, *, kind="run", epochs=None, source=None, lo
         for i, (s, a) in enumerate(zip(seconds, accuracy))
     ]  # fmt: skip
     point = {"strategy": strategy, "epochs": epochs or len(seconds), **point}
-    return {
+    return TrialRecord(**{
         "number": number,
         "kind": kind,
         "key": ",".join(f"{k}={v}" for k, v in sorted(point.items())),
@@ -172,11 +166,13 @@ def trial(number, strategy, seconds, *, kind="run", epochs=None, source=None, lo
         "source_trial": source,
         "setup_seconds": 0.5 if kind == "run" else None,
         "feature_seconds": 0.25 if kind == "run" else None,
-    }
+    })  # fmt: skip
 
 
 def study_of(trials, grid) -> StudyData:
-    return StudyData("hand", {"name": "hand", "grid": grid}, "transferlab study run x.toml", trials, grid, None, 0, {})
+    """A study's report data built by hand: trials as the records the storage holds."""
+    return StudyData("hand", {"name": "hand", "grid": grid}, "transferlab study run x.toml",
+                     trials, grid, None, 0, {})  # fmt: skip
 
 
 def test_derived_epochs_are_not_counted_again_in_the_time_table(tmp_path):
@@ -226,11 +222,11 @@ def test_many_variants_become_one_sorted_dot_chart():
     assert variants_table.rows[0] == ["variant", "frozen", "full"]
 
 
-def test_ce_and_mse_losses_get_their_own_rows():
-    import matplotlib.pyplot as plt
+def test_ce_and_mse_losses_get_their_own_rows(monkeypatch):
+    from transferlab.report import figures
 
     made = []
-    original = plt.subplots
+    original = figures._subplots
 
     def spy(*args, **kwargs):
         made.append(args)
@@ -238,11 +234,8 @@ def test_ce_and_mse_losses_get_their_own_rows():
 
     trials = [trial(0, "frozen", [1.0, 1.0], loss="ce"), trial(1, "full", [1.0, 1.0], loss="mse")]
     data = study_of(trials, {"strategy": ["frozen", "full"], "epochs": [2]})
-    plt.subplots = spy
-    try:
-        assert learning_curves(data)
-    finally:
-        plt.subplots = original
+    monkeypatch.setattr(figures, "_subplots", spy)
+    assert learning_curves(data)
     assert made == [(3, 2)]  # accuracy, ce loss, mse loss x two regimes
 
 
@@ -261,14 +254,14 @@ def test_toml_writer_round_trips_the_spec_tree():
 
 def test_seed_spread_in_the_summary_is_averaged():
     trials = [trial(i, "frozen", [1.0], seed=i) for i in range(2)]
-    trials[1]["best"] = {**trials[1]["best"], "val_accuracy": 0.51}
+    trials[1].best = {**trials[1].best, "val_accuracy": 0.51}
     data = study_of(trials, {"strategy": ["frozen"], "epochs": [1], "seed": [0, 1]})
     (summary,) = [b for b in build_blocks(data) if b.kind == "table" and b.rows[0][0] == "regime"][:1]
     mean, std = 100 * statistics.mean([0.5, 0.51]), 100 * statistics.stdev([0.5, 0.51])
     # n_val not recorded (trials from before it was): one decimal, the spread (0.7 points) allows it
     assert summary.rows[1] == ["frozen", f"{mean:.1f} ± {std:.1f}%, n = 2"] == ["frozen", "50.5 ± 0.7%, n = 2"]
     for t in trials:
-        t["n_val"] = 200  # 50% of 200 images: the Wilson interval is about 7 points either way, so whole points
+        t.n_val = 200  # 50% of 200 images: the Wilson interval is about 7 points either way, so whole points
     (summary,) = [b for b in build_blocks(data) if b.kind == "table" and b.rows[0][0] == "regime"][:1]
     assert summary.rows[1] == ["frozen", "50 ± 1%, n = 2"]
 
@@ -276,5 +269,5 @@ def test_seed_spread_in_the_summary_is_averaged():
 def test_load_study_data_reads_the_new_time_attributes(tiny):
     _, directory, _ = tiny
     data = load_study_data(directory)
-    assert data.attrs["last_run"]["wall_seconds"] > 0 and data.attrs["cwd"]
-    assert all(t["setup_seconds"] is not None for t in data.trials if t["kind"] == "run")
+    assert data.record.last_run["wall_seconds"] > 0 and data.record.cwd
+    assert all(t.setup_seconds is not None for t in data.trials if t.kind == "run")

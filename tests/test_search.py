@@ -42,15 +42,18 @@ from test_study import (  # noqa: F401 (_one_thread: autouse fixture)
     write_spec,
 )
 
-from transferlab import search as search_module
-from transferlab import study as study_module
 from transferlab.cli import main
-from transferlab.config import ConfigError, SearchRange, SearchSpec, StudySpec
-from transferlab.storage import resolve_url
-from transferlab.study import run_study, slug
-from transferlab.train import Trainer
+from transferlab.config.search import SearchRange, SearchSpec
+from transferlab.config.study import StudySpec
+from transferlab.errors import ConfigError
+from transferlab.study import liveness
+from transferlab.study import search as search_module
+from transferlab.study import worker as worker_module
+from transferlab.study.identity import slug
+from transferlab.study.runner import run_study
+from transferlab.study.storage import resolve_url
 
-FIT = Trainer.fit
+RUN_TRAINING = worker_module.run_training
 COMPLETE, PRUNED, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
 
 SEARCH = {"sampler": "random", "n_trials": 3, "pruner": "none"}
@@ -96,16 +99,16 @@ def search_studies(directory: Path) -> dict[str, optuna.Study]:
 
 
 def fit_calls(monkeypatch, fail_after: int | None = None) -> list:
-    """Count Trainer.fit calls (the configs they train); raise instead after `fail_after` of them."""
+    """Count the study's trainings (the configs they train); raise instead after `fail_after` of them."""
     calls = []
 
-    def fit(self, *args, **kwargs):
+    def training(config, *args, **kwargs):
         if fail_after is not None and len(calls) >= fail_after:
             raise RuntimeError("interrupted by the test")
-        calls.append(self.config)
-        return FIT(self, *args, **kwargs)
+        calls.append(config)
+        return RUN_TRAINING(config, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "fit", fit)
+    monkeypatch.setattr(worker_module, "run_training", training)
     return calls
 
 
@@ -262,13 +265,13 @@ def test_a_search_finishes_n_trials_and_tests_its_best_complete_trial_once(searc
 def test_running_a_finished_search_again_trains_and_tests_nothing(searched, tmp_path, monkeypatch):
     import shutil
 
-    import transferlab.evaluate
+    from transferlab.study import select
 
     spec, directory = searched
     copy = tmp_path / "again"
     shutil.copytree(directory, copy)
     calls = fit_calls(monkeypatch)
-    monkeypatch.setattr(transferlab.evaluate, "evaluate_logits", lambda *a, **k: pytest.fail("tested again"))
+    monkeypatch.setattr(select, "evaluate_logits", lambda *a, **k: pytest.fail("tested again"))
     run_study(spec, study_dir=copy, report=False)
     assert calls == []
     (search,) = search_studies(copy).values()
@@ -439,10 +442,10 @@ def test_a_run_directory_is_claimed_by_one_process_at_a_time(tmp_path):
 
 def test_a_trial_whose_run_directory_another_worker_holds_is_skipped_not_trained(tmp_path, monkeypatch):
     import contextlib
-    import importlib
 
-    train_module = importlib.import_module("transferlab.train")  # the package's `train` attribute is the function
-    denied, real = [], train_module.claimed
+    from transferlab.engine import rundir
+
+    denied, real = [], rundir.claimed
 
     @contextlib.contextmanager
     def claimed_elsewhere_once(lock_file):  # the first run folder asked for is held by another process
@@ -453,7 +456,7 @@ def test_a_trial_whose_run_directory_another_worker_holds_is_skipped_not_trained
         with real(lock_file) as mine:
             yield mine
 
-    monkeypatch.setattr(train_module, "claimed", claimed_elsewhere_once)
+    monkeypatch.setattr(rundir, "claimed", claimed_elsewhere_once)
     spec = search_spec(tmp_path / "s.toml", make_tree(tmp_path / "images"), tmp_path / "cache",
                        {"sampler": "random", "n_trials": 1, "pruner": "none"})  # fmt: skip
     calls = fit_calls(monkeypatch)
@@ -483,8 +486,8 @@ def test_a_killed_search_trial_is_retried_with_its_parameters_and_resumes(tmp_pa
     (killed,) = search.trials
     assert killed.state == optuna.trial.TrialState.RUNNING
     capfd.readouterr()
-    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr(study_module, "GRACE_SECONDS", 2)
+    monkeypatch.setattr(liveness, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(liveness, "GRACE_SECONDS", 2)
     time.sleep(3)  # past the grace period: the rerun finds the killed trial stale at once
     run_study(spec, study_dir=directory, report=False)
     assert re.search(r"resuming from epoch [1-9]", capfd.readouterr().err)

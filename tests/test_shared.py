@@ -15,8 +15,9 @@ from helpers import quiet
 
 from transferlab import RunConfig, train
 from transferlab.cli import main
-from transferlab.data import load_images, scan_image_folder
-from transferlab.evaluate import evaluate_checkpoint
+from transferlab.data.sources import load_images, scan_image_folder
+from transferlab.inference.evaluate import evaluate_checkpoint
+from transferlab.models.registry import resolve
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 
@@ -44,7 +45,7 @@ def shared_config(shared_cifar, shared_weights, shared_cache_dir) -> RunConfig:
 
 @pytest.fixture(scope="session")
 def shared_images(shared_config):
-    return load_images(shared_config)
+    return load_images(resolve(shared_config))
 
 
 @pytest.fixture(scope="session")

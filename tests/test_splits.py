@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferlab.data import DataError, Split, make_split
+from transferlab.data.split import Split, make_split
+from transferlab.errors import DataError
 
 # 3 unbalanced classes: 60 / 30 / 10 images, interleaved
 LABELS = np.asarray(([0] * 6 + [1] * 3 + [2]) * 10, dtype=np.int64)

@@ -40,9 +40,12 @@ from test_report import places
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
 
 from transferlab.cli import main
-from transferlab.config import ConfigError, RunConfig, StudySpec
-from transferlab.data import DataError, ImageSet, make_split, split_for
-from transferlab.stats import (
+from transferlab.config.run import RunConfig
+from transferlab.config.study import StudySpec
+from transferlab.data.imageset import ImageSet
+from transferlab.data.split import make_split, split_for
+from transferlab.errors import ConfigError, DataError
+from transferlab.scoring.stats import (
     Difference,
     decimals_for,
     difference_verdict,
@@ -51,7 +54,10 @@ from transferlab.stats import (
     percent_with_interval,
     wilson_interval,
 )
-from transferlab.study import best_configuration, grid_trials, point_key, run_study, trial_identity
+from transferlab.study.identity import point_key, trial_identity
+from transferlab.study.records import StudyRecord, grid_trials
+from transferlab.study.runner import run_study
+from transferlab.study.select import best_configuration
 
 T_975_2 = 4.302652729749464  # the 97.5% quantile of Student's t with 2 degrees of freedom (tables)
 
@@ -328,7 +334,7 @@ def repeated(tmp_path_factory):
 
 
 def fake_trial(number: int, value: float, **point):
-    return SimpleNamespace(number=number, value=value, user_attrs={"point": point})
+    return SimpleNamespace(number=number, value=value, point=point, best={}, history=[])
 
 
 @pytest.mark.parametrize("metric", ["val_accuracy", "val_loss"])
@@ -353,20 +359,20 @@ def test_selection_is_the_best_mean_configuration_and_its_best_replicate(repeate
     spec, directory = repeated
     study = load(directory)
     trials = grid_trials(study)
-    assert len(trials) == 4 and sorted(t.user_attrs["point"]["seed"] for t in trials) == [0, 0, 1, 1]
+    assert len(trials) == 4 and sorted(t.point["seed"] for t in trials) == [0, 0, 1, 1]
     means: dict[str, list] = {}
     for t in sorted(trials, key=lambda t: t.number):
-        means.setdefault(t.user_attrs["point"]["strategy"], []).append(t)
+        means.setdefault(t.point["strategy"], []).append(t)
 
     # the argmax of the per-configuration means, recomputed from the storage (ties: the lower mean validation loss)
     def loss(trials):
-        return statistics.fmean(t.user_attrs["best"]["val_loss"] for t in trials)
+        return statistics.fmean(t.best["val_loss"] for t in trials)
 
     winner = max(means, key=lambda s: (statistics.fmean(t.value for t in means[s]), -loss(means[s])))
     best_mean = statistics.fmean(t.value for t in means[winner])
-    (record,) = study.user_attrs["test_evaluations"]
+    (record,) = StudyRecord.of(study).test_evaluations
     chosen = means[winner]
-    tested = max(chosen, key=lambda t: (t.value, -t.user_attrs["best"]["val_loss"], -t.number))
+    tested = max(chosen, key=lambda t: (t.value, -t.best["val_loss"], -t.number))
     assert record["trial"] == tested.number and record["point"]["strategy"] == winner
     conf = record["configuration"]
     assert conf["key"] == point_key({"strategy": winner, "epochs": 1}) and conf["replicate_axes"] == ["seed"]
@@ -378,7 +384,7 @@ def test_the_report_shows_mean_std_n_intervals_and_paired_differences(repeated):
     spec, directory = repeated
     study = load(directory)
     text = (directory / "report.md").read_text()
-    record = study.user_attrs["selected"]
+    record = StudyRecord.of(study).selected
     k, n = round(record["test_accuracy"] * record["n_test"]), record["n_test"]
     shown = percent_with_interval(k, n)
     assert f"test accuracy {shown} on {n} test images" in text  # the summary
@@ -387,19 +393,19 @@ def test_the_report_shows_mean_std_n_intervals_and_paired_differences(repeated):
     assert "its replicate of best val_accuracy" in text
     by_strategy: dict[str, list] = {}
     for t in grid_trials(study):
-        by_strategy.setdefault(t.user_attrs["point"]["strategy"], []).append(t)
+        by_strategy.setdefault(t.point["strategy"], []).append(t)
     configurations = text.split("## Configurations: mean over replicates")[1].split("\n## ")[0]
     assert "2 replicates (seed 0, 1)" in configurations
     assert "seeds on one fixed split" in configurations  # what the spread covers
     for strategy, ts in by_strategy.items():
-        values = [t.user_attrs["best"]["val_accuracy"] for t in ts]
-        d = places(values, min(t.user_attrs["n_val"] for t in ts), values)
+        values = [t.best["val_accuracy"] for t in ts]
+        d = places(values, min(t.n_val for t in ts), values)
         cell = f"{100 * statistics.mean(values):.{d}f} ± {100 * statistics.stdev(values):.{d}f}%"
         assert re.search(rf"\| {strategy} \| 1 \| 2 \| {re.escape(cell)} \|", configurations), (cell, configurations)
     paired = text.split("## Paired differences")[1].split("\n## ")[0]
     assert "95% t interval" in paired and "contains 0" in paired
-    full = {t.user_attrs["point"]["seed"]: 100 * t.user_attrs["best"]["val_accuracy"] for t in by_strategy["full"]}
-    frozen = {t.user_attrs["point"]["seed"]: 100 * t.user_attrs["best"]["val_accuracy"] for t in by_strategy["frozen"]}
+    full = {t.point["seed"]: 100 * t.best["val_accuracy"] for t in by_strategy["full"]}
+    frozen = {t.point["seed"]: 100 * t.best["val_accuracy"] for t in by_strategy["frozen"]}
     d = paired_difference([full[s] for s in (0, 1)], [frozen[s] for s in (0, 1)])
     verdict = difference_verdict("full", "frozen", d)
     row = f"| strategy | epochs = 1 | full - frozen | 2 | {format_difference(d)} | {verdict} |"
@@ -420,12 +426,12 @@ def folded(tmp_path_factory):
 
 def test_a_folded_study_validates_on_each_fold_and_tests_on_one_split(folded):
     study = load(folded)
-    trials = sorted(grid_trials(study), key=lambda t: t.user_attrs["point"]["fold"])
-    assert [t.user_attrs["point"]["fold"] for t in trials] == [0, 1, 2]
-    splits = [json.loads((folded / t.user_attrs["run_dir"] / "split.json").read_text()) for t in trials]
+    trials = sorted(grid_trials(study), key=lambda t: t.point["fold"])
+    assert [t.point["fold"] for t in trials] == [0, 1, 2]
+    splits = [json.loads((folded / t.run_dir / "split.json").read_text()) for t in trials]
     assert all(s["test"] == splits[0]["test"] for s in splits)
     vals = [i for s in splits for i in s["val"]]
     assert len(vals) == len(set(vals)) == len(splits[0]["train"]) + len(splits[0]["val"])
-    record = study.user_attrs["selected"]
+    record = StudyRecord.of(study).selected
     assert record["configuration"]["replicate_axes"] == ["fold"] and len(record["configuration"]["trials"]) == 3
     assert "3 replicates (fold 0, 1, 2)" in (folded / "report.md").read_text()

@@ -27,10 +27,15 @@ import pytest
 import torch
 from helpers import history_without_time, make_image_tree, quiet
 
-from transferlab import study as study_module
-from transferlab.config import ConfigError, StudySpec
-from transferlab.storage import resolve_url
-from transferlab.study import grid_trials, plan_jobs, point_key, run_study, slug
+from transferlab.config.study import StudySpec
+from transferlab.errors import ConfigError
+from transferlab.study import liveness
+from transferlab.study import worker as worker_module
+from transferlab.study.identity import point_key, slug
+from transferlab.study.plan import plan_jobs
+from transferlab.study.records import grid_trials
+from transferlab.study.runner import run_study
+from transferlab.study.storage import resolve_url
 
 GRID = {"strategy": ["frozen", "full"], "batch_size": [8, 16], "epochs": [1, 2]}
 
@@ -274,11 +279,11 @@ def test_one_test_evaluation_of_the_best_trial_by_val_accuracy(finished):
     trials = grid_trials(study)
     best_value = max(t.value for t in trials)
     chosen = next(t for t in trials if t.number == record["trial"])
-    assert chosen.value == best_value and record["key"] == chosen.user_attrs["key"]
-    assert record["val_accuracy"] == chosen.user_attrs["best"]["val_accuracy"]
+    assert chosen.value == best_value and record["key"] == chosen.key
+    assert record["val_accuracy"] == chosen.best["val_accuracy"]
     # ties go to the lower validation loss, then fewer epochs, then the lower trial number
     tied = [t for t in trials if t.value == best_value]
-    first = min(tied, key=lambda t: (t.user_attrs["best"]["val_loss"], len(t.user_attrs["history"]), t.number))
+    first = min(tied, key=lambda t: (t.best["val_loss"], len(t.history), t.number))
     assert record["trial"] == first.number
     assert (record["tie"] is None) == (len(tied) == 1)
     assert record["n_test"] == sum(map(sum, record["confusion_matrix"]))
@@ -325,14 +330,12 @@ def test_running_again_trains_nothing_and_tests_once(finished, tmp_path, monkeyp
     def no_training(*args, **kwargs):
         raise AssertionError("a finished study trained again")
 
-    from transferlab.train import Trainer  # (transferlab.train is also the name of the train() function)
+    from transferlab.inference import evaluate
+    from transferlab.study import select, worker
 
-    monkeypatch.setattr(Trainer, "__init__", no_training)
-    monkeypatch.setattr(Trainer, "fit", no_training)
-    import transferlab.evaluate
-
-    monkeypatch.setattr(transferlab.evaluate, "evaluate_arrays", no_training)  # nor evaluated on the test split again
-    monkeypatch.setattr(transferlab.evaluate, "evaluate_logits", no_training)
+    monkeypatch.setattr(worker, "run_training", no_training)
+    monkeypatch.setattr(evaluate, "evaluate_arrays", no_training)  # nor evaluated on the test split again
+    monkeypatch.setattr(select, "evaluate_logits", no_training)
     original = (directory / "study.db").read_bytes()
     run_study(spec_path, study_dir=copy, report=True)
     study = load(copy)
@@ -364,7 +367,7 @@ def test_a_copy_whose_old_storage_txt_names_the_original_is_refused_in_one_line(
 # ---------------------------------------------------------------------------- shared epochs == a separate shorter run
 @pytest.mark.parametrize("strategy, batch_size", [("frozen", 8), ("full", 16)])
 def test_derived_trial_equals_a_separate_shorter_run(finished, tmp_path, strategy, batch_size):
-    from transferlab.train import Trainer
+    from transferlab.engine.train import run_training
 
     spec_path, directory = finished
     spec = StudySpec.load(spec_path)
@@ -373,7 +376,7 @@ def test_derived_trial_equals_a_separate_shorter_run(finished, tmp_path, strateg
     assert derived.user_attrs["kind"] == "derived"
     config = spec.config_for(point)
     assert config.schedule == "constant" and config.seed == 0
-    result = Trainer(config, tmp_path / "alone", log=quiet).fit()
+    result = run_training(config, tmp_path / "alone", log=quiet)
     assert history_without_time(result.history) == history_without_time(derived.user_attrs["history"])
     # and the checkpoint recorded at epoch 1 is the separate run's best checkpoint
     alone = torch.load(tmp_path / "alone" / "best.pt", map_location="cpu", weights_only=True)
@@ -466,17 +469,17 @@ def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monke
 
     # The killed process was on this machine and is gone: the rerun re-queues its trial at once, not after the
     # heartbeat's grace period (an hour here; the wait loop would spin on until the guard below stops it).
-    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr(study_module, "GRACE_SECONDS", 3600)
+    monkeypatch.setattr(liveness, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(liveness, "GRACE_SECONDS", 3600)
     checks = []
-    fail_stale = study_module.fail_stale_trials
+    fail_stale = worker_module.fail_stale_trials
 
     def guarded(study):
         checks.append(1)
         assert len(checks) < 30, "the rerun waited for the heartbeat's grace period"
         fail_stale(study)
 
-    monkeypatch.setattr(study_module, "fail_stale_trials", guarded)
+    monkeypatch.setattr(worker_module, "fail_stale_trials", guarded)
     run_study(spec_path, study_dir=directory, report=False)
     err = capfd.readouterr().err
     assert re.search(r"trial \d+: its process \(\d+\) is gone; queued again", err), err
@@ -492,7 +495,7 @@ def test_killed_study_resumes_without_rerunning_or_losing_trials(tmp_path, monke
 
 
 def test_storage_txt_keeps_a_copy_on_its_own_files_and_shared_storage_shared(tmp_path, monkeypatch):
-    from transferlab.storage import save_url
+    from transferlab.study.storage import save_url
 
     a, b, c = (tmp_path / name for name in "ABC")
     for folder in (a, c):
@@ -512,7 +515,8 @@ def test_storage_txt_keeps_a_copy_on_its_own_files_and_shared_storage_shared(tmp
 
 
 def test_a_study_folder_whose_name_looks_like_url_syntax_keeps_its_study_db_inside(tmp_path):
-    from transferlab.storage import default_url, save_url, sqlite_url
+    from transferlab.study.storage import default_url, save_url
+    from transferlab.urls import sqlite_url
 
     folder = tmp_path / "runs?lr=1e-3 %41#1"  # '?' would start a URL's query, '%41' read as 'A', '#' a fragment
     folder.mkdir()
@@ -529,7 +533,7 @@ def test_a_study_folder_whose_name_looks_like_url_syntax_keeps_its_study_db_insi
 def test_only_a_trial_whose_own_process_is_gone_from_this_machine_is_failed_and_queued_again(tmp_path):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    from transferlab.study import fail_orphaned_trials, owner_is_gone, process_identity
+    from transferlab.study.liveness import fail_orphaned_trials, owner_is_gone, process_identity
 
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()  # reaped: no process has its pid (until the system hands it out again)

@@ -33,12 +33,15 @@ import torch
 from helpers import make_image_tree, quiet, tiny_config
 
 from transferlab import train
-from transferlab.checkpoint import Checkpoint
-from transferlab.config import ConfigError
-from transferlab.data import load_images
-from transferlab.evaluate import evaluate_checkpoint, load_checkpoint, predict_files
-from transferlab.models import WeightsError, build_model, get_backbone, group_parameters, weights_identity
-from transferlab.train import Trainer
+from transferlab.data.sources import load_images
+from transferlab.engine.run import prepare_run
+from transferlab.errors import ConfigError, WeightsError
+from transferlab.inference.checkpoint import Checkpoint
+from transferlab.inference.evaluate import evaluate_checkpoint
+from transferlab.inference.predict import load_checkpoint, predict_files
+from transferlab.models.freezing import group_parameters
+from transferlab.models.registry import get_backbone
+from transferlab.models.weights import build_model, weights_identity
 
 CNNS = ["resnet18", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto", "regnetx_002"]
 FAMILIES = [*CNNS, "vit_tiny_patch16_224"]
@@ -189,7 +192,7 @@ def test_imagenet_weights_offline_without_cache_is_one_line(monkeypatch, tmp_pat
 )
 def test_bad_input_is_one_line(small_tree, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
-        Trainer(tiny_config(small_tree, tmp_path / "cache", **overrides), tmp_path / "run", log=quiet)
+        prepare_run(tiny_config(small_tree, tmp_path / "cache", **overrides), tmp_path / "run")
     assert "\n" not in str(error.value)
 
 
@@ -204,8 +207,8 @@ def test_models_lists_timm_matches(capsys):
 
 
 def test_checkpoints_export_and_grad_cam_layers(small_tree, tmp_path):
-    from transferlab.analysis import gradcam_layer
-    from transferlab.export import export_checkpoint
+    from transferlab.inference.analysis import gradcam_layer
+    from transferlab.inference.export import export_checkpoint
 
     config = config_for(small_tree, tmp_path / "cache", "mobilenetv3_small_100", strategy="partial", unfreeze=2)
     train(config, tmp_path / "run", log=quiet)
@@ -220,8 +223,8 @@ def test_checkpoints_export_and_grad_cam_layers(small_tree, tmp_path):
 
 
 def test_vit_grad_cam_lays_patch_tokens_on_the_grid():
-    from transferlab.analysis import grad_cam, gradcam_layer
-    from transferlab.augment import Preprocess
+    from transferlab.engine.preprocess import Preprocess
+    from transferlab.inference.analysis import grad_cam, gradcam_layer
 
     torch.manual_seed(0)
     model, _ = build_model("timm/vit_tiny_patch16_224", 3)

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import history_without_time, quiet, tiny_config
+from helpers import built_run, history_without_time, quiet, tiny_config
 
 from transferlab import RunConfig, train
-from transferlab.checkpoint import CHECKPOINT_FORMAT
-from transferlab.data import load_images
-from transferlab.features import FeatureCache
-from transferlab.train import RunFolderError, Trainer, lr_factor
+from transferlab.data.sources import load_images
+from transferlab.engine.features import FeatureCache
+from transferlab.engine.run import lr_factor
+from transferlab.engine.train import run_training
+from transferlab.errors import RunFolderError
+from transferlab.inference.checkpoint import CHECKPOINT_FORMAT
 
 ROW_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "lr"} | {
     f"{split}_{name}" for split in ("train", "val") for name in ("balanced_accuracy", "macro_f1")
@@ -109,10 +111,10 @@ def test_input_path_choice(image_tree, tmp_path, overrides, path):
 @pytest.mark.parametrize("cache_features", ["auto", "off"])
 def test_feature_shift_moves_training_inputs_by_whole_cells(image_tree, tmp_path, cache_features):
     config = tiny_config(image_tree, tmp_path / "cache", resolution=64, feature_shift=1, cache_features=cache_features)
-    trainer = Trainer(config, tmp_path / "run", log=quiet)
-    trainer._setup()
+    run = built_run(config, tmp_path / "run")
     idx = torch.arange(8)
-    plain, shifted = trainer._inputs(idx, train=False), trainer._inputs(idx, train=True)
+    plain = run.inputs.features(idx)
+    shifted = run.inputs.training_batch(idx, run.config, run.augment_generator)
     assert shifted.shape == plain.shape
     assert not torch.equal(shifted, plain)  # 8 images, 9 offsets each: all nine at (0, 0) would be a broken shift
     padded = F.pad(plain, (1, 1, 1, 1))
@@ -247,12 +249,12 @@ def test_interrupted_run_resumes_to_the_same_history(image_tree, tmp_path):
 
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        Trainer(config, out, log=quiet).fit(on_epoch=kill_after_epoch_2)
+        run_training(config, out, log=quiet, on_epoch=kill_after_epoch_2)
     assert (out / "state.pt").is_file()
     assert len(json.loads((out / "metrics.json").read_text())["history"]) == 2
 
     messages = []
-    resumed = Trainer(config, out, log=messages.append).fit()
+    resumed = run_training(config, out, log=messages.append)
     assert any("resuming from epoch 2" in m for m in messages)
     assert history_without_time(resumed.history) == history_without_time(reference.history)
     assert resumed.best_epoch == reference.best_epoch
@@ -263,13 +265,12 @@ def test_interrupted_run_resumes_to_the_same_history(image_tree, tmp_path):
 def test_state_of_another_config_is_not_resumed(image_tree, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_config(image_tree, tmp_path / "cache", epochs=3), out, log=quiet).fit(
-            on_epoch=lambda row: (_ for _ in ()).throw(KeyboardInterrupt())
-        )
+        run_training(tiny_config(image_tree, tmp_path / "cache", epochs=3), out, log=quiet,
+                     on_epoch=lambda row: (_ for _ in ()).throw(KeyboardInterrupt()))  # fmt: skip
     other = tiny_config(image_tree, tmp_path / "cache", epochs=3, lr=0.5)
     with pytest.raises(RunFolderError, match=r"lr 0.001 there, 0.5 here.*--overwrite"):  # the killed run is kept
-        Trainer(other, out, log=quiet).fit()
+        run_training(other, out, log=quiet)
     assert (out / "state.pt").is_file()
     messages = []
-    result = Trainer(other, out, log=messages.append, overwrite=True).fit()
+    result = run_training(other, out, log=messages.append, overwrite=True)
     assert not any("resuming" in m for m in messages) and len(result.history) == 3

@@ -12,10 +12,12 @@ import re
 import pytest
 from test_study import _one_thread, load, make_tree, write_spec  # noqa: F401 (_one_thread: autouse fixture)
 
-from transferlab.config import ConfigError, StudySpec
-from transferlab.report import load_study_data
-from transferlab.stats import percent
-from transferlab.study import grid_trials, run_study
+from transferlab.config.study import StudySpec
+from transferlab.errors import ConfigError
+from transferlab.report.load import load_study_data
+from transferlab.scoring.stats import percent
+from transferlab.study.records import grid_trials
+from transferlab.study.runner import run_study
 
 VARIANTS = "\n[variants]\nplain = {}\nflipped = { flip = true, lr = 0.01 }\n"
 
@@ -66,11 +68,11 @@ def test_study_with_variants_runs_and_reports_the_variant_table(tmp_path):
     directory = run_study(spec_with_variants(tmp_path), study_dir=tmp_path / "study")
     study = load(directory)
     trials = grid_trials(study)
-    assert sorted(t.user_attrs["key"] for t in trials) == sorted(
+    assert sorted(t.key for t in trials) == sorted(
         f"strategy={s},variant={v}" for s in ("frozen", "full") for v in ("plain", "flipped")
     )
     for t in trials:  # the variant's options reached the trained run
-        assert t.user_attrs["config"]["flip"] is (t.user_attrs["point"]["variant"] == "flipped")
+        assert t.config["flip"] is (t.point["variant"] == "flipped")
     data = load_study_data(directory)
     report = (directory / "report.md").read_text()
     table = report.split("## Variants: best validation accuracy per regime")[1].split("##")[0]
@@ -80,7 +82,7 @@ def test_study_with_variants_runs_and_reports_the_variant_table(tmp_path):
         if line.startswith("| ") and not line.startswith("| variant")
     }
     for t in data.trials:
-        column = ["frozen", "full"].index(t["point"]["strategy"])
-        n = t["n_val"]  # at the precision its validation images allow
-        assert rows[t["point"]["variant"]][column] == percent(round(t["best"]["val_accuracy"] * n), n)
+        column = ["frozen", "full"].index(t.point["strategy"])
+        n = t.n_val  # at the precision its validation images allow
+        assert rows[t.point["variant"]][column] == percent(round(t.best["val_accuracy"] * n), n)
     assert re.search(r"\| plain \| [0-9.]+% \| [0-9.]+% \|", table)

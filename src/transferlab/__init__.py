@@ -13,54 +13,43 @@ load torch.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 from .config import ConfigError, RunConfig, StudySpec
 from .version import __version__
 
+# name -> the module defining it, imported on first use: `import transferlab` and `transferlab --help` stay light
 _LAZY = {
-    "DataError": "data",
-    "ImageSet": "data",
-    "load_images": "data",
-    "make_split": "data",
-    "evaluate_checkpoint": "evaluate",
-    "load_checkpoint": "evaluate",
-    "predict_files": "evaluate",
-    "export_checkpoint": "export",
-    "LRFindResult": "lr_find",
-    "lr_find": "lr_find",
-    "REGISTRY": "models",
-    "WeightsError": "models",
-    "build_model": "models",
-    "RunResult": "train",
-    "Trainer": "train",
-    "train": "train",
+    "DataError": "errors",
+    "ImageSet": "data.imageset",
+    "load_images": "data.sources",
+    "make_split": "data.split",
+    "evaluate_checkpoint": "inference.evaluate",
+    "load_checkpoint": "inference.predict",
+    "predict_files": "inference.predict",
+    "export_checkpoint": "inference.export",
+    "LRFindResult": "engine.lr_curve",
+    "lr_find": "engine.lr_find",
+    "REGISTRY": "models.registry",
+    "resolve": "models.registry",
+    "WeightsError": "errors",
+    "build_model": "models.weights",
+    "RunResult": "engine.rundir",
+    "RunData": "engine.run",
+    "Run": "engine.run",
+    "prepare_run": "engine.run",
+    "build_run": "engine.run",
+    "fit": "engine.loop",
+    "train": "engine.train",
+    "run_study": "study.runner",
 }
 
 __all__ = [
-    "ConfigError",
-    "DataError",
-    "ImageSet",
-    "LRFindResult",
-    "REGISTRY",
-    "RunConfig",
-    "RunResult",
-    "StudySpec",
-    "Trainer",
-    "WeightsError",
-    "__version__",
-    "build_model",
-    "evaluate_checkpoint",
-    "export_checkpoint",
-    "load_checkpoint",
-    "load_images",
-    "lr_find",
-    "make_split",
-    "predict_files",
-    "run_study",
-    "train",
-]
+    "REGISTRY", "ConfigError", "DataError", "ImageSet", "LRFindResult", "Run", "RunConfig", "RunData", "RunResult",
+    "StudySpec", "WeightsError", "__version__", "build_model", "build_run", "evaluate_checkpoint", "export_checkpoint",
+    "fit", "load_checkpoint", "load_images", "lr_find", "make_split", "predict_files", "prepare_run", "resolve",
+    "run_study", "train",
+]  # fmt: skip
+assert set(__all__) == {"ConfigError", "RunConfig", "StudySpec", "__version__", *_LAZY}
 
 
 def __getattr__(name: str):
@@ -71,21 +60,5 @@ def __getattr__(name: str):
     return value
 
 
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value) -> None:
-        # Importing the submodule transferlab.train binds it as the package's `train`; the function keeps the name.
-        if not (name in _LAZY and isinstance(value, types.ModuleType)):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
-
-
-def run_study(*args, **kwargs):
-    from .study import run_study as _run
-
-    return _run(*args, **kwargs)

@@ -13,8 +13,11 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_toml, parse_override
-from .fsutil import output_file, refuse_output_over_input
+from .config.lr_find import END_LR, MIN_STEPS, START_LR, STEPS, check_range
+from .config.run import HELP_GROUPS, RunConfig
+from .config.toml import load_toml, parse_override
+from .errors import ConfigError, DistributedError, OutputError, TransferlabError
+from .fsutil import atomic_write_text, refuse_output_over_input
 from .version import __version__
 
 EPILOG_OFFLINE = (
@@ -39,21 +42,14 @@ in a study spec, lr = "find" runs it per configuration before training.
 
 {EPILOG_OFFLINE}"""
 
-# train --help's sections, in order: a RunConfig field's `group` metadata names its section
-RUN_GROUPS = {
-    "data": "data",
-    "model": "model",
-    "augmentation": "augmentation",
-    "training": "training",
-    "execution": "execution and output",
-}
-
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Every RunConfig field a flag, under the help group of its section (config.run.HELP_GROUPS)."""
     hints = typing.get_type_hints(RunConfig)
-    groups = {name: parser.add_argument_group(title) for name, title in RUN_GROUPS.items()}
+    groups = {section: group for title, sections in HELP_GROUPS.items()
+              for group in [parser.add_argument_group(title)] for section in sections}  # fmt: skip
     for f in dataclasses.fields(RunConfig):
-        group = groups.get(f.metadata.get("group")) or groups.setdefault(None, parser.add_argument_group("other"))
+        group = groups[f.metadata["section"]]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default})"
@@ -87,28 +83,18 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args) -> int:
-    from .distributed import from_environment
-    from .selection import epoch_tie
-    from .stats import percent_with_interval
-    from .train import train
+    from .engine.distributed import from_environment  # loaded when run: --help stays light
+    from .engine.train import train  # loaded when run
 
-    config = _run_config(args)
-    result = train(config, args.out, overwrite=args.overwrite)
-    best, n = result.best, result.n_val
+    result = train(_run_config(args), args.out, overwrite=args.overwrite)
     if from_environment().main:  # under torchrun: once, by rank 0
-        tie = epoch_tie(result.history, config.metric)
-        print(
-            f"best epoch {result.best_epoch} (by {config.metric}"
-            + (f"; {tie.words('epochs')}" if tie else "")
-            + f"): val accuracy {percent_with_interval(round(best['val_accuracy'] * n), n)} on {n} images, "
-            f"val loss {best['val_loss']:.4f} -> {Path(args.out) / 'best.pt'}"
-        )
+        print(f"{result.summary()} -> {Path(args.out) / 'best.pt'}")
     return 0
 
 
 def cmd_lr_find(args) -> int:
     """The suggestion in one line (exit 0), or why the curve gives none (exit 1); the files either way with --out."""
-    from .lr_find import check_range, lr_find
+    from .engine.lr_find import lr_find  # loaded when run: --help stays light
 
     check_range(args.start_lr, args.end_lr, args.steps)  # before the data is read
     result = lr_find(_run_config(args), args.out, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
@@ -119,92 +105,24 @@ def cmd_lr_find(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """On the run's own data the default is its test split: `--split all` would count the training images."""
-    from .data import DataError, ImageSet, Split, split_arrays, split_for
-    from .evaluate import align_labels, evaluate_arrays, load_checkpoint, seen_in_training, stored_as_trained
+    from .inference.evaluate import evaluate_on  # loaded when run: --help stays light
 
-    loaded = load_checkpoint(args.checkpoint, args.device)
-    run_config = RunConfig.from_dict(loaded.info["config"])
-    values = {
-        "data": args.data or "cifar10",
-        "labels": args.labels,
-        "progress": not args.json,
-        "resize_policy": loaded.info["resize_policy"],  # decoded as the run stored its images
-    }
+    given = {"data": args.data or "cifar10", "labels": args.labels, "progress": not args.json}
     if args.skip_bad_images is not None:  # else the run's own setting
-        values["skip_bad_images"] = args.skip_bad_images
+        given["skip_bad_images"] = args.skip_bad_images
     if args.data_dir:  # else the run's own --data-dir
-        values["data_dir"] = args.data_dir
+        given["data_dir"] = args.data_dir
     for column in ("path", "label", "split"):  # else the run's own column names
         if getattr(args, f"labels_{column}_column") is not None:
-            values[f"labels_{column}_column"] = getattr(args, f"labels_{column}_column")
-    config = RunConfig.from_dict(values, base=run_config)
-    data = stored_as_trained(loaded, config)
-    own, same_images = _own_data(loaded.info, data, config.source, run_config.source, Path(args.checkpoint).parent)
-    if not own and same_images and args.split != "all":
-        raise DataError(
-            f"{config.source} is the folder the run trained on, but its images (or --skip-bad-images) differ from "
-            "the run's: its split no longer says which images it trained on; use --split all to score every image"
-        )
-    if not own and args.split in ("train", "val", "test") and data.given_split is None:
-        raise DataError(
-            f"--split {args.split}: {config.source} is not the data the run was split from, so the run's split does "
-            "not apply to it; score all of it (leave --split out), or give the run's own data"
-        )
-    name = args.split or ("test" if own else "all")
-    seen = None
-    if name == "all":
-        images, labels = data.images, data.labels
-        if same_images:
-            where = "" if _same_folder(config.source, run_config.source) else " (a copy of them, here)"
-            print(
-                f"transferlab: note: --split all on the run's own data{where} includes the images it was trained on",
-                file=sys.stderr,
-            )
-        else:  # other data may still hold the run's images: a changed copy, the same files named another way
-            seen = seen_in_training(Path(args.checkpoint).parent, data.digests())
-            if seen and seen["train"] + seen["val"]:
-                print(
-                    f"transferlab: note: {seen['train']} of these {len(labels)} images are images the run trained "
-                    f"on, {seen['val']} it validated on: their figures are not a test",
-                    file=sys.stderr,
-                )
-    else:
-        saved = Path(args.checkpoint).parent / "split.json"
-        split = Split.from_dict(json.loads(saved.read_text())) if own and saved.is_file() else split_for(data, config)
-        images, labels = split_arrays(data, split, name)
-    result = evaluate_arrays(loaded, images, align_labels(loaded, ImageSet(images, labels, data.classes, data.key)))
-    result["split"] = name
-    if seen is not None:
-        result["seen_in_training"] = seen
+            given[f"labels_{column}_column"] = getattr(args, f"labels_{column}_column")
+    evaluation = evaluate_on(args.checkpoint, given, args.split, args.device)
+    for note in evaluation.notes:
+        print(f"transferlab: note: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(evaluation.to_dict()))
     else:
-        print_evaluation(result)
+        print_evaluation(evaluation.to_dict())
     return 0
-
-
-def _own_data(info: dict, data, source: str, run_source: str, run_dir: Path) -> tuple[bool, bool]:
-    """(the very rows the run was split from, so its split.json applies; images the run trained on, possibly a
-    changed or moved copy of them). The rows are the run's when its training and validation rows hold the images the
-    run recorded (evaluate.split_applies), wherever they lie (a moved copy too); runs before those records compare
-    the decoded data's key."""
-    from .evaluate import split_applies
-
-    applies = split_applies(run_dir, data)
-    if applies is not None:
-        own = applies
-    elif info.get("data"):
-        own = data.key == info["data"]
-    else:
-        own = source == run_source
-    return own, own or _same_folder(source, run_source)
-
-
-def _same_folder(a: str, b: str) -> bool:
-    """Do two data sources (--data folders or --labels files) name the same files on disk (not cifar10)?"""
-    if "cifar10" in (a, b):
-        return False
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def print_evaluation(result: dict) -> None:
@@ -212,7 +130,7 @@ def print_evaluation(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .stats import interval_decimals, percent_with_interval
+    from .scoring.stats import interval_decimals, percent_with_interval  # scipy, loaded when run
 
     n, digits = result["n"], interval_decimals(round(result["accuracy"] * result["n"]), result["n"])
     title = (
@@ -245,7 +163,8 @@ def print_evaluation(result: dict) -> None:
 def cmd_predict(args) -> int:
     """Prints (or writes to --output) the good files' classes; a file or argument that cannot be read is one error
     line on stderr (and an error row in csv / json), and the exit status is 1."""
-    from .evaluate import expand_inputs, predict_files
+    from .engine.rundir import output_file  # loaded when run: --help stays light
+    from .inference.predict import expand_inputs, predict_files  # loaded when run
 
     paths, errors = expand_inputs(args.images)
     output = None
@@ -293,9 +212,6 @@ def format_predictions(results: list[dict], form: str) -> str:
 
 def write_atomically(path: Path, text: str) -> None:
     """A temporary file beside `path`, then a rename: a reader never sees half a file."""
-    from .errors import OutputError
-    from .fsutil import atomic_write_text
-
     try:
         atomic_write_text(text, path, "--output")
     except OutputError as error:
@@ -303,7 +219,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def cmd_export(args) -> int:
-    from .export import export_checkpoint
+    from .inference.export import export_checkpoint  # loaded when run: --help stays light
 
     print(export_checkpoint(args.checkpoint, args.format, args.output))
     return 0
@@ -311,54 +227,34 @@ def cmd_export(args) -> int:
 
 def cmd_models(args) -> int:
     """Each backbone: its layer groups, then source, parameters, pretrained resolution, a run's default input
-    (resolution, crop fraction, interpolation) and whether its pretrained weights are already on this machine.
-    torchvision's registry, then a curated set of timm models (or, with a PATTERN, timm's models matching it; at
-    most --limit shown, each built once with random weights)."""
-    import fnmatch
+    (resolution, crop fraction, interpolation) and whether its pretrained weights are already on this machine."""
+    from .models.registry import list_backbones  # loaded when run: --help stays light
 
-    from . import timm_backbone
-    from .models import REGISTRY, backbone_defaults, get_backbone, pretrained_on_disk
-
-    pattern = args.pattern
-    if pattern and not any(c in pattern for c in "*?["):
-        pattern = f"*{pattern}*"
-    names = [n for n in sorted(REGISTRY) if not pattern or fnmatch.fnmatch(n, pattern)]
-    try:
-        import timm
-    except ImportError:
-        found = []
-        print("(timm is not installed: only torchvision's backbones)")
-    else:
-        found = timm.list_models(pattern.removeprefix("timm/")) if pattern else list(timm_backbone.CURATED)
-    shown = [f"timm/{n}" for n in found[: args.limit]]
-    for name in names + shown:
-        backbone = get_backbone(name)
-        if backbone.source == "timm":
-            count = timm_backbone.describe(backbone.timm_name)["parameters"]
-        else:
-            count = sum(p.numel() for p in backbone.build().parameters())
-        resolution = (
-            f"{backbone.resolution} px (fixed)" if backbone.fixed_resolution else f"{backbone.resolution or 224} px"
-        )
-        default = backbone_defaults(name)
-        print(f"{name}: groups {', '.join(backbone.group_names)}")
+    backbones, more, note = list_backbones(args.pattern, args.limit)
+    if note:
+        print(note)
+    for backbone in backbones:
+        resolution = backbone.resolution or 224
+        resolution = f"{resolution} px (fixed)" if backbone.fixed_resolution else f"{resolution} px"
+        default = backbone.defaults()
+        print(f"{backbone.name}: groups {', '.join(backbone.group_names)}")
         print(
-            f"    {backbone.source}, {count / 1e6:.1f}M parameters, pretrained at {resolution}, "
-            f"pretrained weights on this machine: {pretrained_on_disk(backbone) or 'no'}"
+            f"    {backbone.source}, {backbone.parameter_count() / 1e6:.1f}M parameters, pretrained at {resolution}, "
+            f"pretrained weights on this machine: {backbone.pretrained_on_disk() or 'no'}"
         )
         print(
             f"    default input: {default['resolution']} px, centre {default['crop_fraction']:g} of the square, "
             f"{default['interpolation']}"
         )
-    if len(found) > len(shown):
-        print(f"... and {len(found) - len(shown)} more timm models match (--limit N shows more)")
-    if pattern and not names and not found:
+    if more:
+        print(f"... and {more} more timm models match (--limit N shows more)")
+    if args.pattern and not backbones:
         print(f"no model matches {args.pattern!r}")
     return 0
 
 
 def cmd_study_run(args) -> int:
-    from .study import run_study
+    from .study.runner import run_study  # loaded when run: --help stays light
 
     run_study(
         args.spec,
@@ -372,14 +268,14 @@ def cmd_study_run(args) -> int:
 
 
 def cmd_study_worker(args) -> int:
-    from .study import run_worker
+    from .study.runner import run_worker  # loaded when run: --help stays light
 
     run_worker(args.spec, study_dir=args.dir, storage=args.storage, overrides=args.set or [])
     return 0
 
 
 def cmd_study_report(args) -> int:
-    from .report import write_report
+    from .report.write import write_report  # loaded when run: --help stays light
 
     paths = write_report(args.study, storage=args.storage)
     for p in paths:
@@ -418,8 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run option (repeatable)")
     _add_run_flags(p)
     p.set_defaults(func=cmd_train)
-
-    from .lr_find import END_LR, MIN_STEPS, START_LR, STEPS
 
     p = sub.add_parser(
         "lr-find",
@@ -558,13 +452,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from .data import DataError
-    from .distributed import DistributedError, from_environment
-    from .errors import OutputError
-    from .evaluate import CheckpointError
-    from .models import WeightsError
-    from .storage import StudyError
-    from .train import TrainingError
+    from .engine.distributed import from_environment  # torch: loaded once the arguments are read
 
     # Under torchrun every process meets bad input and a diverged run alike: rank 0 alone says so, once.
     # A process that lost the others says so itself.
@@ -578,17 +466,10 @@ def _dispatch(args) -> int:
                 "processes torchrun starts"
             )
         return args.func(args)
-    except (ConfigError, DataError, WeightsError, CheckpointError, StudyError) as error:
-        if reports:
+    except TransferlabError as error:  # one line, its exit status (errors.py): 2 bad input, 1 failed work
+        if reports or isinstance(error, DistributedError):  # a process that lost the others says so itself
             print(f"transferlab: error: {error}", file=sys.stderr)
-        return 2
-    except (TrainingError, OutputError) as error:
-        if reports:
-            print(f"transferlab: error: {error}", file=sys.stderr)
-        return 1
-    except DistributedError as error:
-        print(f"transferlab: error: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code
     except BrokenPipeError:  # `transferlab predict ... | head`: the reader has gone; stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush is silent
         return 141

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -140,14 +141,10 @@ def refuse_output_over_input(output: str | Path, inputs: Iterable[str | Path], f
             raise error(f"{flag} {output} is an input ({source}): writing it would replace what is being read")
 
 
-# The files a run folder holds (engine's run directory): an output option never replaces one of another run's
-RUN_FILES = ("best.pt", "metrics.json", "config.json", "split.json", "state.pt", "digests.npz")
-
-
-def output_file(path: str | Path, flag: str, error: type[Exception]) -> Path:
-    """The file an output option (predict --output, export -o) writes: `path`, or where its symlink points (the link
-    stays a link). A folder, a device, pipe or socket (/dev/null: a rename would replace the device node), a missing
-    folder, or one of a run folder's own files is refused in one line, before any work."""
+def checked_output_file(path: str | Path, flag: str, error: type[Exception]) -> Path:
+    """The file an output option writes: `path`, or where its symlink points (the link stays a link). A folder, a
+    device, pipe or socket (/dev/null: a rename would replace the device node) or a missing folder is refused in one
+    line, before any work. (engine.rundir.output_file adds a run folder's own files.)"""
     given = Path(path).expanduser()
     target = Path(os.path.realpath(given)) if given.is_symlink() else given
     if target.is_dir():
@@ -157,8 +154,34 @@ def output_file(path: str | Path, flag: str, error: type[Exception]) -> Path:
                     f"{flag} out to write to the standard output where there is one")  # fmt: skip
     if not target.parent.is_dir():
         raise error(f"{flag} {given}: folder {target.parent} does not exist")
-    if target.name in RUN_FILES or (target.name.startswith("best-epoch") and target.suffix == ".pt"):
-        if (target.parent / "metrics.json").is_file() or (target.parent / "state.pt").is_file():
-            raise error(f"{flag} {given} is a file of the run folder {target.parent}: writing it would replace the "
-                        "run's results; name another file")  # fmt: skip
     return target
+
+
+# ------------------------------------------------------------------------------ torch files
+def read_torch_file(path: Path, what: str, error: type[Exception]) -> object:
+    """torch.load(weights_only=True) with one-line errors: a missing, empty, foreign or truncated file is named
+    as such (never PyTorch's advice to drop weights_only, which would run code from the file)."""
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory, not a file")
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise error(f"{what} {path} is empty (0 bytes)")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save writes a zip, or a pickle in the legacy format
+        raise error(f"cannot read {what} {path}: not a file written by torch.save")
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # e.g. torch's note on a foreign pickle protocol: the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zips, foreign pickles: one message each
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds Python objects besides tensors, which are not loaded for safety"
+        elif head == b"PK\x03\x04":
+            reason = "the PyTorch file is truncated or damaged"
+        else:
+            reason = "not a file written by torch.save"
+        raise error(f"cannot read {what} {path}: {reason}") from None

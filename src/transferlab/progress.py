@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -59,3 +60,8 @@ def track(items: Iterable, *, total: int, description: str, unit: str = "img", e
         for item in items:
             yield item
             b.advance()
+
+
+def log(text: str) -> None:
+    """A line of a long job's log (a study's), stamped with the time."""
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}", highlight=False)

@@ -1,0 +1,141 @@
+"""Selection and the single test evaluation: the best configuration of a study by its validation metric, and its
+best replicate's checkpoint scored once on the test split, with the error analysis and calibration the report shows.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+from ..config.run import RunConfig
+from ..config.study import StudySpec, configuration_of
+from ..data.imageset import ImageSet
+from ..data.sources import load_images
+from ..data.split import class_counts, split_arrays, split_for
+from ..engine.rundir import RunDir
+from ..errors import StudyError
+from ..inference.analysis import error_analysis
+from ..inference.evaluate import align_labels, evaluate_logits
+from ..inference.predict import load_checkpoint
+from ..models.registry import get_backbone
+from ..progress import log
+from ..scoring.calibration import TEMPERATURE_RANGE, view_probabilities
+from ..scoring.selection import Tie, best_group, best_trial
+from ..scoring.stats import percent, percent_with_interval
+from .identity import point_key
+from .plan import study_storage_size
+from .records import Selection, StudyRecord, TrialRecord, grid_trials
+
+
+def best_configuration(trials: list[TrialRecord], spec: StudySpec) -> tuple[TrialRecord, list, Tie | None]:
+    """The configuration (a grid point without its replicate axes: seed, fold) of best mean metric over its
+    replicates, and of those the trial of best metric, whose checkpoint is the one tested (scoring/selection.py breaks
+    ties: validation loss, then fewer epochs, then the lower trial number). Returns (that trial, the configuration's
+    trials, the tie the choice of configuration broke, or None). Without replicates: the best trial, alone."""
+    if not spec.replicates:  # every trial its own configuration (a search's trials share their grid point)
+        best, tie = best_trial(trials, spec.metric)
+        return best, [best], tie
+
+    def label(group: list) -> str:
+        return point_key(configuration_of(group[0].point, spec.replicates))
+
+    groups: dict[str, list] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        groups.setdefault(label([t]), []).append(t)
+    chosen, tie = best_group(list(groups.values()), spec.metric, label)
+    return best_trial(chosen, spec.metric)[0], chosen, tie
+
+
+def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, identities: set[str] | None = None,
+                    candidates: list[TrialRecord] | None = None) -> Selection:  # fmt: skip
+    """Best of the spec's trials (`identities`, default: those recorded in the study) by the study's metric; its
+    checkpoint is evaluated once on the test split. `candidates`: the complete trials to choose from instead (the
+    searches' complete trials; pruned ones never). With replicate axes (seed, fold) the best configuration by its
+    mean (`best_configuration`) and, of its replicates, the best trial's checkpoint."""
+    trials = grid_trials(study, identities) if candidates is None else candidates
+    if candidates is None and len(trials) < len(spec.points()):
+        raise StudyError(
+            f"{len(spec.points()) - len(trials)} grid points are not complete; run the study again to finish them"
+        )
+    if not trials:
+        raise StudyError("no search trial is complete (all pruned or diverged): nothing to select")
+    best, replicates, tie = best_configuration(trials, spec)
+    stored = StudyRecord.of(study)
+    if stored.selection is not None and stored.selection.identity == best.identity:
+        return stored.selection
+    config = RunConfig.from_dict(best.config)
+    images = load_images(config, study_storage_size(spec, config))
+    split = RunDir(directory / best.run_dir).split() or split_for(images, config)
+    counts = class_counts(images, split)
+    selection = Selection(
+        trial=best.number, key=best.key, identity=best.identity, point=best.point, metric=spec.metric,
+        val_accuracy=best.best["val_accuracy"], val_loss=best.best["val_loss"],
+        val_balanced_accuracy=best.best.get("val_balanced_accuracy"), val_macro_f1=best.best.get("val_macro_f1"),
+        n_val=sum(counts["val"].values()), time=time.strftime("%Y-%m-%d %H:%M:%S"),
+        tie=tie.to_dict() if tie else None,  # the choice was a tie on the metric, and what broke it
+        class_counts=counts,
+    )  # fmt: skip
+    if spec.replicates:  # the configuration chosen by its mean; `trial` is its replicate whose checkpoint is tested
+        selection.configuration = {
+            "key": point_key(configuration_of(best.point, spec.replicates)),
+            "replicate_axes": spec.replicates,
+            "trials": [t.number for t in replicates],
+            "mean": statistics.fmean(t.value for t in replicates),
+        }
+    n_val = selection.n_val
+    if len(split.test) == 0 and not split.official_test:
+        selection.test = None
+        StudyRecord.write(study, selected=selection.to_dict())
+        log(
+            f"selected trial {best.number} ({best.key}): val accuracy "
+            f"{percent(round(selection.val_accuracy * n_val), n_val)}; no test split (test_fraction = 0): the "
+            "selected trial was not evaluated on a test set"
+        )
+        return selection
+    test_x, test_y = split_arrays(images, split, "test")
+    started = time.time()
+    loaded = load_checkpoint(directory / best.checkpoint, config.device)
+    test_y = torch.as_tensor(align_labels(loaded, ImageSet(test_x, test_y, images.classes, images.key)))
+    logits = loaded.view_logits(test_x)
+    result = evaluate_logits(loaded, logits, test_y)
+    selection.calibration = {
+        "temperature": result["temperature"],
+        "ece": result["ece"],
+        "ece_calibrated": result["ece_calibrated"],
+        "nll": result["nll"],
+        "nll_calibrated": result["nll_calibrated"],
+        "reliability": result["reliability"],
+        "reliability_calibrated": result["reliability_calibrated"],
+        "temperature_range": list(TEMPERATURE_RANGE),  # the fit's bounds: a T at one says the search stopped there
+        "fit": result["calibration"],  # how T was chosen on validation: fitted, or 1 and why (None: not recorded)
+    }
+    for name in ("balanced_accuracy", "macro_f1"):
+        setattr(selection, f"test_{name}", result[name])
+    selection.test_seconds = time.time() - started
+    selection.test_accuracy, selection.test_loss, selection.n_test = result["accuracy"], result["loss"], result["n"]
+    selection.per_class_accuracy, selection.confusion_matrix = result["per_class_accuracy"], result["confusion_matrix"]
+    selection.classes, selection.per_class = result["classes"], result["per_class"]
+    selection.errors = error_analysis(
+        loaded.model, get_backbone(loaded.info["arch"]), loaded.preprocess, test_x, test_y,
+        view_probabilities(logits), view_probabilities(logits, loaded.temperature),
+    )  # fmt: skip
+    # the thumbnails and Grad-CAM maps only in `selected`: the list of evaluations keeps the figures
+    StudyRecord.write(study, test_evaluations=[*stored.test_evaluations, selection.to_dict(errors=False)],
+                      selected=selection.to_dict())  # fmt: skip
+    conf = selection.configuration
+    chosen = (
+        f"configuration {conf['key']} (best mean {spec.metric} over {len(replicates)} replicates), its best "
+        f"replicate trial {best.number} ({best.key})"
+        if conf
+        else f"trial {best.number} ({best.key})"
+    )
+    n_test, correct = selection.n_test, round(selection.test_accuracy * selection.n_test)
+    log(
+        f"selected {chosen}: val accuracy {percent(round(selection.val_accuracy * n_val), n_val)}, test accuracy "
+        f"{percent_with_interval(correct, n_test)} on {n_test} images (test split used once)"
+    )
+    return selection
