@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throwaway PostgreSQL server for the distributed-study tests (tests/test_distributed.py).
+# A throwaway PostgreSQL server for the distributed-study tests (tests/study/test_distributed.py and the storage tests of tests/study/test_storage.py).
 #
 #   export TRANSFERLAB_TEST_POSTGRES_URL=$(bash .ci/postgres.sh | tail -1)
 #

@@ -33,8 +33,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
 STEPS=(install env tests paper best)
-DEFAULT_TESTS="tests/test_device_paths.py tests/test_train.py tests/test_evaluate.py tests/test_features.py
-tests/test_augment.py tests/test_freezing.py tests/test_preprocessing.py"
+DEFAULT_TESTS="tests/engine/test_device_paths.py tests/engine/test_train.py tests/inference/test_evaluate.py tests/engine/test_features.py
+tests/engine/test_augment.py tests/models/test_freezing.py tests/models/test_preprocessing.py"
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 

@@ -6,11 +6,22 @@ the whole core suite runs in a couple of minutes on two CPU cores.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED, SHARED_CIFAR, SHARED_WEIGHTS, TEST_DEVICE, make_image_tree, quiet, tiny_config
+from helpers import (
+    NEEDS_POSTGRES,
+    POSTGRES_URL,
+    SHARED,
+    SHARED_CIFAR,
+    SHARED_WEIGHTS,
+    TEST_DEVICE,
+    make_image_tree,
+    quiet,
+    tiny_config,
+)
 
 
 def pytest_configure(config):
@@ -129,3 +140,55 @@ def shared_weights(shared_dir) -> Path:
 def shared_cache_dir(tmp_path_factory) -> Path:
     """One decode cache for every shared-data test of the session (decoding the folder takes ~20 s)."""
     return tmp_path_factory.mktemp("shared-cache")
+
+
+@pytest.fixture
+def database() -> str:
+    """A fresh database on the test server; its URL. Dropped (connections and all) after the test."""
+    if not POSTGRES_URL:
+        pytest.skip(NEEDS_POSTGRES.kwargs["reason"])
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    server = make_url(POSTGRES_URL)
+    name = f"transferlab_{uuid.uuid4().hex[:12]}"
+    connect = dict(
+        host=server.host,
+        port=server.port,
+        user=server.username,
+        password=server.password,
+        dbname=server.database or "postgres",
+    )
+    admin = psycopg2.connect(**{k: v for k, v in connect.items() if v is not None})
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        yield server.set(database=name).render_as_string(hide_password=False)
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.close()
+
+
+ONE_POINT_SPEC = """name = "s"
+[run]
+data = "{data}"
+weights = "none"
+resolution = 32
+progress = false
+cache_dir = "{cache}"
+device = "cpu"
+test_fraction = 0.2
+val_fraction = 0.2
+batch_size = 8
+[grid]
+epochs = [1]
+"""
+
+
+@pytest.fixture
+def one_point_spec(image_tree, tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text(ONE_POINT_SPEC.format(data=image_tree, cache=tmp_path / "cache"))
+    return path

@@ -118,3 +118,19 @@ def test_the_report_and_the_help_load_no_training():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_tests_are_grouped_by_the_package_they_test_and_share_only_helpers():
+    tests = REPO_ROOT / "tests"
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    assert folders == set(CONCERNS) | {"cli"}, folders
+    top = {p.name for p in tests.glob("test_*.py")}
+    assert top == {"test_architecture.py", "test_shared.py"}, top  # the layout itself; the product on real data
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), "two test modules share a name (pytest imports them by basename)"
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules_named = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                modules_named = [node.module or ""]
+            assert not any(m.startswith("test_") for m in modules_named), f"{path} imports a test module"

@@ -1,0 +1,284 @@
+"""The command line: train / evaluate / predict / models, help everywhere, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    CLASS_COLOURS,
+    assert_one_line_error,
+    noise_image,
+    train_args,
+)
+from PIL import Image
+
+from transferlab.cli import main
+from transferlab.config.run import RunConfig
+
+SUBCOMMANDS = [
+    [],
+    ["train"],
+    ["lr-find"],
+    ["evaluate"],
+    ["predict"],
+    ["models"],
+    ["study"],
+    ["study", "run"],
+    ["study", "worker"],
+    ["study", "report"],
+]
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    rng = np.random.default_rng(11)
+    files = []
+    for name in ("red", "green"):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(noise_image(CLASS_COLOURS[name], 24, rng)).save(path)
+        files.append(str(path))
+    return files
+
+
+# ---------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_help_exits_zero(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: transferlab" in capsys.readouterr().out
+
+
+def test_train_help_lists_every_run_option(capsys):
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(RunConfig):
+        assert "--" + f.name.replace("_", "-") in out
+    assert "TRANSFERLAB_WEIGHTS" in out
+
+
+def test_models(capsys):
+    assert main(["models"]) == 0
+    assert "squeezenet1_1: groups stem, fire2" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- train / evaluate / predict
+def test_train_writes_the_run_directory(image_tree, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(image_tree, out, tmp_path / "cache", "--set", "lr=0.01", "--strategy", "partial")) == 0
+    stdout = capsys.readouterr().out
+    assert "best epoch 1" in stdout and str(out / "best.pt") in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 1 and (out / "best.pt").is_file()
+    assert (
+        metrics["config"]["lr"] == 0.01
+        and metrics["config"]["strategy"] == "partial"
+        and metrics["config"]["progress"] is False
+    )
+
+
+def test_train_reads_a_toml_config_and_flags_override_it(image_tree, tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[run]\nlr = 0.02\nhead = "linear"\nepochs = 5\n')
+    out = tmp_path / "run"
+    assert main(train_args(image_tree, out, tmp_path / "cache", "--config", str(toml))) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["lr"], config["head"], config["epochs"]) == (0.02, "linear", 1)
+
+
+def test_evaluate_json_on_an_unseen_tree(trained_run, make_tree, capsys):
+    root = make_tree("unseen", classes=("green", "red"), per_class=4, size=16, seed=3)
+    assert (
+        main(["evaluate", str(trained_run.out_dir / "best.pt"), "--data", str(root), "--json", "--device", "cpu"]) == 0
+    )
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1
+    result = json.loads(out)
+    assert result["n"] == 8 and 0 <= result["accuracy"] <= 1 and result["loss"] > 0
+    assert set(result["per_class_accuracy"]) == {"blue", "green", "red"}
+
+
+def test_evaluate_a_split_of_the_training_data(trained_run, image_tree, capsys):
+    best = str(trained_run.out_dir / "best.pt")
+    assert main(["evaluate", best, "--data", str(image_tree), "--split", "val", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    row = trained_run.history[trained_run.best_epoch - 1]
+    assert result["n"] == 9 and result["accuracy"] == pytest.approx(row["val_accuracy"])
+
+
+def test_predict(trained_run, image_files, capsys):
+    best = str(trained_run.out_dir / "best.pt")
+    assert main(["predict", best, *image_files, "--top", "2", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == image_files
+    assert all(len(line.split(": ", 1)[1].split(", ")) == 2 for line in lines)
+    assert main(["predict", best, image_files[0], "--json", "--device", "cpu"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert len(result["top"]) == 3 and sum(t["probability"] for t in result["top"]) <= 1 + 1e-6
+
+
+# ---------------------------------------------------------------------------- errors
+def test_config_typo(image_tree, tmp_path, capsys):
+    assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--set", "epochz=3")) == 2
+    assert_one_line_error(capsys.readouterr(), "epochz", "did you mean 'epochs'")
+
+
+def test_bad_set_value(image_tree, tmp_path, capsys):
+    assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--set", "resolution=2")) == 2
+    assert_one_line_error(capsys.readouterr(), "resolution", ">= 8")
+
+
+def test_missing_data_path(tmp_path, capsys):
+    assert main(train_args(tmp_path / "nowhere", tmp_path / "run", tmp_path / "cache")) == 2
+    assert_one_line_error(capsys.readouterr(), str(tmp_path / "nowhere"), "does not exist")
+
+
+def test_missing_weights_file(image_tree, tmp_path, capsys):
+    args = train_args(image_tree, tmp_path / "run", tmp_path / "cache")
+    args[args.index("--weights") + 1] = str(tmp_path / "absent.pth")
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr(), "absent.pth", "does not exist")
+
+
+def test_missing_config_file(image_tree, tmp_path, capsys):
+    assert (
+        main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--config", str(tmp_path / "none.toml"))) == 2
+    )
+    assert_one_line_error(capsys.readouterr(), "none.toml")
+
+
+def test_bad_checkpoint(tmp_path, image_tree, capsys):
+    (tmp_path / "x.pt").write_text("not a checkpoint")
+    assert main(["evaluate", str(tmp_path / "x.pt"), "--data", str(image_tree), "--json"]) == 2
+    assert_one_line_error(capsys.readouterr(), "x.pt")
+    assert main(["predict", str(tmp_path / "absent.pt"), str(tmp_path / "x.pt")]) == 2
+    assert_one_line_error(capsys.readouterr(), "absent.pt")
+
+
+def test_bad_choice_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", "x", "--strategy", "half"])
+    assert exit_info.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err
+
+
+def test_interrupt_exits_130(monkeypatch, image_tree, tmp_path, capsys):
+    import importlib
+
+    train_module = importlib.import_module("transferlab.engine.train")
+
+    def interrupted(config, out, **options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache")) == 130
+    assert "run the same command to resume" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the installed command
+def test_console_script(trained_run, image_files, tmp_path):
+    script = Path(sys.executable).with_name("transferlab")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "transferlab.cli"]
+    env = {**os.environ, "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "1"}
+
+    done = subprocess.run(
+        [*command, "predict", str(trained_run.out_dir / "best.pt"), *image_files, "--json", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no warnings, no progress noise
+    assert [r["file"] for r in json.loads(done.stdout)] == image_files
+
+    done = subprocess.run(
+        [*command, "train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--set", "epochz=3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == ["transferlab: error: unknown key 'epochz' (did you mean 'epochs'?)"]
+
+
+# ---------------------------------------------------------------------------- CIFAR-10 checkpoints
+@pytest.fixture
+def cifar_run(tmp_path):
+    """A run on a fake local CIFAR-10 (official test split) whose data_dir is only in the checkpoint."""
+    from helpers import write_fake_cifar
+
+    from transferlab import RunConfig, train
+
+    write_fake_cifar(tmp_path / "data", per_batch=10, test=20)
+    config = RunConfig.from_dict(
+        {
+            "data": "cifar10",
+            "data_dir": str(tmp_path / "data"),
+            "download": False,
+            "official_test": True,
+            "weights": "none",
+            "epochs": 1,
+            "batch_size": 25,
+            "val_fraction": 0.2,
+            "device": "cpu",
+            "cache_dir": str(tmp_path / "cache"),
+            "progress": False,
+        }
+    )
+    train(config, tmp_path / "run", log=lambda text: None)
+    return tmp_path / "run" / "best.pt"
+
+
+def test_evaluate_cifar10_uses_the_runs_data_dir(cifar_run, capsys):
+    # the run's own data: the default is its test split (here the official test batch), never the training images
+    assert main(["evaluate", str(cifar_run), "--data", "cifar10", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 20 and result["split"] == "test"
+    assert main(["evaluate", str(cifar_run), "--data", "cifar10", "--split", "all", "--json", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == 50 and "trained on" in captured.err
+
+
+def test_evaluate_official_test_split(cifar_run, capsys):
+    assert main(["evaluate", str(cifar_run), "--data", "cifar10", "--split", "test", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 20  # the official test batch, not an empty carved split
+    assert main(["evaluate", str(cifar_run), "--data", "cifar10", "--split", "val", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 10
+
+
+def test_imagenet_weights_offline(image_tree, tmp_path, monkeypatch, capsys):
+    from urllib.error import URLError
+
+    def no_network(*args, **kwargs):
+        raise URLError("network is unreachable (test)")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    args = train_args(image_tree, tmp_path / "run", tmp_path / "cache")
+    args[args.index("--weights") + 1] = "imagenet"
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr(), "--weights PATH", "TRANSFERLAB_WEIGHTS")
+
+
+# ---------------------------------------------------------------------------- found by a hostile tester
+def test_an_interrupt_before_a_run_starts_is_one_line(monkeypatch, capsys):
+    import transferlab.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err == "transferlab: interrupted\n"
