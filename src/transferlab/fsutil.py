@@ -3,7 +3,8 @@
 Every file a run or a study writes goes through `atomic_write_bytes` (or its JSON and torch.save forms): the bytes
 are made in memory, the free space is checked, a temporary file beside the target is written and renamed over it.
 A reader never sees half a file, a full disk is one OutputError naming the path and the space needed, and no
-temporary file is left behind.
+temporary file is left behind. Files another library writes itself (numpy's .npy, the ONNX and TorchScript exporters)
+go through `replaced_on_success`, the one place a temporary file is named and renamed.
 """
 
 from __future__ import annotations
@@ -43,21 +44,28 @@ def require_space(path: str | Path, needed: int, what: str) -> None:
         raise OutputError(f"no space left for {what} {path}: it needs {_size(needed)}, {_size(free)} free")
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+@contextlib.contextmanager
+def replaced_on_success(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to (by any writer: ours, numpy's, an exporter's); it replaces `path`
+    when the block ends without an error and is removed otherwise, so a reader never sees half a file and a failed
+    or interrupted write leaves no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(data: bytes, path: str | Path, what: str = "file") -> None:
     """Write `data` to `path` all at once (a temporary file, then a rename), or raise a one-line OutputError."""
     path = Path(path)
     require_space(path, len(data), what)
-    tmp = _temporary(path)
     try:
-        with open(tmp, "wb") as handle:
+        with replaced_on_success(path) as tmp, open(tmp, "wb") as handle:
             handle.write(data)
-        os.replace(tmp, path)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
                 f"no space left for {what} {path}: it needs {_size(len(data))}, {_size(free_bytes(path.parent))} free"

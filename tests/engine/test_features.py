@@ -145,10 +145,10 @@ def test_a_damaged_feature_cache_file_is_recomputed(image_tree, tmp_path):
 def test_a_full_disk_for_the_feature_cache_is_a_warning(image_tree, tmp_path, monkeypatch):
     real_save = np.save
 
-    def full(path, array, *args, **kwargs):
-        if "features" not in str(path):
-            return real_save(path, array, *args, **kwargs)
-        Path(path).write_bytes(b"partial")
+    def full(file, array, *args, **kwargs):  # file: a path or an open file
+        if "features" not in str(getattr(file, "name", file)):
+            return real_save(file, array, *args, **kwargs)
+        file.write(b"partial") if hasattr(file, "write") else Path(file).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(np, "save", full)

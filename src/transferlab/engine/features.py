@@ -9,7 +9,6 @@ process and spilled to disk for the next process.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 
 from ..config.identity import fingerprint
 from ..errors import OutputError, one_line
-from ..fsutil import require_space
+from ..fsutil import replaced_on_success, require_space
 from ..progress import bar
 from .preprocess import Preprocess
 
@@ -99,17 +98,15 @@ class FeatureCache:
         if path is None:
             return
         array = tensor.cpu().numpy()
-        tmp, checksum = path.with_suffix(f".tmp{os.getpid()}.npy"), path.with_suffix(f".tmp{os.getpid()}.sha256")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             require_space(path, array.nbytes + 256, "the feature cache")
-            np.save(tmp, array)
-            checksum.write_text(_digest(array))
-            os.replace(checksum, path.with_suffix(".sha256"))
-            os.replace(tmp, path)
+            # the checksum is in place before the array: a reader never pairs a new array with an old checksum
+            with replaced_on_success(path) as tmp, replaced_on_success(path.with_suffix(".sha256")) as checksum:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, array)
+                checksum.write_text(_digest(array))
         except (OSError, OutputError) as error:
-            for leftover in (tmp, checksum):
-                leftover.unlink(missing_ok=True)
             warnings.warn(f"{one_line(error)}; the frozen features are kept in memory only", stacklevel=2)
 
     def _path(self, key: str) -> Path | None:

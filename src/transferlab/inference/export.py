@@ -12,7 +12,6 @@ ONNX `metadata_props` (each value a JSON string), TorchScript `_extra_files["tra
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..engine.rundir import output_file
 from ..errors import ConfigError
-from ..fsutil import refuse_output_over_input
+from ..fsutil import refuse_output_over_input, replaced_on_success
 from ..scoring.calibration import view_probabilities
 from .checkpoint import Checkpoint
 from .predict import load_checkpoint
@@ -102,10 +101,9 @@ def export_checkpoint(path: str | Path, fmt: str, out: str | Path) -> Path:
     if fmt == "onnx":
         _require_onnx()
     example = torch.rand(2, 3, meta["resolution"], meta["resolution"])
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        tmp.touch()  # an unwritable folder fails here, as an OSError, before the exporters' own errors
-        with torch.no_grad(), warnings.catch_warnings():
+        with replaced_on_success(out) as tmp, torch.no_grad(), warnings.catch_warnings():
+            tmp.touch()  # an unwritable folder fails here, as an OSError, before the exporters' own errors
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, yet still the way to TorchScript
             # the number of views (1 or 2) is read as a Python number while tracing: fixed for the file, as it should be
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -114,11 +112,8 @@ def export_checkpoint(path: str | Path, fmt: str, out: str | Path) -> Path:
             else:
                 traced = torch.jit.trace(module, example)
                 torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(meta)})
-        os.replace(tmp, out)
     except OSError as error:
         raise ConfigError(f"cannot write -o {out}: {' '.join(str(error).split())}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
