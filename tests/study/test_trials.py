@@ -188,6 +188,26 @@ def test_a_job_queued_twice_is_trained_once_and_the_copy_pruned(tree, tmp_path):
     assert study.trials[-1].user_attrs["duplicate_of"] == first.number
 
 
+def test_a_copy_claimed_before_the_lower_numbered_copy_yields_to_it(tree, tmp_path):
+    """Two workers claim both copies at once and the higher-numbered claim commits first: it must not train too."""
+    spec = StudySpec.load(write_spec(tmp_path / "s.toml", tree, tmp_path / "cache", SMALL))
+    directory = tmp_path / "out"
+    directory.mkdir()
+    study = open_study(spec, f"sqlite:///{directory / 'study.db'}", directory / "study.lock")
+    worker = Worker(spec, directory, study)
+    (job,) = worker.plan()
+    for _ in range(2):
+        study.enqueue_trial(params={}, user_attrs=job.trial_record().attrs(*QUEUED), skip_if_exists=False)
+    lower, higher = study.get_trials(deepcopy=False)
+    study._storage.set_trial_state_values(higher._trial_id, optuna.trial.TrialState.RUNNING)  # its claim, first
+    with pytest.raises(optuna.TrialPruned):
+        worker.objective(optuna.trial.Trial(study, higher._trial_id))
+    assert study._storage.get_trial(higher._trial_id).user_attrs["duplicate_of"] == lower.number
+    assert not (directory / "trials").exists()  # nothing trained by the copy
+    worker.run(wait_for_others=False)  # the lower-numbered copy is still waiting: it trains
+    assert study.trials[lower.number].state == COMPLETE
+
+
 def test_a_worker_trains_the_config_queued_and_refuses_other_data(tree, tmp_path):
     """A worker started with another spec trains what was queued; data changed since the queueing is refused."""
     spec_path = write_spec(tmp_path / "s.toml", tree, tmp_path / "cache", {**SMALL, "batch_size": [8, 16]})

@@ -2,8 +2,9 @@
 
 Workers claim waiting trials through Optuna's queue, which pops them atomically; a heartbeat marks the trials of a
 dead worker failed and re-queues them; their run folder's state.pt lets the retry continue from the last finished
-epoch. A claimed trial whose job another trial has finished or claimed first (two `study run` queued it twice) is
-pruned as a duplicate, and one queued by an earlier spec as stale: neither is trained.
+epoch. A claimed trial whose job another trial has finished, or a lower-numbered copy of which is still waiting or
+running (two `study run` queued it twice), is pruned as a duplicate, and one queued by an earlier spec as stale:
+neither is trained.
 """
 
 from __future__ import annotations
@@ -117,13 +118,14 @@ class Worker:
         return found
 
     def _duplicate_of(self, trial: optuna.Trial, job: Job) -> int | None:
-        """The trial that finished this job or claimed it first, when that is another trial (it was queued twice)."""
+        """The trial that finished this job, or a lower-numbered copy of it still waiting or running (it was queued
+        twice): the lowest-numbered live copy is the one that trains. Numbers, not claim times, decide: two workers
+        claiming both copies at once may each commit its claim before seeing the other's, yet agree on the order."""
         done = complete_identities(self.study)
         if all(i in done for i in job.identities.values()):
             return done[job.identity]
-        mine = (trial.datetime_start, trial.number)
-        for t in trial_records(self.study, (RUNNING,)):
-            if t.number != trial.number and t.job == job.job_id and (t.datetime_start, t.number) < mine:
+        for t in trial_records(self.study, (WAITING, RUNNING)):
+            if t.number < trial.number and t.job == job.job_id:
                 return t.number
         return None
 
