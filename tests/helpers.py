@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from transferlab.config.study import StudySpec
+from transferlab.config.study import StudySpec, point_key
 from transferlab.scoring.stats import decimals_for, wilson_interval
-from transferlab.study.identity import point_key, slug
+from transferlab.study.identity import slug
 from transferlab.study.storage import resolve_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

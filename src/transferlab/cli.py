@@ -84,21 +84,23 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 def cmd_train(args) -> int:
     from .engine.distributed import from_environment  # loaded when run: --help stays light
+    from .engine.rundir import RunDir  # loaded when run
     from .engine.train import train  # loaded when run
 
     result = train(_run_config(args), args.out, overwrite=args.overwrite)
     if from_environment().main:  # under torchrun: once, by rank 0
-        print(f"{result.summary()} -> {Path(args.out) / 'best.pt'}")
+        print(f"{result.summary()} -> {RunDir(args.out).best}")
     return 0
 
 
 def cmd_lr_find(args) -> int:
     """The suggestion in one line (exit 0), or why the curve gives none (exit 1); the files either way with --out."""
-    from .engine.lr_find import lr_find  # loaded when run: --help stays light
+    from .engine.lr_curve import FIGURE_FILE, RECORD_FILE  # loaded when run: --help stays light
+    from .engine.lr_find import lr_find  # loaded when run
 
     check_range(args.start_lr, args.end_lr, args.steps)  # before the data is read
     result = lr_find(_run_config(args), args.out, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
-    where = f" -> {Path(args.out) / 'lr_find.png'}, lr_find.json" if args.out else ""
+    where = f" -> {Path(args.out) / FIGURE_FILE}, {RECORD_FILE}" if args.out else ""
     print(result.summary() + where)
     return 0 if result.suggestion is not None else 1
 
@@ -127,8 +129,8 @@ def cmd_evaluate(args) -> int:
 
 def print_evaluation(result: dict) -> None:
     """The overall figures, then per-class accuracy, each percentage with no digit finer than its 95% interval."""
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # loaded when run: --help stays light
+    from rich.table import Table  # loaded when run
 
     from .scoring.stats import interval_decimals, percent_with_interval  # scipy, loaded when run
 

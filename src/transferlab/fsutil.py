@@ -83,7 +83,7 @@ def atomic_write_json(obj, path: str | Path, what: str = "file") -> None:
 
 def atomic_save(obj, path: str | Path, what: str = "file") -> None:
     """torch.save, atomically (see atomic_write_bytes): a killed or starved run never leaves half a checkpoint."""
-    import torch
+    import torch  # fsutil stays free of torch: --help and the report load it
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -179,7 +179,7 @@ def read_torch_file(path: Path, what: str, error: type[Exception]) -> object:
         head = handle.read(4)
     if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save writes a zip, or a pickle in the legacy format
         raise error(f"cannot read {what} {path}: not a file written by torch.save")
-    import torch
+    import torch  # as above
 
     try:
         with warnings.catch_warnings():  # e.g. torch's note on a foreign pickle protocol: the error below says it all

@@ -56,8 +56,8 @@ from helpers import (
 from transferlab.cli import main
 from transferlab.data.decode import decode_image
 from transferlab.data.sources import load_image_folder
+from transferlab.engine.checkpoint import Checkpoint
 from transferlab.engine.features import FeatureCache
-from transferlab.inference.checkpoint import Checkpoint
 from transferlab.inference.evaluate import evaluate_checkpoint
 from transferlab.inference.export import export_checkpoint
 from transferlab.inference.predict import load_checkpoint, predict_files

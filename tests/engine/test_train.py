@@ -21,11 +21,11 @@ from PIL import Image
 from transferlab import RunConfig, train
 from transferlab.cli import main
 from transferlab.data.sources import load_images
+from transferlab.engine.checkpoint import CHECKPOINT_FORMAT
 from transferlab.engine.features import FeatureCache
 from transferlab.engine.run import batch_bounds, lr_factor
 from transferlab.engine.train import run_training
 from transferlab.errors import RunFolderError, TrainingError
-from transferlab.inference.checkpoint import CHECKPOINT_FORMAT
 
 ROW_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "lr"} | {
     f"{split}_{name}" for split in ("train", "val") for name in ("balanced_accuracy", "macro_f1")

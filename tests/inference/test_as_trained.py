@@ -26,8 +26,8 @@ from transferlab.data.sources import (
     load_images,
     scan_image_folder,
 )
+from transferlab.engine.checkpoint import Checkpoint
 from transferlab.engine.train import run_training
-from transferlab.inference.checkpoint import Checkpoint
 from transferlab.inference.evaluate import evaluate_checkpoint, stored_as_trained
 from transferlab.inference.predict import load_checkpoint, predict_files
 

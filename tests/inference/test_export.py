@@ -17,7 +17,7 @@ from helpers import (
 from PIL import Image
 
 from transferlab.cli import main
-from transferlab.inference.checkpoint import Checkpoint
+from transferlab.engine.checkpoint import Checkpoint
 from transferlab.inference.export import export_checkpoint, read_metadata
 from transferlab.inference.predict import load_checkpoint
 

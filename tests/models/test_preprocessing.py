@@ -28,9 +28,9 @@ from transferlab.config.identity import identity
 from transferlab.config.study import StudySpec
 from transferlab.data.sources import load_images, storage_size_for
 from transferlab.data.split import split_for
+from transferlab.engine.checkpoint import Checkpoint
 from transferlab.engine.features import feature_key
 from transferlab.engine.preprocess import Preprocess
-from transferlab.inference.checkpoint import Checkpoint
 from transferlab.inference.evaluate import evaluate_checkpoint
 from transferlab.inference.export import metadata
 from transferlab.inference.predict import load_checkpoint

@@ -34,9 +34,9 @@ from helpers import make_image_tree, quiet, tiny_config
 
 from transferlab import train
 from transferlab.data.sources import load_images
+from transferlab.engine.checkpoint import Checkpoint
 from transferlab.engine.run import prepare_run
 from transferlab.errors import ConfigError, WeightsError
-from transferlab.inference.checkpoint import Checkpoint
 from transferlab.inference.evaluate import evaluate_checkpoint
 from transferlab.inference.predict import load_checkpoint, predict_files
 from transferlab.models.freezing import group_parameters

@@ -37,11 +37,12 @@ from PIL import Image
 
 from transferlab import run_study
 from transferlab.cli import main
+from transferlab.data.decode import decode_png
 from transferlab.data.sources import load_image_folder
 from transferlab.data.split import Split, split_arrays
+from transferlab.engine.checkpoint import Checkpoint
 from transferlab.engine.train import run_training
-from transferlab.inference.analysis import GALLERY, GRADCAM, decode_png, grad_cam, gradcam_layer
-from transferlab.inference.checkpoint import Checkpoint
+from transferlab.inference.analysis import GALLERY, GRADCAM, grad_cam, gradcam_layer
 from transferlab.inference.predict import load_checkpoint, predict_files
 from transferlab.models.registry import get_backbone
 from transferlab.models.weights import build_model

@@ -38,7 +38,7 @@ from helpers import assert_one_line_error, load_study, places, study_tree, tiny_
 
 from transferlab.cli import main
 from transferlab.config.run import RunConfig
-from transferlab.config.study import StudySpec
+from transferlab.config.study import StudySpec, point_key
 from transferlab.data.imageset import ImageSet
 from transferlab.data.split import make_split, split_for
 from transferlab.errors import ConfigError, DataError
@@ -51,7 +51,7 @@ from transferlab.scoring.stats import (
     percent_with_interval,
     wilson_interval,
 )
-from transferlab.study.identity import point_key, trial_identity
+from transferlab.study.identity import trial_identity
 from transferlab.study.records import StudyRecord, grid_trials
 from transferlab.study.runner import run_study
 from transferlab.study.select import best_configuration

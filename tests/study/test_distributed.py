@@ -33,9 +33,8 @@ from helpers import (
     write_spec,
 )
 
-from transferlab.config.study import StudySpec
+from transferlab.config.study import StudySpec, point_key
 from transferlab.study import liveness
-from transferlab.study.identity import point_key
 from transferlab.study.plan import enqueue_missing
 from transferlab.study.runner import open_study, record_spec
 from transferlab.study.search import plan_searches

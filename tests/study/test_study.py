@@ -39,11 +39,10 @@ from helpers import (
     write_spec,
 )
 
-from transferlab.config.study import StudySpec
+from transferlab.config.study import StudySpec, point_key
 from transferlab.errors import ConfigError
 from transferlab.study import liveness
 from transferlab.study import worker as worker_module
-from transferlab.study.identity import point_key
 from transferlab.study.plan import plan_jobs
 from transferlab.study.records import grid_trials
 from transferlab.study.runner import run_study

@@ -20,8 +20,8 @@ from typing import Any
 # A run config's sections, in the order `train --help` shows them
 SECTIONS = ("data", "split", "model", "augment", "optim", "schedule", "execution")
 ROLES = ("result", "record", "runtime")
-# Path options whose spelling does not matter (./data/../data is data), and the values that are no paths
-PATH_FIELDS = {"data": ("cifar10",), "labels": (), "data_dir": (), "weights": ("imagenet", "none")}
+# Path options (whose spelling does not matter: ./data/../data is data), and the values of each that are no paths
+PATH_FIELDS = {"data": ("cifar10",), "labels": (), "data_dir": (), "cache_dir": (), "weights": ("imagenet", "none")}
 
 
 def fingerprint(value: Any, length: int = 16) -> str:

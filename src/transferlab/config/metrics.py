@@ -14,14 +14,16 @@ class Metric:
     name: str
     higher_is_better: bool
     rate: bool  # a proportion of images (printed as a percentage at its interval's precision), else a loss
+    tie_break: str  # the metric that decides between epochs or trials equal on this one
 
 
 METRICS = {
-    "val_accuracy": Metric("val_accuracy", True, True),
-    "val_loss": Metric("val_loss", False, False),
-    "val_balanced_accuracy": Metric("val_balanced_accuracy", True, True),
-    "val_macro_f1": Metric("val_macro_f1", True, True),
+    "val_accuracy": Metric("val_accuracy", True, True, "val_loss"),
+    "val_loss": Metric("val_loss", False, False, "val_accuracy"),
+    "val_balanced_accuracy": Metric("val_balanced_accuracy", True, True, "val_loss"),
+    "val_macro_f1": Metric("val_macro_f1", True, True, "val_loss"),
 }
+DEFAULT_METRIC = "val_accuracy"
 
 
 def metric(name: str) -> Metric:

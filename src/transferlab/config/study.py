@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .metrics import METRICS
+from .metrics import DEFAULT_METRIC, METRICS
 from .run import RunConfig, suggest
 from .search import SearchSpec
 from .toml import load_toml, parse_override, set_dotted
@@ -90,7 +90,7 @@ def _whole(tree: dict, key: str, default: int, where: str) -> int:
     return value
 
 
-# lr = "find" in a study spec ([run], a [grid] lr value or a variant): the learning-rate range test (lr_find.py)
+# lr = "find" in a study spec ([run], a [grid] lr value or a variant): the learning-rate range test (engine/lr_find.py)
 # chooses the rate of each configuration before it trains; RunConfig.lr itself is always a number
 LR_FIND = "find"
 
@@ -109,12 +109,18 @@ def _without_find(values: dict[str, Any], where: str) -> tuple[dict[str, Any], b
     return values, False
 
 
+def point_key(point: dict[str, Any]) -> str:
+    """A grid point (or a configuration: a point without its replicate axes) as text, values as the grid compares
+    them (epochs 2 and "2" are one point): the key of trials, run folders and the report's groups."""
+    return ",".join(f"{k}={point[k]}" for k in sorted(point))
+
+
 @dataclass
 class StudySpec:
     name: str
     base: RunConfig
     grid: dict[str, list]
-    metric: str = "val_accuracy"
+    metric: str = DEFAULT_METRIC
     storage: str | None = None
     storage_password_env: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
@@ -201,7 +207,7 @@ class StudySpec:
             checked["seed"] = seeds
         if folds:
             checked["fold"] = list(range(folds))
-        metric = tree.get("metric", "val_accuracy")
+        metric = tree.get("metric", DEFAULT_METRIC)
         if metric not in METRICS:
             raise ConfigError(f"{where}metric = {metric!r}: expected one of {', '.join(METRICS)}")
         if not isinstance(tree.get("storage", ""), str) or tree.get("storage") == "":

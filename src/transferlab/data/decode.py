@@ -3,7 +3,9 @@ threaded decode of a whole folder into one array (memory-mapped when there is ro
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import math
 import os
 import warnings
@@ -15,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
 from ..errors import one_line as _one_line
-from ..fsutil import SPACE_MARGIN, free_bytes
+from ..fsutil import SPACE_MARGIN, free_bytes, replaced_on_success
 from ..progress import track
 from .imageset import CHUNK_BYTES
 
@@ -236,11 +238,23 @@ def _compact(images: np.ndarray, keep: np.ndarray, out: Path | None) -> np.ndarr
     rows = np.flatnonzero(keep)
     if out is None or not isinstance(images, np.memmap) or not room_for_cache(out, len(rows) * images[0].nbytes):
         return images[rows]
-    part = out.with_name(f"compact-{out.name}")
-    kept = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8, shape=(len(rows), *images.shape[1:]))
-    step = max(1, CHUNK_BYTES // max(1, images[0].nbytes))
-    for start in range(0, len(rows), step):
-        kept[start : start + step] = images[rows[start : start + step]]
-    kept.flush()
-    os.replace(part, out)
+    with replaced_on_success(out) as part:  # the mapping stays valid when its file is renamed
+        kept = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8, shape=(len(rows), *images.shape[1:]))
+        step = max(1, CHUNK_BYTES // max(1, images[0].nbytes))
+        for start in range(0, len(rows), step):
+            kept[start : start + step] = images[rows[start : start + step]]
+        kept.flush()
     return kept
+
+
+# ------------------------------------------------------------------------------ thumbnails kept in records
+def png_base64(array: np.ndarray) -> str:
+    """(H, W, 3) or (H, W) uint8 -> base64 of a PNG (analysis's thumbnails, as the study records them)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_png(text: str) -> np.ndarray:
+    """png_base64's text -> the uint8 array again."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))

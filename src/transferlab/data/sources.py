@@ -354,7 +354,7 @@ def load_cifar10(data_dir: str | None, cache_dir: Path, *, download: bool = True
                 f"{CIFAR_FOLDER}, or allow --download"
             )
         try:
-            from torchvision.datasets import CIFAR10
+            from torchvision.datasets import CIFAR10  # only the cifar10 source needs torchvision's datasets
 
             CIFAR10(str(root), train=True, download=True)
         except Exception as error:  # noqa: BLE001 - any network failure ends in the same advice
@@ -415,6 +415,9 @@ def _cifar_pickle(path: Path, what: str) -> dict:
     if not isinstance(value, dict):
         raise DataError(f"cannot read CIFAR-10 {what} {path}: it holds a {type(value).__name__}, not a dict")
     return value
+
+
+STORAGE_SIZE_INPUTS = ("resolution", "crop_fraction", "storage_size")  # the options storage_size_for reads
 
 
 def storage_size_for(config) -> int:

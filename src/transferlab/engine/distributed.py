@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError, DistributedError
+from ..errors import ConfigError, DistributedError, first_line
 from .device import resolve_device
 
 TIMEOUT_ENV = "TRANSFERLAB_DIST_TIMEOUT"
@@ -154,7 +154,7 @@ class Distributed:
         gradient for some epochs."""
         if not self.active:
             return module
-        from torch.nn.parallel import DistributedDataParallel
+        from torch.nn.parallel import DistributedDataParallel  # only a run across processes wraps its model
 
         ids = [self.local_rank] if self.backend == "nccl" else None
         # torch 2.14 renamed broadcast_buffers (and warns about the old name); both still sync once, at the start
@@ -260,6 +260,5 @@ def communication_failed(error: RuntimeError) -> bool:
 
 def _first_line(error: BaseException) -> str:
     """The message's first sentence, without the C++ source location gloo puts in front of it."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", lines[0]) if lines else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first_line(error))
     return text.split(". ", 1)[0].rstrip(".")

@@ -21,6 +21,7 @@ from ..config.identity import fingerprint
 from ..errors import OutputError, one_line
 from ..fsutil import replaced_on_success, require_space
 from ..progress import bar
+from .forward import prefix_output
 from .preprocess import Preprocess
 
 FEATURE_CACHE_FORMAT = 2
@@ -150,8 +151,7 @@ def compute_features(
         for start in range(0, count, batch_size):
             chunk = images[start : start + batch_size] if rows is None else images[rows[start : start + batch_size]]
             x = preprocess(chunk.to(device, non_blocking=True), mirror=mirror)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                y = prefix(x)
+            y = prefix_output(prefix, x, autocast=autocast, feature_dtype=None)  # stored below at `dtype`
             if out is None:  # filled in place: a torch.cat of chunks would need twice the memory at the end
                 out = torch.empty((count, *y.shape[1:]), dtype=dtype, device=device)
             out[start : start + len(y)] = y

@@ -5,8 +5,9 @@ feature cache holds -> the trainable groups and head (the suffix) -> logits of e
 under flip TTA) -> probabilities (scoring.calibration: the views' mean softmax, scaled by the temperature).
 
 Validation during training, `evaluate`, `predict` and the study's test evaluation run `Forward`; export traces the
-same two functions, `prefix_output` and `suffix_logits`, in float32. Training takes its own batches through the same
-prefix and suffix (engine/train.py), with its augmentations.
+same two functions, `prefix_output` and `suffix_logits`, in float32 (inference/export.py), and the feature cache
+fills itself with `prefix_output` (engine/features.py). Training takes its own batches through the same prefix and
+suffix (engine/inputs.py, engine/loop.py), with its augmentations.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..inference.checkpoint import Checkpoint
 from ..models.backbone import check_head
 from ..scoring.selection import epoch_tie
+from .checkpoint import Checkpoint
 from .loop import calibrate
 from .run import Run, environment
 from .rundir import BEST, METRICS, STATE, RunDir, RunState

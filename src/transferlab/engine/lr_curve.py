@@ -22,6 +22,7 @@ BETA = 0.98  # the loss average's decay
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
 MIN_FALL = 0.05  # a descent must take at least this fraction off the smoothed loss
 RULE = "steepest-descent-capped-2"  # names the rule above in stored findings: change it when the rule changes
+FIGURE_FILE, RECORD_FILE = "lr_find.png", "lr_find.json"  # what `save` writes into a folder
 
 
 @dataclass
@@ -58,7 +59,7 @@ class LRFindResult:
         """lr_find.png (the figure) and lr_find.json (the curve, the suggestion and the run config) in `out_dir`."""
         out = Path(out_dir).expanduser()
         out.mkdir(parents=True, exist_ok=True)
-        png, record = out / "lr_find.png", out / "lr_find.json"
+        png, record = out / FIGURE_FILE, out / RECORD_FILE
         atomic_write_bytes(figure_png(self.figure()), png, "lr range test figure")
         atomic_write_json({**self.to_dict(), "config": config.to_dict() if config else None}, record, "lr range test")
         return png, record

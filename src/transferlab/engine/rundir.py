@@ -1,7 +1,7 @@
 """The run folder: every file one run writes or reads, named and read here only.
 
   metrics.json     the run's record, rewritten after each epoch: config, history, best epoch, identity, finished
-  best.pt          the best epoch's checkpoint (inference/checkpoint.py), with its temperature once the run ends
+  best.pt          the best epoch's checkpoint (engine/checkpoint.py), with its temperature once the run ends
   best-epochN.pt   the best checkpoint within the first N epochs (record_epochs: a shorter run's result)
   state.pt         where a killed run resumes (removed once the run is finished)
   config.json      the settings; split.json the split's rows; digests.npz the training and validation images' pixel

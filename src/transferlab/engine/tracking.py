@@ -8,6 +8,7 @@ writes event files to <out>/tensorboard. Each package is imported only when aske
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -32,7 +33,6 @@ class Tracker:
 
 
 def _require(module: str, extra: str):
-    import importlib
 
     try:
         return importlib.import_module(module)
@@ -49,8 +49,8 @@ DATABASE_TIMEOUT = 10  # seconds to wait for a tracking database to answer
 
 def _check_database(uri: str) -> None:
     """A database tracking URI whose driver is missing or whose server does not answer: one ConfigError line."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
+    from sqlalchemy import create_engine  # only --log mlflow with a database URI checks it
+    from sqlalchemy.engine import make_url  # as above
 
     try:
         url = make_url(uri)
@@ -80,7 +80,7 @@ def _check_server(uri: str) -> None:
     """A tracking server (http, https) that does not answer within DATABASE_TIMEOUT seconds: one ConfigError line."""
     if not uri.startswith(("http://", "https://")):
         return
-    import requests
+    import requests  # only --log mlflow with a server URI checks it
 
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=DATABASE_TIMEOUT)
@@ -94,7 +94,7 @@ def _check_server(uri: str) -> None:
 class MlflowTracker(Tracker):
     def __init__(self, out_dir: Path):
         _require("mlflow", "mlflow")
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # optional extra: only --log mlflow needs it
 
         self.out_dir = out_dir
         # The default is MLflow's own advice (its file store is in maintenance mode and refuses to start): a SQLite
@@ -123,7 +123,7 @@ class MlflowTracker(Tracker):
         self.run_id: str | None = None
 
     def start(self, config: RunConfig) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # optional extra: only --log mlflow needs it
 
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "transferlab")
         experiment = self.client.get_experiment_by_name(name)
@@ -142,7 +142,7 @@ class MlflowTracker(Tracker):
         self.client.log_batch(self.run_id, params=params)
 
     def log_epoch(self, row: dict) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # optional extra: only --log mlflow needs it
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, row["epoch"]) for k, v in _numbers(row).items()]
@@ -161,7 +161,7 @@ class MlflowTracker(Tracker):
 class TensorBoardTracker(Tracker):
     def __init__(self, out_dir: Path):
         _require("tensorboard", "tensorboard")
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: only --log tensorboard needs it
 
         self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 

@@ -7,9 +7,7 @@ small (at most GALLERY thumbnails of at most THUMBNAIL px, and GRADCAM greyscale
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
 import math
 
 import numpy as np
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..data.decode import png_base64
 from ..engine.preprocess import Preprocess
 from ..models.backbone import Backbone
 
@@ -71,8 +70,8 @@ def grad_cam(
     """Grad-CAM (pytorch_grad_cam) of uint8 (N, H, W, 3) images for the given classes -> ((N, H, W) float32 maps in
     [0, 1], the target layer's name, its feature map's [h, w]). Runs on a float32 copy of the model in eval mode,
     on the model's device, CPU included."""
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam import GradCAM  # optional extra: only Grad-CAM needs it
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # as above
 
     if len(images) == 0:
         return np.zeros((0, *images.shape[1:3]), np.float32), gradcam_layer(model, backbone)[0], []
@@ -98,17 +97,6 @@ def grad_cam(
     maps = torch.as_tensor(maps)[:, None]
     maps = F.interpolate(maps, size=images.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
     return maps.clamp(0, 1).numpy(), name, shape
-
-
-def png_base64(array: np.ndarray) -> str:
-    """(H, W, 3) or (H, W) uint8 -> base64 of a PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", optimize=True)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def decode_png(text: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
 
 
 def thumbnail(image: np.ndarray, side: int = THUMBNAIL) -> np.ndarray:

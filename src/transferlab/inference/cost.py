@@ -41,7 +41,7 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
 
 def flops_per_image(model: torch.nn.Module, resolution: int) -> int:
     """FLOPs of one forward pass of one image, the model in eval mode (restored after)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode  # loaded when a cost is measured
 
     was_training = model.training
     model.eval()

@@ -2,11 +2,12 @@
 
 The exported model takes float32 (N, 3, R, R) RGB in [0, 1] at the checkpoint's resolution R (resizing is left to
 the caller, as it depends on the image source), normalises with the checkpoint's mean and std inside, and returns
-(N, K) class probabilities exactly as `predict` computes them (evaluate.view_probabilities: the views' mean softmax,
-calibrated by the checkpoint's temperature). It runs in float32; the frozen groups' output is rounded to the cached
-dtype as validation saw it, so the probabilities match `evaluate`'s (but for bf16's rounding when the checkpoint was
-trained under autocast, on CUDA). The batch dimension is dynamic. Class names and preprocessing travel in the file:
-ONNX `metadata_props` (each value a JSON string), TorchScript `_extra_files["transferlab.json"]`.
+(N, K) class probabilities exactly as `predict` computes them: engine.forward's prefix_output and suffix_logits, then
+scoring.calibration.view_probabilities (the views' mean softmax, calibrated by the checkpoint's temperature). It runs
+in float32; the frozen groups' output is rounded to the cached dtype as validation saw it, so the probabilities match
+`evaluate`'s (but for bf16's rounding when the checkpoint was trained under autocast, on CUDA). The batch dimension
+is dynamic. Class names and preprocessing travel in the file: ONNX `metadata_props` (each value a JSON string),
+TorchScript `_extra_files["transferlab.json"]`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..engine.checkpoint import Checkpoint
+from ..engine.forward import prefix_output, suffix_logits
 from ..engine.rundir import output_file
 from ..errors import ConfigError
 from ..fsutil import refuse_output_over_input, replaced_on_success
 from ..scoring.calibration import view_probabilities
-from .checkpoint import Checkpoint
-from .predict import load_checkpoint
+from .predict import loaded_model
 
 FORMATS = ("onnx", "torchscript")
 EXPORT_FORMAT = "transferlab-export-1"
@@ -41,10 +43,9 @@ class Exported(nn.Module):
         self.temperature = float(temperature)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.prefix((x - self.mean) / self.std)
-        if self.feature_dtype is not None:
-            h = h.to(self.feature_dtype).float()
-        return self.suffix(h).float()
+        features = prefix_output(self.prefix, (x - self.mean) / self.std, autocast=False,
+                                 feature_dtype=self.feature_dtype)  # fmt: skip
+        return suffix_logits(self.suffix, features, autocast=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = [self.logits(x), self.logits(x.flip(3))] if self.tta_flip else [self.logits(x)]
@@ -59,15 +60,15 @@ def metadata(ckpt) -> dict:
         "resolution": ckpt.resolution,
         "mean": list(ckpt.mean),
         "std": list(ckpt.std),
-        "resize_policy": getattr(ckpt, "resize_policy", None),
-        "storage_size": getattr(ckpt, "storage_size", None),
-        "crop_fraction": getattr(ckpt, "crop_fraction", 1.0),
-        "interpolation": getattr(ckpt, "interpolation", "bilinear"),
+        "resize_policy": ckpt.resize_policy,
+        "storage_size": ckpt.storage_size,
+        "crop_fraction": ckpt.crop_fraction,
+        "interpolation": ckpt.interpolation,
         "input": "float32 (N, 3, resolution, resolution), RGB in [0, 1]: the image's square (resize_policy), its "
         "central crop_fraction, resized to resolution (interpolation); normalised inside",
         "output": "float32 (N, classes) probabilities",
         "tta_flip": ckpt.tta_flip,
-        "temperature": getattr(ckpt, "temperature", 1.0),
+        "temperature": ckpt.temperature,
         "arch": ckpt.arch,
         "epoch": ckpt.epoch,
         "metric": ckpt.metric,
@@ -77,7 +78,7 @@ def metadata(ckpt) -> dict:
 
 def build_exported(path: str | Path) -> tuple[Exported, dict]:
     ckpt = Checkpoint.load(path)
-    loaded = load_checkpoint(path, "cpu")
+    loaded = loaded_model(ckpt, path, "cpu")
     loaded.model.to(memory_format=torch.contiguous_format)
     module = Exported(
         loaded.prefix,
@@ -86,7 +87,7 @@ def build_exported(path: str | Path) -> tuple[Exported, dict]:
         ckpt.std,
         feature_dtype=loaded.feature_dtype,
         tta_flip=ckpt.tta_flip,
-        temperature=getattr(ckpt, "temperature", 1.0),
+        temperature=ckpt.temperature,
     ).eval()
     return module, metadata(ckpt)
 
@@ -126,7 +127,7 @@ def _require_onnx() -> None:
 
 
 def _write_onnx(module: nn.Module, example: torch.Tensor, meta: dict, tmp: Path) -> None:
-    import onnx
+    import onnx  # optional extra: only ONNX export needs it
 
     # The dynamo exporter (torch's default; the TorchScript-based one is deprecated): deterministic on CPU (the same
     # bytes from the same checkpoint), one file for models under 2 GB.
@@ -152,7 +153,7 @@ def read_metadata(path: str | Path) -> dict:
     """The metadata of an exported file (either format), as Python values."""
     path = Path(path)
     if path.suffix == ".onnx":
-        import onnx
+        import onnx  # as above
 
         model = onnx.load(str(path), load_external_data=False)
         return {p.key: json.loads(p.value) for p in model.metadata_props}

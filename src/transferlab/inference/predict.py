@@ -14,15 +14,15 @@ from torch import nn
 
 from ..data.decode import IMAGE_EXTENSIONS, decode_image
 from ..data.sources import image_entries
+from ..engine.checkpoint import Checkpoint
 from ..engine.device import resolve_device
 from ..engine.forward import Forward
 from ..engine.preprocess import Preprocess
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, first_line
 from ..models.registry import get_backbone
 from ..models.weights import build_model
 from ..progress import track
 from ..scoring.metrics import TIE_TOLERANCE
-from .checkpoint import Checkpoint
 
 
 # ------------------------------------------------------------------------------ checkpoints in use
@@ -39,13 +39,17 @@ class LoadedModel(Forward):
 
 
 def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
-    ckpt = Checkpoint.load(path)
+    return loaded_model(Checkpoint.load(path), path, device)
+
+
+def loaded_model(ckpt: Checkpoint, path: str | Path, device: str = "auto") -> LoadedModel:
+    """The network of a loaded checkpoint (read from `path`, named in errors) on `device`, ready to use."""
     dev = resolve_device(device)
     model, _ = build_model(ckpt.arch, len(ckpt.classes), weights="none", head=ckpt.head, dropout=ckpt.dropout)
     try:
         model.load_state_dict(ckpt.model)
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {path} does not fit {ckpt.arch}: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} does not fit {ckpt.arch}: {first_line(error)}") from None
     model.to(dev, memory_format=torch.channels_last).eval()
     backbone = get_backbone(ckpt.arch)
     prefix, suffix = backbone.split(model, ckpt.cut)

@@ -26,7 +26,7 @@ def file_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_state_file(path: Path, error: type[Exception]) -> dict[str, torch.Tensor]:
     """A `.safetensors` file as a state dict."""
     try:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # only a .safetensors weights file needs it
     except ImportError:
         raise error(f"weights file {path} is .safetensors, but the safetensors package is not installed") from None
     try:

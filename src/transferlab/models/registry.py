@@ -8,6 +8,7 @@ what the config leaves unset from the backbone's pretrained configuration.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 
 import torch
@@ -75,14 +76,13 @@ def check_resolution(name: str, resolution: int) -> None:
 def list_backbones(pattern: str | None, limit: int) -> tuple[list[Backbone], int, str]:
     """(backbones, how many more timm models match, a note): torchvision's registry, then a curated set of timm models
     (or, with a PATTERN, timm's models matching it, at most `limit`, each described once with random weights)."""
-    import fnmatch
 
     if pattern and not any(c in pattern for c in "*?["):
         pattern = f"*{pattern}*"
     names = [n for n in sorted(REGISTRY) if not pattern or fnmatch.fnmatch(n, pattern)]
     note = ""
     try:
-        import timm
+        import timm  # timm takes seconds to import: loaded only when its models are listed
     except ImportError:
         found, note = [], "(timm is not installed: only torchvision's backbones)"
     else:

@@ -71,7 +71,7 @@ def timm_name(arch: str) -> str:
 
 def check_name(name: str) -> None:
     try:
-        import timm
+        import timm  # timm takes seconds to import: loaded only for a timm backbone
     except ImportError:
         raise ConfigError(f"timm/{name}: the timm package is not installed (pip install 'timm>=1.0.3,<1.1')") from None
 
@@ -82,7 +82,7 @@ def check_name(name: str) -> None:
 
 
 def create(name: str, num_classes: int = 1000, drop_rate: float = 0.0) -> nn.Module:
-    import timm
+    import timm  # as above
 
     if not drop_rate:
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
@@ -96,7 +96,7 @@ def create(name: str, num_classes: int = 1000, drop_rate: float = 0.0) -> nn.Mod
 
 def _param_groups(model: nn.Module) -> dict[str, int]:
     """parameter name -> group index (0-based, forward order), by timm's fine group matcher."""
-    from timm.models._manipulate import group_with_matcher
+    from timm.models._manipulate import group_with_matcher  # as above
 
     grouped = group_with_matcher(
         model.named_parameters(), model.group_matcher(coarse=False), return_values=False, reverse=False
@@ -283,7 +283,7 @@ def hf_cached_file(name: str) -> str | None:
     if not info["hf_hub_id"]:
         return None
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # loaded with timm, only for a timm backbone
     except ImportError:
         return None
     for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):

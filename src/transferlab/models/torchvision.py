@@ -42,7 +42,7 @@ class TorchvisionBackbone(Backbone):
         return {"resolution": STUDY_RESOLUTION, "crop_fraction": 1.0, "interpolation": "bilinear", "dropout": 0.5}
 
     def _weights(self):
-        import torchvision
+        import torchvision  # loaded when a model is built: the registry stays light
 
         enum_name, member = self.weights_enum.split(".")
         return getattr(torchvision.models, enum_name)[member]
@@ -99,7 +99,7 @@ def _resnet_head(model: nn.Module, num_classes: int, kind: str, dropout: float) 
 
 
 def _squeezenet(version: str, layout: list[tuple[str, list[int]]]) -> TorchvisionBackbone:
-    from torchvision import models as tvm
+    from torchvision import models as tvm  # loaded when a model is built
 
     groups = tuple((name, tuple(f"features.{i}" for i in idx)) for name, idx in layout) + (("head", ("classifier",)),)
     return TorchvisionBackbone(
@@ -113,7 +113,7 @@ def _squeezenet(version: str, layout: list[tuple[str, list[int]]]) -> Torchvisio
 
 
 def _resnet(depth: int) -> TorchvisionBackbone:
-    from torchvision import models as tvm
+    from torchvision import models as tvm  # loaded when a model is built
 
     return TorchvisionBackbone(
         name=f"resnet{depth}",

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import statistics
 from collections import defaultdict
 
 import matplotlib.colors
 import matplotlib.lines
 import matplotlib.ticker
-import numpy as np
 from matplotlib.figure import Figure
 
+from ..config.metrics import metric as metric_of
 from ..config.study import REPLICATE_AXES
+from ..data.decode import decode_png
+from ..engine.lr_curve import figure_png as _png
 from ..study.records import Selection
 from .data import SearchData, StudyData
 from .format import (
@@ -40,12 +40,6 @@ def _subplots(*grid, figsize: tuple[float, float], **options):
     """A figure and its axes (plt.subplots' signature), without pyplot's global figure state or backend."""
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(*grid, **options)
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return buffer.getvalue()
 
 
 def _shade(colour: str, i: int, n: int) -> tuple:
@@ -219,12 +213,6 @@ def normalised_confusion_plot(t: Selection) -> bytes:
     return _png(fig)
 
 
-def _decode_png(text: str):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(base64.b64decode(text)))
-
-
 def gallery_plot(errors: dict, classes: list[str]) -> bytes:
     mistakes = errors["mistakes"]
     cols = min(len(mistakes), 4)
@@ -233,7 +221,7 @@ def gallery_plot(errors: dict, classes: list[str]) -> bytes:
     for ax in axes.flat:
         ax.axis("off")
     for ax, m in zip(axes.flat, mistakes):
-        ax.imshow(_decode_png(m["thumbnail"]), interpolation="nearest")
+        ax.imshow(decode_png(m["thumbnail"]), interpolation="nearest")
         ax.set_title(
             f"true {classes[m['true']]}\npred {classes[m['predicted']]} {m['confidence']:.2f}"
             f" (cal. {m['confidence_calibrated']:.2f})",
@@ -246,7 +234,7 @@ def gradcam_plot(errors: dict, classes: list[str]) -> bytes:
     mistakes = [m for m in errors["mistakes"] if "gradcam" in m]
     fig, axes = _subplots(2, len(mistakes), figsize=(2.3 * len(mistakes), 4.8), squeeze=False)
     for col, m in enumerate(mistakes):
-        image, cam = _decode_png(m["thumbnail"]), np.asarray(_decode_png(m["gradcam"])) / 255
+        image, cam = decode_png(m["thumbnail"]), decode_png(m["gradcam"]) / 255
         axes[0][col].imshow(image, interpolation="nearest")
         axes[0][col].set_title(f"true {classes[m['true']]}\npred {classes[m['predicted']]}", fontsize=7)
         axes[1][col].imshow(image, interpolation="nearest")
@@ -371,7 +359,7 @@ def best_so_far_plot(data: StudyData, metric: str) -> bytes | None:
     axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[1].set_xlabel("seconds of its trials (cumulative, each trial's wall time)")
     axes[0].set_ylabel(f"best {metric} so far")
-    if metric != "val_loss":
+    if metric_of(metric).rate:
         axes[0].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     for ax in axes:
         ax.grid(alpha=0.3)

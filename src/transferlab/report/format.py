@@ -3,15 +3,15 @@ small helpers every table and section shares (a trial's values, the regimes' ord
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ..config.metrics import higher_is_better
-from ..config.study import REPLICATE_AXES, configuration_of, replicate_axes
+from ..config.metrics import DEFAULT_METRIC, higher_is_better
+from ..config.metrics import metric as metric_of
+from ..config.study import REPLICATE_AXES, configuration_of, point_key, replicate_axes
 from ..scoring.stats import (
     decimals_for,
     interval_decimals,
@@ -186,7 +186,7 @@ def _best_epoch(t: TrialRecord) -> str:
 
 # ------------------------------------------------------------------------------ replicates (seeds, folds)
 def _metric(data: StudyData) -> str:
-    return data.spec.get("metric", "val_accuracy")
+    return data.spec.get("metric", DEFAULT_METRIC)
 
 
 def _configuration_axes(data: StudyData) -> list[str]:
@@ -198,7 +198,7 @@ def configurations(data: StudyData) -> list[tuple[dict, list[dict]]]:
     groups: dict[str, tuple[dict, list[dict]]] = {}
     for t in sorted(data.trials, key=lambda t: t.number):
         config = configuration_of(t.point, replicate_axes(data.grid))
-        groups.setdefault(json.dumps(config, sort_keys=True, default=str), (config, []))[1].append(t)
+        groups.setdefault(point_key(config), (config, []))[1].append(t)
     return list(groups.values())
 
 
@@ -212,7 +212,7 @@ def _replicate_words(data: StudyData) -> str:
 
 
 def _mean_std(values: list[float], metric: str, n_val: int | None) -> str:
-    return _fmt(values) if metric == "val_loss" else _shares(values, n_val)
+    return _shares(values, n_val) if metric_of(metric).rate else _fmt(values)
 
 
 def _searched(data: StudyData) -> list[str]:
@@ -239,7 +239,7 @@ def _variant_means(data: StudyData) -> dict[tuple, float]:
 def _difference_metric(data: StudyData) -> str:
     """What paired differences compare, in points: the selection metric, or validation accuracy when that is the
     loss (a loss has no points)."""
-    return _metric(data) if higher_is_better(_metric(data)) else "val_accuracy"
+    return _metric(data) if metric_of(_metric(data)).rate else "val_accuracy"
 
 
 def _name(axis: str, value) -> str:
@@ -247,7 +247,7 @@ def _name(axis: str, value) -> str:
 
 
 def _metric_value(value: float, metric: str, n: int | None) -> str:
-    return f"{value:.4f}" if metric == "val_loss" else _share(value, n)
+    return _share(value, n) if metric_of(metric).rate else f"{value:.4f}"
 
 
 def _selection_n_val(t: Selection) -> int | None:
@@ -278,7 +278,7 @@ def _selected_trial(data: StudyData) -> dict | None:
 
 def _by_replicate(trials: list[TrialRecord], metric: str, replicates: list[str]) -> dict[tuple, float | None]:
     """A configuration's metric per replicate (its seed / fold values), in points for rates, as recorded for a loss."""
-    scale = 100 if higher_is_better(metric) else 1
+    scale = 100 if metric_of(metric).rate else 1
     values = {tuple(str(t.point.get(a)) for a in replicates): t.best.get(metric) for t in trials}
     return {k: None if v is None else scale * v for k, v in values.items()}
 

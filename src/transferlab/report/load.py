@@ -19,7 +19,7 @@ from ..study.records import (
     older_trials,
     trial_records,
 )
-from ..study.storage import open_storage, require_existing, resolve_url, storage_errors
+from ..study.storage import open_storage, require_existing, resolve_url, saved_study_name, storage_errors
 from ..urls import hide, redact
 from .data import SearchData, StudyData
 from .format import _natural, _value
@@ -39,8 +39,7 @@ def load_study_data(directory: str | Path, storage: str | None = None, study_nam
 def _read_study(directory: Path, url: str, study_name: str | None) -> StudyData:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = optuna.get_all_study_names(open_storage(url))
-    saved = directory / "study.txt"  # written by run_study: a storage may hold several studies
-    name = study_name or (saved.read_text().strip() if saved.is_file() else None)
+    name = study_name or saved_study_name(directory)  # a storage may hold several studies
     if name is None:
         if len(names) != 1:
             raise StudyError(

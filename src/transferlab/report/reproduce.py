@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+from ..config.identity import PATH_FIELDS
 from ..engine.rundir import RunDir
 from ..study.records import TrialRecord
 from ..urls import without_password
@@ -15,9 +16,6 @@ from .data import Block, StudyData
 from .format import _selected_trial
 
 # ------------------------------------------------------------------------------ reproduce
-PATH_KEYS = ("data", "labels", "data_dir", "cache_dir", "weights")
-
-NOT_PATHS = {"data": ("cifar10",), "weights": ("imagenet", "none")}
 
 
 def run_from(data: StudyData) -> tuple[Path, str]:
@@ -44,9 +42,9 @@ def _absolute(value: str, data: StudyData) -> str:
 def _absolute_paths(table: dict, data: StudyData) -> dict:
     out = {}
     for key, value in table.items():
-        fix = key in PATH_KEYS and isinstance(value, str) and value not in NOT_PATHS.get(key, ())
-        if key in PATH_KEYS and isinstance(value, list):
-            out[key] = [_absolute(v, data) if isinstance(v, str) and v not in NOT_PATHS.get(key, ()) else v
+        fix = key in PATH_FIELDS and isinstance(value, str) and value not in PATH_FIELDS[key]
+        if key in PATH_FIELDS and isinstance(value, list):
+            out[key] = [_absolute(v, data) if isinstance(v, str) and v not in PATH_FIELDS[key] else v
                         for v in value]  # fmt: skip
         else:
             out[key] = _absolute(value, data) if fix else value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from ..config.metrics import DEFAULT_METRIC
 from .data import Block, StudyData, _figure
 from .figures import (
     best_so_far_plot,
@@ -29,7 +30,7 @@ def search_blocks(data: StudyData) -> list[Block]:
         return []
     settings = data.spec.get("search", {})
     space = {k.replace("-", "_"): v for k, v in settings.get("space", {}).items()}
-    metric = data.spec.get("metric", "val_accuracy")
+    metric = data.spec.get("metric", DEFAULT_METRIC)
     pruner = settings.get("pruner", "median")
     ends = [f"{settings['n_trials']} finished trials" if settings.get("n_trials") else None,
             f"{_seconds(settings['timeout'])} s of trial time" if settings.get("timeout") else None]  # fmt: skip

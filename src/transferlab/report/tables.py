@@ -3,13 +3,12 @@ differences, time, all trials, backbones against their cost."""
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..config.metrics import higher_is_better
-from ..config.study import configuration_of, replicate_axes
+from ..config.study import configuration_of, point_key, replicate_axes
 from ..scoring.stats import (
     MIN_REPLICATES,
     difference_verdict,
@@ -241,13 +240,13 @@ def paired_rows(data: StudyData) -> list[list[str]]:
 
     rows = []
     for axis in axes:
-        order = {json.dumps(v, default=str): i for i, v in enumerate(data.grid[axis])}
+        order = {point_key({axis: v}): i for i, v in enumerate(data.grid[axis])}
         rest: dict[str, list[tuple[dict, list[dict]]]] = defaultdict(list)
         for config, trials in found:
             others = {k: v for k, v in config.items() if k != axis}
-            rest[json.dumps(others, sort_keys=True, default=str)].append((config, trials))
+            rest[point_key(others)].append((config, trials))
         for group in rest.values():
-            group.sort(key=lambda c: order.get(json.dumps(c[0].get(axis), default=str), len(order)))
+            group.sort(key=lambda c: order.get(point_key({axis: c[0].get(axis)}), len(order)))
             for i, (first, first_trials) in enumerate(group):
                 for second, second_trials in group[i + 1 :]:
                     a, b = by_replicate(second_trials), by_replicate(first_trials)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config.metrics import higher_is_better
+from ..config.metrics import metric as metric_of
 
 
 def _signed(value: float | None, higher: bool) -> float:
@@ -26,7 +27,7 @@ def _signed(value: float | None, higher: bool) -> float:
 
 def secondary_metric(metric: str) -> str:
     """What breaks a tie on `metric`: validation loss, or validation accuracy when the metric is the loss."""
-    return "val_accuracy" if metric == "val_loss" else "val_loss"
+    return metric_of(metric).tie_break
 
 
 def row_key(row: dict, metric: str) -> tuple[float, float]:

@@ -12,11 +12,8 @@ from typing import Any
 
 from ..config.identity import fingerprint, identity
 from ..config.run import RunConfig
+from ..config.study import point_key
 from ..models.weights import weights_identity
-
-
-def point_key(point: dict[str, Any]) -> str:
-    return ",".join(f"{k}={point[k]}" for k in sorted(point))
 
 
 def slug(key: str, identity: str) -> str:

@@ -16,11 +16,11 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config.run import RunConfig
-from ..config.study import StudySpec
-from ..data.sources import storage_size_for
+from ..config.study import StudySpec, point_key
+from ..data.sources import STORAGE_SIZE_INPUTS, storage_size_for
 from ..fsutil import exclusive
 from ..models.registry import resolve
-from .identity import data_identity, point_key
+from .identity import data_identity
 from .records import TrialRecord, complete_identities, trial_records
 
 
@@ -95,7 +95,7 @@ def study_storage_size(spec: StudySpec, config: RunConfig) -> int:
     space that set the size."""
     points = spec.points()
     if spec.search is not None:
-        sizing = [k for k in ("resolution", "crop_fraction", "storage_size") if k in spec.search.space]
+        sizing = [k for k in STORAGE_SIZE_INPUTS if k in spec.search.space]
         corners = itertools.product(*(spec.search.candidates(k) for k in sizing))
         points = [{**p, **dict(zip(sizing, corner))} for corner in corners for p in points]
     configs = [config_for(spec, p, lr_unused=True) for p in points]

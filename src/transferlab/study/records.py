@@ -107,10 +107,6 @@ def write(trial, **values: Any) -> None:
         trial.set_user_attr(name, value)
 
 
-def record_of(trial) -> TrialRecord:
-    return TrialRecord.of(trial)
-
-
 @dataclass
 class Selection:
     """The selected trial and its single test evaluation (or why there is none), as the study stores it."""
@@ -209,7 +205,7 @@ def trial_records(study, states=None) -> list[TrialRecord]:
 
 
 def _complete(study) -> list[TrialRecord]:
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # records stay free of optuna's import until a study is read
 
     return [t for t in trial_records(study, (TrialState.COMPLETE,)) if t.kind in RUN_KINDS]
 

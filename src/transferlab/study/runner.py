@@ -38,6 +38,7 @@ from .storage import (
     open_storage,
     require_existing,
     resolve_url,
+    save_study_name,
     save_url,
     storage_errors,
 )
@@ -150,7 +151,7 @@ def _run_study(spec_path, study_dir, storage, workers: int, overrides, report: b
     started = time.time()
     spec, directory, url, study = _prepare(spec_path, study_dir, storage, overrides)
     save_url(directory, url)
-    (directory / "study.txt").write_text(spec.name)  # which study of a shared storage this directory reports
+    save_study_name(directory, spec.name)
     with storage_errors(url):
         worker = Worker(spec, directory, study)
         found_lr = worker.find_learning_rates(lock_path(url, directory))  # before the plan: identities hold the rates

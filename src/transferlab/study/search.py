@@ -1,6 +1,6 @@
 """Searches: a study spec's [search] table makes each grid point the start of its own Optuna search.
 
-Storage layout (the same storage as the study's own Optuna study, see study.py):
+Storage layout (the same storage as the study's own Optuna study, see runner.py):
   study user attr  searches: [{name, key, point}], the current spec's searches
   one Optuna study per search, named `<study>/search/<grid point>#<hash>`: the hash covers what every trial of the
                    search shares (the grid point's training settings but the searched ones, the data, the weights)
@@ -24,7 +24,7 @@ Sampling: TPE and random draw trial number k of a search with the seed `seed + k
 trials, a continued search new ones rather than its first ones again (a sampler made afresh with one seed would repeat
 them), and parallel workers different ones. QMC and grid keep the seed: their position comes from the trials in the
 storage. Two workers that still pick the same parameters at once do not share a run directory: the second finds the
-first's lock on it (train.RunBusyError) and skips the trial.
+first's lock on it (errors.RunBusyError, from engine/rundir) and skips the trial.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ from optuna.trial import TrialState
 
 from ..config.metrics import higher_is_better
 from ..config.search import SearchRange, SearchSpec
-from ..config.study import StudySpec
+from ..config.study import StudySpec, point_key
 from ..errors import RunBusyError, StudyError
 from ..models.registry import check_resolution
 from ..progress import log
 from . import liveness
-from .identity import point_key, training_fingerprint
+from .identity import training_fingerprint
 from .plan import Job, config_for
 from .records import StudyRecord, TrialRecord, trial_records, write
 from .worker import Worker

@@ -12,7 +12,7 @@ import optuna
 import torch
 
 from ..config.run import RunConfig
-from ..config.study import StudySpec, configuration_of
+from ..config.study import StudySpec, configuration_of, point_key
 from ..data.imageset import ImageSet
 from ..data.sources import load_images
 from ..data.split import class_counts, split_arrays, split_for
@@ -26,7 +26,6 @@ from ..progress import log
 from ..scoring.calibration import TEMPERATURE_RANGE, view_probabilities
 from ..scoring.selection import Tie, best_group, best_trial
 from ..scoring.stats import percent, percent_with_interval
-from .identity import point_key
 from .plan import study_storage_size
 from .records import Selection, StudyRecord, TrialRecord, grid_trials
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import StudyError, first_line
-from ..fsutil import free_bytes
+from ..fsutil import atomic_write_text, free_bytes
 from ..urls import hide, parse, password_of, redact, sqlite_file, sqlite_url, unquoted_at, without_password
 
 if TYPE_CHECKING:
@@ -56,7 +56,17 @@ def save_url(directory: Path, url: str) -> None:
         text = f"folder:{named.resolve().relative_to(folder)}"
     else:
         text = parse(url).set(database=str(named.resolve())).render_as_string(hide_password=False)  # keeps a query
-    saved.write_text(f"{STORAGE_FILE_HEADER}\n{text}\n")
+    atomic_write_text(f"{STORAGE_FILE_HEADER}\n{text}\n", saved, "the storage file")
+
+
+def save_study_name(directory: Path, name: str) -> None:
+    """study.txt: which study of a (possibly shared) storage this directory's reruns and reports are about."""
+    atomic_write_text(name, Path(directory) / "study.txt", "the study name file")
+
+
+def saved_study_name(directory: Path) -> str | None:
+    saved = Path(directory) / "study.txt"
+    return saved.read_text().strip() if saved.is_file() else None
 
 
 def _saved_url(saved: Path, directory: Path) -> str:
@@ -101,8 +111,8 @@ def resolve_url(
 @contextlib.contextmanager
 def storage_errors(url: str):
     """Database errors as one-line StudyErrors naming the storage, its password hidden."""
-    from optuna.exceptions import StorageInternalError
-    from sqlalchemy.exc import SQLAlchemyError
+    from optuna.exceptions import StorageInternalError  # loaded when a storage is used: --help stays light
+    from sqlalchemy.exc import SQLAlchemyError  # as above
 
     try:
         yield
@@ -131,8 +141,8 @@ def lock_path(url: str, directory: Path) -> Path:
 
 def open_storage(url: str, **heartbeat: Any) -> RDBStorage:
     """An Optuna RDB storage; an invalid, unreachable or corrupt one is a one-line StudyError."""
-    import optuna
-    from optuna.storages import RDBStorage
+    import optuna  # loaded when a storage is opened: --help stays light
+    from optuna.storages import RDBStorage  # as above
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are documented
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}

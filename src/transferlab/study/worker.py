@@ -17,9 +17,9 @@ import optuna
 from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
-from ..config.identity import fingerprint
+from ..config.identity import fields_of, fingerprint
 from ..config.run import RunConfig
-from ..config.study import StudySpec
+from ..config.study import StudySpec, point_key
 from ..data.imageset import ImageSet
 from ..data.sources import load_images
 from ..engine.features import FeatureCache
@@ -33,7 +33,7 @@ from ..models.registry import check_resolution
 from ..progress import log
 from ..scoring.selection import best_row
 from . import liveness
-from .identity import data_identity, point_key, slug, trial_identity
+from .identity import data_identity, slug, trial_identity
 from .liveness import fail_orphaned_trials, process_identity
 from .plan import Job, config_for, job_config, plan_jobs, study_storage_size
 from .records import StudyRecord, TrialRecord, complete_identities, current_identities, trial_records, write
@@ -133,7 +133,7 @@ class Worker:
         """The config the job was queued with (whatever this worker's spec); this machine's data and weights must
         be those it was queued with."""
         stored = job.config or job_config(self.spec, job).to_dict()
-        local = {k: getattr(self.spec.base, k) for k in ("progress", "cache_dir")}
+        local = {f.name: getattr(self.spec.base, f.name) for f in fields_of(self.spec.base, roles=("runtime",))}
         config = RunConfig.from_dict({**stored, **local})
         if trial_identity(job.point, config, self.images_for(config).key) != job.identity:
             raise StudyError(

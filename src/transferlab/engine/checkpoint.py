@@ -65,7 +65,7 @@ class Checkpoint:
     # the side every training image was stored at, exactly: evaluate and predict store any file at this side too, so a
     # file is seen as training saw it (None: written before format 4, which stored files at most storage_size)
     stored_side: int | None = None
-    # how `temperature` was chosen (evaluate.Calibration.to_dict: fitted, or 1 and why); None before format 4
+    # how `temperature` was chosen (scoring.calibration.Calibration.to_dict: fitted, or 1 and why); None before format 4
     calibration: dict | None = None
 
     def save(self, path: Path) -> None:
