@@ -136,6 +136,8 @@ def train_args(data, out, cache, *extra):
         "--val-fraction",
         "0.2",
         "--no-progress",
+        "--resolution",  # the tests' tiny images; a photo run's default is its backbone's pretrained side
+        "32",
         *extra,
     ]
 

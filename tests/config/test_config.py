@@ -23,7 +23,7 @@ def test_defaults_are_valid():
     config = RunConfig()
     config.validate()
     assert config.strategy == "frozen" and config.resolution is None and config.arch == "squeezenet1_1"
-    assert resolve(config).resolution == 32 and resolve(config).dropout == 0.5  # the study's, for torchvision
+    assert resolve(config).resolution == 224 and resolve(config).dropout == 0.5  # photos: the pretrained side
 
 
 def test_unknown_key_is_one_line_with_suggestion():

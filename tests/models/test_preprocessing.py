@@ -1,9 +1,10 @@
 """A backbone's preprocessing and head dropout are its defaults unless the run sets them.
 
-- Unset (None) resolution, crop_fraction, interpolation and dropout resolve per backbone: torchvision backbones keep
-  the study's (32 px, the whole square, bilinear, dropout 0.5); timm models take their pretrained_cfg (input size,
-  crop_pct, interpolation) and timm's default head dropout (0). A value the run sets is kept.
-- A run is identified by the resolved values: leaving resolution unset on SqueezeNet is the same run as 32.
+- Unset (None) resolution, crop_fraction, interpolation and dropout resolve per backbone, for photos: torchvision
+  backbones take their pretrained input side (224 px) with the whole square, bilinear, and the paper head's dropout
+  0.5; timm models take their pretrained_cfg (input size, crop_pct, interpolation) and timm's default head dropout
+  (0). A value the run sets is kept (the bundled CIFAR-10 studies set 32 px).
+- A run is identified by the resolved values: leaving resolution unset on SqueezeNet is the same run as 224.
 - In a study, resolution unset in [run] resolves per trial: a grid over arch gives each backbone its own size.
 - Images are stored large enough for the centre crop: timm's 224 px at crop_pct 0.95 stores 236 px squares.
 - The crop and the interpolation are applied on the device (centre crop, then resize), in training and in evaluate
@@ -42,8 +43,9 @@ from transferlab.study.plan import config_for
 @pytest.mark.parametrize(
     "arch, expected",
     [
-        ("squeezenet1_1", dict(resolution=32, crop_fraction=1.0, interpolation="bilinear", dropout=0.5)),
-        ("resnet18", dict(resolution=32, crop_fraction=1.0, interpolation="bilinear", dropout=0.5)),
+        ("squeezenet1_1", dict(resolution=224, crop_fraction=1.0, interpolation="bilinear", dropout=0.5)),
+        ("resnet18", dict(resolution=224, crop_fraction=1.0, interpolation="bilinear", dropout=0.5)),
+        ("resnet50", dict(resolution=224, crop_fraction=1.0, interpolation="bilinear", dropout=0.5)),
         ("timm/resnet18", dict(resolution=224, crop_fraction=0.95, interpolation="bicubic", dropout=0.0)),
         ("timm/vit_tiny_patch16_224", dict(resolution=224, crop_fraction=0.9, interpolation="bicubic", dropout=0.0)),
     ],
@@ -60,22 +62,22 @@ def test_a_run_is_identified_by_its_resolved_values():
     def trains(config: RunConfig) -> dict:
         return identity(resolve(config))
 
-    assert trains(RunConfig()) == trains(RunConfig(resolution=32, dropout=0.5))
-    assert trains(RunConfig()) != trains(RunConfig(resolution=64))
+    assert trains(RunConfig()) == trains(RunConfig(resolution=224, dropout=0.5))
+    assert trains(RunConfig()) != trains(RunConfig(resolution=32))
     assert trains(RunConfig(arch="timm/resnet18"))["crop_fraction"] == 0.95
 
 
 def test_a_study_resolves_each_trials_backbone_defaults():
     tree = {"run": {"weights": "none"}, "grid": {"arch": ["squeezenet1_1", "timm/vit_tiny_patch16_224"]}}
     spec = StudySpec.from_dict(tree)
-    sizes = {p["arch"]: config_for(spec, p).resolution for p in spec.points()}
-    assert sizes == {"squeezenet1_1": 32, "timm/vit_tiny_patch16_224": 224}  # not the first backbone's size for all
+    inputs = {p["arch"]: (config_for(spec, p).crop_fraction, config_for(spec, p).interpolation) for p in spec.points()}
+    assert inputs == {"squeezenet1_1": (1.0, "bilinear"), "timm/vit_tiny_patch16_224": (0.9, "bicubic")}  # each its own
     fixed = StudySpec.from_dict({**tree, "run": {"weights": "none", "resolution": 64}, "grid": {"arch": ["resnet18"]}})
     assert config_for(fixed, fixed.points()[0]).resolution == 64
 
 
 def test_images_are_stored_large_enough_for_the_centre_crop():
-    assert storage_size_for(resolve(RunConfig())) == 32
+    assert storage_size_for(resolve(RunConfig())) == 224
     assert storage_size_for(resolve(RunConfig(arch="timm/resnet18"))) == 236  # ceil(224 / 0.95)
     assert storage_size_for(resolve(RunConfig(arch="timm/resnet18", storage_size=300))) == 300
     assert storage_size_for(resolve(RunConfig(resolution=100, crop_fraction=0.5))) == 200

@@ -17,7 +17,7 @@ from ..errors import WeightsError
 from .backbone import Backbone
 from .freezing import as_sequential
 
-STUDY_RESOLUTION = 32  # torchvision backbones' default input side: the study's CIFAR-10 size
+PRETRAINED_RESOLUTION = 224  # the side torchvision's ImageNet weights were trained and evaluated at (crop_size)
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,9 @@ class TorchvisionBackbone(Backbone):
         return as_sequential(model, self, 0, cut), as_sequential(model, self, cut)
 
     def defaults(self) -> dict:
-        """The study's settings: its 32 px input, the whole square, bilinear, the paper head's dropout 0.5."""
-        return {"resolution": STUDY_RESOLUTION, "crop_fraction": 1.0, "interpolation": "bilinear", "dropout": 0.5}
+        """For photos: the pretrained input side (224 px), the image's whole centre square, bilinear, the paper head's
+        dropout 0.5. The bundled CIFAR-10 studies set their 32 px explicitly."""
+        return {"resolution": self.resolution, "crop_fraction": 1.0, "interpolation": "bilinear", "dropout": 0.5}
 
     def _weights(self):
         import torchvision  # loaded when a model is built: the registry stays light
@@ -106,6 +107,7 @@ def _squeezenet(version: str, layout: list[tuple[str, list[int]]]) -> Torchvisio
         name=f"squeezenet{version}",
         constructor=getattr(tvm, f"squeezenet{version}"),
         weights_enum=f"SqueezeNet{version}_Weights.IMAGENET1K_V1",
+        resolution=PRETRAINED_RESOLUTION,
         groups=groups,
         head_maker=_squeezenet_head,
         tunable=tuple(name for name, _ in layout if name.startswith("fire")),
@@ -119,6 +121,7 @@ def _resnet(depth: int) -> TorchvisionBackbone:
         name=f"resnet{depth}",
         constructor=getattr(tvm, f"resnet{depth}"),
         weights_enum=f"ResNet{depth}_Weights.IMAGENET1K_V1",
+        resolution=PRETRAINED_RESOLUTION,
         groups=(
             ("stem", ("conv1", "bn1", "relu", "maxpool")),
             ("layer1", ("layer1",)),
