@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import difflib
 import io
 import json
 import os
@@ -43,6 +44,11 @@ in a study spec, lr = "find" runs it per configuration before training.
 {EPILOG_OFFLINE}"""
 
 
+# the flags a timm user types (timm's train.py), as aliases of ours
+TIMM_ALIASES = {"arch": ("--model",), "resolution": ("--img-size",), "optimizer": ("--opt",),
+                "schedule": ("--sched",), "label_smoothing": ("--smoothing",), "batch_size": ("-b",)}  # fmt: skip
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Every RunConfig field a flag, under the help group of its section (config.run.HELP_GROUPS)."""
     hints = typing.get_type_hints(RunConfig)
@@ -50,15 +56,22 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
               for group in [parser.add_argument_group(title)] for section in sections}  # fmt: skip
     for f in dataclasses.fields(RunConfig):
         group = groups[f.metadata["section"]]
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *TIMM_ALIASES.get(f.name, ())]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name == "data":  # the library's RunConfig() reads CIFAR-10; the command line asks (_run_config)
+            default = "none: name a folder, a --labels file or cifar10"
         help_text = f"{f.metadata['help']} (default: {default})"
         if hints[f.name] is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             choices = f.metadata.get("choices")
             group.add_argument(
-                flag, default=None, choices=choices, metavar=None if choices else f.name.upper(), help=help_text
+                *flags,
+                dest=f.name,
+                default=None,
+                choices=choices,
+                metavar=None if choices else f.name.upper(),
+                help=help_text,
             )
 
 
@@ -79,6 +92,11 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     for text in args.set or []:
         key, value = parse_override(text)
         values[key] = value
+    if values.get("data") is None and values.get("labels") is None:  # never a silent CIFAR-10 download
+        raise ConfigError(
+            "no data: name an image folder (--data photos/, one sub-folder of images per class), a labels file "
+            "(--labels labels.csv) or torchvision's CIFAR-10 (--data cifar10)"
+        )
     return RunConfig.from_dict(values, where="")
 
 
@@ -109,7 +127,7 @@ def cmd_evaluate(args) -> int:
     """On the run's own data the default is its test split: `--split all` would count the training images."""
     from .inference.evaluate import evaluate_on  # loaded when run: --help stays light
 
-    given = {"data": args.data or "cifar10", "labels": args.labels, "progress": not args.json}
+    given = {"data": args.data, "labels": args.labels, "progress": not args.json}
     if args.skip_bad_images is not None:  # else the run's own setting
         given["skip_bad_images"] = args.skip_bad_images
     if args.data_dir:  # else the run's own --data-dir
@@ -286,10 +304,36 @@ def cmd_study_report(args) -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """A bad flag or choice is one line, like every other bad input (exit status 2)."""
+    """A bad flag or choice is one line, like every other bad input (exit status 2); a misspelt flag gets the
+    command's flag it is closest to."""
 
     def error(self, message: str):
         self.exit(2, f"transferlab: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._command_parser(parsed)
+            flags = [a for a in extras if a.startswith("-")]
+            close = [
+                m for a in flags for m in difflib.get_close_matches(a.split("=")[0], command.known_flags(), 1, 0.6)
+            ]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> Parser:
+        """The (sub)command's own parser: the one whose flags the user meant."""
+        parser = self
+        while True:
+            chosen = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            name = getattr(parsed, chosen[0].dest, None) if chosen else None
+            if name is None:
+                return parser
+            parser = chosen[0].choices[name]
+
+    def known_flags(self) -> list[str]:
+        return [s for s in self._option_string_actions if s.startswith("--")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,9 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix of a checkpoint")
-    p.add_argument("checkpoint", help="a best.pt written by train")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="'cifar10' or an ImageFolder tree; class folders are matched by name")
+    p.add_argument("checkpoint", help="a best.pt written by train, or the run folder holding it")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data", help="'cifar10' or an ImageFolder tree; class folders are matched by name (default: the run's data)"
+    )
     source.add_argument("--labels", help="a CSV or TSV file of image paths and labels; labels are matched by name")
     p.add_argument("--data-dir", help="where a local cifar-10-batches-py lies (for --data cifar10)")
     for column, default in (("path", "path"), ("label", "label"), ("split", "split, when present")):
@@ -367,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="top classes of image files")
-    p.add_argument("checkpoint", help="a best.pt written by train")
+    p.add_argument("checkpoint", help="a best.pt written by train, or the run folder holding it")
     p.add_argument(
         "images",
         nargs="+",
@@ -396,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  transferlab export runs/try/best.pt --format torchscript -o model.pt",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help="a best.pt written by train")
+    p.add_argument("checkpoint", help="a best.pt written by train, or the run folder holding it")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="file format")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write (atomically)")
     p.set_defaults(func=cmd_export)

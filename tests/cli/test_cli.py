@@ -282,3 +282,60 @@ def test_an_interrupt_before_a_run_starts_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_dispatch", interrupted)
     assert main(["models"]) == 130
     assert capsys.readouterr().err == "transferlab: interrupted\n"
+
+
+def test_train_without_data_says_how_to_name_it_and_downloads_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = train_args("x", tmp_path / "run", tmp_path / "cache")
+    del args[1:3]  # no --data
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr(), "no data", "--data photos/", "--labels", "--data cifar10")
+    assert main(["lr-find", "--weights", "none", "--no-progress"]) == 2
+    assert_one_line_error(capsys.readouterr(), "no data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder, no cache, no download
+
+
+def test_timm_style_aliases_set_the_same_options(tmp_path):
+    from transferlab.cli import _run_config, build_parser
+
+    common = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    timm = ["--model", "resnet18", "--img-size", "64", "--opt", "adamw", "--sched", "cosine", "--smoothing", "0.1",
+            "-b", "16"]  # fmt: skip
+    ours = ["--arch", "resnet18", "--resolution", "64", "--optimizer", "adamw", "--schedule", "cosine",
+            "--label-smoothing", "0.1", "--batch-size", "16"]  # fmt: skip
+    via_timm = _run_config(build_parser().parse_args(common + timm))
+    assert via_timm == _run_config(build_parser().parse_args(common + ours))
+    assert (via_timm.arch, via_timm.resolution, via_timm.batch_size) == ("resnet18", 64, 16)
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["train", "--data", "d", "--out", "o", "--lrr", "0.1"], ["unrecognized arguments: --lrr 0.1", "--lr?"]),
+        (["train", "--data", "d", "--out", "o", "--batchsize", "8"], ["--batch-size?"]),
+        (["study", "run", "s.toml", "--worksers", "2"], ["--workers?"]),
+        (["predict", "best.pt", "x.png", "--topp", "3"], ["--top?"]),
+    ],
+)
+def test_a_misspelt_flag_names_the_closest_one(argv, fragments, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert_one_line_error(capsys.readouterr(), *fragments)
+
+
+@pytest.mark.parametrize("arch, meant", [("resnet-18", "resnet18"), ("SqueezeNet1_1", "squeezenet1_1"),
+                                         ("squeezenet_1_1", "squeezenet1_1"), ("resnet52", "resnet50")])  # fmt: skip
+def test_a_misspelt_architecture_names_the_registered_one(arch, meant, image_tree, tmp_path, capsys):
+    assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--arch", arch)) == 2
+    assert_one_line_error(capsys.readouterr(), f"unknown architecture {arch!r} (did you mean {meant!r}?)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_photo_run_defaults_to_the_backbones_pretrained_input_size(image_tree, tmp_path, capsys):
+    args = train_args(image_tree, tmp_path / "run", tmp_path / "cache")
+    at = args.index("--resolution")
+    del args[at : at + 2]  # as a user types it: no --resolution
+    assert main(args) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["resolution"], config["crop_fraction"], config["dropout"]) == (224, 1.0, 0.5)

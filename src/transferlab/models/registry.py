@@ -8,8 +8,10 @@ what the config leaves unset from the backbone's pretrained configuration.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import functools
+import re
 
 import torch
 
@@ -25,8 +27,20 @@ def get_backbone(name: str) -> Backbone:
     if name.startswith(PREFIX):
         return timm_backbone(name)
     if name not in REGISTRY:
-        raise WeightsError(f"unknown architecture {name!r}: choose one of {', '.join(sorted(REGISTRY))} or timm/<name>")
+        raise WeightsError(
+            f"unknown architecture {name!r}{_did_you_mean(name)}: choose one of {', '.join(sorted(REGISTRY))} "
+            "or timm/<name>"
+        )
     return REGISTRY[name]
+
+
+def _did_you_mean(name: str) -> str:
+    """The registered name `name` is a spelling of (resnet-18, ResNet18, squeezenet_1_1), or the closest one."""
+    plain = {re.sub(r"[^a-z0-9]", "", known): known for known in REGISTRY}
+    close = plain.get(re.sub(r"[^a-z0-9]", "", name.lower())) or next(
+        iter(difflib.get_close_matches(name.lower(), list(REGISTRY), n=1, cutoff=0.6)), None
+    )
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def backbone_defaults(arch: str) -> dict:
