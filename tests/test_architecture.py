@@ -128,7 +128,9 @@ def test_stored_attributes_are_read_and_written_in_study_records_only():
 
 
 def test_the_run_folders_file_names_live_in_engine_rundir():
-    names = re.compile(r"""["'](metrics\.json|state\.pt|split\.json|digests\.npz|config\.json|best\.pt)["']""")
+    names = re.compile(
+        r"""["'](metrics\.json|state\.pt|split\.json|digests\.npz|config\.json|best\.pt|epochs\.csv)["']"""
+    )
     found = [f"{path.relative_to(REPO_ROOT)}:{i}" for name, path in modules().items()
              if name not in ("transferlab.engine.rundir",)
              for i, line in enumerate(path.read_text().splitlines(), 1)

@@ -120,7 +120,7 @@ def test_two_processes_train_the_run_one_process_trains(tree, tmp_path, strategy
     # written once, by rank 0: one result line, the run's files, nothing left over
     assert len(re.findall(r"best epoch \d", done.stdout)) == 1, done.stdout
     shown = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # .lock: rank 0's hold on the folder
-    assert shown == ["best.pt", "config.json", "digests.npz", "metrics.json", "split.json"]
+    assert shown == ["best.pt", "config.json", "digests.npz", "epochs.csv", "metrics.json", "split.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["environment"]["world_size"] == 2 and metrics["environment"]["backend"] == "gloo"
     assert metrics["finished"] and metrics["input_path"] == ("cached" if strategy == "frozen" else "images")

@@ -327,3 +327,14 @@ def test_one_training_image_with_batchnorm_asks_for_images_not_a_batch_size(make
             "--weights", "none", "--head", "mlp", "--no-progress"]  # fmt: skip
     assert main(args) == 2
     assert_one_line_error(capsys.readouterr(), "holds 1 image", "add training images")
+
+
+def test_epochs_csv_holds_the_history_a_row_per_epoch(trained_run):
+    import csv
+
+    rows = list(csv.DictReader((trained_run.out_dir / "epochs.csv").open()))
+    history = json.loads((trained_run.out_dir / "metrics.json").read_text())["history"]
+    assert [int(r["epoch"]) for r in rows] == [h["epoch"] for h in history] == [1, 2]
+    for row, recorded in zip(rows, history):
+        assert set(row) == set(recorded)  # every number the history records, a column each
+        assert all(float(row[k]) == recorded[k] for k in recorded)  # to the last digit

@@ -255,3 +255,39 @@ def test_evaluate_prints_its_figures_on_one_line_and_counts_ties(trained_run, im
     line = next(line for line in out.splitlines() if "accuracy" in line and "95% CI" in line)
     assert line.startswith("test split, ") and "loss" in line
     assert "have top classes the model scores equally" in out
+
+
+# ---------------------------------------------------------------------------- a run folder instead of its best.pt
+def test_a_run_folder_stands_for_its_best_pt_and_evaluate_defaults_to_the_recorded_data(
+    trained_run, image_tree, tmp_path, capsys
+):
+    run = str(trained_run.out_dir)
+    best = str(trained_run.out_dir / "best.pt")
+    assert main(["evaluate", best, "--data", str(image_tree), "--json", "--device", "cpu"]) == 0
+    named = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", run, "--json", "--device", "cpu"]) == 0  # no --data: the run's own, its test split
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == named and named["split"] == "test"
+    assert f"no --data: scoring the data the run recorded, {image_tree}" in captured.err
+    image = str(next(image_tree.glob("red/*.png")))
+    assert main(["predict", run, image, "--format", "json", "--device", "cpu"]) == 0
+    by_folder = json.loads(capsys.readouterr().out)
+    assert main(["predict", best, image, "--format", "json", "--device", "cpu"]) == 0
+    assert by_folder == json.loads(capsys.readouterr().out)
+    assert main(["export", run, "--format", "torchscript", "-o", str(tmp_path / "model.pt")]) == 0
+    assert (tmp_path / "model.pt").is_file()
+
+
+def test_a_folder_without_best_pt_and_recorded_data_that_moved_are_one_line(trained_run, image_tree, tmp_path, capsys):
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    for command in (["evaluate", str(empty)], ["predict", str(empty), str(next(image_tree.glob("red/*.png")))]):
+        assert main(command) == 2
+        assert_one_line_error(capsys.readouterr(), "not-a-run", "without best.pt")
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_run.out_dir, moved)
+    ckpt = torch.load(moved / "best.pt", weights_only=True)
+    ckpt["config"]["data"] = str(tmp_path / "gone")
+    torch.save(ckpt, moved / "best.pt")
+    assert main(["evaluate", str(moved), "--device", "cpu"]) == 2
+    assert_one_line_error(capsys.readouterr(), "gone", "not there any more", "--data")

@@ -1,6 +1,7 @@
 """The run folder: every file one run writes or reads, named and read here only.
 
   metrics.json     the run's record, rewritten after each epoch: config, history, best epoch, identity, finished
+  epochs.csv       its history, a row per epoch (epoch, losses, accuracies, seconds, lr): for a spreadsheet or pandas
   best.pt          the best epoch's checkpoint (engine/checkpoint.py), with its temperature once the run ends
   best-epochN.pt   the best checkpoint within the first N epochs (record_epochs: a shorter run's result)
   state.pt         where a killed run resumes (removed once the run is finished)
@@ -16,6 +17,7 @@ epoch (a run that fails before leaves the folder as it found it).
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -25,15 +27,23 @@ from pathlib import Path
 import numpy as np
 
 from ..data.split import Split
-from ..errors import RunBusyError, RunFolderError
-from ..fsutil import atomic_save, atomic_write_bytes, atomic_write_json, checked_output_file, claimed, read_torch_file
+from ..errors import CheckpointError, RunBusyError, RunFolderError
+from ..fsutil import (
+    atomic_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    checked_output_file,
+    claimed,
+    read_torch_file,
+)
 from ..scoring.selection import epoch_tie, improves
 from ..scoring.stats import percent_with_interval
 
-METRICS, BEST, STATE, CONFIG, SPLIT, DIGESTS, LOCK = (
-    "metrics.json", "best.pt", "state.pt", "config.json", "split.json", "digests.npz", ".lock"
+METRICS, EPOCHS, BEST, STATE, CONFIG, SPLIT, DIGESTS, LOCK = (
+    "metrics.json", "epochs.csv", "best.pt", "state.pt", "config.json", "split.json", "digests.npz", ".lock"
 )  # fmt: skip
-RUN_FILES = (BEST, METRICS, CONFIG, SPLIT, STATE, DIGESTS)  # what `--overwrite` replaces (with best-epoch*.pt)
+RUN_FILES = (BEST, METRICS, EPOCHS, CONFIG, SPLIT, STATE, DIGESTS)  # what `--overwrite` replaces (and best-epoch*.pt)
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
@@ -215,7 +225,7 @@ class RunDir:
                 else f"--out {self.path} holds {what}: pass --overwrite to replace them, or choose another --out"
             )
         self.log(f"replacing {what} in {self.path} ({difference})")
-        self._replaces = [self.path / name for name in (BEST, METRICS, STATE, CONFIG, SPLIT)]
+        self._replaces = [self.path / name for name in (BEST, METRICS, EPOCHS, STATE, CONFIG, SPLIT)]
         self._replaces += list(self.path.glob("best-epoch*.pt"))
 
     # -------------------------------------------------------------- writing
@@ -232,7 +242,9 @@ class RunDir:
         atomic_write_bytes(buffer.getvalue(), self.path / DIGESTS, "image digests")
 
     def write_metrics(self, metrics: dict) -> None:
+        """metrics.json, and its history as epochs.csv (a row per epoch, like timm's summary.csv), after each epoch."""
         atomic_write_json(metrics, self.path / METRICS)
+        atomic_write_text(epochs_csv(metrics.get("history", [])), self.path / EPOCHS, "the per-epoch log")
 
     def save_state(self, saved: dict) -> None:
         atomic_save(saved, self.path / STATE, "resume state")
@@ -240,6 +252,16 @@ class RunDir:
     def drop_state(self) -> None:
         """A finished run (or a trial its study recorded) needs no state.pt."""
         (self.path / STATE).unlink(missing_ok=True)
+
+
+def epochs_csv(history: list[dict]) -> str:
+    """A run's history as CSV: a column per number its rows record, in the order they first appear."""
+    columns = list(dict.fromkeys(k for row in history for k, v in row.items() if isinstance(v, (int, float))))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
 
 
 def output_file(path: str | Path, flag: str, error: type[Exception]) -> Path:
@@ -251,3 +273,13 @@ def output_file(path: str | Path, flag: str, error: type[Exception]) -> Path:
             raise error(f"{flag} {Path(path).expanduser()} is a file of the run folder {target.parent}: writing it "
                         "would replace the run's results; name another file")  # fmt: skip
     return target
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint named by its file, or by the run folder `train` wrote (then that run's best.pt)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    if (path / BEST).is_file():
+        return path / BEST
+    raise CheckpointError(f"{path} is a directory without {BEST}: name a run folder `train` finished, or a checkpoint")

@@ -13,7 +13,7 @@ from ..config.run import RunConfig
 from ..data.imageset import ImageSet
 from ..data.sources import load_images
 from ..data.split import split_arrays, split_for
-from ..engine.rundir import RunDir
+from ..engine.rundir import RunDir, checkpoint_file
 from ..errors import DataError
 from ..scoring.metrics import scores
 from .predict import LoadedModel, load_checkpoint
@@ -140,9 +140,19 @@ def own_data(loaded: LoadedModel, data: ImageSet, source: str, run_source: str, 
 def evaluate_on(checkpoint: str | Path, given: dict, split: str | None = None, device: str = "auto") -> Evaluation:
     """The checkpoint scored on the data `given` names (RunConfig values: data, labels, data_dir, ...; the rest is the
     run's own). On the run's own data the default split is its test split (all would count its training images);
-    other data is scored whole, and a split of it only where the data gives one."""
+    other data is scored whole, and a split of it only where the data gives one. `given` naming neither data nor
+    labels: the data the run recorded (a one-line DataError where it is no longer there)."""
+    checkpoint = checkpoint_file(checkpoint)
     loaded = load_checkpoint(checkpoint, device)
     run_config = RunConfig.from_dict(loaded.info["config"])
+    recorded = given.get("data") is None and given.get("labels") is None
+    if recorded:
+        given = {k: v for k, v in given.items() if k not in ("data", "labels")}
+    elif given.get("data") is None:  # a labels file: data stays at its default, which means "none"
+        given = {**given, "data": RunConfig().data}
+    if recorded and run_config.source != "cifar10" and not Path(run_config.source).expanduser().exists():
+        raise DataError(f"the data the run recorded, {run_config.source}, is not there any more (moved or deleted?): "
+                        "name it with --data (or --labels) where it lies now")  # fmt: skip
     # decoded as the run stored its images
     config = RunConfig.from_dict({**given, "resize_policy": loaded.info["resize_policy"]}, base=run_config)
     data = stored_as_trained(loaded, config)
@@ -159,7 +169,7 @@ def evaluate_on(checkpoint: str | Path, given: dict, split: str | None = None, d
             "apply to it; score all of it (leave --split out), or give the run's own data"
         )
     name = split or ("test" if own else "all")
-    notes, seen = [], None
+    notes, seen = [f"no --data: scoring the data the run recorded, {run_config.source}"] if recorded else [], None
     if name == "all":
         images, labels = data.images, data.labels
         if same_images:

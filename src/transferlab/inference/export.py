@@ -21,7 +21,7 @@ from torch import nn
 
 from ..engine.checkpoint import Checkpoint
 from ..engine.forward import prefix_output, suffix_logits
-from ..engine.rundir import output_file
+from ..engine.rundir import checkpoint_file, output_file
 from ..errors import ConfigError
 from ..fsutil import refuse_output_over_input, replaced_on_success
 from ..scoring.calibration import view_probabilities
@@ -77,6 +77,7 @@ def metadata(ckpt) -> dict:
 
 
 def build_exported(path: str | Path) -> tuple[Exported, dict]:
+    path = checkpoint_file(path)
     ckpt = Checkpoint.load(path)
     loaded = loaded_model(ckpt, path, "cpu")
     loaded.model.to(memory_format=torch.contiguous_format)

@@ -18,6 +18,7 @@ from ..engine.checkpoint import Checkpoint
 from ..engine.device import resolve_device
 from ..engine.forward import Forward
 from ..engine.preprocess import Preprocess
+from ..engine.rundir import checkpoint_file
 from ..errors import CheckpointError, ConfigError, DataError, first_line
 from ..models.registry import get_backbone
 from ..models.weights import build_model
@@ -39,6 +40,8 @@ class LoadedModel(Forward):
 
 
 def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
+    """The checkpoint at `path` (a best.pt, or the run folder holding it) on `device`, ready to use."""
+    path = checkpoint_file(path)
     return loaded_model(Checkpoint.load(path), path, device)
 
 
