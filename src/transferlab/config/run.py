@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import ConfigError
 from .identity import ROLES, SECTIONS
 from .metrics import METRICS
+from .presets import PRESETS, with_preset
 
 TRACKERS = ("mlflow", "tensorboard")  # the values of RunConfig.log
 # train --help's groups of options, each gathering the sections it names
@@ -119,6 +120,15 @@ class RunConfig:
     )
     fold: int = _opt(0, "with --folds: which fold (0 .. folds - 1) is the validation split", min=0, section="split")
     # model
+    preset: str | None = _opt(
+        None,
+        "a whole recipe in one flag (regime, schedule, augmentation, epochs; config/presets.py): fast (the head on "
+        "cached features), fine-tune (the head, then the last two groups one at a time), best (every layer); any "
+        "option given beside it wins",
+        section="model",
+        role="record",
+        choices=tuple(PRESETS),
+    )
     arch: str = _opt(
         "squeezenet1_1", "backbone: a torchvision name or timm/<name> (see `transferlab models`)", section="model"
     )
@@ -310,10 +320,13 @@ class RunConfig:
         """Build a config from plain values (TOML, CLI, grid point), validating every key."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         current = dataclasses.asdict(base) if base is not None else {}
+        given = {}
         for raw_key, value in values.items():
             key = raw_key.replace("-", "_")
             if key not in known:
                 raise ConfigError(f"{where}unknown key {raw_key!r}{suggest(key, known)}")
+            given[key] = value
+        for key, value in with_preset(given).items():  # a preset fills what is not given beside it
             current[key] = _coerce(key, value, known[key], where)
         config = cls(**current)
         config.validate(where)

@@ -168,6 +168,9 @@ class StudySpec:
         for vname, values in variants.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{where}[variants] {vname}: expected a table of run keys")
+            if "preset" in values:  # its recipe would silently override [run]'s settings of the same options
+                raise ConfigError(f"{where}[variants.{vname}] preset: a preset goes in [run]; a variant spells out "
+                                  "the options it changes")  # fmt: skip
             inside = f"{where}[variants.{vname}] "
             RunConfig.from_dict(_without_find(values, inside)[0], base=base, where=inside)
         grid = tree.get("grid", {})
@@ -179,6 +182,9 @@ class StudySpec:
             if not values:
                 raise ConfigError(f"{where}[grid] {axis}: empty list")
             key = axis.replace("-", "_")
+            if key == "preset":  # each preset would silently override [run]'s settings of the same options
+                raise ConfigError(f"{where}[grid] preset: a preset goes in [run]; compare recipes with [variants] "
+                                  "that spell out their options")  # fmt: skip
             if key in checked:
                 raise ConfigError(f"{where}[grid] {axis}: the axis {key!r} is given twice")
             resolved = []  # each value as the trial will see it: 0.1 and "0.1" are one point
