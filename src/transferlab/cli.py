@@ -153,12 +153,11 @@ def print_evaluation(result: dict) -> None:
     from .scoring.stats import interval_decimals, percent_with_interval  # scipy, loaded when run
 
     n, digits = result["n"], interval_decimals(round(result["accuracy"] * result["n"]), result["n"])
-    title = (
-        f"{result['split']} split, {n} images: accuracy {percent_with_interval(round(result['accuracy'] * n), n)}; "
-        f"balanced {100 * result['balanced_accuracy']:.{digits}f}%, macro-F1 {100 * result['macro_f1']:.{digits}f}%, "
-        f"loss {result['loss']:.4f}"
-    )
-    print(title)  # a line of its own: grep finds it whole, and no table width wraps it
+    # the figures' lines and the table within 80 columns (a note's prose is a line of its own): grep finds each whole
+    accuracy = percent_with_interval(round(result["accuracy"] * n), n)
+    print(f"{result['split']} split, {n} images: accuracy {accuracy}, loss {result['loss']:.4f}")
+    print(f"balanced accuracy {100 * result['balanced_accuracy']:.{digits}f}%, "
+          f"macro-F1 {100 * result['macro_f1']:.{digits}f}%")  # fmt: skip
     if result.get("ties"):
         print(f"note: {result['ties']} of these images have top classes the model scores equally (counted as the "
               "first of them, by class order): their accuracy says nothing about the model")  # fmt: skip
@@ -168,16 +167,13 @@ def print_evaluation(result: dict) -> None:
     table.add_column("accuracy (95% CI)", justify="right")
     for i, ((name, value), row) in enumerate(zip(result["per_class_accuracy"].items(), result["confusion_matrix"])):
         table.add_row(name, str(sum(row)), "-" if value is None else percent_with_interval(row[i], sum(row)))
-    Console().print(table)
+    Console(width=80).print(table)
     calibration = result.get("calibration") or {}
+    print(f"calibration: ECE {result['ece']:.4f}, NLL {result['nll']:.4f}")
+    print(f"with the run's temperature T = {result['temperature']:.3g}: ECE {result['ece_calibrated']:.4f}, "
+          f"NLL {result['nll_calibrated']:.4f}")  # fmt: skip
     if calibration and not calibration.get("fitted"):
-        how = f"the run's temperature T = 1, not fitted: {calibration['reason']}"
-    else:
-        how = f"with the run's temperature T = {result['temperature']:.3g}"
-    print(
-        f"calibration: ECE {result['ece']:.4f}, NLL {result['nll']:.4f}; {how}: ECE {result['ece_calibrated']:.4f}, "
-        f"NLL {result['nll_calibrated']:.4f}"
-    )
+        print(f"note: the run's temperature is 1, not fitted: {calibration['reason']}")
 
 
 def cmd_predict(args) -> int:

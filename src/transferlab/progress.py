@@ -47,7 +47,8 @@ class Bar:
 
 @contextmanager
 def bar(total: int, description: str, *, unit: str = "it", enabled: bool = True) -> Iterator[Bar]:
-    if not enabled:
+    """A bar on a terminal; off one (a log file, a pipe, CI) none: the run's own lines say how it goes."""
+    if not enabled or not console.is_terminal:
         yield Bar(None, None, unit)
         return
     with Progress(*_columns(), console=console, transient=False, refresh_per_second=4) as progress:

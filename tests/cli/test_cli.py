@@ -339,3 +339,30 @@ def test_a_photo_run_defaults_to_the_backbones_pretrained_input_size(image_tree,
     assert main(args) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["resolution"], config["crop_fraction"], config["dropout"]) == (224, 1.0, 0.5)
+
+
+def test_off_a_terminal_a_run_prints_a_line_per_epoch_and_no_bars(image_tree, tmp_path):
+    args = train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--epochs", "3")
+    args.remove("--no-progress")  # progress on, as by default: off a terminal it must not draw
+    done = subprocess.run([sys.executable, "-m", "transferlab.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "80"}, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["epoch", "train", "loss"])
+    rows = lines[header + 1 : header + 4]
+    assert [int(row.split()[0]) for row in rows] == [1, 2, 3]
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    for row, recorded in zip(rows, history):
+        assert f"{recorded['val_loss']:.4f}" in row and f"{recorded['train_loss']:.4f}" in row
+    best = json.loads((tmp_path / "run" / "metrics.json").read_text())["best_epoch"]
+    assert rows[best - 1].endswith("best")
+    assert all(len(line) <= 80 for line in [lines[header], *rows])
+    assert not any(mark in done.stderr for mark in ("━", "eta", "\r"))
+
+
+def test_evaluate_prints_within_80_columns(trained_run, capsys):
+    assert main(["evaluate", str(trained_run.out_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "95% CI" in out
+    figures = [line for line in out.splitlines() if not line.startswith("note: ")]  # a note is prose, a line of its own
+    assert figures and max(len(line) for line in figures) <= 80

@@ -12,6 +12,7 @@ import torch
 
 from ..models.backbone import check_head
 from ..scoring.selection import epoch_tie
+from ..scoring.stats import percent
 from .checkpoint import Checkpoint
 from .loop import calibrate
 from .run import Run, environment
@@ -163,6 +164,33 @@ class Recording(Hook):
             "generator": run.generator.get_state(),
             "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
         }
+
+
+# ------------------------------------------------------------------------------ the console
+class EpochLines(Hook):
+    """A line per epoch that stays on screen (fastai's table), through the run's log: train and validation loss and
+    accuracy, the learning rate, the epoch's seconds; "best" marks the epoch the run keeps. Accuracies carry no digit
+    finer than the Wilson interval of their images allows."""
+
+    HEADER = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'val loss':>8}  {'val acc':>7}  {'lr':>8}  {'s':>6}"
+
+    def __init__(self):
+        self.header_shown = False
+
+    def on_epoch_end(self, run: Run, state: RunState, row: dict) -> None:
+        if not self.header_shown:  # under the run's opening lines, above its first epoch
+            run.log(self.HEADER)
+            self.header_shown = True
+        n_train, n_val = len(run.split.train), len(run.split.val)
+        run.log(
+            f"{row['epoch']:>5}  {row['train_loss']:>10.4f}  {_share(row['train_accuracy'], n_train):>9}  "
+            f"{row['val_loss']:>8.4f}  {_share(row['val_accuracy'], n_val):>7}  {row['lr']:>8.2e}  "
+            f"{row['seconds']:>6.1f}" + ("  best" if state.best is row else "")
+        )
+
+
+def _share(p: float, n: int) -> str:
+    return percent(round(p * n), n) if n else "-"
 
 
 # ------------------------------------------------------------------------------ tracking and stopping

@@ -209,8 +209,6 @@ def fit(run: Run, state: RunState, hooks: Sequence = ()) -> RunState:
             check_finite(row, state)
             record_epoch(run, state, row)
             stop = [hook.on_epoch_end(run, state, row) for hook in hooks]
-            progress.info(f"epoch {epoch}/{config.epochs} loss {train_loss:.3f} acc {train_accuracy:.3f} "
-                          f"val {row['val_accuracy']:.3f}")  # fmt: skip
             if any(stop) and epoch < config.epochs:
                 break
     for hook in hooks:

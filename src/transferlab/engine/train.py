@@ -20,7 +20,7 @@ from ..errors import TrainingError
 from ..progress import console
 from .distributed import SINGLE, Distributed, session
 from .features import FeatureCache
-from .hooks import Hook, Recording, Stopping, Tracking
+from .hooks import EpochLines, Hook, Recording, Stopping, Tracking
 from .loop import fit
 from .run import build_run, prepare_run
 from .rundir import METRICS, STATE, RunDir, RunResult
@@ -70,7 +70,7 @@ def run_training(
         state = recording.resume(run, saved)
         if not dist.agree(state.epoch):  # every process read state.pt; none writes before all have
             raise TrainingError(f"the processes read {run_dir.path / STATE} differently: run again")
-        own = [recording, Tracking(tracker, run_dir)] + ([Stopping(on_epoch)] if on_epoch else [])
+        own = [recording, Tracking(tracker, run_dir), EpochLines()] + ([Stopping(on_epoch)] if on_epoch else [])
         fit(run, state, [*own, *hooks])
         stopped = state.epoch < config.epochs
         checkpoints = {**state.checkpoints, **({} if stopped else {config.epochs: run_dir.best})}
