@@ -51,7 +51,7 @@ class LRFindResult:
 
     def figure(self) -> Figure:
         """The loss against the lr (log axis), raw and smoothed, the suggestion marked (shows in a notebook)."""
-        curve = {"label": "smoothed loss", "lrs": self.lrs, "losses": self.losses, "smoothed": self.smoothed,
+        curve = {"label": "loss", "lrs": self.lrs, "losses": self.losses, "smoothed": self.smoothed,
                  "suggestion": self.suggestion}  # fmt: skip
         return curves_figure([curve])
 
@@ -130,9 +130,9 @@ def curves_figure(curves: list[dict]) -> Figure:
         colour = f"C{i % 10}"
         if not c["lrs"]:
             continue
-        if c.get("losses"):
-            ax.plot(c["lrs"], c["losses"], color=colour, alpha=0.25, linewidth=0.8)
-        ax.plot(c["lrs"], c["smoothed"], color=colour, label=c["label"])
+        if c.get("losses"):  # faint, and named: the suggestion reads the smoothed line, not these steps
+            ax.plot(c["lrs"], c["losses"], color=colour, alpha=0.25, linewidth=0.8, label=f"{c['label']}, each step")
+        ax.plot(c["lrs"], c["smoothed"], color=colour, label=f"{c['label']}, smoothed")
         top, bottom = max(top, max(c["smoothed"])), min(bottom, *c["smoothed"], *(c.get("losses") or []))
         if c.get("suggestion") is not None:
             at = int(np.argmin(np.abs(np.log(c["lrs"]) - math.log(c["suggestion"]))))

@@ -8,6 +8,7 @@ from collections import defaultdict
 import matplotlib.colors
 import matplotlib.lines
 import matplotlib.ticker
+import numpy as np
 from matplotlib.figure import Figure
 
 from ..config.metrics import metric as metric_of
@@ -240,6 +241,24 @@ def gradcam_plot(errors: dict, classes: list[str]) -> bytes:
         axes[1][col].imshow(image, interpolation="nearest")
         overlay = axes[1][col].imshow(cam, cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
         axes[1][col].set_title(f"Grad-CAM of {classes[m['predicted']]}", fontsize=7)
+        if np.ptp(cam) < 0.02:  # a flat map is no finding: the panel says why it shows no place
+            size = errors.get("gradcam_map_size") or ()
+            why = (
+                f"the layer's map is {'x'.join(map(str, size))}\nhere"
+                if size and max(size) == 1
+                else "no place\nstands out"
+            )
+            axes[1][col].text(
+                0.5,
+                0.5,
+                f"uniform map:\n{why}",
+                transform=axes[1][col].transAxes,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white",
+                bbox={"facecolor": "black", "alpha": 0.6},
+            )
         for ax in axes[:, col]:
             ax.axis("off")
     fig.colorbar(overlay, ax=axes[1].tolist(), fraction=0.046, pad=0.04)
@@ -263,15 +282,16 @@ def reliability_plot(calibration: dict) -> bytes:
         ax.bar([x for x, *_ in full], [a for _, a, _, _ in full], width, align="edge", edgecolor="k", label="accuracy")
         ax.bar([x for x, *_ in full], [c - a for _, a, c, _ in full], width, bottom=[a for _, a, _, _ in full],
                align="edge", color="tab:red", alpha=0.3, label="gap to confidence")  # fmt: skip
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        for x, a, c, n in full:
-            ax.text(x + width / 2, max(a, c) + 0.02, str(n), ha="center", fontsize=6)
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        for x, a, c, n in full:  # counts above the bars, drawn past the top where a bar reaches it
+            ax.text(x + width / 2, max(a, c) + 0.02, str(n), ha="center", fontsize=6, clip_on=False)
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.1)
+        ax.set_ylim(0, 1)  # an accuracy stops at 100%
         ax.set_xlabel("confidence (top-1)")
-        ax.set_title(title)
+        ax.set_title(title, pad=14)
     axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()  # beside the panels, never over a bar
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.06))
     return _png(fig)
 
 
