@@ -246,7 +246,7 @@ def test_running_a_finished_search_again_trains_and_tests_nothing(searched, tmp_
     copy = tmp_path / "again"
     shutil.copytree(directory, copy)
     calls = fit_calls(monkeypatch)
-    monkeypatch.setattr(select, "evaluate_logits", lambda *a, **k: pytest.fail("tested again"))
+    monkeypatch.setattr(select, "analyze_split", lambda *a, **k: pytest.fail("tested again"))
     run_study(spec, study_dir=copy, report=False)
     assert calls == []
     (search,) = search_studies(copy).values()
@@ -266,11 +266,11 @@ def test_the_report_has_the_search_section(searched):
     assert "No trial was pruned or diverged." in section
     chosen = section.split("### Selected trial's parameters")[1].split("###")[0]
     selected = main_study(directory).user_attrs["selected"]
-    assert f"| lr | {selected['point']['lr']:.6g} | searched: log range 0.001 .. 0.03 |" in chosen
-    assert f"| dropout | {selected['point']['dropout']:.6g} | searched: one of 0.0, 0.3 |" in chosen
+    assert f"| lr | {selected['point']['lr']:.4g} | searched: log range 0.001 .. 0.03 |" in chosen
+    assert f"| dropout | {selected['point']['dropout']:.4g} | searched: one of 0.0, 0.3 |" in chosen
     assert "## Results per regime" in text and "### Regime: frozen" not in text  # no per-setting seed tables
-    shown = re.findall(r"\blr = ([^,)|\s]+)", text)  # settings in tables: sampled floats at 6 significant digits
-    assert shown and all(v == f"{float(v):.6g}" for v in shown), shown
+    shown = re.findall(r"\blr = ([^,)|\s]+)", text)  # settings in tables: sampled floats at 4 significant digits
+    assert shown and all(v == f"{float(v):.4g}" for v in shown), shown
 
 
 def test_a_worker_with_another_spec_does_not_join_the_search(searched, capsys):

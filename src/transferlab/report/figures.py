@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections import defaultdict
 
 import matplotlib.colors
@@ -11,6 +12,7 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..config.metrics import higher_is_better
 from ..config.metrics import metric as metric_of
 from ..config.study import REPLICATE_AXES
 from ..data.decode import decode_png
@@ -25,6 +27,7 @@ from .format import (
     _final_row,
     _finished,
     _improves,
+    _metric,
     _natural_setting,
     _regimes,
     _runs,
@@ -51,35 +54,74 @@ def _shade(colour: str, i: int, n: int) -> tuple:
 
 
 MARKERS = "osD^vP*Xh"
+NAMED = 5  # runs coloured and named per panel; the rest are thin grey lines (a legend of 20 reads as none)
+GREY = "#b5b5b5"
+
+
+def _rate_axis(ax) -> None:
+    """Percent ticks on an axis of rates, cut at 0% and 100% (autoscaling's margin would reach past them)."""
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, 0.0), min(high, 1.0))
+
+
+def _best_first(runs: list, data: StudyData) -> list:
+    """Runs by the study's selection metric at their best epoch, best first (unrecorded last)."""
+    metric = _metric(data)
+    sign = -1 if higher_is_better(metric) else 1
+    return sorted(runs, key=lambda t: (t.best.get(metric) is None, sign * (t.best.get(metric) or 0.0), t.number))
+
+
+def _run_label(t, data: StudyData) -> str:
+    """What tells a run apart in its regime's panel; a search's trial: its number and sampled values."""
+    setting, number = _setting(t, data, skip=("strategy", "epochs")), f"trial {t.number}"
+    if data.searches:  # a trial's sampled values, a few per line: the legend stays within its column
+        return textwrap.fill(f"{number}: {setting}" if setting else number, 48, subsequent_indent="  ")
+    return setting or number
+
+
+def _draw_run(axes, col: int, t, losses: list[str], label: str | None = None, train: bool = True, **style) -> None:
+    """A run's validation (solid) and training (dotted) accuracy and loss in column col."""
+    epochs = [r["epoch"] for r in t.history]
+    rows = (("accuracy", axes[0][col]), ("loss", axes[1 + losses.index(t.config.get("loss", "ce"))][col]))
+    for metric, ax in rows:
+        ax.plot(epochs, [r[f"val_{metric}"] for r in t.history], "-", label=label if metric == "accuracy" else None,
+                **style)  # fmt: skip
+        if train:
+            ax.plot(epochs, [r[f"train_{metric}"] for r in t.history], ":", color=style["color"], alpha=0.8)
 
 
 def learning_curves(data: StudyData) -> bytes | None:
     """One column per regime (its colour); rows: accuracy, then one loss row per loss kind (ce and mse differ in
-    scale). One line per run actually trained: derived trials are prefixes of it."""
+    scale). One line per run actually trained: derived trials are prefixes of it. A regime's best NAMED runs by
+    the selection metric are coloured and named, any others grey."""
     runs = _runs(data)
     if not runs or max(len(t.history) for t in runs) < 2:
         return None  # a single epoch is a dot, not a curve: the tables hold it
     strategies = _regimes(data)
     losses = sorted({t.config.get("loss", "ce") for t in runs})
-    fig, axes = _subplots(
-        1 + len(losses), len(strategies), figsize=(4.2 * len(strategies), 2.8 * (1 + len(losses))), squeeze=False
-    )
+    legend = 1.6 if data.searches else 0.0  # room below for a search's two-line legend entries
+    fig, axes = _subplots(1 + len(losses), len(strategies), squeeze=False,
+                          figsize=(4.2 * len(strategies), 2.8 * (1 + len(losses)) + legend))  # fmt: skip
+    greyed = False
     for col, strategy in enumerate(strategies):
-        mine = sorted((t for t in runs if _value(t, "strategy") == strategy), key=lambda t: _natural_setting(t, data))
-        for i, t in enumerate(mine):
-            colour, marker = _shade(_colour(strategy), i, len(mine)), MARKERS[i % len(MARKERS)]
-            epochs = [r["epoch"] for r in t.history]
-            # a search's trials differ in every sampled value: named by number (the All trials table has the values)
-            label = f"trial {t.number}" if data.searches else _setting(t, data, skip=("strategy", "epochs")) or "run"
-            rows = [("accuracy", axes[0][col])]
-            rows.append(("loss", axes[1 + losses.index(t.config.get("loss", "ce"))][col]))
-            for metric, ax in rows:
-                ax.plot(epochs, [r[f"val_{metric}"] for r in t.history], "-", color=colour, marker=marker,
-                        markersize=3, label=label if metric == "accuracy" else None)  # fmt: skip
-                ax.plot(epochs, [r[f"train_{metric}"] for r in t.history], ":", color=colour, alpha=0.8)
+        mine = [t for t in runs if _value(t, "strategy") == strategy]
+        if data.searches or len(mine) > NAMED:
+            named = _best_first(mine, data)[:NAMED]
+        else:  # a grid's few runs: in the order of their settings, the same shades in every column
+            named = sorted(mine, key=lambda t: _natural_setting(t, data))
+        others = [t for t in mine if all(t is not n for n in named)]
+        for t in others:  # under the named runs, validation only
+            _draw_run(axes, col, t, losses, train=False, color=GREY, linewidth=0.8, alpha=0.7)
+        for i, t in enumerate(named):  # markers and transparency keep overlapping runs apart
+            _draw_run(axes, col, t, losses, color=_shade(_colour(strategy), i, len(named)), marker=MARKERS[i],
+                      markersize=4, alpha=0.85, label=_run_label(t, data))  # fmt: skip
+        if others:
+            greyed = True
+            axes[0][col].plot([], [], color=GREY, label=f"{len(others)} other run{'s' * (len(others) > 1)}")
         axes[0][col].set_title(strategy, color=_colour(strategy), fontweight="bold")
         axes[0][col].set_ylabel("accuracy")
-        axes[0][col].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        _rate_axis(axes[0][col])
         for k, loss in enumerate(losses):
             axes[1 + k][col].set_ylabel(f"{loss} loss")
         axes[-1][col].set_xlabel("epoch")
@@ -89,19 +131,20 @@ def learning_curves(data: StudyData) -> bytes | None:
             if not ax.lines:  # this regime has no run of this loss kind
                 ax.axis("off")
                 ax.text(0.5, 0.5, f"no {ax.get_ylabel()} run", ha="center", va="center", transform=ax.transAxes)
-        if len(mine) <= 8:  # below the column, out of the data
-            handles, labels = axes[0][col].get_legend_handles_labels()
-            axes[-1][col].legend(
-                handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.28), fontsize=7, ncol=2, frameon=False
-            )
-    fig.suptitle("Learning curves per regime (solid: validation, dotted: train)")
+        handles, labels = axes[0][col].get_legend_handles_labels()  # below the column, out of the data
+        ncol = 1 if max(map(len, labels), default=0) > 30 else 2
+        # its top a fixed distance below the axes, clear of the x label however much a long legend shrinks them
+        axes[-1][col].legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), borderaxespad=5,
+                             fontsize=7, ncol=ncol, frameon=False)  # fmt: skip
+    best = f"\ncoloured: each regime's best {NAMED} runs by {_metric(data)}, best first; grey: the others"
+    fig.suptitle("Learning curves per regime (solid: validation, dotted: train)" + (best if greyed else ""))
     fig.tight_layout()
     return _png(fig)
 
 
 def accuracy_vs_epochs(data: StudyData) -> bytes | None:
-    """Final validation accuracy against the epoch budget, per batch size; None when there is one budget only or
-    too many settings to tell apart (the tables and the variant chart hold them)."""
+    """Final validation accuracy against the epoch budget, per batch size; None when there is one budget only. With
+    more than NAMED settings, the NAMED of best accuracy are coloured and named, the others grey."""
     epochs = _epochs_of(data)
     if len(epochs) < 2:
         return None
@@ -119,8 +162,10 @@ def accuracy_vs_epochs(data: StudyData) -> bytes | None:
             _final_row(t)["val_accuracy"]
         )
     names = sorted({k[2] for k in series})
-    if len(names) * len(_regimes(data)) > 9:
-        return None
+    best: dict[tuple, float] = defaultdict(float)  # (regime, setting) -> its best mean over panels and budgets
+    for (_, strategy, name), by_epoch in series.items():
+        best[(strategy, name)] = max(best[(strategy, name)], *(statistics.mean(v) for v in by_epoch.values()))
+    named = set(sorted(best, key=lambda k: -best[k])[:NAMED]) if len(best) > NAMED + 1 else set(best)
     fig, axes = _subplots(1, len(batch_sizes), figsize=(4.2 * len(batch_sizes) + 1.5, 3.4), squeeze=False, sharey=True)
     for col, bs in enumerate(batch_sizes):
         ax = axes[0][col]
@@ -130,14 +175,18 @@ def accuracy_vs_epochs(data: StudyData) -> bytes | None:
                 if not by_epoch:
                     continue
                 xs = sorted(by_epoch)
+                ys = [statistics.mean(by_epoch[x]) for x in xs]
+                if (strategy, name) not in named:
+                    ax.plot(xs, ys, color=GREY, linewidth=0.8, alpha=0.7, zorder=1)
+                    continue
                 label = strategy + (f" ({name})" if name else "")
-                ax.plot(xs, [statistics.mean(by_epoch[x]) for x in xs], marker=MARKERS[j % len(MARKERS)],
-                        linestyle=("-", "--", ":", "-.")[j % 4], color=_colour(strategy), label=label)  # fmt: skip
+                ax.plot(xs, ys, marker=MARKERS[j % len(MARKERS)], linestyle=("-", "--", ":", "-.")[j % 4],
+                        color=_colour(strategy), alpha=0.85, label=label)  # fmt: skip
         ax.set_title(f"batch size {bs}")
         ax.set_xticks(epochs)
         ax.set_xlabel("epochs")
         ax.grid(alpha=0.3)
-        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        _rate_axis(ax)
     axes[0][0].set_ylabel("validation accuracy (last epoch)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes[0][1:]:
@@ -145,6 +194,9 @@ def accuracy_vs_epochs(data: StudyData) -> bytes | None:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
+    if len(best) > len(named):
+        handles.append(matplotlib.lines.Line2D([], [], color=GREY))
+        labels.append(f"{len(best) - len(named)} other settings")
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     return _png(fig)
@@ -380,7 +432,7 @@ def best_so_far_plot(data: StudyData, metric: str) -> bytes | None:
     axes[1].set_xlabel("seconds of its trials (cumulative, each trial's wall time)")
     axes[0].set_ylabel(f"best {metric} so far")
     if metric_of(metric).rate:
-        axes[0].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        _rate_axis(axes[0])
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)

@@ -4,6 +4,7 @@ small helpers every table and section shares (a trial's values, the regimes' ord
 from __future__ import annotations
 
 import math
+import re
 import shlex
 import statistics
 from collections import defaultdict
@@ -12,6 +13,7 @@ from pathlib import Path
 from ..config.metrics import DEFAULT_METRIC, higher_is_better
 from ..config.metrics import metric as metric_of
 from ..config.study import REPLICATE_AXES, configuration_of, point_key, replicate_axes
+from ..scoring.selection import Tie
 from ..scoring.stats import (
     decimals_for,
     interval_decimals,
@@ -181,7 +183,7 @@ def _best_epoch(t: TrialRecord) -> str:
     tie = t.best_epoch_tie
     if not tie:
         return str(t.best["epoch"])
-    return f"{t.best['epoch']} (a tie with {', '.join(map(str, tie['tied']))}, broken by {tie['broken_by']})"
+    return f"{t.best['epoch']} ({Tie.from_dict(tie).words()})"
 
 
 # ------------------------------------------------------------------------------ replicates (seeds, folds)
@@ -243,7 +245,7 @@ def _difference_metric(data: StudyData) -> str:
 
 
 def _name(axis: str, value) -> str:
-    return str(value) if axis in ("strategy", "variant", "arch") else f"{axis} {value}"
+    return str(value) if axis in ("strategy", "variant", "arch") else f"{axis} {_value_text(value)}"
 
 
 def _metric_value(value: float, metric: str, n: int | None) -> str:
@@ -264,7 +266,7 @@ def tie_words(t: Selection) -> str:
     if not tie:
         return ""
     what = "configurations" if t.configuration else "trials"
-    return f"a tie on {t.metric} with {what} {', '.join(map(str, tie['tied']))}, broken by {tie['broken_by']}"
+    return Tie.from_dict(tie).words(what, t.metric)
 
 
 # ------------------------------------------------------------------------------ summary and reuse
@@ -321,4 +323,15 @@ def _describe(dimension) -> str:
 
 
 def _value_text(value) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+    """A point's value wherever the report shows one (tables, captions, legends): a float at 4 significant digits
+    (a sampled lr's 17 digits say no more than 4); the stored keys keep every digit."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+_FLOAT_IN_KEY = re.compile(r"(?<==)-?(?:\d*\.\d+(?:e[-+]?\d+)?|\d+e[-+]?\d+)(?=,|$)")
+
+
+def key_text(key: str) -> str:
+    """A stored point key (config.study.point_key: "dropout=0.2036333172,lr=...") as shown: its floats as
+    _value_text."""
+    return _FLOAT_IN_KEY.sub(lambda m: _value_text(float(m[0])), key)

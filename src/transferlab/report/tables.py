@@ -64,13 +64,14 @@ def summary_table(data: StudyData) -> tuple[Block, dict]:
     n_val = _n_val(data.trials)
     for regime in _regimes(data):
         for e in epochs:
-            by_setting: dict[str, list[float]] = defaultdict(list)
+            # by the shown text, then the values: settings that round to one text stay apart
+            by_setting: dict[tuple, list[float]] = defaultdict(list)
             for t in data.trials:
                 if _value(t, "strategy") == regime and _value(t, "epochs") == e:
-                    by_setting[_setting(t, data)].append(t.best["val_accuracy"])
+                    by_setting[(_setting(t, data), _natural_setting(t, data))].append(t.best["val_accuracy"])
             if by_setting:
                 setting = max(sorted(by_setting), key=lambda k: statistics.mean(by_setting[k]))
-                cells[(regime, e)] = (statistics.mean(by_setting[setting]), setting, by_setting[setting])
+                cells[(regime, e)] = (statistics.mean(by_setting[setting]), setting[0], by_setting[setting])
     several = len({_setting(t, data) for t in data.trials}) > 1  # a setting to name
     rows = [["regime", *(f"{e} epochs" for e in epochs)]]
     for regime in _regimes(data):
@@ -177,7 +178,7 @@ def trials_table(data: StudyData) -> Block:
         rows.append(
             [
                 str(t.number),
-                *(str(_value(t, a)) for a in axes),
+                *(_value_text(_value(t, a)) for a in axes),
                 _best_epoch(t),
                 _share(t.best["val_accuracy"], t.n_val),
                 _like(t.best.get("val_balanced_accuracy"), t.best["val_accuracy"], t.n_val),
@@ -225,7 +226,7 @@ def configurations_table(data: StudyData) -> Block:
     for config, trials in found:
         cells = [_mean_std([t.best[c] for t in trials], c, _n_val(trials)) for c in columns]
         mark = "selected" if config == chosen else ""
-        rows.append([*(str(config.get(a, "")) for a in axes), str(len(trials)), *cells, mark])
+        rows.append([*(_value_text(config.get(a, "")) for a in axes), str(len(trials)), *cells, mark])
     return Block("table", rows=rows)
 
 
@@ -256,7 +257,8 @@ def paired_rows(data: StudyData) -> list[list[str]]:
                     d = paired_difference([a[k] for k in shared], [b[k] for k in shared])
                     name_a, name_b = _name(axis, second.get(axis)), _name(axis, first.get(axis))
                     held = ", ".join(f"{k} = {_value_text(v)}" for k, v in first.items() if k != axis) or "-"
-                    rows.append([axis, held, f"{second.get(axis)} - {first.get(axis)}", str(d.n), format_difference(d),
+                    difference = f"{_value_text(second.get(axis))} - {_value_text(first.get(axis))}"
+                    rows.append([axis, held, difference, str(d.n), format_difference(d),
                                  difference_verdict(name_a, name_b, d)])  # fmt: skip
     return rows
 

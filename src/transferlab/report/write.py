@@ -125,14 +125,20 @@ def render_markdown(blocks: list[Block], figure_dir: Path) -> str:
     return "\n\n".join(out) + "\n"
 
 
+# Long paths, keys and numbers wrap anywhere rather than widen the page, but a cell keeps 4em (a short number stays
+# whole) and a label column (the first) one line per label; a table still wider than the page scrolls in its own box.
+STYLE = (
+    "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+    "p,li,td,code,figcaption{overflow-wrap:anywhere}.scroll{overflow-x:auto;margin:1em 0}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;min-width:4em}"
+    "td:first-child,th:first-child{text-align:left;white-space:nowrap}"
+    "pre{background:#f5f5f5;padding:1em;overflow:auto;white-space:pre-wrap;overflow-wrap:anywhere}"
+    "img{max-width:100%}</style>"
+)
+
+
 def render_html(blocks: list[Block], title: str) -> str:
-    out = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}pre{background:#f5f5f5;padding:1em;overflow:auto;white-space:pre-wrap;overflow-wrap:anywhere}"
-        "img{max-width:100%}</style></head><body>"
-    ]
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{STYLE}</head><body>"]
     for b in blocks:
         if b.kind in ("h2", "h3"):
             out.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
@@ -143,7 +149,7 @@ def render_html(blocks: list[Block], title: str) -> str:
         elif b.kind == "table":
             head = "".join(f"<th>{html.escape(c)}</th>" for c in b.rows[0])
             body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows[1:])
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            out.append(f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
         elif b.kind == "figure":
             data = base64.b64encode(b.png).decode()
             out.append(

@@ -2,8 +2,9 @@
 
 The selection metric decides (its direction from `config.higher_is_better`). A tie on it is broken by validation loss
 (lower wins; by validation accuracy when the metric is the loss itself), then by the lower cost: the earlier epoch,
-the trial of fewer epochs, then the lower trial number. Every choice that needed a tie-break says so (`Tie`), and the
-report and metrics.json repeat it: a selection that was a tie was not decided by the metric.
+the trial of fewer epochs, then the lower trial number. Every choice that needed a tie-break says so (`Tie`: which
+candidates tied, and which breaker separated each of them), and the report and metrics.json repeat it: a selection
+that was a tie was not decided by the metric.
 """
 
 from __future__ import annotations
@@ -51,40 +52,83 @@ def best_row(rows: Sequence[dict], metric: str) -> dict:
 
 @dataclass(frozen=True)
 class Tie:
-    """The candidates that scored the chosen one's metric exactly, and what chose among them."""
+    """The candidates that scored the chosen one's metric exactly, and what chose among them, breaker by breaker.
+
+    `steps` pairs each breaker that was needed, in the order the breakers apply, with the candidates it separated
+    from the chosen one: epochs 1-4 tied on val_accuracy, epoch 3 chosen, 1 and 2 lost on val_loss and 4 tied on it
+    too and lost as the later epoch is ((val_loss, [1, 2]), (the earlier epoch, [4])). `broken_by` is the last of
+    them: what finally chose. A tie one breaker broke has one step, and is recorded as before steps existed."""
 
     tied: list  # the other candidates' labels (epochs, trial numbers, configurations)
     broken_by: str  # "val_loss", "val_accuracy", "the earlier epoch", "fewer epochs", "the lower trial number"
+    steps: tuple = ()  # ((breaker, [labels it separated]), ...); () means one step: (broken_by, tied)
+
+    def stages(self) -> list[tuple[str, list]]:
+        """Each breaker needed and the candidates it separated from the chosen one, in order."""
+        return [(b, list(labels)) for b, labels in self.steps] or [(self.broken_by, list(self.tied))]
 
     def to_dict(self) -> dict:
-        return {"tied": list(self.tied), "broken_by": self.broken_by}
+        """{"tied", "broken_by"} as always, and "steps" ([{"broken_by", "tied"}, ...]) when more than one breaker was
+        needed (readers of the two keys alone keep working; Tie.from_dict reads both forms)."""
+        out = {"tied": list(self.tied), "broken_by": self.broken_by}
+        if len(self.stages()) > 1:
+            out["steps"] = [{"broken_by": b, "tied": labels} for b, labels in self.stages()]
+        return out
 
-    def words(self, what: str) -> str:
-        """ "a tie with epochs 1, 3 on val_accuracy, broken by val_loss" """
-        return f"a tie with {what} {', '.join(map(str, self.tied))}, broken by {self.broken_by}"
+    @classmethod
+    def from_dict(cls, values: dict) -> Tie:
+        steps = tuple((s["broken_by"], list(s["tied"])) for s in values.get("steps") or ())
+        return cls(list(values["tied"]), values["broken_by"], steps if len(steps) > 1 else ())
+
+    def words(self, what: str = "", metric: str = "") -> str:
+        """ "a tie with epochs 1, 3, broken by val_loss"; when it took two breakers, which candidates each separated:
+        "a tie with epochs 1, 2, 4, broken by val_loss (1, 2), then by the earlier epoch (4)". `metric`: "a tie on
+        val_accuracy with ..." """
+        on = f" on {metric}" if metric else ""
+        labels = f"{what} {_listed(self.tied)}" if what else _listed(self.tied)
+        stages = self.stages()
+        if len(stages) == 1:
+            return f"a tie{on} with {labels}, broken by {self.broken_by}"
+        broken = ", then by ".join(f"{b} ({_listed(them)})" for b, them in stages)
+        return f"a tie{on} with {labels}, broken by {broken}"
+
+
+def _listed(labels) -> str:
+    return ", ".join(map(str, labels))
+
+
+def _tie(labels: list, breakers: list[str], order: Sequence[str]) -> Tie:
+    """The Tie of the candidates `labels`, each separated from the chosen one by the breaker of the same index, its
+    steps in `order` (the order the breakers apply)."""
+    steps = tuple((b, [label for label, by in zip(labels, breakers) if by == b]) for b in order if b in breakers)
+    return Tie(labels, steps[-1][0], steps if len(steps) > 1 else ())
 
 
 def epoch_tie(history: Sequence[dict], metric: str) -> Tie | None:
-    """Whether a run's best epoch tied others on the metric, and what broke the tie."""
+    """Whether a run's best epoch tied others on the metric, and what separated each of them from it: the tie-break
+    metric (they lost on it), else the earlier epoch (they tied on it too)."""
     best = best_row(history, metric)
     same = [r for r in history if r is not best and r.get(metric) == best.get(metric)]
     if not same:
         return None
-    second = secondary_metric(metric)
-    decided = all(row_key(r, metric) != row_key(best, metric) for r in same)
-    return Tie([r["epoch"] for r in same], second if decided else "the earlier epoch")
+    second, chosen = secondary_metric(metric), row_key(best, metric)
+    breakers = [second if row_key(r, metric) != chosen else "the earlier epoch" for r in same]
+    return _tie([r["epoch"] for r in same], breakers, (second, "the earlier epoch"))
 
 
-def choose(candidates: Sequence[Any], keys: Sequence[tuple[str, Callable[[Any], float]]]) -> tuple[Any, str | None]:
-    """The candidate with the largest key, compared key by key (each a name and a value to maximise), and the name of
-    the first key that separated it from a candidate tied with it on the first key (None: no tie)."""
+def choose(candidates: Sequence[Any], keys: Sequence[tuple[str, Callable[[Any], float]]], label: Callable[[Any], Any]
+           ) -> tuple[Any, Tie | None]:  # fmt: skip
+    """The candidate with the largest key, compared key by key (each a name and a value to maximise), and its Tie with
+    the candidates equal to it on the first key (labelled by `label`): each separated by the first key on which it
+    differs from the chosen one (None: no tie)."""
     values = [tuple(f(c) for _, f in keys) for c in candidates]
     top = max(range(len(candidates)), key=lambda i: values[i])
     tied = [i for i in range(len(candidates)) if i != top and values[i][0] == values[top][0]]
     if not tied:
         return candidates[top], None
-    depth = min(next((k for k in range(len(keys)) if values[i][k] != values[top][k]), len(keys) - 1) for i in tied)
-    return candidates[top], keys[depth][0]
+    depths = [next((k for k in range(1, len(keys)) if values[i][k] != values[top][k]), len(keys) - 1) for i in tied]
+    names = [name for name, _ in keys]
+    return candidates[top], _tie([label(candidates[i]) for i in tied], [names[d] for d in depths], names)
 
 
 def _value(trial) -> float:
@@ -108,12 +152,7 @@ def trial_keys(metric: str) -> list[tuple[str, Callable]]:
 
 def best_trial(trials: Sequence[Any], metric: str) -> tuple[Any, Tie | None]:
     """The best trial (study.records.TrialRecord or alike: number, value, best, history) and its tie."""
-    keys = trial_keys(metric)
-    chosen, broken_by = choose(trials, keys)
-    if broken_by is None:
-        return chosen, None
-    tied = [t.number for t in trials if t is not chosen and keys[0][1](t) == keys[0][1](chosen)]
-    return chosen, Tie(tied, broken_by)
+    return choose(trials, trial_keys(metric), lambda t: t.number)
 
 
 def best_group(groups: Sequence[list], metric: str, label: Callable[[list], str]) -> tuple[list, Tie | None]:
@@ -131,8 +170,4 @@ def best_group(groups: Sequence[list], metric: str, label: Callable[[list], str]
         ("fewer epochs", lambda g: -max(len(t.history or []) for t in g)),
         ("the lower trial number", lambda g: -min(t.number for t in g)),
     ]
-    chosen, broken_by = choose(groups, keys)
-    if broken_by is None:
-        return chosen, None
-    tied = [label(g) for g in groups if g is not chosen and keys[0][1](g) == keys[0][1](chosen)]
-    return chosen, Tie(tied, broken_by)
+    return choose(groups, keys, label)
