@@ -123,11 +123,9 @@ def cmd_lr_find(args) -> int:
     return 0 if result.suggestion is not None else 1
 
 
-def cmd_evaluate(args) -> int:
-    """On the run's own data the default is its test split: `--split all` would count the training images."""
-    from .inference.evaluate import evaluate_on  # loaded when run: --help stays light
-
-    given = {"data": args.data, "labels": args.labels, "progress": not args.json}
+def _given_data(args, progress: bool) -> dict:
+    """evaluate's and analyze's data flags as RunConfig values; those not given stay the run's own."""
+    given = {"data": args.data, "labels": args.labels, "progress": progress}
     if args.skip_bad_images is not None:  # else the run's own setting
         given["skip_bad_images"] = args.skip_bad_images
     if args.data_dir:  # else the run's own --data-dir
@@ -135,13 +133,35 @@ def cmd_evaluate(args) -> int:
     for column in ("path", "label", "split"):  # else the run's own column names
         if getattr(args, f"labels_{column}_column") is not None:
             given[f"labels_{column}_column"] = getattr(args, f"labels_{column}_column")
-    evaluation = evaluate_on(args.checkpoint, given, args.split, args.device)
+    return given
+
+
+def cmd_evaluate(args) -> int:
+    """On the run's own data the default is its test split: `--split all` would count the training images."""
+    from .inference.evaluate import evaluate_on  # loaded when run: --help stays light
+
+    evaluation = evaluate_on(args.checkpoint, _given_data(args, progress=not args.json), args.split, args.device)
     for note in evaluation.notes:
         print(f"transferlab: note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(evaluation.to_dict()))
     else:
         print_evaluation(evaluation.to_dict())
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    """The images evaluate would score; the folder checked before the figures are computed; its files, a line each."""
+    from .inference.analysis import analyze_images  # loaded when run: --help stays light
+    from .inference.evaluate import evaluation_images  # loaded when run
+    from .report.analysis import analysis_folder, write_analysis  # loaded when run
+
+    chosen = evaluation_images(args.checkpoint, _given_data(args, progress=True), args.split, args.device)
+    folder = analysis_folder(args.out, chosen.checkpoint, chosen.source)
+    for note in chosen.notes:
+        print(f"transferlab: note: {note}", file=sys.stderr)
+    for path in write_analysis(analyze_images(chosen), folder):
+        print(path)
     return 0
 
 
@@ -167,7 +187,10 @@ def print_evaluation(result: dict) -> None:
     table.add_column("accuracy (95% CI)", justify="right")
     for i, ((name, value), row) in enumerate(zip(result["per_class_accuracy"].items(), result["confusion_matrix"])):
         table.add_row(name, str(sum(row)), "-" if value is None else percent_with_interval(row[i], sum(row)))
-    Console(width=80).print(table)
+    # drawn into a string, then print()ed: a reader gone is a BrokenPipeError (_dispatch), never rich's own exit 1
+    console = Console(file=io.StringIO(), width=80, force_terminal=sys.stdout.isatty())
+    console.print(table)
+    print(console.file.getvalue(), end="")
     calibration = result.get("calibration") or {}
     print(f"calibration: ECE {result['ece']:.4f}, NLL {result['nll']:.4f}")
     print(f"with the run's temperature T = {result['temperature']:.3g}: ECE {result['ece_calibrated']:.4f}, "
@@ -301,7 +324,11 @@ def cmd_study_report(args) -> int:
 
 class Parser(argparse.ArgumentParser):
     """A bad flag or choice is one line, like every other bad input (exit status 2); a misspelt flag gets the
-    command's flag it is closest to."""
+    command's flag it is closest to. No flag is taken for a longer one it begins (`--epoch` is not `--epochs`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # the sub-commands' parsers are of this class too
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"transferlab: error: {message} (see `{self.prog} --help`)\n")
@@ -311,9 +338,7 @@ class Parser(argparse.ArgumentParser):
         if extras:
             command = self._command_parser(parsed)
             flags = [a for a in extras if a.startswith("-")]
-            close = [
-                m for a in flags for m in difflib.get_close_matches(a.split("=")[0], command.known_flags(), 1, 0.6)
-            ]
+            close = [m for a in flags for m in command.closest_flags(a.split("=")[0])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return parsed
@@ -330,6 +355,39 @@ class Parser(argparse.ArgumentParser):
 
     def known_flags(self) -> list[str]:
         return [s for s in self._option_string_actions if s.startswith("--")]
+
+    def closest_flags(self, flag: str) -> list[str]:
+        """The flags `flag` begins (an abbreviation: at most 3, shortest first), else the one it is closest to."""
+        begun = sorted((known for known in self.known_flags() if known.startswith(flag)), key=len)
+        return begun[:3] if begun else difflib.get_close_matches(flag, self.known_flags(), 1, 0.6)
+
+
+def _add_scoring_flags(p: argparse.ArgumentParser) -> None:
+    """evaluate's and analyze's arguments: the checkpoint, the data and split it is scored on, the device."""
+    p.add_argument("checkpoint", help="a best.pt written by train, or the run folder holding it")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data", help="'cifar10' or an ImageFolder tree; class folders are matched by name (default: the run's data)"
+    )
+    source.add_argument("--labels", help="a CSV or TSV file of image paths and labels; labels are matched by name")
+    p.add_argument("--data-dir", help="where a local cifar-10-batches-py lies (for --data cifar10)")
+    for column, default in (("path", "path"), ("label", "label"), ("split", "split, when present")):
+        text = f"--labels: the {column} column (default: the run's, or {default})"
+        p.add_argument(f"--labels-{column}-column", help=text)
+    p.add_argument(
+        "--split",
+        default=None,
+        choices=("all", "train", "val", "test"),
+        help="which images: the run's own data defaults to its test split (from the run's split.json); "
+        "other data defaults to all of it",
+    )
+    p.add_argument(
+        "--skip-bad-images",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="skip unreadable images with a counted warning (default: as the run did)",
+    )
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,30 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix of a checkpoint")
-    p.add_argument("checkpoint", help="a best.pt written by train, or the run folder holding it")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument(
-        "--data", help="'cifar10' or an ImageFolder tree; class folders are matched by name (default: the run's data)"
-    )
-    source.add_argument("--labels", help="a CSV or TSV file of image paths and labels; labels are matched by name")
-    p.add_argument("--data-dir", help="where a local cifar-10-batches-py lies (for --data cifar10)")
-    for column, default in (("path", "path"), ("label", "label"), ("split", "split, when present")):
-        text = f"--labels: the {column} column (default: the run's, or {default})"
-        p.add_argument(f"--labels-{column}-column", help=text)
-    p.add_argument(
-        "--split",
-        default=None,
-        choices=("all", "train", "val", "test"),
-        help="which images: the run's own data defaults to its test split (from the run's split.json); "
-        "other data defaults to all of it",
-    )
-    p.add_argument(
-        "--skip-bad-images",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="skip unreadable images with a counted warning (default: as the run did)",
-    )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    _add_scoring_flags(p)
     p.add_argument(
         "--json",
         action="store_true",
@@ -407,6 +442,23 @@ def build_parser() -> argparse.ArgumentParser:
         "confusion matrix)",
     )
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "analyze",
+        help="interpretation of a checkpoint on a split: confusion, top losses, per-class figures, calibration, "
+        "Grad-CAM, as one HTML page",
+        description="The images evaluate would score (the same flags and defaults), analysed as the study report's\n"
+        "selected trial is: the confusion matrix, the most confused pairs, the most confident mistakes, per-class\n"
+        "precision / recall / F1 with their 95% intervals, reliability diagrams, Grad-CAM of a few mistakes.\n"
+        "Writes analysis.html (self-contained), analysis.md and analysis_files/figureN.png.",
+        epilog="examples:\n  transferlab analyze runs/try\n  transferlab analyze runs/try --data other-photos/ "
+        "--out try-on-other",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_scoring_flags(p)
+    p.add_argument("--out", help="folder to write (default: RUN_DIR/analysis, or NAME-analysis beside a checkpoint "
+                   "file NAME.pt)")  # fmt: skip
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("predict", help="top classes of image files")
     p.add_argument("checkpoint", help="a best.pt written by train, or the run folder holding it")
@@ -509,7 +561,9 @@ def _dispatch(args) -> int:
                 f"`transferlab {args.command}` runs as one process: only `train` runs across the {world.world_size} "
                 "processes torchrun starts"
             )
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is the BrokenPipeError below
+        return status
     except TransferlabError as error:  # one line, its exit status (errors.py): 2 bad input, 1 failed work
         if reports or isinstance(error, DistributedError):  # a process that lost the others says so itself
             print(f"transferlab: error: {error}", file=sys.stderr)

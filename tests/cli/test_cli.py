@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ SUBCOMMANDS = [
     ["train"],
     ["lr-find"],
     ["evaluate"],
+    ["analyze"],
     ["predict"],
     ["models"],
     ["study"],
@@ -366,3 +368,51 @@ def test_evaluate_prints_within_80_columns(trained_run, capsys):
     assert "accuracy" in out and "95% CI" in out
     figures = [line for line in out.splitlines() if not line.startswith("note: ")]  # a note is prose, a line of its own
     assert figures and max(len(line) for line in figures) <= 80
+
+
+# ---------------------------------------------------------------------------- flags spelt out, a reader gone
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["train", "--data", "d", "--out", "o", "--epoch", "3"], ["unrecognized arguments: --epoch 3", "--epochs?"]),
+        (["evaluate", "run", "--spl", "all"], ["unrecognized arguments: --spl all", "--split?"]),
+        (["train", "--data", "d", "--out", "o", "--tta"], ["unrecognized arguments: --tta", "--tta-flip?"]),
+    ],
+)
+def test_a_flag_is_never_taken_for_a_longer_one_it_begins(argv, fragments, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert_one_line_error(capsys.readouterr(), *fragments)
+
+
+def test_a_reader_gone_before_anything_is_written_stops_quietly(trained_run):
+    """`transferlab evaluate RUN | head -1` where head has gone: exit 141 (as a process killed by SIGPIPE), no
+    traceback, no "Exception ignored" at the interpreter's exit."""
+    reader = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "evaluate", str(trained_run.out_dir),
+                               "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    reader.stdout.close()  # the reader has gone before the first line
+    err = reader.stderr.read().decode()
+    assert reader.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "Exception ignored" not in err and "Broken pipe" not in err, err
+
+
+def test_a_reader_gone_during_the_table_is_the_same_quiet_stop(trained_run, monkeypatch):
+    """The table too (rich's own broken-pipe handling would exit 1): the reader goes after the first two lines."""
+
+    class GoneAfterTwoLines(io.StringIO):
+        def write(self, text):
+            if text and self.getvalue().count("\n") >= 2:
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+        def fileno(self):
+            return descriptor
+
+    descriptor = os.open(os.devnull, os.O_WRONLY)
+    try:
+        monkeypatch.setattr(sys, "stdout", GoneAfterTwoLines())
+        assert main(["evaluate", str(trained_run.out_dir), "--device", "cpu"]) == 141
+        assert sys.stdout.getvalue().startswith("test split, ")
+    finally:
+        os.close(descriptor)

@@ -16,8 +16,8 @@ from transferlab.config.run import HELP_GROUPS, RunConfig
 HELP_WITHOUT_TORCH = """
 import sys
 from transferlab.cli import main
-for command in ([], ["train"], ["lr-find"], ["evaluate"], ["predict"], ["export"], ["models"], ["study"],
-                ["study", "run"], ["study", "worker"], ["study", "report"]):
+for command in ([], ["train"], ["lr-find"], ["evaluate"], ["analyze"], ["predict"], ["export"], ["models"],
+                ["study"], ["study", "run"], ["study", "worker"], ["study", "report"]):
     try:
         main([*command, "--help"])
     except SystemExit as exit:

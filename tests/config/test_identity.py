@@ -17,12 +17,32 @@ def extended(name: str, default, **declared):
 
 
 def test_a_new_training_option_changes_the_trial_identity():
-    Extended = extended("mixup", 0.0, section="augment")
+    Extended = extended("jitter", 0.0, section="augment")
     base = resolve(Extended(weights="none"))
-    changed = dataclasses.replace(base, mixup=0.2)
-    assert "mixup" in identity(base)
+    changed = dataclasses.replace(base, jitter=0.2)
+    assert "jitter" in identity(base)
     assert trial_identity({}, changed, "data") != trial_identity({}, base, "data")
     assert finding_key(changed, "data") != finding_key(base, "data")  # the lr range test reads augmentation too
+
+
+def test_an_option_added_off_by_default_keeps_the_identities_recorded_before_it():
+    Extended = extended("jitter", 0.0, section="augment", added=True)
+    before, base = resolve(RunConfig(weights="none")), resolve(Extended(weights="none"))
+    assert identity(base) == identity(before)  # at its default: the same trial, the same run folder as before
+    assert trial_identity({}, base, "data") == trial_identity({}, before, "data")
+    changed = dataclasses.replace(base, jitter=0.2)
+    assert identity(changed)["jitter"] == 0.2
+    assert trial_identity({}, changed, "data") != trial_identity({}, base, "data")
+
+
+def test_the_augmentations_added_in_issue_21_join_an_identity_only_when_set():
+    base = resolve(RunConfig(weights="none"))
+    assert not {"random_resized_crop", "auto_augment", "mixup", "cutmix"} & set(identity(base))
+    for name, value in (("random_resized_crop", 0.08), ("auto_augment", "randaugment"), ("mixup", 0.8),
+                        ("cutmix", 1.0)):  # fmt: skip
+        changed = dataclasses.replace(base, **{name: value})
+        assert identity(changed)[name] == value
+        assert trial_identity({}, changed, "data") != trial_identity({}, base, "data")
 
 
 def test_a_new_schedule_option_leaves_the_lr_finding_alone():

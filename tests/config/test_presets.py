@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import assert_one_line_error, train_args
+from helpers import assert_one_line_error, quiet, tiny_config, train_args
 
 from transferlab.cli import _run_config, build_parser, main
-from transferlab.config.identity import identity
+from transferlab.config.identity import fingerprint, identity
 from transferlab.config.presets import PRESETS
 from transferlab.config.run import RunConfig
 from transferlab.config.study import StudySpec
+from transferlab.engine.train import run_training
 from transferlab.errors import ConfigError
+from transferlab.study.identity import trial_identity
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -53,6 +55,26 @@ def test_a_preset_and_its_options_spelt_out_are_one_run():
     assert identity(preset) == identity(spelt)
 
 
+def test_a_preset_and_its_options_spelt_out_are_one_run_folder_and_one_trial(image_tree, tmp_path):
+    given = {"epochs": 1, "batch_size": 8}  # beside the preset, they win
+    preset = tiny_config(image_tree, tmp_path / "cache", preset="fast", **given)
+    spelt = tiny_config(image_tree, tmp_path / "cache", **{**PRESETS["fast"], **given})
+    assert preset.preset == "fast" and spelt.preset is None
+    recorded = ("result", "record")  # what a run folder's identity holds
+    assert "preset" not in identity(preset, roles=recorded)  # a name of the options, not an option
+    assert fingerprint(identity(preset, roles=recorded)) == fingerprint(identity(spelt, roles=recorded))
+    assert trial_identity({}, preset, "data") == trial_identity({}, spelt, "data")
+    out = tmp_path / "run"
+    first = run_training(preset, out, log=quiet)
+    recorded = json.loads((out / "metrics.json").read_text())["identity"]
+    assert "preset" not in recorded["config"]
+    messages = []
+    again = run_training(spelt, out, log=messages.append)  # the same run: found finished, not refused
+    assert any("already finished" in m for m in messages), messages
+    assert again.history == first.history
+    assert json.loads((out / "config.json").read_text())["preset"] == "fast"  # still recorded with the run
+
+
 def test_an_unknown_preset_is_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match="preset = 'finetune': expected one of fast, fine-tune, best"):
         RunConfig.from_dict({"preset": "finetune"})
@@ -60,6 +82,19 @@ def test_an_unknown_preset_is_one_line(tmp_path, capsys):
         main(train_args(tmp_path, tmp_path / "run", tmp_path / "cache", "--preset", "finetune"))
     assert stop.value.code == 2
     assert_one_line_error(capsys.readouterr(), "--preset", "'finetune'")
+
+
+@pytest.mark.parametrize("value, toml", [(["fast"], '["fast"]'), ({"a": 1}, "{a = 1}"), (True, "true")])
+def test_a_preset_that_is_no_name_is_one_line(value, toml, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="preset = .*: expected one of fast, fine-tune, best") as error:
+        RunConfig.from_dict({"preset": value})
+    assert "\n" not in str(error.value)
+    config = tmp_path / "run.toml"
+    config.write_text(f"[run]\npreset = {toml}\n")
+    assert main(train_args(tmp_path, tmp_path / "run", tmp_path / "cache", "--config", str(config))) == 2
+    assert_one_line_error(capsys.readouterr(), "preset = ", "expected one of fast, fine-tune, best")
+    with pytest.raises(ConfigError, match="preset = .*: expected one of fast, fine-tune, best"):
+        StudySpec.from_dict({"run": {"weights": "none", "preset": value}})  # a study's [run]
 
 
 @pytest.mark.parametrize(

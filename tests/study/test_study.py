@@ -269,7 +269,7 @@ def test_running_again_trains_nothing_and_tests_once(finished, tmp_path, monkeyp
 
     monkeypatch.setattr(worker, "run_training", no_training)
     monkeypatch.setattr(evaluate, "evaluate_arrays", no_training)  # nor evaluated on the test split again
-    monkeypatch.setattr(select, "evaluate_logits", no_training)
+    monkeypatch.setattr(select, "analyze_split", no_training)
     original = (directory / "study.db").read_bytes()
     run_study(spec_path, study_dir=copy, report=True)
     study = load_study(copy)

@@ -6,7 +6,8 @@ config contributes to them is `identity(config, ...)`, read from the field decla
 names its section and role), never from a hand-kept list: a field added later joins every identity it should.
 
 Roles: "result" changes a run's numbers; "record" changes what a run records but not its numbers (record_epochs);
-"runtime" changes neither (where caches live, whether a bar is drawn, where a run is also logged).
+"runtime" changes neither (where caches live, whether a bar is drawn, where a run is also logged, which preset named
+the options: a preset and the same options spelt out are one run, one trial, one cache entry).
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ def identity(config, sections=SECTIONS, roles=("result",), leave_out=()) -> dict
     spelling. The config should have its backbone's defaults filled in (models.resolve), so that an option left to
     its default and the same value given are one identity."""
     return {f.name: _one_spelling(f.name, getattr(config, f.name)) for f in fields_of(config, sections, roles)
-            if f.name not in leave_out}  # fmt: skip
+            if f.name not in leave_out and not _added_and_unset(f, config)}  # fmt: skip
+
+
+def _added_and_unset(f: dataclasses.Field, config) -> bool:
+    """An option added after runs were recorded (declared `added`), at its default: left out, so that every identity
+    recorded before it stays the same."""
+    return f.metadata.get("added", False) and getattr(config, f.name) == f.default
 
 
 def _one_spelling(key: str, value):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ConfigError
+
 # best.toml's [run]: cross-entropy with smoothing, flips and flip TTA, the MLP head, AdamW with a cosine schedule
 _COMMON: dict[str, Any] = {
     "loss": "ce", "label_smoothing": 0.1, "flip": True, "tta_flip": True, "head": "mlp", "optimizer": "adamw",
@@ -36,9 +38,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def with_preset(given: dict[str, Any]) -> dict[str, Any]:
-    """`given` (option -> value, keys as fields) with its preset's values under it; unchanged without a preset."""
+def with_preset(given: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """`given` (option -> value, keys as fields) with its preset's values under it; unchanged without a preset. A
+    preset that is no name (a TOML list or table) is refused in one line naming the choices."""
     name = given.get("preset")
+    if name is not None and not isinstance(name, str):  # ["fast"], {a = 1}: not a key of PRESETS, maybe unhashable
+        raise ConfigError(f"{where}preset = {name!r}: expected one of {', '.join(PRESETS)} (one name, as a string)")
     if name is None or name not in PRESETS:  # an unknown name is refused with the other choices (RunConfig.validate)
         return given
     return {**PRESETS[name], **given}

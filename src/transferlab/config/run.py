@@ -38,12 +38,16 @@ def _opt(
     min: float | None = None,
     max: float | None = None,
     each: tuple | None = None,
+    added: bool = False,
 ):
     """A RunConfig field: its help text and checks, its `section` (config.identity.SECTIONS) and `role` (result:
-    changes a run's numbers; record: what it records; runtime: neither)."""
+    changes a run's numbers; record: what it records; runtime: neither). `added`: an option added after runs were
+    recorded, off at its default, which joins an identity only when set (config/identity.py), so that the runs and
+    trials recorded before it keep theirs."""
     if section not in SECTIONS or role not in ROLES:
         raise ValueError(f"an option's section must be one of {SECTIONS} and its role one of {ROLES}")
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "section": section, "role": role, "each": each}
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "section": section, "role": role, "each": each,
+            "added": added}  # fmt: skip
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -126,7 +130,7 @@ class RunConfig:
         "cached features), fine-tune (the head, then the last two groups one at a time), best (every layer); any "
         "option given beside it wins",
         section="model",
-        role="record",
+        role="runtime",  # how the options were named; the run is the values they resolve to
         choices=tuple(PRESETS),
     )
     arch: str = _opt(
@@ -169,8 +173,8 @@ class RunConfig:
     # input
     resolution: int | None = _opt(
         None,
-        "side in pixels the images are resized to before the backbone; default: the backbone's (32 for torchvision "
-        "backbones, which reproduces the study; the pretrained input size for timm models)",
+        "side in pixels the images are resized to before the backbone; default: the backbone's pretrained input "
+        "size (224 for the torchvision backbones; the bundled CIFAR-10 studies set 32)",
         min=8,
         max=1024,
         section="model",
@@ -222,6 +226,31 @@ class RunConfig:
         section="augment",
     )
     flip: bool = _opt(False, "random horizontal-flip augmentation", section="augment")
+    random_resized_crop: float = _opt(
+        0.0,
+        "RandomResizedCrop in training: a random box of this share of the image's area or more (timm trains with "
+        "0.08), aspect 3/4 to 4/3, resized to --resolution; 0 = off",
+        min=0.0,
+        max=1.0,
+        section="augment",
+        added=True,
+    )
+    auto_augment: str = _opt(
+        "none",
+        "a random policy of photometric and geometric ops in training (torchvision's batched implementations): "
+        "randaugment (2 ops at magnitude 9), trivialaugment (1 op, any magnitude), none",
+        choices=("none", "randaugment", "trivialaugment"),
+        section="augment",
+        added=True,
+    )
+    mixup: float = _opt(
+        0.0, "mixup in training: blend pairs of images and their labels, Beta(a, a) weights (timm's 0.8); 0 = off",
+        min=0.0, section="augment", added=True,
+    )  # fmt: skip
+    cutmix: float = _opt(
+        0.0, "cutmix in training: paste a box of another image, labels by area, Beta(a, a) (timm's 1.0); 0 = off; "
+        "with --mixup each batch takes one of the two at random", min=0.0, section="augment", added=True,
+    )  # fmt: skip
     tta_flip: bool = _opt(
         False, "evaluate on the mean of the image and its mirror (test-time augmentation)", section="augment"
     )
@@ -326,7 +355,7 @@ class RunConfig:
             if key not in known:
                 raise ConfigError(f"{where}unknown key {raw_key!r}{suggest(key, known)}")
             given[key] = value
-        for key, value in with_preset(given).items():  # a preset fills what is not given beside it
+        for key, value in with_preset(given, where).items():  # a preset fills what is not given beside it
             current[key] = _coerce(key, value, known[key], where)
         config = cls(**current)
         config.validate(where)
@@ -383,6 +412,11 @@ class RunConfig:
         if self.folds and self.fold >= self.folds:
             raise ConfigError(
                 f"{where}fold = {self.fold}: with folds = {self.folds} the folds are 0 .. {self.folds - 1}"
+            )
+        if (self.mixup or self.cutmix) and self.class_weights == "balanced":
+            raise ConfigError(
+                f"{where}mixup / cutmix with class_weights = 'balanced': a blended label has no one class to weight; "
+                "use sampler = 'balanced' instead"
             )
         if self.feature_shift and self.strategy == "full":
             raise ConfigError(

@@ -44,6 +44,8 @@ METRICS, EPOCHS, BEST, STATE, CONFIG, SPLIT, DIGESTS, LOCK = (
     "metrics.json", "epochs.csv", "best.pt", "state.pt", "config.json", "split.json", "digests.npz", ".lock"
 )  # fmt: skip
 RUN_FILES = (BEST, METRICS, EPOCHS, CONFIG, SPLIT, STATE, DIGESTS)  # what `--overwrite` replaces (and best-epoch*.pt)
+MLFLOW_DB = "mlflow.db"  # --log mlflow's database in the run folder, without MLFLOW_TRACKING_URI (engine/tracking.py)
+TRACKING_FILES = (MLFLOW_DB,)
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
@@ -266,13 +268,29 @@ def epochs_csv(history: list[dict]) -> str:
 
 def output_file(path: str | Path, flag: str, error: type[Exception]) -> Path:
     """The file an output option (predict --output, export -o) writes (fsutil.checked_output_file), never one of a run
-    folder's own files: those are refused in one line, before any work."""
+    folder's own files: its results, its .lock and the temporary files its results are written through (a folder with
+    a metrics.json, state.pt or .lock: one a run trains or trained in). Those are refused in one line, before any
+    work."""
     target = checked_output_file(path, flag, error)
-    if target.name in RUN_FILES or (target.name.startswith("best-epoch") and target.suffix == ".pt"):
-        if (target.parent / METRICS).is_file() or (target.parent / STATE).is_file():
-            raise error(f"{flag} {Path(path).expanduser()} is a file of the run folder {target.parent}: writing it "
-                        "would replace the run's results; name another file")  # fmt: skip
+    own = _run_file(target.name)
+    if own and any((target.parent / name).is_file() for name in (METRICS, STATE, LOCK)):
+        raise error(f"{flag} {Path(path).expanduser()} is a file of the run folder {target.parent}: writing it would "
+                    f"replace {own}; name another file")  # fmt: skip
     return target
+
+
+def _run_file(name: str) -> str | None:
+    """What a run folder keeps in a file of this name, in words, or None when it is none of its files."""
+    if name == LOCK:
+        return "the lock that keeps two processes from training there at once"
+    if name.startswith(".") and ".tmp" in name:  # fsutil.replaced_on_success: .<file>.tmp<pid>, renamed over <file>
+        name, _, pid = name[1:].rpartition(".tmp")
+        if not pid.isdigit() or _run_file(name) is None:
+            return None
+        return f"a file being written to {name}"
+    if name in RUN_FILES or name in TRACKING_FILES or (name.startswith("best-epoch") and name.endswith(".pt")):
+        return "the run's results"
+    return None
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -282,4 +300,7 @@ def checkpoint_file(path: str | Path) -> Path:
         return path
     if (path / BEST).is_file():
         return path / BEST
+    if any((path / name).exists() for name in (LOCK, METRICS, STATE, CONFIG)):  # `train` ran here
+        raise CheckpointError(f"{path} is a run folder without {BEST}: the run has no checkpoint yet (killed before "
+                              "its first epoch ended?); train it (the same command), or name a checkpoint")  # fmt: skip
     raise CheckpointError(f"{path} is a directory without {BEST}: name a run folder `train` finished, or a checkpoint")

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..config.run import RunConfig
 from ..errors import ConfigError, first_line
 from ..urls import hide, redact, sqlite_url
+from .rundir import MLFLOW_DB
 
 
 class Tracker:
@@ -102,7 +103,7 @@ class MlflowTracker(Tracker):
         self.uri = os.environ.get("MLFLOW_TRACKING_URI")
         self.artifact_location = None
         if not self.uri:
-            self.uri = sqlite_url(out_dir.resolve() / "mlflow.db")
+            self.uri = sqlite_url(out_dir.resolve() / MLFLOW_DB)
             self.artifact_location = (out_dir.resolve() / "mlartifacts").as_uri()
         else:  # before MLflow, which retries an unreachable database or server for minutes
             _check_database(self.uri)

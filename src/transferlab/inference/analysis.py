@@ -1,8 +1,9 @@
-"""Error analysis of a checkpoint on labelled images, for the study report: the most confident mistakes as small
-PNG thumbnails, and Grad-CAM maps of a few of them.
+"""Error analysis of a checkpoint on labelled images, for the study report and `transferlab analyze`: the most
+confident mistakes as small PNG thumbnails, Grad-CAM maps of a few of them, and the split's calibration.
 
-The selection stores this in the study's storage, so the report needs neither the model nor the data again; it stays
-small (at most GALLERY thumbnails of at most THUMBNAIL px, and GRADCAM greyscale maps of the same size).
+`analyze_split` is the one place both compute it. The selection stores it in the study's storage, so the report
+needs neither the model nor the data again; it stays small (at most GALLERY thumbnails of at most THUMBNAIL px, and
+GRADCAM greyscale maps of the same size).
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from torch import nn
 
 from ..data.decode import png_base64
 from ..engine.preprocess import Preprocess
+from ..errors import one_line
 from ..models.backbone import Backbone
+from ..models.registry import get_backbone
+from ..scoring.calibration import TEMPERATURE_RANGE, view_probabilities
+from .evaluate import EvaluationImages, evaluate_logits
+from .predict import LoadedModel
 
 GALLERY = 16  # misclassified images kept, most confident first
 GRADCAM = 4  # of which this many get a Grad-CAM map
@@ -144,7 +150,10 @@ def error_analysis(
     except ValueError as error:  # no convolutional feature map to weight: Grad-CAM is skipped with the reason
         maps, layer, shape = [], f"none ({error})", []
     else:
-        maps, layer, shape = grad_cam(model, backbone, preprocess, images[cam_rows], predicted[cam_rows].tolist())
+        try:
+            maps, layer, shape = grad_cam(model, backbone, preprocess, images[cam_rows], predicted[cam_rows].tolist())
+        except ImportError as error:  # grad-cam missing or broken: skipped, the reason said, the rest stands
+            maps, layer, shape = [], f"none (pytorch_grad_cam cannot be imported: {one_line(error)})", []
     for mistake, cam in zip(mistakes, maps):
         mistake["gradcam"] = png_base64(thumbnail(np.round(cam * 255).astype(np.uint8)))
     return {
@@ -153,4 +162,45 @@ def error_analysis(
         "mistakes": mistakes,
         "gradcam_layer": layer,
         "gradcam_map_size": shape,
+    }
+
+
+def analyze_split(loaded: LoadedModel, images: np.ndarray, labels, logits: torch.Tensor) -> dict:
+    """A checkpoint's figures on one split, as the study's selection records them and `analyze` shows them:
+    {"scores": evaluate_logits, "calibration": before and after temperature scaling with the reliability bins,
+    "errors": error_analysis}, of uint8 (N, H, W, 3) images, their labels (the checkpoint's class indices) and their
+    (V, N, K) logits (loaded.view_logits)."""
+    labels = torch.as_tensor(labels)
+    result = evaluate_logits(loaded, logits, labels)
+    calibration = {
+        "temperature": result["temperature"],
+        "ece": result["ece"],
+        "ece_calibrated": result["ece_calibrated"],
+        "nll": result["nll"],
+        "nll_calibrated": result["nll_calibrated"],
+        "reliability": result["reliability"],
+        "reliability_calibrated": result["reliability_calibrated"],
+        "temperature_range": list(TEMPERATURE_RANGE),  # the fit's bounds: a T at one says the search stopped there
+        "fit": result["calibration"],  # how T was chosen on validation: fitted, or 1 and why (None: not recorded)
+    }
+    errors = error_analysis(
+        loaded.model, get_backbone(loaded.info["arch"]), loaded.preprocess, images, labels,
+        view_probabilities(logits), view_probabilities(logits, loaded.temperature),
+    )  # fmt: skip
+    return {"scores": result, "calibration": calibration, "errors": errors}
+
+
+def analyze_images(chosen: EvaluationImages) -> dict:
+    """`transferlab analyze`: analyze_split of the images evaluate would score, with what a reader must know (the
+    checkpoint, the data, the split, notes), as plain values the report renders (report/analysis.py)."""
+    figures = analyze_split(chosen.loaded, chosen.images, chosen.labels, chosen.loaded.view_logits(chosen.images))
+    return {
+        "checkpoint": str(chosen.checkpoint),
+        "data": chosen.source,
+        "split": chosen.split,
+        "notes": chosen.notes,
+        "seen_in_training": chosen.seen_in_training,
+        "arch": chosen.loaded.info["arch"],
+        "epoch": chosen.loaded.info["epoch"],
+        **figures,
     }

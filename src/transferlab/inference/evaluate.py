@@ -13,7 +13,7 @@ from ..config.run import RunConfig
 from ..data.imageset import ImageSet
 from ..data.sources import load_images
 from ..data.split import split_arrays, split_for
-from ..engine.rundir import RunDir, checkpoint_file
+from ..engine.rundir import CONFIG, RunDir, checkpoint_file
 from ..errors import DataError
 from ..scoring.metrics import scores
 from .predict import LoadedModel, load_checkpoint
@@ -137,11 +137,57 @@ def own_data(loaded: LoadedModel, data: ImageSet, source: str, run_source: str, 
     return own, own or _same_folder(source, run_source)
 
 
-def evaluate_on(checkpoint: str | Path, given: dict, split: str | None = None, device: str = "auto") -> Evaluation:
-    """The checkpoint scored on the data `given` names (RunConfig values: data, labels, data_dir, ...; the rest is the
-    run's own). On the run's own data the default split is its test split (all would count its training images);
-    other data is scored whole, and a split of it only where the data gives one. `given` naming neither data nor
-    labels: the data the run recorded (a one-line DataError where it is no longer there)."""
+@dataclass
+class EvaluationImages:
+    """The images a checkpoint is scored on, as `evaluate` and `analyze` choose them, and what a reader must know."""
+
+    loaded: LoadedModel
+    checkpoint: Path  # the checkpoint file (a run folder's best.pt where a folder was named)
+    source: str  # the data as named: an image folder, a labels file or cifar10
+    images: np.ndarray  # (N, H, W, 3) uint8, stored as the run stored its own
+    labels: np.ndarray  # the checkpoint's class indices
+    split: str  # "train", "val", "test" or "all"
+    notes: list[str] = field(default_factory=list)
+    seen_in_training: dict[str, int] | None = None  # of other data: images the run trained / validated on
+
+
+def recorded_data_missing(source: str) -> DataError:
+    """The data a run recorded is not where it was named. A relative path is relative to the directory training ran
+    in, which the run does not record: the error says so rather than guessing where that was."""
+    if not Path(source).expanduser().is_absolute():
+        return DataError(
+            f"the data the run recorded, {source}, is a path relative to the directory training ran in, and "
+            f"{Path.cwd()} holds no {source}: run this from that directory, or name the data with --data (or --labels)"
+        )
+    return DataError(f"the data the run recorded, {source}, is not there any more (moved or deleted?): name it with "
+                     "--data (or --labels) where it lies now")  # fmt: skip
+
+
+def unfinished_note(loaded: LoadedModel, checkpoint: Path) -> str | None:
+    """A note when `checkpoint` is the best checkpoint of a run that did not finish (killed, or stopped before its
+    last epoch): the epoch it is from, of how many; None for a finished run or a checkpoint outside a run folder."""
+    folder = RunDir(checkpoint.parent)
+    if folder.best != checkpoint:
+        return None
+    metrics, epochs = folder.metrics(), loaded.info["config"].get("epochs")
+    if metrics is None:
+        if not (folder.path / CONFIG).is_file():  # no run wrote here (a checkpoint copied beside nothing)
+            return None
+        return (f"the run did not finish: {checkpoint.name} is from epoch {loaded.info['epoch']} of {epochs}, and the "
+                "run recorded no epoch's results (killed during its first epoch?)")  # fmt: skip
+    if metrics.get("finished", True):
+        return None
+    stopped = len(metrics.get("history") or [])
+    return (f"the run did not finish: {checkpoint.name} is from epoch {loaded.info['epoch']} of {epochs} (it stopped "
+            f"after epoch {stopped}; the same train command resumes a killed run)")  # fmt: skip
+
+
+def evaluation_images(checkpoint: str | Path, given: dict, split: str | None = None,
+                      device: str = "auto") -> EvaluationImages:  # fmt: skip
+    """The images `evaluate` and `analyze` score: the data `given` names (RunConfig values: data, labels, data_dir,
+    ...; the rest is the run's own). On the run's own data the default split is its test split (all would count its
+    training images); other data is scored whole, and a split of it only where the data gives one. `given` naming
+    neither data nor labels: the data the run recorded (a one-line DataError where it is no longer there)."""
     checkpoint = checkpoint_file(checkpoint)
     loaded = load_checkpoint(checkpoint, device)
     run_config = RunConfig.from_dict(loaded.info["config"])
@@ -151,8 +197,7 @@ def evaluate_on(checkpoint: str | Path, given: dict, split: str | None = None, d
     elif given.get("data") is None:  # a labels file: data stays at its default, which means "none"
         given = {**given, "data": RunConfig().data}
     if recorded and run_config.source != "cifar10" and not Path(run_config.source).expanduser().exists():
-        raise DataError(f"the data the run recorded, {run_config.source}, is not there any more (moved or deleted?): "
-                        "name it with --data (or --labels) where it lies now")  # fmt: skip
+        raise recorded_data_missing(run_config.source)
     # decoded as the run stored its images
     config = RunConfig.from_dict({**given, "resize_policy": loaded.info["resize_policy"]}, base=run_config)
     data = stored_as_trained(loaded, config)
@@ -170,6 +215,9 @@ def evaluate_on(checkpoint: str | Path, given: dict, split: str | None = None, d
         )
     name = split or ("test" if own else "all")
     notes, seen = [f"no --data: scoring the data the run recorded, {run_config.source}"] if recorded else [], None
+    unfinished = unfinished_note(loaded, checkpoint)
+    if unfinished:
+        notes.append(unfinished)
     if name == "all":
         images, labels = data.images, data.labels
         if same_images:
@@ -183,5 +231,12 @@ def evaluate_on(checkpoint: str | Path, given: dict, split: str | None = None, d
     else:
         saved = RunDir(run_dir).split() if own else None
         images, labels = split_arrays(data, saved or split_for(data, config), name)
-    result = evaluate_arrays(loaded, images, align_labels(loaded, ImageSet(images, labels, data.classes, data.key)))
-    return Evaluation(result, name, notes, seen)
+    labels = align_labels(loaded, ImageSet(images, labels, data.classes, data.key))
+    return EvaluationImages(loaded, checkpoint, config.source, images, labels, name, notes, seen)
+
+
+def evaluate_on(checkpoint: str | Path, given: dict, split: str | None = None, device: str = "auto") -> Evaluation:
+    """The checkpoint scored on the images `evaluation_images` chooses."""
+    chosen = evaluation_images(checkpoint, given, split, device)
+    result = evaluate_arrays(chosen.loaded, chosen.images, chosen.labels)
+    return Evaluation(result, chosen.split, chosen.notes, chosen.seen_in_training)

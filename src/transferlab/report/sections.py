@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.metrics import higher_is_better
@@ -141,30 +142,72 @@ def selection_blocks(t: Selection, n_evaluations: int) -> list[Block]:
     ]
     blocks.append(Block("table", rows=[["class", "test images", "test accuracy (95% CI)"], *per_class]))
     blocks += counts
-    blocks += error_analysis_blocks(t) + calibration_blocks(t)
+    figures = SplitFigures.of_selection(t)
+    blocks += error_analysis_blocks(figures) + calibration_blocks(figures)
     return blocks
 
 
-def error_analysis_blocks(t: Selection) -> list[Block]:
-    """Selected trial, test split: row-normalised confusion matrix, per-class precision / recall / F1, the most
-    confused pairs, the most confident mistakes and Grad-CAM maps of a few (what the selection recorded)."""
+@dataclass
+class SplitFigures:
+    """One split's figures as error_analysis_blocks and calibration_blocks show them: the study's selected trial on
+    its test split (of_selection), or `transferlab analyze` on any split of any data (report/analysis.py)."""
+
+    classes: list[str]
+    confusion_matrix: list[list[int]]
+    per_class: dict | None  # class -> precision, recall, f1, support
+    errors: dict | None  # inference.analysis.error_analysis
+    calibration: dict | None  # inference.analysis.analyze_split's
+    accuracy: float
+    n: int
+    split: str = "test"  # "train", "val", "test" or "all" (every image of the data)
+    model: str | None = None  # how the text names the model (None: the study's selected trial and its checkpoint)
+    intervals: bool = False  # per-class precision and recall with their 95% intervals, not only at their precision
+
+    @classmethod
+    def of_selection(cls, t: Selection) -> SplitFigures:
+        return cls(t.classes, t.confusion_matrix, t.per_class, t.errors, t.calibration, t.test_accuracy, t.n_test)
+
+    def words(self) -> dict[str, str]:
+        """How the text names the split and the model: "test split", "on the test split", "test images" ..."""
+        every = self.split == "all"
+        return {
+            "title": "all images" if every else f"{self.split} split",
+            "on": "all the images" if every else f"the {self.split} split",
+            "images": "images" if every else f"{self.split} images",
+            "image": "image" if every else f"{self.split} image",
+            "trial": self.model or "the selected trial",
+            "checkpoint": self.model or "the selected checkpoint",
+        }
+
+
+def error_analysis_blocks(t: SplitFigures) -> list[Block]:
+    """One split (the selected trial's test split in a study): row-normalised confusion matrix, per-class precision /
+    recall / F1, the most confused pairs, the most confident mistakes and Grad-CAM maps of a few."""
+    w = t.words()
     blocks = [
-        Block("h3", "Error analysis (test split)"),
+        Block("h3", f"Error analysis ({w['title']})"),
         Block(
             "figure",
-            "Confusion matrix of the selected trial on the test split, each row normalised to its true class "
+            f"Confusion matrix of {w['trial']} on {w['on']}, each row normalised to its true class "
             "(cells: % of the true class, then the count)",
             png=normalised_confusion_plot(t),
         ),
     ]
     if t.per_class:  # absent from selections recorded before
-        rows = [["class", "test images", "precision", "recall", "F1"]]  # "-": undefined (nothing predicted / no image)
+        ci = " (95% CI)" if t.intervals else ""  # "-" below: undefined (nothing predicted / no image)
+        rows = [["class", w["images"], f"precision{ci}", f"recall{ci}", "F1"]]
         predicted = [sum(column) for column in zip(*t.confusion_matrix)]
         for i, (c, v) in enumerate(t.per_class.items()):
-            rows.append([c, str(v["support"]), _share(v["precision"], predicted[i], "-"),
-                         _share(v["recall"], v["support"], "-"),
+            hits = t.confusion_matrix[i][i]
+            precision, recall = (
+                (percent_with_interval(hits, predicted[i]) if predicted[i] else "-",
+                 percent_with_interval(hits, v["support"]) if v["support"] else "-")
+                if t.intervals
+                else (_share(v["precision"], predicted[i], "-"), _share(v["recall"], v["support"], "-"))
+            )  # fmt: skip
+            rows.append([c, str(v["support"]), precision, recall,
                          _like(v["f1"], v["recall"] or 0.0, v["support"]) or "-"])  # fmt: skip
-        blocks += [Block("p", "Per-class precision, recall and F1 on the test split:"), Block("table", rows=rows)]
+        blocks += [Block("p", f"Per-class precision, recall and F1 on {w['on']}:"), Block("table", rows=rows)]
     pairs = confused_pairs(t)
     if pairs:
         rows = [["true class", "predicted as", "images", "% of the true class"]]
@@ -173,18 +216,22 @@ def error_analysis_blocks(t: Selection) -> list[Block]:
         blocks += [Block("p", f"The {len(pairs)} most confused pairs (largest off-diagonal cells):")]
         blocks.append(Block("table", rows=rows))
     else:
-        blocks.append(Block("p", "No test image was misclassified."))
+        blocks.append(Block("p", f"No {w['image']} was misclassified."))
     errors = t.errors
     if errors and errors["mistakes"]:
         shown = len(errors["mistakes"])
         blocks.append(
             Block(
                 "figure",
-                f"The {shown} most confident mistakes of {errors['n_mistakes']} misclassified test images "
+                f"The {shown} most confident mistakes of {errors['n_mistakes']} misclassified {w['images']} "
                 "(confidence of the predicted class, before and after temperature scaling)",
                 png=gallery_plot(errors, t.classes),
             )
         )
+        if not any("gradcam" in m for m in errors["mistakes"]):  # skipped, and why (no conv layer, no grad-cam)
+            why = errors["gradcam_layer"].removeprefix("none (").removesuffix(")")
+            blocks.append(Block("p", f"No Grad-CAM maps: {why}."))
+            return blocks
         size = "x".join(map(str, errors["gradcam_map_size"]))
         note = (
             f"; its feature map is {size} at this resolution, so the map is uniform and says nothing about where"
@@ -208,10 +255,10 @@ def _gradcam_layer_kind(layer: str) -> str:
     return "the last convolution before the head"
 
 
-def calibration_blocks(t: Selection) -> list[Block]:
-    """ECE and NLL of the selected trial on the test split before and after temperature scaling, and the
-    reliability diagrams (absent from selections recorded before)."""
-    c = t.calibration
+def calibration_blocks(t: SplitFigures) -> list[Block]:
+    """ECE and NLL on one split (the selected trial's test split in a study) before and after temperature scaling,
+    and the reliability diagrams (absent from selections recorded before)."""
+    c, w = t.calibration, t.words()
     if not c:
         return []
     low, high = c.get("temperature_range", (0.0, math.inf))
@@ -219,9 +266,9 @@ def calibration_blocks(t: Selection) -> list[Block]:
     fit = c.get("fit") or {}
     kept = fit and not fit.get("fitted")
     shown = "1 (not fitted)" if kept else f"{c['temperature']:.3g}" + (" (the search's bound)" if at_bound else "")
-    accuracy = _share(t.test_accuracy, t.n_test)
+    accuracy = _share(t.accuracy, t.n)
     rows = [
-        ["test split", "before", "after temperature scaling"],
+        [w["title"], "before", "after temperature scaling"],
         ["temperature", "1", shown],
         [f"ECE ({c['reliability']['bins']} bins)", f"{c['ece']:.4f}", f"{c['ece_calibrated']:.4f}"],
         ["NLL", f"{c['nll']:.4f}", f"{c['nll_calibrated']:.4f}"],
@@ -231,21 +278,22 @@ def calibration_blocks(t: Selection) -> list[Block]:
         f"No temperature was fitted: {fit['reason']}; T stays 1 (no scaling), so the columns agree. "
         if kept
         else "The temperature T was fitted after training on the validation split (the NLL of softmax(logits / T) "
-        "of the selected checkpoint, minimised over T, where the validation images can support it: 50 or more, "
+        f"of {w['checkpoint']}, minimised over T, where the validation images can support it: 50 or more, "
         "not all classified correctly, the minimum inside the search's range). "
     )
     text = how + (
         "predict uses it. It does not change which class is predicted, so accuracy is the same. Validation figures "
-        "recorded during training, and the selection, are those of the uncalibrated model. Expected calibration "
-        "error: top-1 confidence in equal-width bins, the image-weighted mean of |accuracy - confidence|."
+        f"recorded during training{', and the selection,' if t.model is None else ''} are those of the uncalibrated "
+        "model. Expected calibration error: top-1 confidence in equal-width bins, the image-weighted mean of "
+        "|accuracy - confidence|."
     )
     return [
-        Block("h3", "Calibration (test split)"),
+        Block("h3", f"Calibration ({w['title']})"),
         Block("p", text),
         Block("table", rows=rows),
         Block(
             "figure",
-            "Reliability diagrams of the selected trial on the test split, before and after temperature scaling "
+            f"Reliability diagrams of {w['trial']} on {w['on']}, before and after temperature scaling "
             "(accuracy per confidence bin; the number above each bar is its image count)",
             png=reliability_plot(c),
         ),

@@ -18,12 +18,10 @@ from ..data.sources import load_images
 from ..data.split import class_counts, split_arrays, split_for
 from ..engine.rundir import RunDir
 from ..errors import StudyError
-from ..inference.analysis import error_analysis
-from ..inference.evaluate import align_labels, evaluate_logits
+from ..inference.analysis import analyze_split
+from ..inference.evaluate import align_labels
 from ..inference.predict import load_checkpoint
-from ..models.registry import get_backbone
 from ..progress import log
-from ..scoring.calibration import TEMPERATURE_RANGE, view_probabilities
 from ..scoring.selection import Tie, best_group, best_trial
 from ..scoring.stats import percent, percent_with_interval
 from .plan import study_storage_size
@@ -99,29 +97,14 @@ def select_and_test(study: optuna.Study, spec: StudySpec, directory: Path, ident
     started = time.time()
     loaded = load_checkpoint(directory / best.checkpoint, config.device)
     test_y = torch.as_tensor(align_labels(loaded, ImageSet(test_x, test_y, images.classes, images.key)))
-    logits = loaded.view_logits(test_x)
-    result = evaluate_logits(loaded, logits, test_y)
-    selection.calibration = {
-        "temperature": result["temperature"],
-        "ece": result["ece"],
-        "ece_calibrated": result["ece_calibrated"],
-        "nll": result["nll"],
-        "nll_calibrated": result["nll_calibrated"],
-        "reliability": result["reliability"],
-        "reliability_calibrated": result["reliability_calibrated"],
-        "temperature_range": list(TEMPERATURE_RANGE),  # the fit's bounds: a T at one says the search stopped there
-        "fit": result["calibration"],  # how T was chosen on validation: fitted, or 1 and why (None: not recorded)
-    }
+    analysis = analyze_split(loaded, test_x, test_y, loaded.view_logits(test_x))
+    result, selection.calibration, selection.errors = analysis["scores"], analysis["calibration"], analysis["errors"]
     for name in ("balanced_accuracy", "macro_f1"):
         setattr(selection, f"test_{name}", result[name])
-    selection.test_seconds = time.time() - started
+    selection.test_seconds = time.time() - started  # the evaluation with its error analysis (Grad-CAM included)
     selection.test_accuracy, selection.test_loss, selection.n_test = result["accuracy"], result["loss"], result["n"]
     selection.per_class_accuracy, selection.confusion_matrix = result["per_class_accuracy"], result["confusion_matrix"]
     selection.classes, selection.per_class = result["classes"], result["per_class"]
-    selection.errors = error_analysis(
-        loaded.model, get_backbone(loaded.info["arch"]), loaded.preprocess, test_x, test_y,
-        view_probabilities(logits), view_probabilities(logits, loaded.temperature),
-    )  # fmt: skip
     # the thumbnails and Grad-CAM maps only in `selected`: the list of evaluations keeps the figures
     StudyRecord.write(study, test_evaluations=[*stored.test_evaluations, selection.to_dict(errors=False)],
                       selected=selection.to_dict())  # fmt: skip
