@@ -34,7 +34,7 @@ cd "$(dirname "$0")/.." || exit 2
 
 STEPS=(install env tests paper best)
 DEFAULT_TESTS="tests/engine/test_device_paths.py tests/engine/test_train.py tests/inference/test_evaluate.py tests/engine/test_features.py
-tests/engine/test_augment.py tests/models/test_freezing.py tests/models/test_preprocessing.py"
+tests/engine/test_preprocess.py tests/engine/test_augment.py tests/models/test_freezing.py tests/models/test_preprocessing.py"
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 

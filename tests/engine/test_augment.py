@@ -1,131 +1,124 @@
-"""Device-side preprocessing: uint8 NHWC -> normalised float NCHW, with random crop / flip."""
+"""Training augmentations beyond crops and flips (engine/augment.py): RandomResizedCrop, RandAugment /
+TrivialAugment, mixup / cutmix. Batched, drawn from the run's seed alone, training only, off the feature cache."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from helpers import assert_one_line_error, built_run, quiet, tiny_config, train_args
 
-from transferlab.engine.preprocess import Preprocess, dataset_statistics, random_crop, random_flip, resize, to_float
-
-
-def batch(n=6, h=8, w=10, seed=0) -> torch.Tensor:
-    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def reference_crop_windows(image: np.ndarray, padding: int) -> list[np.ndarray]:
-    """Slow reference: every HxW window of the reflection-padded (C, H, W) image."""
-    c, h, w = image.shape
-    padded = np.pad(image, ((0, 0), (padding, padding), (padding, padding)), mode="reflect")
-    return [padded[:, dy : dy + h, dx : dx + w] for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
+from transferlab import RunConfig, train
+from transferlab.cli import main
+from transferlab.engine.augment import Mixing, apply_policy, policy, random_resized_crop
+from transferlab.engine.preprocess import Preprocess
+from transferlab.engine.run import loss_function
+from transferlab.errors import ConfigError
 
 
-def test_to_float_layout_and_scale():
-    x = torch.randint(0, 256, (2, 5, 4, 3), dtype=torch.uint8)
-    y = to_float(x)
-    assert y.shape == (2, 3, 5, 4) and y.dtype == torch.float32
-    torch.testing.assert_close(y[1, 2, 3, 1], x[1, 3, 1, 2].float() / 255)
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("padding", [1, 3])
-def test_random_crop_is_a_window_of_the_reflected_input(padding):
-    x = batch(n=8)
-    out = random_crop(x, padding, torch.Generator().manual_seed(1))
-    assert out.shape == x.shape
-    offsets = []
-    for i in range(len(x)):
-        windows = reference_crop_windows(x[i].numpy(), padding)
-        matches = [k for k, window in enumerate(windows) if np.array_equal(window, out[i].numpy())]
-        assert matches, f"image {i} is not a window of its padded input"
-        offsets.append(matches[0])
-    assert len(set(offsets)) > 1  # offsets differ between images
+def ramp(n: int = 6, side: int = 40) -> torch.Tensor:
+    """(n, 1, side, side) images whose value is the column index: a crop's columns say where it was taken."""
+    return torch.arange(side, dtype=torch.float32).expand(n, 1, side, side).clone()
 
 
-def test_random_crop_offsets_come_from_the_generator():
-    x = batch(n=5)
-    padding = 2
-    gen = torch.Generator().manual_seed(5)
-    out = random_crop(x, padding, gen)
-    replay = torch.Generator().manual_seed(5)
-    dy = torch.randint(0, 2 * padding + 1, (5,), generator=replay)
-    dx = torch.randint(0, 2 * padding + 1, (5,), generator=replay)
-    for i in range(5):
-        expected = reference_crop_windows(x[i].numpy(), padding)[int(dy[i]) * (2 * padding + 1) + int(dx[i])]
-        np.testing.assert_array_equal(out[i].numpy(), expected)
-    torch.testing.assert_close(random_crop(x, padding, torch.Generator().manual_seed(5)), out)
+def test_random_resized_crop_takes_a_box_inside_each_image_resized():
+    x = ramp()
+    out = random_resized_crop(x, 16, 0.08, generator())
+    assert out.shape == (6, 1, 16, 16)
+    assert out.min() >= 0 and out.max() <= 39  # sampled inside the image: no padding, no extrapolation
+    lefts = out[:, 0, :, 0].mean(1)
+    assert len(set(lefts.round().tolist())) > 1  # each image its own box
+    spans = out[:, 0, 0, -1] - out[:, 0, 0, 0]
+    assert (spans > 0).all() and (spans <= 39).all()
 
 
-def test_random_flip_flips_about_half():
-    x = batch(n=1000, h=4, w=5)
-    out = random_flip(x, torch.Generator().manual_seed(0))
-    flipped = torch.tensor([torch.equal(o, i.flip(2)) for o, i in zip(out, x)])
-    kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
-    assert bool((flipped | kept).all())
-    assert 400 < int(flipped.sum()) < 600
+def test_random_resized_crop_at_scale_one_keeps_at_least_three_quarters_of_each_side():
+    spans = random_resized_crop(ramp(64), 16, 1.0, generator())[:, 0, 0]
+    # area 1 with aspect in [3/4, 4/3], clipped to the image: the box spans at least sqrt(3/4) of the width
+    assert ((spans[:, -1] - spans[:, 0]) >= 0.75 * 39 * 15 / 16 - 1).all()
 
 
-def test_resize():
-    x = batch(n=2, h=16, w=16)
-    assert resize(x, 16) is x
-    assert resize(x, 32).shape == (2, 3, 32, 32) and resize(x, 8).shape == (2, 3, 8, 8)
-    constant = torch.full((1, 3, 10, 10), 0.25)
-    torch.testing.assert_close(resize(constant, 37), torch.full((1, 3, 37, 37), 0.25))
-    torch.testing.assert_close(resize(constant, 4), torch.full((1, 3, 4, 4), 0.25))
+def test_a_policy_is_the_seeds_alone_and_leaves_torchs_generator_alone():
+    pixels = torch.randint(0, 256, (16, 24, 24, 3), dtype=torch.uint8)
+    state = torch.get_rng_state()
+    a = apply_policy(pixels, policy("randaugment"), generator(1))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, apply_policy(pixels, policy("randaugment"), generator(1)))
+    assert a.shape == pixels.shape and a.dtype == torch.uint8 and not torch.equal(a, pixels)
+    assert policy("none") is None
 
 
-def test_normalisation_uses_mean_and_std():
-    pre = Preprocess(mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0), resolution=4)
-    x = torch.full((2, 4, 4, 3), 102, dtype=torch.uint8)  # 0.4 after scaling
-    out = pre(x)
-    assert out.shape == (2, 3, 4, 4)
-    expected = (
-        torch.tensor([(0.4 - 0.1) / 0.5, (0.4 - 0.2) / 0.25, (0.4 - 0.3) / 2.0]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
-    )
-    torch.testing.assert_close(out, expected)
+@pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixing_blends_labels_into_probabilities_reproducibly(mixup, cutmix):
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
+    mixed, targets = Mixing(mixup, cutmix, 4)(x, y, generator(2))
+    again, same = Mixing(mixup, cutmix, 4)(x, y, generator(2))
+    assert torch.equal(mixed, again) and torch.equal(targets, same)
+    assert targets.shape == (8, 4) and torch.allclose(targets.sum(1), torch.ones(8))
+    assert not torch.equal(mixed, x)
 
 
-def test_preprocess_augments_only_in_training():
-    pre = Preprocess(mean=(0, 0, 0), std=(1, 1, 1), resolution=8, crop_padding=2, flip=True)
-    x = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8)
-    plain = pre(x)
-    torch.testing.assert_close(plain, to_float(x))
-    torch.testing.assert_close(pre(x, mirror=True), to_float(x).flip(3))
-    augmented = pre(x, train=True, generator=torch.Generator().manual_seed(0))
-    assert augmented.shape == plain.shape and not torch.equal(augmented, plain)
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_the_loss_of_one_hot_probabilities_is_the_loss_of_the_labels(loss):
+    config = RunConfig(loss=loss, label_smoothing=0.1 if loss == "ce" else 0.0)
+    criterion = loss_function(config, 5)
+    logits, y = torch.randn(7, 5), torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    assert torch.allclose(criterion(logits, y), criterion(logits, F.one_hot(y, 5).float()), atol=1e-6)
 
 
-def test_preprocess_resizes_to_the_resolution():
-    pre = Preprocess(mean=(0, 0, 0), std=(1, 1, 1), resolution=32)
-    assert pre(torch.zeros(3, 16, 16, 3, dtype=torch.uint8)).shape == (3, 3, 32, 32)
+def test_evaluation_preprocessing_ignores_the_training_augmentations():
+    pixels = torch.randint(0, 256, (4, 40, 40, 3), dtype=torch.uint8)
+    plain = Preprocess((0.5,) * 3, (0.25,) * 3, 32)
+    augmented = Preprocess((0.5,) * 3, (0.25,) * 3, 32, random_resized_crop=0.08, auto_augment="trivialaugment")
+    assert torch.equal(plain(pixels), augmented(pixels))
+    assert plain.identity() == augmented.identity()  # the feature cache and inference see the same inputs
+    assert augmented(pixels, train=True, generator=generator()).shape == (4, 3, 32, 32)
 
 
-def test_dataset_statistics():
-    images = np.zeros((2, 2, 2, 3), np.uint8)
-    images[..., 0] = 255
-    images[0, ..., 1] = 255
-    mean, std = dataset_statistics(images)
-    assert mean == pytest.approx((1.0, 0.5, 0.0))
-    assert (
-        std[0] == pytest.approx(0.0)
-        and std[2] == pytest.approx(0.0)
-        and std[1] == pytest.approx(np.std([1] * 4 + [0] * 4, ddof=1))
-    )
+@pytest.mark.parametrize(
+    "option",
+    [{"random_resized_crop": 0.5}, {"auto_augment": "trivialaugment"}, {"mixup": 0.4}, {"cutmix": 1.0}],
+)
+def test_an_augmentation_before_the_frozen_prefix_turns_the_feature_cache_off(image_tree, tmp_path, option):
+    run = built_run(tiny_config(image_tree, tmp_path / "cache", **option), tmp_path / "run")
+    assert run.inputs.path == "images"
 
 
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-@pytest.mark.parametrize("resolution", [37, 64, 9])
-def test_normalising_before_resizing_gives_what_resizing_first_gives(interpolation, resolution):
-    """Preprocess normalises at the stored size (cheaper); resampling is linear with weights that sum to one, so the
-    result is the textbook order's: resize the [0, 1] pixels (bicubic clamped to [0, 1]), then normalise."""
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    x = torch.randint(0, 256, (4, 20, 20, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    x[0] = 0  # black and white edges: where bicubic overshoots and the clamp matters
-    x[0, 5:15, 5:15] = 255
-    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    out = Preprocess(mean, std, resolution, interpolation=interpolation, crop_fraction=0.9)(x)
-    pixels = resize(to_float(x)[..., 1:19, 1:19], resolution, interpolation)  # the 0.9 centre crop of 20 px is 18
-    assert out.shape == (4, 3, resolution, resolution)
-    torch.testing.assert_close(out, (pixels - m) / s, atol=2e-5, rtol=0)
-    if interpolation == "bicubic":
-        low, high = (0 - m) / s, (1 - m) / s
-        assert (out >= low - 1e-6).all() and (out <= high + 1e-6).all()
+def test_a_run_with_every_augmentation_trains_and_repeats_exactly(image_tree, tmp_path):
+    options = dict(random_resized_crop=0.3, auto_augment="randaugment", mixup=0.4, cutmix=1.0, epochs=2)
+    first = train(tiny_config(image_tree, tmp_path / "cache", **options), tmp_path / "a", log=quiet)
+    second = train(tiny_config(image_tree, tmp_path / "cache", **options), tmp_path / "b", log=quiet)
+    plain = train(tiny_config(image_tree, tmp_path / "cache", epochs=2), tmp_path / "c", log=quiet)
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(first.history) == strip(second.history)  # the seed alone decides every draw
+    assert strip(first.history) != strip(plain.history)
+    assert all(row["train_loss"] == row["train_loss"] for row in first.history)  # finite, not NaN
+
+
+def test_mixing_with_class_weights_is_refused():
+    with pytest.raises(ConfigError, match="mixup / cutmix with class_weights"):
+        RunConfig.from_dict({"mixup": 0.2, "class_weights": "balanced"})
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--auto-augment", "randaug"], "auto-augment"),
+        (["--mixup", "-1"], "mixup"),
+        (["--random-resized-crop", "1.5"], "random_resized_crop"),
+        (["--cutmix", "lots"], "cutmix"),
+        (["--mixup", "0.2", "--class-weights", "balanced"], "class_weights"),
+    ],
+)
+def test_bad_augmentation_options_are_one_line_usage_errors(image_tree, tmp_path, capsys, flags, fragment):
+    try:
+        code = main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", *flags))
+    except SystemExit as stop:  # argparse's own choices and types
+        code = stop.code
+    assert code == 2
+    assert_one_line_error(capsys.readouterr(), fragment)
+    assert not (tmp_path / "run").exists()

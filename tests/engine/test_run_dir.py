@@ -34,8 +34,9 @@ from helpers import (
 
 from transferlab.cli import main
 from transferlab.engine import loop
+from transferlab.engine.rundir import LOCK, output_file
 from transferlab.engine.train import run_training
-from transferlab.errors import RunBusyError, RunFolderError
+from transferlab.errors import ConfigError, RunBusyError, RunFolderError
 from transferlab.fsutil import claimed
 
 
@@ -318,6 +319,27 @@ def test_an_output_is_never_a_device_a_pipe_or_another_runs_file(trained_run, im
     os.symlink(tmp_path / "real.csv", tmp_path / "link.csv")
     assert main(["predict", best, image, "--output", str(tmp_path / "link.csv"), "--format", "csv"]) == 0
     assert (tmp_path / "link.csv").is_symlink() and (tmp_path / "real.csv").read_text().startswith("file,")
+
+
+def test_an_output_is_never_the_run_folders_lock_or_a_file_being_written(trained_run, image_tree, tmp_path, capsys):
+    out = trained_run.out_dir
+    assert (out / LOCK).is_file()  # left by the run that trained there, and taken by the next
+    for name in (LOCK, ".metrics.json.tmp4242", ".best.pt.tmp7", "mlflow.db"):
+        with pytest.raises(ConfigError, match=f"is a file of the run folder {out}: writing it would replace") as error:
+            output_file(out / name, "-o", ConfigError)
+        assert "\n" not in str(error.value)
+    starting = tmp_path / "starting"  # a run in its first epoch: its .lock, no metrics.json yet
+    with claimed(starting / LOCK):
+        with pytest.raises(ConfigError, match="the lock that keeps two processes from training there"):
+            output_file(starting / LOCK, "--output", ConfigError)
+    best, image = str(out / "best.pt"), str(next((image_tree / "red").iterdir()))
+    assert main(["export", best, "--format", "torchscript", "-o", str(out / LOCK)]) == 2
+    assert_one_line_error(capsys.readouterr(), "-o", "a file of the run folder")
+    assert main(["predict", best, image, "--output", str(out / LOCK)]) == 2
+    assert_one_line_error(capsys.readouterr(), "--output", "a file of the run folder")
+    assert (out / LOCK).read_bytes() == b""  # the lock is as the run left it
+    for name in ("lock", ".notes.tmp1", ".metrics.json.tmpx"):  # no file of the run: written as asked
+        assert output_file(out / name, "-o", ConfigError) == out / name
 
 
 def test_a_foreign_folder_is_not_taken_over_and_one_data_spelt_twice_is_one_run(image_tree, tmp_path, capsys,

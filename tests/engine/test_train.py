@@ -123,7 +123,7 @@ def test_feature_shift_moves_training_inputs_by_whole_cells(image_tree, tmp_path
     run = built_run(config, tmp_path / "run")
     idx = torch.arange(8)
     plain = run.inputs.features(idx)
-    shifted = run.inputs.training_batch(idx, run.config, run.augment_generator)
+    shifted, _ = run.inputs.training_batch(idx, run.labels, run.config, run.augment_generator)
     assert shifted.shape == plain.shape
     assert not torch.equal(shifted, plain)  # 8 images, 9 offsets each: all nine at (0, 0) would be a broken shift
     padded = F.pad(plain, (1, 1, 1, 1))
@@ -338,3 +338,12 @@ def test_epochs_csv_holds_the_history_a_row_per_epoch(trained_run):
     for row, recorded in zip(rows, history):
         assert set(row) == set(recorded)  # every number the history records, a column each
         assert all(float(row[k]) == recorded[k] for k in recorded)  # to the last digit
+
+
+def test_a_batch_as_large_as_the_training_split_is_named(image_tree, tmp_path):
+    lines: list[str] = []
+    train(tiny_config(image_tree, tmp_path / "cache", batch_size=250), tmp_path / "big", log=lines.append)
+    assert any("batch size 250 holds the whole training split" in line for line in lines)
+    lines.clear()
+    train(tiny_config(image_tree, tmp_path / "cache"), tmp_path / "small", log=lines.append)
+    assert not any("holds the whole training split" in line for line in lines)

@@ -18,10 +18,15 @@ import torch
 from ..config.run import RunConfig
 from ..data.imageset import ImageSet
 from ..data.split import Split
+from .augment import Mixing
 from .distributed import Distributed
 from .features import FeatureCache, compute_features, feature_key
 from .forward import Forward, prefix_output
 from .preprocess import random_crop
+
+# the augmentations that change the frozen prefix's input (flips do too, but two cached views cover them), and off
+OFF = {"crop_padding": 0, "random_resized_crop": 0.0, "auto_augment": "none", "mixup": 0.0, "cutmix": 0.0}
+RANDOM_INPUTS = tuple(OFF)
 
 
 def input_path(config: RunConfig, cut: int, group_names: list[str]) -> tuple[str, str]:
@@ -30,9 +35,9 @@ def input_path(config: RunConfig, cut: int, group_names: list[str]) -> tuple[str
         return "images", "nothing is frozen"
     if config.cache_features == "off":
         return "images", "cache_features = off"
-    if config.crop_padding:
-        crop = f"random crop (crop_padding = {config.crop_padding})"
-        return "images", f"{crop} changes the frozen prefix's input every epoch"
+    random = [f"{name} = {getattr(config, name)}" for name in RANDOM_INPUTS if getattr(config, name) != OFF[name]]
+    if random:
+        return "images", f"{', '.join(random)} changes the frozen prefix's input every epoch"
     reason = f"groups {', '.join(group_names[:cut])} are frozen and see no random crop"
     if config.flip or config.tta_flip:
         reason += "; mirrored views cached too, so flips stay exact"
@@ -50,6 +55,7 @@ class TrainingInputs:
     forward: Forward  # the prefix, preprocessing and precision the cached views were computed with
     views: list[torch.Tensor] | None = None  # cached: the view's output of each used row (the mirror second)
     view_index: torch.Tensor | None = None  # cached: image index -> row of `views` (-1: not used)
+    mixing: Mixing | None = None  # images: mixup / cutmix of each training batch
 
     def pixels_of(self, idx: torch.Tensor) -> torch.Tensor:
         if not self.streamed:
@@ -62,9 +68,12 @@ class TrainingInputs:
             return self.views[1 if mirror else 0][self.view_index[idx]].float()
         return self.forward.features(self.pixels_of(idx), mirror)
 
-    def training_batch(self, idx: torch.Tensor, config: RunConfig, generator: torch.Generator) -> torch.Tensor:
-        """The trainable part's input for a training batch: random flips (and crops) drawn from `generator`."""
-        forward = self.forward
+    def training_batch(
+        self, idx: torch.Tensor, labels: torch.Tensor, config: RunConfig, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable part's input for a training batch, and its targets: the labels, or (N, K) blended ones under
+        mixup / cutmix. Its random flips, crops, policies and blends are drawn from `generator`."""
+        forward, y = self.forward, labels[idx]
         if self.path == "cached":
             rows = self.view_index[idx]
             if config.flip:
@@ -76,12 +85,14 @@ class TrainingInputs:
             x = x.float()
         else:
             x = forward.preprocess(self.pixels_of(idx), train=True, generator=generator)
+            if self.mixing is not None:
+                x, y = self.mixing(x, y, generator)
             with torch.no_grad():
                 x = prefix_output(forward.prefix, x, autocast=forward.autocast, feature_dtype=None)
         if config.feature_shift:
             # zeros, not reflection: a ReLU map is zero where nothing fires, and a 1x1 map has nothing to reflect
             x = random_crop(x, config.feature_shift, generator, mode="constant")
-        return x
+        return x, y
 
 
 def place_pixels(images: ImageSet, device: torch.device, free: int | None, log: Callable[[str], None]):

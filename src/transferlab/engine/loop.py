@@ -57,9 +57,9 @@ def train_step(run: Run, idx: torch.Tensor, factor: float, scale: float = 1.0) -
     the processes' gradients)."""
     for group in run.optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
-    x = run.inputs.training_batch(idx, run.config, run.augment_generator)
+    x, targets = run.inputs.training_batch(idx, run.labels, run.config, run.augment_generator)
     logits = suffix_logits(run.step_suffix, x, autocast=run.forward.autocast)
-    loss = run.loss_fn(logits, run.labels[idx])
+    loss = run.loss_fn(logits, targets)
     run.optimizer.zero_grad(set_to_none=True)
     (loss if scale == 1.0 else loss * scale).backward()
     run.optimizer.step()
@@ -186,6 +186,9 @@ def fit(run: Run, state: RunState, hooks: Sequence = ()) -> RunState:
             f"training {config.arch} ({config.strategy}: {', '.join(run.data.trainable)}) on {n_train} images, "
             f"validating on {len(run.split.val)}, {config.epochs} epochs at {config.resolution}px, device {run.device}"
         )
+        if config.batch_size >= n_train > 1:  # the study's 250 on a folder of a few hundred photos
+            run.log(f"note: batch size {config.batch_size} holds the whole training split ({n_train} images): one "
+                    "optimiser step per epoch; a smaller batch (-b 32, or a --preset) takes more steps")  # fmt: skip
     with bar(config.epochs * n_train, f"{config.strategy} {config.resolution}px", unit="img",
              enabled=config.progress and state.epoch < config.epochs) as progress:  # fmt: skip
         progress.advance(state.epoch * n_train)

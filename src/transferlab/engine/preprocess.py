@@ -1,7 +1,8 @@
 """Batched, device-side preprocessing: uint8 NHWC in, normalised float NCHW out.
 
-Order: scale to [0, 1] and normalise -> random crop / flip at the stored resolution -> the central crop fraction ->
-resize to the model's resolution. Every step is one tensor op over the whole batch.
+Order: (training) an auto-augment policy on the uint8 pixels -> scale to [0, 1] and normalise -> random crop / flip
+at the stored resolution -> the central crop fraction and a resize to the model's resolution, or in training a
+RandomResizedCrop instead. Every step is a tensor op over the whole batch (a policy: over chunks of it, augment.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .augment import apply_policy, policy, random_resized_crop
 
 
 def to_float(batch: torch.Tensor) -> torch.Tensor:
@@ -72,6 +75,11 @@ class Preprocess:
     channels_last: bool = False
     crop_fraction: float = 1.0
     interpolation: str = "bilinear"
+    random_resized_crop: float = 0.0  # training only: the smallest area share of a RandomResizedCrop box; 0 = off
+    auto_augment: str = "none"  # training only: RunConfig.auto_augment
+
+    def __post_init__(self):
+        self.policy = policy(self.auto_augment)
 
     def identity(self) -> dict:
         """What the evaluation-time output depends on (the feature cache's key): all but the training
@@ -90,6 +98,8 @@ class Preprocess:
         # Normalised first, at the stored size: crop, flip and resampling are linear with weights that sum to one, so
         # the order does not change the result, and upsampled to the model's resolution there are 16x more pixels.
         mean, std = normalisation(tuple(self.mean), tuple(self.std), batch.device)
+        if train and self.policy is not None:
+            batch = apply_policy(batch, self.policy, generator)
         x = (to_float(batch) - mean) / std
         if train and self.crop_padding:
             x = random_crop(x, self.crop_padding, generator)
@@ -97,9 +107,12 @@ class Preprocess:
             x = random_flip(x, generator)
         if mirror:
             x = x.flip(3)
-        if self.crop_fraction < 1.0:
-            x = centre_crop(x, self.crop_fraction)
-        x = resize(x, self.resolution, self.interpolation, bounds=(-mean / std, (1 - mean) / std))
+        if train and self.random_resized_crop:
+            x = random_resized_crop(x, self.resolution, self.random_resized_crop, generator)
+        else:
+            if self.crop_fraction < 1.0:
+                x = centre_crop(x, self.crop_fraction)
+            x = resize(x, self.resolution, self.interpolation, bounds=(-mean / std, (1 - mean) / std))
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 

@@ -33,6 +33,7 @@ from ..models.freezing import apply_freezing, frozen_prefix_length, group_module
 from ..models.registry import check_resolution, get_backbone, resolve
 from ..models.weights import build_model, weights_identity
 from ..progress import console
+from .augment import mixing
 from .device import free_device_memory, inference_batch_size, resolve_device, uses_autocast
 from .distributed import SINGLE, Distributed
 from .features import FeatureCache
@@ -46,8 +47,9 @@ RUN_IDENTITY_FORMAT = 2  # how a run's identity is written (rundir.identity_diff
 
 # ------------------------------------------------------------------------------ the recipe's parts
 def loss_function(config: RunConfig, num_classes: int, weight: torch.Tensor | None = None) -> Callable:
-    """The training criterion (logits, labels) -> loss; `weight` (K,) weights each row by its class, normalised by
-    the batch's weights as cross-entropy's `weight=` does."""
+    """The training criterion (logits, targets) -> loss; `weight` (K,) weights each row by its class, normalised by
+    the batch's weights as cross-entropy's `weight=` does. Targets are labels, or (N, K) probabilities under mixup /
+    cutmix (which RunConfig refuses with class weights)."""
     if config.loss == "mse" and weight is not None:
 
         def weighted_mse(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,12 @@ def loss_function(config: RunConfig, num_classes: int, weight: torch.Tensor | No
 
         return weighted_mse
     if config.loss == "mse":  # the study's: squared error between softmax and one-hot labels
-        return lambda logits, y: F.mse_loss(logits.float().softmax(1), F.one_hot(y, num_classes).float())
+
+        def mse(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            target = y.float() if y.is_floating_point() else F.one_hot(y, num_classes).float()
+            return F.mse_loss(logits.float().softmax(1), target)
+
+        return mse
     return lambda logits, y: F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=config.label_smoothing)
 
 
@@ -291,6 +298,7 @@ def build_run(data: RunData, *, dist: Distributed = SINGLE, feature_cache: Featu
     preprocess = Preprocess(
         mean, std, config.resolution, config.crop_padding, config.flip, channels_last=True,
         crop_fraction=config.crop_fraction, interpolation=config.interpolation,
+        random_resized_crop=config.random_resized_crop, auto_augment=config.auto_augment,
     )  # fmt: skip
     inference_batch = inference_batch_size(device, config.resolution, config.batch_size)
     cut = frozen_prefix_length(backbone, data.trainable)
@@ -314,7 +322,7 @@ def build_run(data: RunData, *, dist: Distributed = SINGLE, feature_cache: Featu
     path, reason = input_path(config, cut, backbone.group_names)
     log(f"input path: {path} ({reason})")
     pixels, streamed = place_pixels(data.images, device, free_device_memory(device), log)
-    inputs = TrainingInputs(path, pixels, streamed, forward)
+    inputs = TrainingInputs(path, pixels, streamed, forward, mixing=mixing(config, data.num_classes))
     feature_seconds = 0.0
     if path == "cached":
         cache = feature_cache if feature_cache is not None else FeatureCache(config.resolved_cache_dir() / "features")
