@@ -168,3 +168,14 @@ def test_configurations_and_differences_show_four_significant_digits():
     assert shown == {"0.0001235", "0.0009877"}
     (row,) = [r for r in paired_rows(data) if r[0] == "lr"]
     assert row[2] == "0.0009877 - 0.0001235"
+
+
+def test_the_selected_trial_shows_its_key_at_four_significant_digits():
+    from transferlab.report.sections import selection_blocks
+    from transferlab.study.records import Selection
+
+    key = f"dropout=0.123456789,lr={LONG_LR},strategy=frozen"
+    selected = Selection(trial=3, key=key, identity=None, point={}, metric="val_accuracy", val_accuracy=0.8,
+                         val_loss=0.5, n_val=200, test=None)  # fmt: skip
+    rows = selection_blocks(selected, 0)[1].rows
+    assert ["trial", "3 (dropout=0.1235,lr=0.0001235,strategy=frozen)"] in rows

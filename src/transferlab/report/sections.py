@@ -45,6 +45,7 @@ from .format import (
     _share,
     _test_accuracy,
     configurations,
+    key_text,
     point_key_text,
     tie_words,
 )
@@ -98,7 +99,7 @@ def selection_blocks(t: Selection, n_evaluations: int) -> list[Block]:
     n_val = _selection_n_val(t)
     rows = [
         ["", "value"],
-        ["trial", f"{t.trial} ({t.key})"],
+        ["trial", f"{t.trial} ({key_text(t.key)})"],
         ["selection metric", t.metric + (f" ({tie_words(t)})" if tie_words(t) else "")],
         ["validation accuracy (best epoch)", _share(t.val_accuracy, n_val)],
         ["validation loss (best epoch)", f"{t.val_loss:.4f}"],
@@ -114,7 +115,7 @@ def selection_blocks(t: Selection, n_evaluations: int) -> list[Block]:
     if conf:  # chosen by its mean over replicates; the row `trial` is the replicate whose checkpoint was tested
         mean = _metric_value(conf["mean"], t.metric, n_val)
         rows[1:1] = [
-            ["configuration", conf["key"]],
+            ["configuration", key_text(conf["key"])],
             [f"mean {t.metric} over its {len(conf['trials'])} replicates", mean],
             ["its replicates (trials)", ", ".join(map(str, conf["trials"]))],
         ]
@@ -321,12 +322,12 @@ def summary_blocks(data: StudyData) -> list[Block]:
             text = (
                 f"Selected by mean {t.metric} over replicates: configuration {conf['key']} "
                 f"(mean {_metric_value(conf['mean'], t.metric, n_val)} over {len(conf['trials'])} replicates); "
-                f"tested with the checkpoint of its replicate of best {t.metric}, trial {t.trial} ({t.key}), "
+                f"tested with the checkpoint of its replicate of best {t.metric}, trial {t.trial} ({key_text(t.key)}), "
                 f"validation accuracy {_share(t.val_accuracy, n_val)}"
             )
         else:
             text = (
-                f"Selected by {t.metric}: trial {t.trial} ({t.key}), "
+                f"Selected by {t.metric}: trial {t.trial} ({key_text(t.key)}), "
                 f"validation accuracy {_share(t.val_accuracy, n_val)}"
             )
         if t.test_accuracy is not None:
