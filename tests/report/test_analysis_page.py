@@ -116,3 +116,11 @@ def test_the_page_loads_no_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_small_sample_is_said_to_be_small():
+    assert "With 12 images the interval reaches" in texts(analysis_blocks(analysis("all")))
+    assert "With 12 val images the interval reaches" in texts(analysis_blocks(analysis("val")))
+    many = analysis("test")
+    many["scores"] = {**many["scores"], "n": 5000}
+    assert "the interval reaches" not in texts(analysis_blocks(many))

@@ -13,7 +13,7 @@ from ..fsutil import atomic_write_text, refuse_output_over_input
 from ..scoring.stats import percent_with_interval
 from .data import Block
 from .format import _like
-from .sections import SplitFigures, calibration_blocks, error_analysis_blocks
+from .sections import SplitFigures, calibration_blocks, error_analysis_blocks, small_sample_note
 from .write import render_html, render_markdown
 
 PAGE, MARKDOWN, FIGURES = "analysis.html", "analysis.md", "analysis_files"
@@ -76,7 +76,11 @@ def analysis_blocks(analysis: dict) -> list[Block]:
         ["loss", f"{scores['loss']:.4f}"],
     ]
     blocks = [
-        Block("p", f"The checkpoint on {which}: {n} images of {analysis['data']}. {INTERVALS}"),
+        Block(
+            "p",
+            f"The checkpoint on {which}: {n} images of {analysis['data']}. {INTERVALS}"
+            + small_sample_note(accuracy, n, "images" if split == "all" else f"{split} images"),
+        ),
         Block("table", rows=rows),
     ]
     notes = list(analysis["notes"])

@@ -349,12 +349,17 @@ WIDE = 10.0  # points: a test interval wider than this either way says the test 
 
 
 def small_test_note(t: Selection) -> str:
-    low, high = wilson_interval(round(t.test_accuracy * t.n_test), t.n_test)
-    half = 100 * max(t.test_accuracy - low, high - t.test_accuracy)
+    return small_sample_note(t.test_accuracy, t.n_test, "test images")
+
+
+def small_sample_note(accuracy: float, n: int, images: str) -> str:
+    """A sentence (with a leading space) when the accuracy's 95% interval is wider than WIDE points; else ""."""
+    low, high = wilson_interval(round(accuracy * n), n)
+    half = 100 * max(accuracy - low, high - accuracy)
     if half <= WIDE:
         return ""
     return (
-        f" With {t.n_test} test images the interval reaches {half:.0f} points from the figure: too few to tell "
+        f" With {n} {images} the interval reaches {half:.0f} points from the figure: too few to tell "
         "models a few points apart."
     )
 
