@@ -8,6 +8,7 @@ passed through it without gradients ("images"). Either way a batch is an index s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +25,9 @@ from .features import FeatureCache, compute_features, feature_key
 from .forward import Forward, prefix_output
 from .preprocess import random_crop
 
-# the augmentations that change the frozen prefix's input (flips do too, but two cached views cover them), and off
-OFF = {"crop_padding": 0, "random_resized_crop": 0.0, "auto_augment": "none", "mixup": 0.0, "cutmix": 0.0}
-RANDOM_INPUTS = tuple(OFF)
+# the augmentations that change the frozen prefix's input (flips do too, but two cached views cover them); each is off
+# at its field's default
+RANDOM_INPUTS = ("crop_padding", "random_resized_crop", "auto_augment", "mixup", "cutmix")
 
 
 def input_path(config: RunConfig, cut: int, group_names: list[str]) -> tuple[str, str]:
@@ -35,7 +36,8 @@ def input_path(config: RunConfig, cut: int, group_names: list[str]) -> tuple[str
         return "images", "nothing is frozen"
     if config.cache_features == "off":
         return "images", "cache_features = off"
-    random = [f"{name} = {getattr(config, name)}" for name in RANDOM_INPUTS if getattr(config, name) != OFF[name]]
+    off = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    random = [f"{name} = {getattr(config, name)}" for name in RANDOM_INPUTS if getattr(config, name) != off[name]]
     if random:
         return "images", f"{', '.join(random)} changes the frozen prefix's input every epoch"
     reason = f"groups {', '.join(group_names[:cut])} are frozen and see no random crop"
