@@ -13,6 +13,7 @@ import pytest
 from helpers import assert_one_line_error, make_image_tree, quiet, tiny_config
 from PIL import Image
 
+from transferlab import RunConfig
 from transferlab.cli import main
 from transferlab.engine.train import run_training
 
@@ -129,20 +130,37 @@ def test_a_finished_run_has_no_such_note(weak_run, capsys):
 
 
 # ---------------------------------------------------------------------------- a relative --data
-def test_a_relative_recorded_data_path_says_where_it_is_relative_to(make_tree, tmp_path, monkeypatch, capsys):
+def test_a_relative_recorded_data_path_is_taken_from_where_training_ran(make_tree, tmp_path, monkeypatch, capsys):
     make_tree("photos", per_class=6, size=16)
     monkeypatch.chdir(tmp_path)
     run_training(tiny_config("photos", tmp_path / "cache"), tmp_path / "run", log=quiet)
     assert main(["evaluate", "run", "--device", "cpu", "--json"]) == 0  # from where it trained
-    capsys.readouterr()
+    here = json.loads(capsys.readouterr().out)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", str(tmp_path / "run"), "--device", "cpu", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == here  # the same images, the same split, the same figures
+    assert f"the data the run recorded, {tmp_path / 'photos'}" in captured.err
+    assert main(["analyze", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    (tmp_path / "photos").rename(tmp_path / "moved")
     for command in ("evaluate", "analyze"):
         assert main([command, str(tmp_path / "run"), "--device", "cpu"]) == 2
-        assert_one_line_error(capsys.readouterr(), "photos, is a path relative to the directory training ran in",
-                              str(elsewhere), "--data")  # fmt: skip
-    assert main(["evaluate", str(tmp_path / "run"), "--data", str(tmp_path / "photos"), "--device", "cpu"]) == 0
+        assert_one_line_error(capsys.readouterr(), f"{tmp_path / 'photos'}, is not there any more", "--data")
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(tmp_path / "moved"), "--device", "cpu"]) == 0
+
+
+def test_a_run_recorded_without_its_directory_says_where_a_relative_path_is_relative_to():
+    from transferlab.errors import DataError
+    from transferlab.inference.evaluate import check_recorded, recorded_source
+
+    config = RunConfig(data="no-such-photos")
+    assert recorded_source(config, None) == "no-such-photos"  # a checkpoint written before the directory was
+    assert recorded_source(config, "/data/runs") == "/data/runs/no-such-photos"
+    with pytest.raises(DataError, match="relative to the directory training ran in"):
+        check_recorded(recorded_source(config, None))
 
 
 def test_without_grad_cam_the_page_says_so_and_draws_the_rest(weak_run, tmp_path, monkeypatch, capsys):

@@ -67,6 +67,9 @@ class Checkpoint:
     stored_side: int | None = None
     # how `temperature` was chosen (scoring.calibration.Calibration.to_dict: fitted, or 1 and why); None before format 4
     calibration: dict | None = None
+    # the working directory training ran in: a relative --data or --labels in `config` is relative to it (None: not
+    # recorded, before it was)
+    directory: str | None = None
 
     def save(self, path: Path) -> None:
         state = {"format": CHECKPOINT_FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,7 @@ class Recording(Hook):
             config=c.to_dict(), weights=run.weights_source, data=images.key,
             environment=environment(run.device, run.dist),
             temperature=calibration["temperature"] if calibration else 1.0, calibration=calibration,
+            directory=os.getcwd(),
         )  # fmt: skip
 
     def metrics(self, run: Run, state: RunState) -> dict:

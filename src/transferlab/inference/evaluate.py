@@ -151,16 +151,25 @@ class EvaluationImages:
     seen_in_training: dict[str, int] | None = None  # of other data: images the run trained / validated on
 
 
-def recorded_data_missing(source: str) -> DataError:
-    """The data a run recorded is not where it was named. A relative path is relative to the directory training ran
-    in, which the run does not record: the error says so rather than guessing where that was."""
-    if not Path(source).expanduser().is_absolute():
-        return DataError(
+def recorded_source(config: RunConfig, directory: str | None) -> str:
+    """The data a run recorded (cifar10, or a folder's or a labels file's path), a relative path taken from the
+    directory training ran in (`directory`, recorded with the checkpoint; None before it was: as given)."""
+    if config.source == "cifar10" or directory is None or Path(config.source).expanduser().is_absolute():
+        return config.source
+    return str(Path(directory) / config.source)
+
+
+def check_recorded(source: str) -> None:
+    """A one-line DataError where the data a run recorded is not there any more."""
+    if source == "cifar10" or Path(source).expanduser().exists():
+        return
+    if not Path(source).expanduser().is_absolute():  # a run recorded before its directory was
+        raise DataError(
             f"the data the run recorded, {source}, is a path relative to the directory training ran in, and "
             f"{Path.cwd()} holds no {source}: run this from that directory, or name the data with --data (or --labels)"
         )
-    return DataError(f"the data the run recorded, {source}, is not there any more (moved or deleted?): name it with "
-                     "--data (or --labels) where it lies now")  # fmt: skip
+    raise DataError(f"the data the run recorded, {source}, is not there any more (moved or deleted?): name it with "
+                    "--data (or --labels) where it lies now")  # fmt: skip
 
 
 def unfinished_note(loaded: LoadedModel, checkpoint: Path) -> str | None:
@@ -191,18 +200,19 @@ def evaluation_images(checkpoint: str | Path, given: dict, split: str | None = N
     checkpoint = checkpoint_file(checkpoint)
     loaded = load_checkpoint(checkpoint, device)
     run_config = RunConfig.from_dict(loaded.info["config"])
+    run_source = recorded_source(run_config, loaded.info.get("directory"))
     recorded = given.get("data") is None and given.get("labels") is None
     if recorded:
+        check_recorded(run_source)
         given = {k: v for k, v in given.items() if k not in ("data", "labels")}
+        given["labels" if run_config.labels is not None else "data"] = run_source
     elif given.get("data") is None:  # a labels file: data stays at its default, which means "none"
         given = {**given, "data": RunConfig().data}
-    if recorded and run_config.source != "cifar10" and not Path(run_config.source).expanduser().exists():
-        raise recorded_data_missing(run_config.source)
     # decoded as the run stored its images
     config = RunConfig.from_dict({**given, "resize_policy": loaded.info["resize_policy"]}, base=run_config)
     data = stored_as_trained(loaded, config)
     run_dir = Path(checkpoint).parent
-    own, same_images = own_data(loaded, data, config.source, run_config.source, run_dir)
+    own, same_images = own_data(loaded, data, config.source, run_source, run_dir)
     if not own and same_images and split != "all":
         raise DataError(
             f"{config.source} is the folder the run trained on, but its images (or --skip-bad-images) differ from "
@@ -214,14 +224,14 @@ def evaluation_images(checkpoint: str | Path, given: dict, split: str | None = N
             "apply to it; score all of it (leave --split out), or give the run's own data"
         )
     name = split or ("test" if own else "all")
-    notes, seen = [f"no --data: scoring the data the run recorded, {run_config.source}"] if recorded else [], None
+    notes, seen = [f"no --data: scoring the data the run recorded, {run_source}"] if recorded else [], None
     unfinished = unfinished_note(loaded, checkpoint)
     if unfinished:
         notes.append(unfinished)
     if name == "all":
         images, labels = data.images, data.labels
         if same_images:
-            where = "" if _same_folder(config.source, run_config.source) else " (a copy of them, here)"
+            where = "" if _same_folder(config.source, run_source) else " (a copy of them, here)"
             notes.append(f"--split all on the run's own data{where} includes the images it was trained on")
         else:  # other data may still hold the run's images: a changed copy, the same files named another way
             seen = seen_in_training(run_dir, data.digests())

@@ -58,7 +58,7 @@ def loaded_model(ckpt: Checkpoint, path: str | Path, device: str = "auto") -> Lo
     prefix, suffix = backbone.split(model, ckpt.cut)
     info = {k: getattr(ckpt, k) for k in ("arch", "epoch", "metric", "val_accuracy", "val_loss", "resolution",
                                           "weights", "config", "data", "resize_policy", "storage_size",
-                                          "stored_side", "crop_fraction", "interpolation")}  # fmt: skip
+                                          "stored_side", "crop_fraction", "interpolation", "directory")}  # fmt: skip
     return LoadedModel(
         model=model,
         prefix=prefix,
