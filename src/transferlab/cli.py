@@ -205,6 +205,7 @@ def cmd_predict(args) -> int:
     from .engine.rundir import output_file  # loaded when run: --help stays light
     from .inference.predict import expand_inputs, predict_files  # loaded when run
 
+    note_unfinished(args.checkpoint)
     paths, errors = expand_inputs(args.images)
     output = None
     if args.output:  # before anything is read: the output would replace an image, the model or a run's results
@@ -260,8 +261,18 @@ def write_atomically(path: Path, text: str) -> None:
 def cmd_export(args) -> int:
     from .inference.export import export_checkpoint  # loaded when run: --help stays light
 
+    note_unfinished(args.checkpoint)
     print(export_checkpoint(args.checkpoint, args.format, args.output))
     return 0
+
+
+def note_unfinished(checkpoint: str) -> None:
+    """predict and export of a run that did not finish say so (evaluate and analyze say it among their notes)."""
+    from .engine.rundir import checkpoint_file, unfinished_note  # loaded when run: --help stays light
+
+    note = unfinished_note(checkpoint_file(checkpoint))
+    if note:
+        print(f"transferlab: note: {note}", file=sys.stderr)
 
 
 def cmd_models(args) -> int:

@@ -112,6 +112,8 @@ def test_mixing_with_class_weights_is_refused():
         (["--random-resized-crop", "1.5"], "random_resized_crop"),
         (["--cutmix", "lots"], "cutmix"),
         (["--mixup", "0.2", "--class-weights", "balanced"], "class_weights"),
+        (["--mixup", "1e-300"], "mixup = 1e-300: below 0.01 it mixes nothing"),
+        (["--cutmix", "0.001"], "cutmix = 0.001"),
     ],
 )
 def test_bad_augmentation_options_are_one_line_usage_errors(image_tree, tmp_path, capsys, flags, fragment):
@@ -122,3 +124,10 @@ def test_bad_augmentation_options_are_one_line_usage_errors(image_tree, tmp_path
     assert code == 2
     assert_one_line_error(capsys.readouterr(), fragment)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_of_other_augmentation_names_the_value_it_holds(image_tree, tmp_path, capsys):
+    assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache")) == 0
+    capsys.readouterr()
+    assert main(train_args(image_tree, tmp_path / "run", tmp_path / "cache", "--mixup", "0.5")) == 2
+    assert_one_line_error(capsys.readouterr(), "mixup 0.0 there, 0.5 here")

@@ -109,7 +109,7 @@ def test_a_run_killed_before_its_first_epoch_has_no_checkpoint_yet(tmp_path, cap
         assert_one_line_error(capsys.readouterr(), "the run has no checkpoint yet", "killed before its first epoch")
 
 
-def test_evaluate_and_analyze_say_a_run_did_not_finish(image_tree, tmp_path, capsys):
+def test_evaluate_analyze_predict_and_export_say_a_run_did_not_finish(image_tree, tmp_path, capsys):
     out = tmp_path / "run"
     stopped = run_training(tiny_config(image_tree, tmp_path / "cache", epochs=3), out, log=quiet,
                            on_epoch=lambda row: True)  # fmt: skip
@@ -119,6 +119,11 @@ def test_evaluate_and_analyze_say_a_run_did_not_finish(image_tree, tmp_path, cap
     assert f"transferlab: note: {note}" in capsys.readouterr().err
     assert main(["analyze", str(out), "--device", "cpu"]) == 0
     assert note in capsys.readouterr().err and note in (out / "analysis" / "analysis.html").read_text()
+    image = next(image_tree.rglob("*.png"))
+    assert main(["predict", str(out), str(image), "--device", "cpu"]) == 0
+    assert f"transferlab: note: {note}" in capsys.readouterr().err
+    assert main(["export", str(out), "--format", "torchscript", "-o", str(tmp_path / "m.pt")]) == 0
+    assert f"transferlab: note: {note}" in capsys.readouterr().err
     (out / "metrics.json").unlink()  # killed between its best.pt and its first metrics.json
     assert main(["evaluate", str(out), "--device", "cpu"]) == 0
     assert "recorded no epoch's results" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from .metrics import METRICS
 from .presets import PRESETS, with_preset
 
 TRACKERS = ("mlflow", "tensorboard")  # the values of RunConfig.log
+MIN_MIX_ALPHA = 0.01  # the smallest mixup / cutmix alpha other than 0 (off)
 # train --help's groups of options, each gathering the sections it names
 HELP_GROUPS = {"data": ("data", "split"), "model": ("model",), "augmentation": ("augment",),
                "training": ("optim", "schedule"), "execution and output": ("execution",)}  # fmt: skip
@@ -413,6 +414,10 @@ class RunConfig:
             raise ConfigError(
                 f"{where}fold = {self.fold}: with folds = {self.folds} the folds are 0 .. {self.folds - 1}"
             )
+        for name in ("mixup", "cutmix"):
+            if 0 < getattr(self, name) < MIN_MIX_ALPHA:  # Beta(a, a) then draws 0 or 1 (or, in float32, fails)
+                raise ConfigError(f"{where}{name} = {getattr(self, name)}: below {MIN_MIX_ALPHA} it mixes nothing; "
+                                  "0 turns it off, timm uses 0.8 (mixup) and 1.0 (cutmix)")  # fmt: skip
         if (self.mixup or self.cutmix) and self.class_weights == "balanced":
             raise ConfigError(
                 f"{where}mixup / cutmix with class_weights = 'balanced': a blended label has no one class to weight; "

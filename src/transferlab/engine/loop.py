@@ -188,7 +188,7 @@ def fit(run: Run, state: RunState, hooks: Sequence = ()) -> RunState:
         )
         if config.batch_size >= n_train > 1:  # the study's 250 on a folder of a few hundred photos
             run.log(f"note: batch size {config.batch_size} holds the whole training split ({n_train} images): one "
-                    "optimiser step per epoch; a smaller batch (-b 32, or a --preset) takes more steps")  # fmt: skip
+                    f"optimiser step per epoch; -b {max(1, n_train // 8)} would take 8")  # fmt: skip
     with bar(config.epochs * n_train, f"{config.strategy} {config.resolution}px", unit="img",
              enabled=config.progress and state.epoch < config.epochs) as progress:  # fmt: skip
         progress.advance(state.epoch * n_train)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.run import RunConfig
 from ..data.split import Split
 from ..errors import CheckpointError, RunBusyError, RunFolderError
 from ..fsutil import (
@@ -110,7 +112,9 @@ def identity_difference(theirs: dict, mine: dict) -> str:
     """What tells two runs' identities apart, in words: "lr 0.001 there, 0.01 here", "the data", "the split"."""
     if theirs.get("format") != mine.get("format"):
         return "written by another version of transferlab, which identified runs differently"
-    old, new = theirs.get("config") or {}, mine.get("config") or {}
+    # an option declared `added` is left out of an identity at its default (config/identity.py): that is its value
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.metadata.get("added")}
+    old, new = {**defaults, **(theirs.get("config") or {})}, {**defaults, **(mine.get("config") or {})}
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k, "unset") != new.get(k, "unset")]
     parts = [f"{k} {old.get(k, 'unset')!r} there, {new.get(k, 'unset')!r} here" for k in keys[:3]]
     parts += [f"{len(keys) - 3} more settings"] if len(keys) > 3 else []
@@ -304,3 +308,23 @@ def checkpoint_file(path: str | Path) -> Path:
         raise CheckpointError(f"{path} is a run folder without {BEST}: the run has no checkpoint yet (killed before "
                               "its first epoch ended?); train it (the same command), or name a checkpoint")  # fmt: skip
     raise CheckpointError(f"{path} is a directory without {BEST}: name a run folder `train` finished, or a checkpoint")
+
+
+def unfinished_note(checkpoint: Path) -> str | None:
+    """A note when `checkpoint` is the best checkpoint of a run that did not finish (killed, or stopped before its
+    last epoch): the epoch it is from, of how many; None for a finished run or a checkpoint outside a run folder."""
+    folder = RunDir(checkpoint.parent)
+    if folder.best != checkpoint:
+        return None
+    metrics = folder.metrics()
+    if metrics is None:  # best.pt written, metrics.json not yet: killed in the first epoch's records
+        if not (folder.path / CONFIG).is_file():  # no run wrote here (a checkpoint copied beside nothing)
+            return None
+        epochs = json.loads((folder.path / CONFIG).read_text()).get("epochs")
+        return (f"the run did not finish: {checkpoint.name} is from epoch 1 of {epochs}, and the run recorded no "
+                "epoch's results (killed during its first epoch?)")  # fmt: skip
+    if metrics.get("finished", True):
+        return None
+    epochs, stopped = metrics["config"].get("epochs"), len(metrics.get("history") or [])
+    return (f"the run did not finish: {checkpoint.name} is from epoch {metrics['best_epoch']} of {epochs} (it stopped "
+            f"after epoch {stopped}; the same train command resumes a killed run)")  # fmt: skip

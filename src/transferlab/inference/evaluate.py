@@ -13,7 +13,7 @@ from ..config.run import RunConfig
 from ..data.imageset import ImageSet
 from ..data.sources import load_images
 from ..data.split import split_arrays, split_for
-from ..engine.rundir import CONFIG, RunDir, checkpoint_file
+from ..engine.rundir import RunDir, checkpoint_file, unfinished_note
 from ..errors import DataError
 from ..scoring.metrics import scores
 from .predict import LoadedModel, load_checkpoint
@@ -172,25 +172,6 @@ def check_recorded(source: str) -> None:
                     "--data (or --labels) where it lies now")  # fmt: skip
 
 
-def unfinished_note(loaded: LoadedModel, checkpoint: Path) -> str | None:
-    """A note when `checkpoint` is the best checkpoint of a run that did not finish (killed, or stopped before its
-    last epoch): the epoch it is from, of how many; None for a finished run or a checkpoint outside a run folder."""
-    folder = RunDir(checkpoint.parent)
-    if folder.best != checkpoint:
-        return None
-    metrics, epochs = folder.metrics(), loaded.info["config"].get("epochs")
-    if metrics is None:
-        if not (folder.path / CONFIG).is_file():  # no run wrote here (a checkpoint copied beside nothing)
-            return None
-        return (f"the run did not finish: {checkpoint.name} is from epoch {loaded.info['epoch']} of {epochs}, and the "
-                "run recorded no epoch's results (killed during its first epoch?)")  # fmt: skip
-    if metrics.get("finished", True):
-        return None
-    stopped = len(metrics.get("history") or [])
-    return (f"the run did not finish: {checkpoint.name} is from epoch {loaded.info['epoch']} of {epochs} (it stopped "
-            f"after epoch {stopped}; the same train command resumes a killed run)")  # fmt: skip
-
-
 def evaluation_images(checkpoint: str | Path, given: dict, split: str | None = None,
                       device: str = "auto") -> EvaluationImages:  # fmt: skip
     """The images `evaluate` and `analyze` score: the data `given` names (RunConfig values: data, labels, data_dir,
@@ -225,7 +206,7 @@ def evaluation_images(checkpoint: str | Path, given: dict, split: str | None = N
         )
     name = split or ("test" if own else "all")
     notes, seen = [f"no --data: scoring the data the run recorded, {run_source}"] if recorded else [], None
-    unfinished = unfinished_note(loaded, checkpoint)
+    unfinished = unfinished_note(checkpoint)
     if unfinished:
         notes.append(unfinished)
     if name == "all":
