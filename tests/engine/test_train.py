@@ -343,8 +343,9 @@ def test_epochs_csv_holds_the_history_a_row_per_epoch(trained_run):
 def test_a_batch_as_large_as_the_training_split_is_named(image_tree, tmp_path):
     lines: list[str] = []
     train(tiny_config(image_tree, tmp_path / "cache", batch_size=250), tmp_path / "big", log=lines.append)
-    assert any("batch size 250 holds the whole training split" in line and "would take 8" in line
-               for line in lines), lines
+    assert any("batch size 250 holds the whole training split" in line and "would take 8" in line for line in lines), (
+        lines
+    )
     lines.clear()
     train(tiny_config(image_tree, tmp_path / "cache"), tmp_path / "small", log=lines.append)
     assert not any("holds the whole training split" in line for line in lines)

@@ -179,3 +179,10 @@ def test_the_selected_trial_shows_its_key_at_four_significant_digits():
                          val_loss=0.5, n_val=200, test=None)  # fmt: skip
     rows = selection_blocks(selected, 0)[1].rows
     assert ["trial", "3 (dropout=0.1235,lr=0.0001235,strategy=frozen)"] in rows
+
+
+def test_markdown_table_cells_cannot_split_a_row_or_open_html(tmp_path):
+    from transferlab.report.data import Block
+
+    text = render_markdown([Block("table", rows=[["class", "images"], ["a|b <img src=x onerror=y>", "3"]])], tmp_path)
+    assert "| a\\|b &lt;img src=x onerror=y&gt; | 3 |" in text

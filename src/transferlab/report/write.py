@@ -101,6 +101,11 @@ def build_blocks(data: StudyData) -> list[Block]:
     return blocks
 
 
+def _cell(text: str) -> str:
+    """A table cell's text as Markdown shows it: a class name's `|` would split the row, `<` and `>` open raw HTML."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def render_markdown(blocks: list[Block], figure_dir: Path) -> str:
     out, n = [], 0
     for b in blocks:
@@ -113,8 +118,8 @@ def render_markdown(blocks: list[Block], figure_dir: Path) -> str:
         elif b.kind == "table":
             out.append(
                 "\n".join(
-                    ["| " + " | ".join(b.rows[0]) + " |", "|" + "---|" * len(b.rows[0])]
-                    + ["| " + " | ".join(r) + " |" for r in b.rows[1:]]
+                    ["| " + " | ".join(map(_cell, b.rows[0])) + " |", "|" + "---|" * len(b.rows[0])]
+                    + ["| " + " | ".join(map(_cell, r)) + " |" for r in b.rows[1:]]
                 )
             )
         elif b.kind == "figure":
